@@ -1,0 +1,59 @@
+// mnemo/attention/common.hpp — argument checks and shapes shared by every attention kernel.
+//
+// Shapes (DESIGN.md): q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv],
+// out [B, Hq, Lq, Dv], lse [B, Hq, Lq] (optional: an empty view means "not wanted").
+// Query head h reads kv head h / (Hq / Hkv).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "mnemo/attention/mods.hpp"
+#include "mnemo/core/dtype.hpp"
+#include "mnemo/core/error.hpp"
+#include "mnemo/core/tensor.hpp"
+
+namespace mnemo::attention {
+
+// Options every attention entry point takes.
+struct options {
+  float scale = 0;  // 0: 1 / sqrt(D)
+  int threads = 0;  // 0: the OpenMP default
+};
+
+// The validated sizes of one call.
+struct dims {
+  std::int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+  float scale;
+  std::int64_t group() const { return Hq / Hkv; }    // query heads per kv head
+  std::int64_t offset() const { return Lk - Lq; }   // query row i sits at position i + offset
+};
+
+namespace detail {
+
+template <class Q, class KV, class O, class Mod>
+dims check_args(const char* fn, const view<Q, 4>& q, const view<const KV, 4>& k, const view<const KV, 4>& v,
+                const view<O, 4>& out, const view<float, 3>& lse, const Mod& mod, const options& opt) {
+  static_assert(is_kv_type_v<KV>, "attention: K/V elements must be float, mnemo::f16 or mnemo::bf16");
+  using mnemo::detail::require;
+  require(!q.empty() && !k.empty() && !v.empty() && !out.empty(), fn,
+          ": q, k, v and out must all be non-empty views");
+  const std::int64_t B = q.extent(0), Hq = q.extent(1), Lq = q.extent(2), D = q.extent(3);
+  const std::int64_t Hkv = k.extent(1), Lk = k.extent(2), Dv = v.extent(3);
+  require(D >= 1 && Dv >= 1, fn, ": head dims must be >= 1, got D=", D, ", Dv=", Dv);
+  require(Hq >= 1 && Hkv >= 1, fn, ": head counts must be >= 1, got Hq=", Hq, ", Hkv=", Hkv);
+  mnemo::detail::require_shape(fn, "k", k, {B, Hkv, Lk, D}, " [B, Hkv, Lk, D] (B and D from q)");
+  mnemo::detail::require_shape(fn, "v", v, {B, Hkv, Lk, Dv}, " [B, Hkv, Lk, Dv] (B, Hkv, Lk from k)");
+  require(Hq % Hkv == 0, fn, ": q.shape[1] (Hq) must be a multiple of k.shape[1] (Hkv), got Hq=", Hq,
+          ", Hkv=", Hkv);
+  mnemo::detail::require_shape(fn, "out", out, {B, Hq, Lq, Dv}, " [B, Hq, Lq, Dv]");
+  if (!lse.empty()) mnemo::detail::require_shape(fn, "lse", lse, {B, Hq, Lq}, " [B, Hq, Lq]");
+  require(std::isfinite(opt.scale), fn, ": options.scale must be finite, got ", opt.scale);
+  require(opt.threads >= 0, fn, ": options.threads must be >= 0, got ", opt.threads);
+  mods::validate(mod, fn, Hq, Lq, Lk);
+  const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  return {B, Hq, Hkv, Lq, Lk, D, Dv, scale};
+}
+
+}  // namespace detail
+}  // namespace mnemo::attention

@@ -1,0 +1,103 @@
+// mnemo/attention/reference.hpp — the readable reference attention.
+//
+//   s_ij  = mods(scale * q_i . k_j)            score mods in composition order (softcap, ALiBi, ...)
+//   P_ij  = exp(s_ij - lse_i) over the keys j visible to i, 0 elsewhere
+//   lse_i = log sum_{j visible} exp(s_ij)       natural log, includes ALiBi biases
+//   out_i = sum_j P_ij v_j
+//
+// Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], out [B, Hq, Lq, Dv],
+// lse [B, Hq, Lq] (optional). Query head h reads kv head h / (Hq / Hkv) (GQA/MQA). Query row i
+// sits at key position i + (Lk - Lq): causal masks are bottom-right aligned.
+//
+// Numerics: every product, sum and exponential in double, rounded to float once at the end;
+// scores are shifted by their row maximum before exp, so logits of +-1e4 do not overflow.
+// A row that sees no key gets out = 0 and lse = -inf, never NaN.
+//
+// This is the path the tests trust; it is slow by design (O(Lq * Lk) doubles per row, one
+// row at a time). Use it to check a surprising result: swap `flash` for `reference`.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "mnemo/attention/common.hpp"
+#include "mnemo/attention/mods.hpp"
+#include "mnemo/core/parallel.hpp"
+#include "mnemo/core/tensor.hpp"
+
+namespace mnemo::attention {
+
+namespace reference_detail {
+
+// One (batch, query head): all Lq rows. `s` is a scratch row of Lk doubles.
+template <class KV, class Mod>
+void heads(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
+           view<float, 3> lse, const Mod& mod, std::int64_t b, std::int64_t h, std::vector<double>& s) {
+  const std::int64_t hk = h / d.group();
+  std::vector<double> acc(static_cast<std::size_t>(d.Dv));
+  for (std::int64_t i = 0; i < d.Lq; ++i) {
+    const std::int64_t qp = i + d.offset();
+    const float* qi = q.ptr(b, h, i);
+    double m = -std::numeric_limits<double>::infinity();
+    for (std::int64_t j = 0; j < d.Lk; ++j) {
+      if (!mods::visible(mod, qp, j)) {
+        s[j] = -std::numeric_limits<double>::infinity();
+        continue;
+      }
+      const KV* kj = k.ptr(b, hk, j);
+      double dot = 0;
+      for (std::int64_t c = 0; c < d.D; ++c) dot += static_cast<double>(qi[c]) * static_cast<double>(to_float(kj[c]));
+      s[j] = mods::score(mod, static_cast<double>(d.scale) * dot, h, qp, j);
+      m = std::max(m, s[j]);
+    }
+    float* oi = out.ptr(b, h, i);
+    if (m == -std::numeric_limits<double>::infinity()) {  // no visible key
+      for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = 0.0f;
+      if (!lse.empty()) lse(b, h, i) = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    double sum = 0;
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (std::int64_t j = 0; j < d.Lk; ++j) {
+      if (s[j] == -std::numeric_limits<double>::infinity()) continue;
+      const double p = std::exp(s[j] - m);
+      sum += p;
+      const KV* vj = v.ptr(b, hk, j);
+      for (std::int64_t c = 0; c < d.Dv; ++c) acc[c] += p * static_cast<double>(to_float(vj[c]));
+    }
+    for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = static_cast<float>(acc[c] / sum);
+    if (!lse.empty()) lse(b, h, i) = static_cast<float>(m + std::log(sum));
+  }
+}
+
+}  // namespace reference_detail
+
+// Reference attention. K/V elements may be float, f16 or bf16.
+template <class KV, class Mod = mods::none>
+void reference(view<const float, 4> q,   // [B, Hq, Lq, D]
+               view<const KV, 4> k,      // [B, Hkv, Lk, D]
+               view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
+               view<float, 4> out,       // [B, Hq, Lq, Dv]
+               view<float, 3> lse = {},  // [B, Hq, Lq] or empty
+               const Mod& mod = {}, const options& opt = {}) {
+  const dims d = detail::check_args("attention::reference", q, k, v, out, lse, mod, opt);
+  parallel_for(
+      d.B * d.Hq,
+      [&](std::int64_t bh) {
+        std::vector<double> s(static_cast<std::size_t>(d.Lk));
+        reference_detail::heads(d, q, k, v, out, lse, mod, bh / d.Hq, bh % d.Hq, s);
+      },
+      opt.threads);
+}
+
+// Convenience: tensors or views of any constness for k and v.
+template <class K, class V, class Mod = mods::none>
+  requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
+void reference(view<const float, 4> q, const K& k, const V& v, view<float, 4> out, view<float, 3> lse = {},
+               const Mod& mod = {}, const options& opt = {}) {
+  reference<element_t<K>, Mod>(q, cview(k), cview(v), out, lse, mod, opt);
+}
+
+}  // namespace mnemo::attention

@@ -1,0 +1,218 @@
+// mnemo/core/npy.hpp — read and write NumPy .npy files (float32, float16, int64).
+//
+// So that tensors dumped from PyTorch/NumPy (`np.save`) can be used directly, and results can
+// be read back in Python. Reads format versions 1.0, 2.0 and 3.0, little-endian, C order;
+// writes version 1.0. Anything else (big-endian, Fortran order, another dtype, a truncated
+// file) throws mnemo::error naming the file, the expected and the actual value.
+//
+//   auto q = mnemo::npy::load<float, 4>("q.npy");   // tensor<float, 4>, rank and dtype checked
+//   mnemo::npy::save("out.npy", out.as_view());
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "mnemo/core/dtype.hpp"
+#include "mnemo/core/error.hpp"
+#include "mnemo/core/tensor.hpp"
+
+namespace mnemo::npy {
+
+enum class dtype { float32, float16, int64 };
+
+inline const char* descr(dtype t) {
+  switch (t) {
+    case dtype::float32: return "<f4";
+    case dtype::float16: return "<f2";
+    case dtype::int64: return "<i8";
+  }
+  return "?";
+}
+
+inline std::size_t item_size(dtype t) { return t == dtype::int64 ? 8 : t == dtype::float32 ? 4 : 2; }
+
+template <class T>
+constexpr dtype dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return dtype::float32;
+  else if constexpr (std::is_same_v<T, f16>) return dtype::float16;
+  else {
+    static_assert(std::is_same_v<T, std::int64_t>, "npy supports float, mnemo::f16 and std::int64_t elements");
+    return dtype::int64;
+  }
+}
+
+// A loaded .npy file: its dtype, its shape and its raw little-endian bytes.
+struct array {
+  std::string path;
+  dtype type = dtype::float32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::byte> bytes;
+
+  std::int64_t size() const {
+    std::int64_t n = 1;
+    for (auto e : shape) n *= e;
+    return n;
+  }
+
+  // Copies into a tensor<T, R>; throws if the dtype or the rank differ.
+  template <class T, int R>
+  tensor<T, R> as() const {
+    detail::require(type == dtype_of<T>(), "npy: ", path, ": expected dtype ", descr(dtype_of<T>()), ", got ",
+                    descr(type));
+    detail::require(static_cast<int>(shape.size()) == R, "npy: ", path, ": expected rank ", R, ", got rank ",
+                    shape.size());
+    shape_t<R> s{};
+    for (int i = 0; i < R; ++i) s[i] = shape[i];
+    tensor<T, R> t(s);
+    if (t.size()) std::memcpy(t.data(), bytes.data(), t.bytes());
+    return t;
+  }
+};
+
+namespace detail {
+
+inline std::string header_value(const std::string& header, const std::string& key, const std::string& path) {
+  const auto k = header.find("'" + key + "'");
+  mnemo::detail::require(k != std::string::npos, "npy: ", path, ": header has no '", key, "' entry: ", header);
+  auto p = header.find(':', k);
+  mnemo::detail::require(p != std::string::npos, "npy: ", path, ": malformed header: ", header);
+  ++p;
+  while (p < header.size() && header[p] == ' ') ++p;
+  if (p < header.size() && header[p] == '(') {
+    const auto e = header.find(')', p);
+    mnemo::detail::require(e != std::string::npos, "npy: ", path, ": unterminated shape tuple: ", header);
+    return header.substr(p, e - p + 1);
+  }
+  if (p < header.size() && header[p] == '\'') {
+    const auto e = header.find('\'', p + 1);
+    mnemo::detail::require(e != std::string::npos, "npy: ", path, ": unterminated string: ", header);
+    return header.substr(p + 1, e - p - 1);
+  }
+  auto e = header.find_first_of(",}", p);
+  return header.substr(p, e - p);
+}
+
+inline std::vector<std::int64_t> parse_shape(const std::string& tuple, const std::string& path) {
+  std::vector<std::int64_t> shape;
+  std::size_t i = 1;  // past '('
+  while (i < tuple.size()) {
+    while (i < tuple.size() && (tuple[i] == ' ' || tuple[i] == ',')) ++i;
+    if (i >= tuple.size() || tuple[i] == ')') break;
+    std::int64_t v = 0;
+    bool digits = false;
+    while (i < tuple.size() && tuple[i] >= '0' && tuple[i] <= '9') {
+      mnemo::detail::require(v < (std::int64_t{1} << 56), "npy: ", path, ": dimension too large in shape ", tuple);
+      v = v * 10 + (tuple[i] - '0');
+      ++i;
+      digits = true;
+    }
+    if (i < tuple.size() && tuple[i] == 'L') ++i;  // Python 2 longs
+    mnemo::detail::require(digits, "npy: ", path, ": malformed shape ", tuple);
+    shape.push_back(v);
+  }
+  return shape;
+}
+
+}  // namespace detail
+
+inline array load(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  mnemo::detail::require(f.good(), "npy: cannot open '", path, "'");
+  char magic[8] = {};
+  f.read(magic, 8);
+  mnemo::detail::require(f.gcount() == 8 && std::memcmp(magic, "\x93NUMPY", 6) == 0, "npy: ", path,
+                         ": not a .npy file (expected the magic \\x93NUMPY)");
+  const int major = static_cast<unsigned char>(magic[6]);
+  mnemo::detail::require(major >= 1 && major <= 3, "npy: ", path, ": expected format version 1, 2 or 3, got ",
+                         major);
+  std::uint32_t header_len = 0;
+  if (major == 1) {
+    unsigned char b[2] = {};
+    f.read(reinterpret_cast<char*>(b), 2);
+    header_len = b[0] | (b[1] << 8);
+  } else {
+    unsigned char b[4] = {};
+    f.read(reinterpret_cast<char*>(b), 4);
+    header_len = b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<std::uint32_t>(b[3]) << 24);
+  }
+  mnemo::detail::require(f.good() && header_len < (1u << 24), "npy: ", path, ": truncated or oversized header");
+  std::string header(header_len, '\0');
+  f.read(header.data(), header_len);
+  mnemo::detail::require(static_cast<std::uint32_t>(f.gcount()) == header_len, "npy: ", path, ": truncated header");
+
+  array a;
+  a.path = path;
+  const std::string d = detail::header_value(header, "descr", path);
+  if (d == "<f4") a.type = dtype::float32;
+  else if (d == "<f2") a.type = dtype::float16;
+  else if (d == "<i8") a.type = dtype::int64;
+  else mnemo::detail::fail("npy: ", path, ": expected dtype '<f4', '<f2' or '<i8', got '", d, "'");
+  const std::string fo = detail::header_value(header, "fortran_order", path);
+  mnemo::detail::require(fo.find("False") != std::string::npos, "npy: ", path,
+                         ": expected fortran_order False (C order), got ", fo);
+  a.shape = detail::parse_shape(detail::header_value(header, "shape", path), path);
+
+  const std::size_t n = static_cast<std::size_t>(a.size()) * item_size(a.type);
+  a.bytes.resize(n);
+  if (n) f.read(reinterpret_cast<char*>(a.bytes.data()), static_cast<std::streamsize>(n));
+  mnemo::detail::require(static_cast<std::size_t>(f.gcount()) == n || n == 0, "npy: ", path, ": expected ", n,
+                         " data bytes for shape ", a.shape.size(), "-d, got ", f.gcount());
+  return a;
+}
+
+// Loads `path` as a tensor<T, R>, checking dtype and rank.
+template <class T, int R>
+tensor<T, R> load(const std::string& path) {
+  return load(path).template as<T, R>();
+}
+
+// Writes a (possibly strided) view as a C-order .npy, format 1.0.
+template <class T, int R>
+void save(const std::string& path, view<const T, R> v) {
+  std::string header = std::string("{'descr': '") + descr(dtype_of<T>()) + "', 'fortran_order': False, 'shape': (";
+  for (int i = 0; i < R; ++i) header += std::to_string(v.extent(i)) + (R == 1 ? "," : i + 1 < R ? ", " : "");
+  header += "), }";
+  const std::size_t preamble = 10;
+  std::size_t total = preamble + header.size() + 1;  // + '\n'
+  header.append((64 - total % 64) % 64, ' ');
+  header += '\n';
+
+  std::ofstream f(path, std::ios::binary);
+  mnemo::detail::require(f.good(), "npy: cannot open '", path, "' for writing");
+  f.write("\x93NUMPY\x01\x00", 8);
+  const unsigned char len[2] = {static_cast<unsigned char>(header.size() & 0xff),
+                                static_cast<unsigned char>(header.size() >> 8)};
+  f.write(reinterpret_cast<const char*>(len), 2);
+  f.write(header.data(), static_cast<std::streamsize>(header.size()));
+
+  // Innermost rows are contiguous; walk the outer indices.
+  const std::int64_t row = v.extent(R - 1);
+  std::int64_t rows = 1;
+  for (int i = 0; i < R - 1; ++i) rows *= v.extent(i);
+  for (std::int64_t r = 0; r < rows && row > 0; ++r) {
+    std::int64_t rem = r, off = 0;
+    for (int i = R - 2; i >= 0; --i) {
+      off += (rem % v.extent(i)) * v.stride(i);
+      rem /= v.extent(i);
+    }
+    f.write(reinterpret_cast<const char*>(v.data() + off), static_cast<std::streamsize>(row * sizeof(T)));
+  }
+  mnemo::detail::require(f.good(), "npy: write to '", path, "' failed");
+}
+
+template <class T, int R>
+void save(const std::string& path, view<T, R> v) {
+  save(path, view<const T, R>(v));
+}
+
+template <class T, int R>
+void save(const std::string& path, const tensor<T, R>& t) {
+  save(path, t.as_view());
+}
+
+}  // namespace mnemo::npy

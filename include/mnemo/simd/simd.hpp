@@ -1,0 +1,2 @@
+// mnemo/simd/simd.hpp — placeholder, replaced by the SIMD layer
+#pragma once

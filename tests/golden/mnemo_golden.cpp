@@ -1,0 +1,2 @@
+// placeholder: replaced by the golden runner
+int main() { return 0; }
