@@ -1,0 +1,22 @@
+# Sourced by scripts/test.sh and scripts/bench.sh: installs the Debian packages mnemo's own
+# builds need, if any are missing (as root, or through sudo).
+#   mnemo_install_deps [extra packages...]
+mnemo_install_deps() {
+  local pkgs=(build-essential cmake libeigen3-dev libxsimd-dev libgtest-dev libbenchmark-dev
+              libopenblas-dev nlohmann-json3-dev python3-matplotlib "$@")
+  local missing=()
+  for p in "${pkgs[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "mnemo: installing missing Debian packages: ${missing[*]}"
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo=(sudo); else
+      echo "mnemo: missing packages (${missing[*]}) and neither root nor sudo: install them first" >&2
+      return 1
+    fi
+  fi
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
