@@ -13,6 +13,10 @@ set(MNEMO_SANITIZE "" CACHE STRING "Sanitizers for mnemo's own targets, e.g. add
 add_library(mnemo_dev INTERFACE)
 target_link_libraries(mnemo_dev INTERFACE mnemo::mnemo)
 target_compile_options(mnemo_dev INTERFACE -Wall -Wextra -Wno-unused-parameter)
+if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+  # GCC 12 reports hundreds of false -Wmaybe-uninitialized inside Eigen's AVX-512 GEMM kernels.
+  target_compile_options(mnemo_dev INTERFACE -Wno-maybe-uninitialized)
+endif()
 
 if(MNEMO_ARCH STREQUAL "native")
   target_link_libraries(mnemo_dev INTERFACE mnemo::native)
