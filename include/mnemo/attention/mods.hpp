@@ -137,10 +137,9 @@ struct document {
   bool visible(std::int64_t qp, std::int64_t kp) const { return qp >= 0 && ids(qp) == ids(kp); }
   tile block(std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1) const {
     if (q1 <= 0) return tile::empty;
-    q0 = q0 < 0 ? 0 : q0;
-    const std::int64_t qa = ids(q0), qb = ids(q1 - 1), ka = ids(k0), kb = ids(k1 - 1);
+    const std::int64_t qa = ids(q0 < 0 ? 0 : q0), qb = ids(q1 - 1), ka = ids(k0), kb = ids(k1 - 1);
     if (qb < ka || kb < qa) return tile::empty;
-    if (qa == qb && ka == kb && qa == ka) return tile::full;
+    if (q0 >= 0 && qa == qb && ka == kb && qa == ka) return tile::full;  // rows at qp < 0 see nothing
     return tile::partial;
   }
   void validate(const char* fn, std::int64_t, std::int64_t Lq, std::int64_t Lk) const {

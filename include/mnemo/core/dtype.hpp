@@ -3,8 +3,8 @@
 // Both are storage only: arithmetic converts to float32 (all mnemo kernels accumulate in f32,
 // references in double). float -> f16/bf16 rounds to nearest, ties to even; overflow gives
 // +-inf, values below half the smallest f16 subnormal give +-0. NaN stays NaN (the payload's
-// top bits are kept; a payload that would vanish becomes the quiet bit), so every f16 bit
-// pattern survives f16 -> float -> f16 unchanged.
+// top bits are kept; a payload that would vanish becomes the quiet bit), so every f16 and bf16
+// bit pattern survives the round trip through float unchanged.
 //
 // These are the portable scalar conversions; simd/ converts whole vectors with F16C/AVX-512
 // where the build has them, and the tests hold the two to the same answers.
@@ -78,7 +78,10 @@ constexpr float f16_bits_to_float(std::uint16_t h) {
 
 constexpr std::uint16_t float_to_bf16_bits(float f) {
   const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);  // quiet NaN
+  if ((x & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep the payload's top bits, as for f16
+    const std::uint32_t top = x >> 16;
+    return static_cast<std::uint16_t>((top & 0x7fu) ? top : top | 0x40u);
+  }
   const std::uint32_t lsb = (x >> 16) & 1u;
   return static_cast<std::uint16_t>((x + 0x7fffu + lsb) >> 16);
 }

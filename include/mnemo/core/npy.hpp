@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -157,11 +158,38 @@ inline array load(const std::string& path) {
                          ": expected fortran_order False (C order), got ", fo);
   a.shape = detail::parse_shape(detail::header_value(header, "shape", path), path);
 
-  const std::size_t n = static_cast<std::size_t>(a.size()) * item_size(a.type);
+  std::string shape_text = "(";
+  for (auto e : a.shape) shape_text += std::to_string(e) + ",";
+  shape_text += ")";
+
+  // Size the data from the bytes actually left in the file before allocating anything, so a
+  // corrupt shape can neither overflow the element count nor ask for a huge buffer.
+  const auto data_start = f.tellg();
+  f.seekg(0, std::ios::end);
+  const std::uint64_t available = static_cast<std::uint64_t>(f.tellg() - data_start);
+  f.seekg(data_start);
+  const std::uint64_t item = item_size(a.type);
+  std::uint64_t count = 1;
+  bool overflow = false;
+  for (auto e : a.shape) {
+    const auto ue = static_cast<std::uint64_t>(e);
+    if (ue != 0 && count > std::numeric_limits<std::uint64_t>::max() / item / ue) overflow = true;
+    count *= ue;
+  }
+  for (auto e : a.shape) {
+    if (e == 0) {  // an empty array needs no data, whatever its other dimensions
+      count = 0;
+      overflow = false;
+    }
+  }
+  mnemo::detail::require(!overflow && count * item <= available, "npy: ", path, ": truncated data: shape ",
+                         shape_text, " needs ", overflow ? std::string("over 2^64") : std::to_string(count * item),
+                         " data bytes, got ", available);
+  const std::size_t n = static_cast<std::size_t>(count * item);
   a.bytes.resize(n);
   if (n) f.read(reinterpret_cast<char*>(a.bytes.data()), static_cast<std::streamsize>(n));
-  mnemo::detail::require(static_cast<std::size_t>(f.gcount()) == n || n == 0, "npy: ", path, ": expected ", n,
-                         " data bytes for shape ", a.shape.size(), "-d, got ", f.gcount());
+  mnemo::detail::require(static_cast<std::size_t>(f.gcount()) == n || n == 0, "npy: ", path,
+                         ": truncated data: shape ", shape_text, " needs ", n, " data bytes, got ", f.gcount());
   return a;
 }
 

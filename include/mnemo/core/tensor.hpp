@@ -66,11 +66,11 @@ class view {
 
   // Strided view; strides are in elements, the innermost must be 1.
   view(T* data, shape_t<R> shape, shape_t<R> strides) : data_(data), shape_(shape), strides_(strides) {
-    for (int i = 0; i < R; ++i) {
+    for (int i = 0; i < R; ++i)  // extents first: a negative extent also makes contiguous strides negative
       detail::require(shape_[i] >= 0, "view: shape[", i, "] must be >= 0, got ", shape_[i], " in shape ",
                       shape_string(shape_));
+    for (int i = 0; i < R; ++i)
       detail::require(strides_[i] >= 0, "view: stride[", i, "] must be >= 0, got ", strides_[i]);
-    }
     detail::require(strides_[R - 1] == 1, "view: innermost dimension must be contiguous: expected stride[",
                     R - 1, "] = 1, got ", strides_[R - 1]);
   }
