@@ -16,6 +16,10 @@ target_compile_options(mnemo_dev INTERFACE -Wall -Wextra -Wno-unused-parameter)
 if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
   # GCC 12 reports hundreds of false -Wmaybe-uninitialized inside Eigen's AVX-512 GEMM kernels.
   target_compile_options(mnemo_dev INTERFACE -Wno-maybe-uninitialized)
+  if(CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
+    # GCC bug 105593: false -Wuninitialized on AVX-512 intrinsics from <immintrin.h>.
+    target_compile_options(mnemo_dev INTERFACE -Wno-uninitialized)
+  endif()
 endif()
 
 if(MNEMO_ARCH STREQUAL "native")
