@@ -1,3 +1,6 @@
+# Reproduces the exp polynomial coefficients in include/mnemo/simd/math.hpp (not used by the
+# build or the tests). Needs mpmath from PyPI, e.g. in a venv: python3 -m venv .venv &&
+# .venv/bin/pip install mpmath && .venv/bin/python scripts/exp_remez.py 6
 # Remez exchange for exp(r) ~ 1 + r + r^2*P(r), P of degree deg, minimising the relative error on [-a, a].
 import mpmath as mp
 import struct, sys
