@@ -67,8 +67,8 @@ class view {
   // Strided view; strides are in elements, the innermost must be 1.
   view(T* data, shape_t<R> shape, shape_t<R> strides) : data_(data), shape_(shape), strides_(strides) {
     for (int i = 0; i < R; ++i)  // extents first: a negative extent also makes contiguous strides negative
-      detail::require(shape_[i] >= 0, "view: shape[", i, "] must be >= 0, got ", shape_[i], " in shape ",
-                      shape_string(shape_));
+      if (shape_[i] < 0)  // message built only on failure: views are made in kernels' outer loops
+        detail::fail("view: shape[", i, "] must be >= 0, got ", shape_[i], " in shape ", shape_string(shape_));
     for (int i = 0; i < R; ++i)
       detail::require(strides_[i] >= 0, "view: stride[", i, "] must be >= 0, got ", strides_[i]);
     detail::require(strides_[R - 1] == 1, "view: innermost dimension must be contiguous: expected stride[",
@@ -261,10 +261,10 @@ namespace detail {
 
 // Boundary check used by entry points: `name` has exactly `want` as its shape.
 template <class T, int R>
-void require_shape(const char* fn, const char* name, const view<T, R>& v, const shape_t<R>& want,
+void require_shape(const char* fn, const char* name, const view<T, R>& v, const std::type_identity_t<shape_t<R>>& want,
                    const char* dims = "") {
-  detail::require(v.shape() == want, fn, ": ", name, " must have shape ", shape_string(want), dims, ", got ",
-                  shape_string(v.shape()));
+  if (v.shape() != want)  // the message is built only on failure: this runs on every kernel call
+    detail::fail(fn, ": ", name, " must have shape ", shape_string(want), dims, ", got ", shape_string(v.shape()));
 }
 
 }  // namespace detail
