@@ -1,4 +1,5 @@
-// Golden ops of the attention family: attention_forward and attention_decode.
+// Golden ops of the attention family: attention_forward, attention_decode, attention_backward
+// and attention_merge.
 //
 // Params (README "attention_forward"): B Hq Hkv Lq Lk D Dv scale causal window softcap alibi.
 // Inputs q [B,Hq,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv] (+ alibi_slopes [Hq] when alibi);
@@ -6,12 +7,16 @@
 // softcap, then ALiBi, then the mask (a window w > 0 is the causal sliding window of w keys).
 // attention_decode is the same op with Lq = 1.
 //
-// Registered paths: "reference" (attention::reference). Faster paths register here too, under
-// their own label, and are then run and reported beside it.
+// Registered paths: forward and decode through "reference", "flash" and (decode cases, Lq = 1)
+// "decode"; backward through "reference" (reference_backward, out/lse from the reference) and
+// "flash" (flash forward, then flash_backward); merge through attention::merge.
 #include <cstdint>
 #include <string>
 
 #include "golden/runner.hpp"
+#include "mnemo/attention/attention.hpp"
+#include "mnemo/attention/decode.hpp"
+#include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/reference.hpp"
 
@@ -80,18 +85,68 @@ void with_mod(const attention_case& a, Fn&& fn) {
   else with_alibi(mods::none{});
 }
 
-golden::results attention_reference(const golden::golden_case& c) {
+// Forward through one path of attention::attend.
+template <attn::path Path>
+golden::results attention_forward(const golden::golden_case& c) {
   const attention_case a = load_attention_case(c);
   tensor<float, 4> out({a.B, a.Hq, a.Lq, a.Dv});
   tensor<float, 3> lse({a.B, a.Hq, a.Lq});
-  with_mod(a, [&](const auto& mod) { attn::reference(a.q, a.k, a.v, out, lse, mod, {.scale = a.scale}); });
+  with_mod(a, [&](const auto& mod) { attn::attend(a.q, a.k, a.v, out, lse, mod, {.scale = a.scale}, Path); });
   golden::results r;
   r.add("out", out);
   r.add("lse", lse);
   return r;
 }
 
-[[maybe_unused]] const bool registered = golden::register_op("attention_forward", "reference", attention_reference) &&
-                                         golden::register_op("attention_decode", "reference", attention_reference);
+// Backward: out and lse from the forward of the same path, then dq, dk, dv.
+template <bool Flash>
+golden::results attention_backward(const golden::golden_case& c) {
+  const attention_case a = load_attention_case(c);
+  const tensor<float, 4> dout = c.input<float, 4>("dout", {a.B, a.Hq, a.Lq, a.Dv});
+  tensor<float, 4> out({a.B, a.Hq, a.Lq, a.Dv}), dq({a.B, a.Hq, a.Lq, a.D}), dk({a.B, a.Hkv, a.Lk, a.D}),
+      dv({a.B, a.Hkv, a.Lk, a.Dv});
+  tensor<float, 3> lse({a.B, a.Hq, a.Lq});
+  const attn::options opt{.scale = a.scale};
+  with_mod(a, [&](const auto& mod) {
+    if constexpr (Flash) {
+      attn::flash(a.q, a.k, a.v, out, lse, mod, opt);
+      attn::flash_backward(a.q, a.k, a.v, out, lse, dout, dq, dk, dv, mod, opt);
+    } else {
+      attn::reference(a.q, a.k, a.v, out, lse, mod, opt);
+      attn::reference_backward(a.q, a.k, a.v, dout, dq, dk, dv, mod, opt);
+    }
+  });
+  golden::results r;
+  r.add("out", out);
+  r.add("lse", lse);
+  r.add("dq", dq);
+  r.add("dk", dk);
+  r.add("dv", dv);
+  return r;
+}
+
+golden::results attention_merge(const golden::golden_case& c) {
+  const std::int64_t B = c.dim("B"), Hq = c.dim("Hq"), Lq = c.dim("Lq"), Dv = c.dim("Dv");
+  const auto out_a = c.input<float, 4>("out_a", {B, Hq, Lq, Dv}), out_b = c.input<float, 4>("out_b", {B, Hq, Lq, Dv});
+  const auto lse_a = c.input<float, 3>("lse_a", {B, Hq, Lq}), lse_b = c.input<float, 3>("lse_b", {B, Hq, Lq});
+  tensor<float, 4> out({B, Hq, Lq, Dv});
+  tensor<float, 3> lse({B, Hq, Lq});
+  attn::merge(out_a.as_view(), lse_a.as_view(), out_b.as_view(), lse_b.as_view(), out, lse);
+  golden::results r;
+  r.add("out", out);
+  r.add("lse", lse);
+  return r;
+}
+
+using P = attn::path;
+[[maybe_unused]] const bool registered =
+    golden::register_op("attention_forward", "reference", attention_forward<P::reference>) &&
+    golden::register_op("attention_forward", "flash", attention_forward<P::flash>) &&
+    golden::register_op("attention_decode", "reference", attention_forward<P::reference>) &&
+    golden::register_op("attention_decode", "flash", attention_forward<P::flash>) &&
+    golden::register_op("attention_decode", "decode", attention_forward<P::decode>) &&
+    golden::register_op("attention_backward", "reference", attention_backward<false>) &&
+    golden::register_op("attention_backward", "flash", attention_backward<true>) &&
+    golden::register_op("attention_merge", "merge", attention_merge);
 
 }  // namespace
