@@ -1,0 +1,333 @@
+// mnemo/memory/common.hpp — what the memory modules share: the (batch, head) loop that keeps
+// Eigen single-threaded, exact partial top-k (scalar reference and SIMD fast path), row-wise
+// activations with their derivatives, the feature maps of the associative memories, and the
+// .npy helpers behind every module's save/load.
+//
+// Top-k. topk(s, n, k) returns the k largest of s[0 .. n), sorted by value descending; equal
+// values keep index order (the lower index first), so the result is a function of the input
+// alone. NaN ranks as -inf (so k results always exist for k <= n, and a NaN reads back as -inf). The SIMD path keeps a sorted
+// list of the k best seen so far and its threshold (the k-th value); a whole batch of scores
+// that does not beat the threshold is skipped with one compare, so for n >> k the scan costs
+// about one vector compare per batch (on random scores only O(k log(n / k)) entries are ever
+// inserted).
+//
+// Activations: silu(a) = a sigma(a), silu'(a) = sigma(a) (1 + a (1 - sigma(a)));
+// gelu(a) = a Phi(a) (the exact, erf form), gelu'(a) = Phi(a) + a phi(a).
+// Feature maps: elu_plus_one(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020, Infini-attention's
+// sigma); dpfp_nu(x) = the DPFP map of Schlag et al. 2021, 2 nu D features (ARMT's phi).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "mnemo/core/error.hpp"
+#include "mnemo/core/npy.hpp"
+#include "mnemo/core/parallel.hpp"
+#include "mnemo/core/tensor.hpp"
+#include "mnemo/simd/arch.hpp"
+#include "mnemo/simd/load.hpp"
+#include "mnemo/simd/math.hpp"
+#include "mnemo/simd/vec.hpp"
+
+namespace mnemo::memory {
+
+// Nonlinearity of an MLP memory.
+enum class activation { silu, gelu };
+
+inline const char* activation_name(activation a) { return a == activation::silu ? "silu" : "gelu"; }
+
+namespace detail {
+
+using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using map = Eigen::Map<matrix>;
+using cmap = Eigen::Map<const matrix>;
+using outer_stride_map = Eigen::Map<matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+using const_outer_stride_map = Eigen::Map<const matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+inline constexpr float minus_inf = -std::numeric_limits<float>::infinity();
+inline constexpr double inv_sqrt_2 = 0.70710678118654752440;
+inline constexpr double inv_sqrt_2pi = 0.39894228040143267794;
+
+// Calls body(i) for i in [0, n) over up to `threads` threads. Bodies that call Eigen GEMMs pass
+// eigen = true: Eigen's GEMM starts its own OpenMP team when it is called outside a parallel
+// region (Eigen/src/Core/products/Parallelizer.h: omp_get_num_threads() == 1 and enough work),
+// so a serial run is wrapped in a team of one, and a call never uses more threads than asked.
+template <class Body>
+void for_each_item(std::int64_t n, int threads, bool eigen, Body&& body) {
+#if defined(_OPENMP)
+  if (eigen && !(resolve_threads(threads) > 1 && n > 1 && !omp_in_parallel())) {
+#pragma omp parallel num_threads(1)
+    {
+      omp_set_num_threads(1);
+      for (std::int64_t i = 0; i < n; ++i) body(i);
+    }
+    return;
+  }
+#else
+  (void)eigen;
+#endif
+  parallel_for(n, body, threads);
+}
+
+// True when Eigen would start its own threads for a large product here: outside any
+// multi-threaded team, with nbThreads() > 1. for_each_item's team of one makes nbThreads() read 1,
+// unless Eigen::setNbThreads(n > 1) was called (a user, or a benchmark restoring its setting, fixes
+// Eigen's count that way, overriding the team's nthreads-var). Eigen would then open a nested
+// parallel region per product; measured in mnemo_bench: a chunked Titans call 685 ms instead of
+// 0.9 ms.
+inline bool eigen_would_thread() {
+#if defined(EIGEN_HAS_OPENMP)
+  return Eigen::nbThreads() > 1 && omp_get_num_threads() == 1;
+#else
+  return false;
+#endif
+}
+
+// Eigen runs a product serially when its destination has at most 32 rows at compile time (the
+// Condition of parallelize_gemm in Eigen/src/Core/products/Parallelizer.h); gemm() cuts a product
+// into such row panels when Eigen would otherwise thread it.
+inline constexpr std::int64_t serial_panel_rows = 32;
+using serial_panel = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor,
+                                              serial_panel_rows, Eigen::Dynamic>,
+                                Eigen::Unaligned, Eigen::OuterStride<>>;
+
+enum class accumulate { assign, add, subtract };
+
+// dst = lhs * rhs (or += / -=) on the calling thread only; dst is a row-major matrix, map or block.
+template <accumulate Mode, class Dst, class Lhs, class Rhs>
+void gemm(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
+  auto apply = [](auto&& d, const auto& a, const auto& b) {
+    if constexpr (Mode == accumulate::assign) d.noalias() = a * b;
+    else if constexpr (Mode == accumulate::add) d.noalias() += a * b;
+    else d.noalias() -= a * b;
+  };
+  if (!eigen_would_thread()) {
+    apply(dst, lhs, rhs);
+    return;
+  }
+  for (std::int64_t p = 0; p < dst.rows(); p += serial_panel_rows) {
+    const std::int64_t r = std::min<std::int64_t>(serial_panel_rows, dst.rows() - p);
+    serial_panel panel(&dst.coeffRef(p, 0), r, dst.cols(), Eigen::OuterStride<>(dst.outerStride()));
+    apply(panel, lhs.middleRows(p, r), rhs);
+  }
+}
+
+inline void check_threads(const char* fn, int threads) {
+  mnemo::detail::require(threads >= 0, fn, ": threads must be >= 0, got ", threads);
+}
+
+// A matrix given as a view has a contiguous innermost dimension; Eigen reads it with its outer stride.
+inline const_outer_stride_map as_matrix(view<const float, 2> v) {
+  return {v.data(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.extent(0) > 1 ? v.stride(0) : v.extent(1))};
+}
+inline outer_stride_map as_matrix(view<float, 2> v) {
+  return {v.data(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.extent(0) > 1 ? v.stride(0) : v.extent(1))};
+}
+
+// ---- activations ----
+
+inline double act_value(activation a, double x) {
+  if (a == activation::silu) return x / (1.0 + std::exp(-x));
+  return 0.5 * x * (1.0 + std::erf(x * inv_sqrt_2));
+}
+
+inline double act_derivative(activation a, double x) {
+  if (a == activation::silu) {
+    const double s = 1.0 / (1.0 + std::exp(-x));
+    return s * (1.0 + x * (1.0 - s));
+  }
+  return 0.5 * (1.0 + std::erf(x * inv_sqrt_2)) + x * inv_sqrt_2pi * std::exp(-0.5 * x * x);
+}
+
+// h[i] = act(z[i]) and, when dh is not null, dh[i] = act'(z[i]); n contiguous floats.
+template <class Arch = simd::default_arch>
+void activate(activation a, const float* z, float* h, float* dh, std::int64_t n) {
+  std::int64_t i = 0;
+  if constexpr (simd::enabled) {
+    using batch = simd::fbatch<Arch>;
+    constexpr std::int64_t w = simd::width<Arch>;
+    const batch one(1.0f), half(0.5f), c1(static_cast<float>(inv_sqrt_2)), c2(static_cast<float>(inv_sqrt_2pi));
+    for (; i + w <= n; i += w) {
+      const batch x = simd::load<Arch>(z + i);
+      if (a == activation::silu) {
+        // exp(-x) = +inf for x < -88 gives sigma = 0 and silu = -0, silu' = 0: the limits.
+        const batch s = one / (one + simd::exp(-x));
+        simd::store(h + i, x * s);
+        if (dh) simd::store(dh + i, s * (one + x * (one - s)));
+      } else {
+        const batch cdf = half * (one + xsimd::erf(x * c1));
+        simd::store(h + i, x * cdf);
+        if (dh) simd::store(dh + i, cdf + x * c2 * simd::exp(-half * x * x));
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    const float x = z[i];
+    if (a == activation::silu) {
+      const float s = 1.0f / (1.0f + simd::exp<Arch>(-x));
+      h[i] = x * s;
+      if (dh) dh[i] = s * (1.0f + x * (1.0f - s));
+    } else {
+      const float cdf = 0.5f * (1.0f + std::erf(x * static_cast<float>(inv_sqrt_2)));
+      h[i] = x * cdf;
+      if (dh) dh[i] = cdf + x * static_cast<float>(inv_sqrt_2pi) * simd::exp<Arch>(-0.5f * x * x);
+    }
+  }
+}
+
+// ---- feature maps ----
+
+// elu(x) + 1: x + 1 for x > 0, exp(x) otherwise; always > 0.
+inline double elu_plus_one(double x) { return x > 0 ? x + 1.0 : std::exp(x); }
+
+template <class Arch = simd::default_arch>
+inline float elu_plus_one(float x) {
+  return x > 0 ? x + 1.0f : simd::exp<Arch>(x);
+}
+
+// DPFP_nu (Schlag et al. 2021, "Linear Transformers Are Secretly Fast Weight Programmers"):
+// r = [relu(x), relu(-x)] (2D entries), phi_{(j-1) 2D + i} = r_i r_{(i - j) mod 2D} for j = 1..nu
+// (r rolled right by j), so phi has 2 nu D >= 0 entries. out must hold 2 nu D values.
+template <class X, class T>
+void dpfp(const X* x, std::int64_t D, int nu, T* out) {
+  const std::int64_t n = 2 * D;
+  auto r = [&](std::int64_t i) -> T {
+    const T xi = i < D ? static_cast<T>(x[i]) : -static_cast<T>(x[i - D]);
+    return xi > 0 ? xi : T(0);
+  };
+  for (int j = 1; j <= nu; ++j)
+    for (std::int64_t i = 0; i < n; ++i) out[(j - 1) * n + i] = r(i) * r(((i - j) % n + n) % n);
+}
+
+// ---- top-k ----
+
+// One candidate of a top-k list.
+struct scored {
+  float value;
+  std::int64_t index;
+};
+
+// The order of a top-k list: larger value first, then the lower index.
+inline bool before(const scored& a, const scored& b) {
+  return a.value > b.value || (a.value == b.value && a.index < b.index);
+}
+
+// Inserts (value, index) into list[0 .. size) (sorted by `before`, capacity k) if it belongs in
+// the k best; returns the new size.
+inline std::int64_t insert_top(scored* list, std::int64_t size, std::int64_t k, float value, std::int64_t index) {
+  const scored c{value, index};
+  if (size == k) {
+    if (!before(c, list[k - 1])) return size;
+    --size;
+  }
+  std::int64_t p = size;
+  while (p > 0 && before(c, list[p - 1])) {
+    list[p] = list[p - 1];
+    --p;
+  }
+  list[p] = c;
+  return size + 1;
+}
+
+}  // namespace detail
+
+namespace reference {
+
+// The k largest of s[0 .. n), value descending, ties by index: a full sort in the order of
+// detail::before (NaN as -inf). Writes min(k, n) results and returns that count.
+inline std::int64_t topk(const float* s, std::int64_t n, std::int64_t k, float* values, std::int64_t* indices) {
+  std::vector<detail::scored> all;
+  all.reserve(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) all.push_back({std::isnan(s[i]) ? detail::minus_inf : s[i], i});
+  std::sort(all.begin(), all.end(), detail::before);
+  const std::int64_t m = std::min<std::int64_t>(k, static_cast<std::int64_t>(all.size()));
+  for (std::int64_t i = 0; i < m; ++i) {
+    values[i] = all[i].value;
+    indices[i] = all[i].index;
+  }
+  return m;
+}
+
+}  // namespace reference
+
+// SIMD partial top-k: the same result as reference::topk. `list` is a workspace of k entries.
+// Returns min(k, n).
+template <class Arch = simd::default_arch>
+std::int64_t topk(const float* s, std::int64_t n, std::int64_t k, float* values, std::int64_t* indices,
+                  detail::scored* list) {
+  if (k <= 0) return 0;
+  std::int64_t size = 0, i = 0;
+  // Until the list is full every entry goes in; then only those that beat the k-th value.
+  for (; i < n && size < k; ++i) size = detail::insert_top(list, size, k, std::isnan(s[i]) ? detail::minus_inf : s[i], i);
+  if constexpr (simd::enabled) {
+    using batch = simd::fbatch<Arch>;
+    constexpr std::int64_t w = simd::width<Arch>;
+    for (; i + w <= n; i += w) {
+      // A later entry equal to the k-th value has a larger index and never enters: strict >.
+      // (NaN compares false, as a -inf would.)
+      if (!xsimd::any(simd::load<Arch>(s + i) > batch(list[k - 1].value))) continue;
+      for (std::int64_t j = i; j < i + w; ++j)
+        if (s[j] > list[k - 1].value) size = detail::insert_top(list, size, k, s[j], j);
+    }
+  }
+  for (; i < n; ++i)
+    if (s[i] > list[k - 1].value) size = detail::insert_top(list, size, k, s[i], i);
+  for (std::int64_t j = 0; j < size; ++j) {
+    values[j] = list[j].value;
+    indices[j] = list[j].index;
+  }
+  return size;
+}
+
+namespace detail {
+
+// ---- save / load helpers ----
+
+// "<prefix><name>.npy"
+// (Built by appending: GCC 12's -Wrestrict misfires on `"literal" + std::string&&`.)
+inline std::string npy_path(const std::string& prefix, const char* name) {
+  std::string p(prefix);
+  return p.append(name).append(".npy");
+}
+
+// "<prefix><name><index>.npy"
+inline std::string npy_path(const std::string& prefix, const char* name, std::int64_t index) {
+  std::string p(prefix);
+  return p.append(name).append(std::to_string(index)).append(".npy");
+}
+
+// Loads a float tensor of rank R and checks its shape against `want`.
+template <int R>
+tensor<float, R> load_checked(const std::string& path, const shape_t<R>& want) {
+  tensor<float, R> t = npy::load<float, R>(path);
+  mnemo::detail::require(t.shape() == want, "memory: ", path, ": expected shape ", shape_string(want), ", got ",
+                         shape_string(t.shape()));
+  return t;
+}
+
+// A small int64 record (sizes, flags) saved next to a state's tensors.
+inline void save_record(const std::string& path, const std::vector<std::int64_t>& values) {
+  tensor<std::int64_t, 1> t({static_cast<std::int64_t>(values.size())});
+  std::copy(values.begin(), values.end(), t.data());
+  npy::save(path, t);
+}
+
+inline std::vector<std::int64_t> load_record(const std::string& path, std::int64_t n) {
+  const tensor<std::int64_t, 1> t = npy::load<std::int64_t, 1>(path);
+  mnemo::detail::require(t.extent(0) == n, "memory: ", path, ": expected ", n, " entries, got ", t.extent(0));
+  return std::vector<std::int64_t>(t.begin(), t.end());
+}
+
+}  // namespace detail
+}  // namespace mnemo::memory
