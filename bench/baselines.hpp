@@ -69,16 +69,15 @@ inline std::int64_t causal_visible_keys(std::int64_t i, std::int64_t offset, std
   return std::clamp<std::int64_t>(i + offset + 1, 0, Lk);
 }
 
-// Eigen's products use one thread while this lives; the previous setting comes back after.
+// Eigen's products use one thread while this lives; Eigen's default comes back after.
 class eigen_single_threaded {
  public:
-  eigen_single_threaded() : saved_(Eigen::nbThreads()) { Eigen::setNbThreads(1); }
-  ~eigen_single_threaded() { Eigen::setNbThreads(saved_); }
+  eigen_single_threaded() { Eigen::setNbThreads(1); }
+  // Back to "OpenMP's default" (0): restoring nbThreads() would pin Eigen to that count for the
+  // rest of the process, threading products that other rows expect to run on one thread.
+  ~eigen_single_threaded() { Eigen::setNbThreads(0); }
   eigen_single_threaded(const eigen_single_threaded&) = delete;
   eigen_single_threaded& operator=(const eigen_single_threaded&) = delete;
-
- private:
-  int saved_;
 };
 
 // The GEMMs read rows of k and v through their row stride: it must cover a whole row.

@@ -1,0 +1,227 @@
+// bench/linear_rows.cpp — rows of the linear-attention family (include/mnemo/linear/).
+//
+//   linear/<form>/op:<op>/L:<L>/D:<D>/threads:<t>    form recurrent or chunked, op one of linear_attn,
+//                                                    retention, simple_gla, gla, delta_rule,
+//                                                    gated_delta_rule; B = 1, H = 8, Dk = Dv = D = 128,
+//                                                    f32, default chunk size. Small: L = 2048; full:
+//                                                    L = 8192. `bench/plot --baseline recurrent`
+//                                                    shows chunked / recurrent.
+//   linear/<form>/op:<op>/L:<L>/D:128/threads:1      full only, L in {1, 2, 4, 8}: where the chunked
+//                                                    form overtakes the recurrent one
+//                                                    (linear::recurrent_below)
+//   linear/chunked/op:<op>/L:8192/D:128/chunk:<C>/threads:1   full only, C in {8, 16, 32, 64, 128}:
+//                                                    the default chunk sizes
+//   linear_vs_flash/<op>/L:<L>/D:128/threads:<t>     the chunked form of each op over a sweep of L
+//                                                    (small: 1024, 4096; full: 1024 to 65536, x4)
+//   linear_vs_flash/flash/L:<L>/D:128/threads:<t>    causal softmax attention (attention::flash) at the
+//                                                    same B, H, L, D: `--baseline flash` gives the
+//                                                    ratios. Registered up to L = 16384 (full): a
+//                                                    causal call at L = 65536 is 8.8 TFLOP, about a
+//                                                    minute an iteration on one core here (flash
+//                                                    runs at ~160 GFLOP/s at L = 16384).
+//
+// Counters: `tokens/s` = B H L per iteration (every linear row: the figure that compares the two
+// forms, and the linear ops with flash). Chunked rows also count `FLOP/s`: the multiply-adds (x2)
+// of the chunked algorithm's products, per chunk of n tokens and head,
+//   decaying linear attention (linear_attn, retention, simple_gla, gla):
+//       4 n Dk Dv               the state read Q S and the state update K^T V
+//     + n (n + 1) (Dk + Dv)     the causal triangle of Q K^T and of (Q K^T o D) V, diagonal included
+//   delta rules: 6 n Dk Dv (the state read of [K; Q] and the update K^T U) + n (n + 1) (Dk + Dv)
+//     (Q K^T and P U) + n (n - 1) (Dk + Dv) (the strict triangle of K K^T and the unit-triangular
+//     solve on Dv columns).
+// Decay tables, exps, feature maps, L2 norms and GLA's element-wise sub-block terms are not
+// counted. Flash rows count 2 (D + Dv) per visible (query, key) pair and head, as every prefill row
+// (bench/README.md). `%sgemm` in the plot is then the share of the machine's GEMM peak.
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+#include "mnemo/attention/flash.hpp"
+#include "mnemo/attention/mods.hpp"
+#include "mnemo/linear/delta_rule.hpp"
+#include "mnemo/linear/gated_delta_rule.hpp"
+#include "mnemo/linear/gla.hpp"
+#include "mnemo/linear/linear_attn.hpp"
+#include "mnemo/linear/retention.hpp"
+#include "mnemo/linear/simple_gla.hpp"
+
+namespace mnemo::bench {
+namespace {
+
+enum class op { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule };
+
+const std::vector<op>& all_ops() {
+  static const std::vector<op> ops = {op::linear_attn, op::retention,  op::simple_gla,
+                                      op::gla,         op::delta_rule, op::gated_delta_rule};
+  return ops;
+}
+
+const char* op_name(op o) {
+  switch (o) {
+    case op::linear_attn: return "linear_attn";
+    case op::retention: return "retention";
+    case op::simple_gla: return "simple_gla";
+    case op::gla: return "gla";
+    case op::delta_rule: return "delta_rule";
+    case op::gated_delta_rule: return "gated_delta_rule";
+  }
+  return "?";
+}
+
+bool is_delta(op o) { return o == op::delta_rule || o == op::gated_delta_rule; }
+
+constexpr std::int64_t heads = 8;
+constexpr std::int64_t head_dim = 128;
+
+// Gates and betas of the rows: log-decays in [-0.1, 0] (a decay of 0.9 to 1 per token, GLA's and
+// Gated DeltaNet's usual range), beta in [0.05, 1].
+constexpr float gate_lo = -0.1f;
+constexpr float beta_lo = 0.05f;
+
+struct linear_inputs {
+  tensor<float, 4> q, k, v, o, state;  // [B, H, L, D] x 4, [B, H, D, D]
+  tensor<float, 3> g, beta;            // [B, H, L]
+  tensor<float, 4> gk;                 // [B, H, L, D]
+  tensor<float, 1> gamma;              // [H]
+
+  linear_inputs(std::int64_t L, std::int64_t D)
+      : q({1, heads, L, D}),
+        k({1, heads, L, D}),
+        v({1, heads, L, D}),
+        o({1, heads, L, D}),
+        state({1, heads, D, D}),
+        g({1, heads, L}),
+        beta({1, heads, L}),
+        gk({1, heads, L, D}),
+        gamma(linear::retnet_gamma(heads)) {
+    fill_random(q, 11);
+    fill_random(k, 12);
+    fill_random(v, 13);
+    fill_random(g, 14, gate_lo, 0.0f);
+    fill_random(gk, 15, gate_lo, 0.0f);
+    fill_random(beta, 16, beta_lo, 1.0f);
+  }
+
+  // One call of `o` over the whole sequence, from a zero state (the delta rules normalise q and k
+  // in the op, as Gated DeltaNet layers do).
+  void run(op which, linear::options opt) {
+    std::fill(state.begin(), state.end(), 0.0f);
+    opt.use_qk_l2norm = is_delta(which);
+    switch (which) {
+      case op::linear_attn: linear::linear_attn(q, k, v, o, state, opt); break;
+      case op::retention: linear::retention(q, k, v, gamma, o, state, opt); break;
+      case op::simple_gla: linear::simple_gla(q, k, v, g, o, state, opt); break;
+      case op::gla: linear::gla(q, k, v, gk, o, state, opt); break;
+      case op::delta_rule: linear::delta_rule(q, k, v, beta, o, state, opt); break;
+      case op::gated_delta_rule: linear::gated_delta_rule(q, k, v, g, beta, o, state, opt); break;
+    }
+  }
+};
+
+// The chunked algorithm's FLOPs (header comment), per head, over L tokens in chunks of C.
+double chunked_flops(op which, std::int64_t L, std::int64_t Dk, std::int64_t Dv, std::int64_t C) {
+  double total = 0;
+  for (std::int64_t t0 = 0; t0 < L; t0 += C) {
+    const double n = static_cast<double>(std::min(C, L - t0)), dk = static_cast<double>(Dk),
+                 dv = static_cast<double>(Dv);
+    if (is_delta(which)) total += 6 * n * dk * dv + n * (n + 1) * (dk + dv) + n * (n - 1) * (dk + dv);
+    else total += 4 * n * dk * dv + n * (n + 1) * (dk + dv);
+  }
+  return total;
+}
+
+std::int64_t default_chunk(op which) {
+  return is_delta(which) ? linear::delta_default_chunk_size : linear::default_chunk_size;
+}
+
+void set_linear_counters(benchmark::State& state, op which, linear::form form, std::int64_t L, std::int64_t C,
+                         int threads) {
+  const double tokens = static_cast<double>(heads * L);
+  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
+  if (form == linear::form::chunked)
+    set_rate_counters(state, static_cast<double>(heads) * chunked_flops(which, L, head_dim, head_dim, C), 0);
+  state.SetLabel("B=1 H=" + std::to_string(heads) + " L=" + std::to_string(L) + " Dk=" + std::to_string(head_dim) +
+                 " Dv=" + std::to_string(head_dim) + " op=" + op_name(which) +
+                 " form=" + (form == linear::form::chunked ? "chunked" : "recurrent") +
+                 (form == linear::form::chunked ? " chunk=" + std::to_string(C) : std::string()) +
+                 " threads=" + std::to_string(threads));
+}
+
+void linear_row(benchmark::State& state, op which, linear::form form, std::int64_t L, std::int64_t chunk, int threads) {
+  if (!threads_available(state, threads)) return;
+  linear_inputs in(L, head_dim);
+  linear::options opt;
+  opt.path = form;
+  opt.threads = threads;
+  opt.chunk_size = chunk;
+  for (auto _ : state) {
+    in.run(which, opt);
+    benchmark::DoNotOptimize(in.o.data());
+    benchmark::ClobberMemory();
+  }
+  set_linear_counters(state, which, form, L, chunk > 0 ? chunk : default_chunk(which), threads);
+}
+
+void flash_row(benchmark::State& state, std::int64_t L, int threads) {
+  if (!threads_available(state, threads)) return;
+  const shape s = prefill_shape(L, head_dim, true, heads);
+  attention_inputs<float> in(s);
+  const attention::options opt{0, threads};
+  for (auto _ : state) {
+    attention::flash(cview(in.q), in.k, in.v, in.out, in.lse, attention::mods::causal{}, opt);
+    benchmark::DoNotOptimize(in.out.data());
+    benchmark::ClobberMemory();
+  }
+  set_attention_counters(state, s, threads);
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(heads * L), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+std::string form_name(linear::form f) { return f == linear::form::chunked ? "chunked" : "recurrent"; }
+
+const bool registered = [] {
+  const std::int64_t main_L = full_size() ? 8192 : 2048;
+  for (int t : thread_counts())
+    for (op which : all_ops())
+      for (linear::form f : {linear::form::recurrent, linear::form::chunked})
+        register_row(row_name("linear", form_name(f),
+                              {{"op", op_name(which)}, {"L", std::to_string(main_L)}, {"D", std::to_string(head_dim)},
+                               {"threads", std::to_string(t)}}),
+                     [=](benchmark::State& st) { linear_row(st, which, f, main_L, 0, t); });
+
+  if (full_size()) {
+    for (op which : all_ops()) {
+      for (std::int64_t L : {1, 2, 4, 8})
+        for (linear::form f : {linear::form::recurrent, linear::form::chunked})
+          register_row(row_name("linear", form_name(f),
+                                {{"op", op_name(which)}, {"L", std::to_string(L)}, {"D", std::to_string(head_dim)},
+                                 {"threads", "1"}}),
+                       [=](benchmark::State& st) { linear_row(st, which, f, L, 0, 1); });
+      for (std::int64_t C : {8, 16, 32, 64, 128})
+        register_row(row_name("linear", "chunked",
+                              {{"op", op_name(which)}, {"L", "8192"}, {"D", std::to_string(head_dim)},
+                               {"chunk", std::to_string(C)}, {"threads", "1"}}),
+                     [=](benchmark::State& st) { linear_row(st, which, linear::form::chunked, 8192, C, 1); });
+    }
+  }
+
+  const std::vector<std::int64_t> sweep = full_size() ? std::vector<std::int64_t>{1024, 4096, 16384, 65536}
+                                                      : std::vector<std::int64_t>{1024, 4096};
+  const std::int64_t flash_max_L = 16384;
+  for (int t : thread_counts())
+    for (std::int64_t L : sweep) {
+      const auto keys = [&](const char* impl) {
+        return row_name("linear_vs_flash", impl,
+                        {{"L", std::to_string(L)}, {"D", std::to_string(head_dim)}, {"threads", std::to_string(t)}});
+      };
+      for (op which : all_ops())
+        register_row(keys(op_name(which)),
+                     [=](benchmark::State& st) { linear_row(st, which, linear::form::chunked, L, 0, t); });
+      if (L <= flash_max_L) register_row(keys("flash"), [=](benchmark::State& st) { flash_row(st, L, t); });
+    }
+  return true;
+}();
+
+}  // namespace
+}  // namespace mnemo::bench

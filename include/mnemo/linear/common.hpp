@@ -1,0 +1,502 @@
+// mnemo/linear/common.hpp — what every member of the linear-attention family shares: options,
+// boundary checks, row preparation (f32, L2 norm, feature maps), state access, decay tables,
+// the (batch, head) loop and a GEMM wrapper.
+//
+// Conventions (DESIGN.md "Linear / recurrent conventions", ../shared/golden/README.md):
+//   q, k [B, H, L, Dk], v [B, H, L, Dv], o [B, H, L, Dv], state S [B, H, Dk, Dv] in and out.
+//   Every member writes the state first and then reads it:   o_t = (scale q_t)^T S_t,
+//   scale = Dk^-0.5 unless options.scale says otherwise. Gates are log-decays g <= 0
+//   (decay = exp(g)): one per head and step [B, H, L] or one per key channel [B, H, L, Dk].
+//
+// The state is updated in place (it holds S_L when the call returns), so a long input can be fed
+// in pieces and a one-token call (or `*_step`) continues a prefill. An empty `state` view
+// means "start from zero, do not return the final state".
+//
+// Which kernel runs is chosen in one place, detail::choose_form(): `options.path` forces
+// form::recurrent (one token at a time, what decode uses) or form::chunked (chunkwise-parallel,
+// GEMM-shaped, the prefill path); form::automatic takes the recurrent form below
+// `recurrent_below` tokens. Every member also has `reference::<member>`, the double-precision
+// recurrence the tests trust.
+//
+// Numerics: inputs may be float, f16 or bf16 (q, k, v of one type); everything is computed in
+// f32 (references in double); gates, beta and the state are f32.
+// Decay products over a token range (j, t] are always formed as a sum of the log-gates in that
+// exact range, accumulated in order (a prefix, a suffix or a running row), never as the
+// difference of two cumulative sums: gates are <= 0, so every partial sum has one sign and no
+// cancellation, and a gate of -inf makes the sums that cross it -inf and their exp exactly 0,
+// with no (-inf) - (-inf) = NaN anywhere. (The one bounded exception is GLA's diagonal sub-blocks
+// under weak decay, gla.hpp.)
+//
+// Threads: (batch, head) pairs are independent and go to mnemo::parallel_for. The chunked
+// kernels use Eigen's GEMM, which would start its own OpenMP team when called outside a parallel
+// region (Eigen/src/Core/products/Parallelizer.h: omp_get_num_threads() == 1 and enough work).
+// for_each_head() and gemm() keep it single-threaded, so a call never uses more threads than
+// asked for (an oversubscribed Eigen team, spinning at its barriers, made a one-thread call 100x
+// slower on this 2-core machine).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "mnemo/core/dtype.hpp"
+#include "mnemo/core/error.hpp"
+#include "mnemo/core/parallel.hpp"
+#include "mnemo/core/tensor.hpp"
+#include "mnemo/simd/load.hpp"
+#include "mnemo/simd/math.hpp"
+#include "mnemo/simd/vec.hpp"
+
+namespace mnemo::linear {
+
+// Which kernel runs (see detail::choose_form).
+enum class form { automatic, recurrent, chunked };
+
+// Feature map phi applied to q and k (linear_attn only).
+//   identity      phi(x) = x
+//   elu_plus_one  phi(x) = elu(x) + 1                 (Katharopoulos et al., 2020)
+//   relu          phi(x) = max(x, 0)
+//   taylor2       phi(x) = [1, x / Dk^(1/4), vec(x x^T) / (sqrt(2) Dk^(1/2))], 1 + Dk + Dk^2 features,
+//                 so phi(q).phi(k) = 1 + q.k/sqrt(Dk) + (q.k)^2/(2 Dk), the second-order Taylor
+//                 expansion of exp(q.k/sqrt(Dk)) (Based, Arora et al., 2024, its TaylorExp map)
+enum class feature_map { identity, elu_plus_one, relu, taylor2 };
+
+struct options {
+  float scale = 0;               // 0: Dk^-0.5 (1 for feature_map::taylor2, which carries its own 1/sqrt(Dk))
+  std::int64_t chunk_size = 0;   // tokens per chunk of the chunked form; 0: the member's default (below)
+  form path = form::automatic;   // force the recurrent or the chunked kernel
+  int threads = 0;               // threads over (batch, head); 0: the OpenMP default
+  bool use_qk_l2norm = false;    // replace q and k by x / sqrt(sum x^2 + 1e-6) first (fla's use_qk_l2norm_in_kernel)
+  feature_map map = feature_map::identity;  // linear_attn only
+  bool normalize = false;  // linear_attn only: o_t = num_t / (den_t + eps), see linear_attn.hpp
+};
+
+// L2 normalisation x / sqrt(sum x^2 + l2norm_eps), as fla's l2norm and the golden cases.
+inline constexpr float l2norm_eps = 1e-6f;
+
+// Eps of linear_attn's normalised read, o = num / (den + eps): 1e-6, as in fast-transformers'
+// LinearAttention (Katharopoulos et al.'s reference code).
+inline constexpr float normalize_eps = 1e-6f;
+
+// Default chunk sizes (options.chunk_size = 0), the fastest at B = 1, H = 8, L = 8192,
+// Dk = Dv = 128, one thread (bench rows linear/chunked/op:.../chunk:C, C = 8 to 128): 32 for
+// linear_attn, retention, simple_gla and gla (16 is as fast for linear_attn and gla, 10-13% slower
+// for retention and simple_gla; 64 is 3-12% slower) and 16 for the delta rules (32 is 4-8% slower, 64
+// 18-19%: their solve and their two triangles grow with the chunk). Larger chunks put more work
+// in the C x C triangles, smaller ones make the state GEMMs (C x Dk x Dv) too thin to run at speed.
+inline constexpr std::int64_t default_chunk_size = 32;
+inline constexpr std::int64_t delta_default_chunk_size = 16;
+
+// automatic: fewer tokens than this run the recurrent form. At B = 1, H = 8, Dk = Dv = 128, one
+// thread (bench rows linear/<form>/op:.../L:1..8), the recurrent form is 1.4-1.7x faster for one
+// token and 1.1-1.4x for two; at 4 tokens the chunked one is as fast (linear_attn, gla) or up to
+// 1.4x faster (the others), at 8 tokens 1.5-1.9x.
+inline constexpr std::int64_t recurrent_below = 4;
+
+// Rows of the state for Dk input channels: Dk, or 1 + Dk + Dk^2 for taylor2.
+inline std::int64_t feature_dim(feature_map map, std::int64_t Dk) {
+  return map == feature_map::taylor2 ? 1 + Dk + Dk * Dk : Dk;
+}
+
+inline const char* feature_map_name(feature_map map) {
+  switch (map) {
+    case feature_map::identity: return "identity";
+    case feature_map::elu_plus_one: return "elu_plus_one";
+    case feature_map::relu: return "relu";
+    case feature_map::taylor2: return "taylor2";
+  }
+  return "?";
+}
+
+namespace detail {
+
+template <class T>
+inline constexpr bool is_input_type_v = std::is_same_v<T, float> || std::is_same_v<T, f16> || std::is_same_v<T, bf16>;
+
+// The element type of q, k and v, which must agree.
+template <class Q, class K, class V>
+struct input_type {
+  using type = element_t<Q>;
+  static_assert(std::is_same_v<type, element_t<K>> && std::is_same_v<type, element_t<V>>,
+                "linear: q, k and v must have the same element type (float, mnemo::f16 or mnemo::bf16)");
+};
+template <class Q, class K, class V>
+using input_t = typename input_type<Q, K, V>::type;
+
+// Row-major f32 matrix: the chunk workspaces.
+using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// The validated sizes of one call.
+struct dims {
+  std::int64_t B, H, L, Dk, Dv;
+  std::int64_t Df;  // rows of the state: feature_dim(map, Dk)
+  std::int64_t Ds;  // columns of the state: Dv, or Dv + 1 with normalize (the last column is the key sum)
+  float scale;
+  feature_map map;
+  bool l2norm;
+  bool normalize;
+};
+
+// Checks q, k, v, o, state and the options shared by every member. `features`: whether the member
+// accepts options.map and options.normalize (linear_attn).
+template <class T>
+dims check_common(const char* fn, const view<const T, 4>& q, const view<const T, 4>& k, const view<const T, 4>& v,
+                  const view<float, 4>& o, const view<float, 4>& state, const options& opt, bool features) {
+  static_assert(is_input_type_v<T>, "linear: q, k and v elements must be float, mnemo::f16 or mnemo::bf16");
+  using mnemo::detail::require;
+  using mnemo::detail::require_shape;
+  require(!q.empty() && !k.empty() && !v.empty() && !o.empty(), fn, ": q, k, v and o must be non-empty views");
+  const std::int64_t B = q.extent(0), H = q.extent(1), L = q.extent(2), Dk = q.extent(3), Dv = v.extent(3);
+  require(Dk >= 1 && Dv >= 1, fn, ": head dims must be >= 1, got Dk=", Dk, " (q.shape[3]), Dv=", Dv, " (v.shape[3])");
+  require_shape(fn, "k", k, {B, H, L, Dk}, " [B, H, L, Dk] (from q)");
+  require_shape(fn, "v", v, {B, H, L, Dv}, " [B, H, L, Dv] (B, H, L from q)");
+  require_shape(fn, "o", o, {B, H, L, Dv}, " [B, H, L, Dv]");
+  require(opt.chunk_size >= 0, fn, ": options.chunk_size must be >= 0 (0: the default), got ", opt.chunk_size);
+  require(opt.threads >= 0, fn, ": options.threads must be >= 0, got ", opt.threads);
+  require(std::isfinite(opt.scale), fn, ": options.scale must be finite, got ", opt.scale);
+  require(opt.path == form::automatic || opt.path == form::recurrent || opt.path == form::chunked, fn,
+          ": options.path must be automatic, recurrent or chunked, got ", static_cast<int>(opt.path));
+  if (!features) {
+    require(opt.map == feature_map::identity, fn, ": options.map must be identity (feature maps are for linear_attn), got ",
+            feature_map_name(opt.map));
+    require(!opt.normalize, fn, ": options.normalize must be false (normalisation is for linear_attn), got true");
+  }
+  const std::int64_t Df = feature_dim(opt.map, Dk);
+  const std::int64_t Ds = opt.normalize ? Dv + 1 : Dv;
+  if (!state.empty())
+    require_shape(fn, "state", state, {B, H, Df, Ds},
+                  opt.normalize ? " [B, H, Df, Dv + 1] (normalize: the last column holds the key sum)" : " [B, H, Dk, Dv]");
+  const double default_scale = opt.map == feature_map::taylor2 ? 1.0 : 1.0 / std::sqrt(static_cast<double>(Dk));
+  const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(default_scale);
+  return {B, H, L, Dk, Dv, Df, Ds, scale, opt.map, opt.use_qk_l2norm, opt.normalize};
+}
+
+// True when every x[i] <= 0 (so none is NaN); branch-free, so the compiler vectorises the scan.
+inline bool all_nonpositive(const float* x, std::int64_t n) {
+  bool ok = true;
+  for (std::int64_t i = 0; i < n; ++i) ok &= x[i] <= 0.0f;
+  return ok;
+}
+
+// g [B, H, L]: every log-decay <= 0 and not NaN (-inf is allowed: decay 0).
+inline void check_scalar_gate(const char* fn, const view<const float, 3>& g, const dims& d) {
+  mnemo::detail::require(!g.empty(), fn, ": g must be a non-empty view");
+  mnemo::detail::require_shape(fn, "g", g, {d.B, d.H, d.L}, " [B, H, L]");
+  for (std::int64_t b = 0; b < d.B; ++b)
+    for (std::int64_t h = 0; h < d.H; ++h) {
+      if (d.L == 0 || all_nonpositive(g.ptr(b, h), d.L)) continue;
+      for (std::int64_t t = 0; t < d.L; ++t)
+        mnemo::detail::require(g(b, h, t) <= 0.0f, fn, ": g (log-decay) must be <= 0 and not NaN, got g[", b, ", ",
+                               h, ", ", t, "] = ", g(b, h, t));
+    }
+}
+
+// g [B, H, L, Dk]: every log-decay <= 0 and not NaN.
+inline void check_channel_gate(const char* fn, const view<const float, 4>& g, const dims& d) {
+  mnemo::detail::require(!g.empty(), fn, ": g must be a non-empty view");
+  mnemo::detail::require_shape(fn, "g", g, {d.B, d.H, d.L, d.Dk}, " [B, H, L, Dk]");
+  for (std::int64_t b = 0; b < d.B; ++b)
+    for (std::int64_t h = 0; h < d.H; ++h)
+      for (std::int64_t t = 0; t < d.L; ++t) {
+        const float* row = g.ptr(b, h, t);
+        if (all_nonpositive(row, d.Dk)) continue;
+        for (std::int64_t c = 0; c < d.Dk; ++c)
+          mnemo::detail::require(row[c] <= 0.0f, fn, ": g (log-decay) must be <= 0 and not NaN, got g[", b, ", ", h,
+                                 ", ", t, ", ", c, "] = ", row[c]);
+      }
+}
+
+// beta [B, H, L] in [0, 2] (see delta_rule.hpp for why 2).
+inline constexpr float beta_max = 2.0f;
+
+inline void check_beta(const char* fn, const view<const float, 3>& beta, const dims& d) {
+  mnemo::detail::require(!beta.empty(), fn, ": beta must be a non-empty view");
+  mnemo::detail::require_shape(fn, "beta", beta, {d.B, d.H, d.L}, " [B, H, L]");
+  for (std::int64_t b = 0; b < d.B; ++b)
+    for (std::int64_t h = 0; h < d.H; ++h)
+      for (std::int64_t t = 0; t < d.L; ++t) {
+        const float x = beta(b, h, t);
+        mnemo::detail::require(x >= 0.0f && x <= beta_max, fn, ": beta must be in [0, ", beta_max, "], got beta[", b,
+                               ", ", h, ", ", t, "] = ", x);
+      }
+}
+
+// Tokens per chunk: options.chunk_size, or the member's default when it is 0.
+inline std::int64_t chunk_size(const options& opt, std::int64_t member_default) {
+  return opt.chunk_size > 0 ? opt.chunk_size : member_default;
+}
+
+// The path one call takes; the one place where it is decided.
+inline form choose_form(const options& opt, std::int64_t L) {
+  if (opt.path != form::automatic) return opt.path;
+  return L < recurrent_below ? form::recurrent : form::chunked;
+}
+
+// Runs body(i) for i in [0, n): over threads with parallel_for, or serially with Eigen's own GEMM
+// threading switched off (see the header comment) when `eigen` is set.
+template <class Body>
+void for_each_head(std::int64_t n, int threads, bool eigen, Body&& body) {
+#if defined(_OPENMP)
+  if (eigen && !(resolve_threads(threads) > 1 && n > 1 && !omp_in_parallel())) {
+    // A team of one: omp_set_num_threads changes this region's nthreads-var only, so Eigen's
+    // nbThreads() reads 1 inside (unless Eigen::setNbThreads fixed it; see gemm below) and the
+    // caller's setting is untouched.
+#pragma omp parallel num_threads(1)
+    {
+      omp_set_num_threads(1);
+      for (std::int64_t i = 0; i < n; ++i) body(i);
+    }
+    return;
+  }
+#else
+  (void)eigen;
+#endif
+  parallel_for(n, body, threads);
+}
+
+// True when Eigen would start threads for a large product here: outside any multi-threaded team,
+// with nbThreads() > 1 (Eigen::setNbThreads(n > 1) overrides the nthreads-var that
+// for_each_head sets).
+inline bool eigen_would_thread() {
+#if defined(EIGEN_HAS_OPENMP)
+  return Eigen::nbThreads() > 1 && omp_get_num_threads() == 1;
+#else
+  return false;
+#endif
+}
+
+// Eigen runs a product serially when its destination type has at most 32 rows at compile time
+// (the Condition of parallelize_gemm in Eigen/src/Core/products/Parallelizer.h). A map of that
+// type lets gemm() cut a product into such row panels when Eigen would otherwise thread it.
+inline constexpr std::int64_t serial_panel_rows = 32;
+using serial_panel = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor,
+                                              serial_panel_rows, Eigen::Dynamic>,
+                                Eigen::Unaligned, Eigen::OuterStride<>>;
+
+// dst = lhs * rhs, or dst += lhs * rhs with Accumulate, on the calling thread only. dst is a
+// row-major matrix, map or block. Cutting into panels repacks rhs once per panel (13% slower for a
+// 128 x 128 x 128 product), so it is done only when Eigen would thread.
+template <bool Accumulate, class Dst, class Lhs, class Rhs>
+void gemm(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
+  if (!eigen_would_thread()) {
+    if constexpr (Accumulate) dst.noalias() += lhs * rhs;
+    else dst.noalias() = lhs * rhs;
+    return;
+  }
+  for (std::int64_t p = 0; p < dst.rows(); p += serial_panel_rows) {
+    const std::int64_t r = std::min<std::int64_t>(serial_panel_rows, dst.rows() - p);
+    serial_panel panel(&dst.coeffRef(p, 0), r, dst.cols(), Eigen::OuterStride<>(dst.outerStride()));
+    if constexpr (Accumulate) panel.noalias() += lhs.middleRows(p, r) * rhs;
+    else panel.noalias() = lhs.middleRows(p, r) * rhs;
+  }
+}
+
+// One (batch, head) slice of every tensor of a call: rows are tokens.
+template <class T>
+struct head_views {
+  view<const T, 2> q, k;  // [L, Dk]
+  view<const T, 2> v;     // [L, Dv]
+  view<float, 2> o;       // [L, Dv]
+  view<float, 2> state;   // [Df, Ds] or empty
+
+  head_views(const view<const T, 4>& q4, const view<const T, 4>& k4, const view<const T, 4>& v4,
+             const view<float, 4>& o4, const view<float, 4>& s4, std::int64_t b, std::int64_t h)
+      : q(q4[b][h]), k(k4[b][h]), v(v4[b][h]), o(o4[b][h]) {
+    if (!s4.empty()) state = s4[b][h];
+  }
+};
+
+// Prepares one q or k row: to f32, optional L2 norm, feature map, times `mult`.
+// out [Df]; scratch [Dk] (used by taylor2 only).
+template <class Arch, class T>
+void prepare_row(const T* x, const dims& d, float mult, float* out, float* scratch) {
+  float* f = d.map == feature_map::taylor2 ? scratch : out;
+  simd::convert<Arch>(x, f, d.Dk);
+  if (d.l2norm) {
+    const float ss = simd::dot<Arch>(f, f, d.Dk);
+    simd::scale<Arch>(1.0f / std::sqrt(ss + l2norm_eps), f, d.Dk);
+  }
+  switch (d.map) {
+    case feature_map::identity: break;
+    case feature_map::elu_plus_one:
+      for (std::int64_t c = 0; c < d.Dk; ++c) f[c] = f[c] > 0.0f ? f[c] + 1.0f : simd::exp<Arch>(f[c]);
+      break;
+    case feature_map::relu:
+      for (std::int64_t c = 0; c < d.Dk; ++c) f[c] = std::max(f[c], 0.0f);
+      break;
+    case feature_map::taylor2: {
+      const double dk = static_cast<double>(d.Dk);
+      const float first = static_cast<float>(1.0 / std::sqrt(std::sqrt(dk)));  // Dk^(-1/4)
+      const float second = static_cast<float>(1.0 / std::sqrt(2.0 * dk));      // 1 / (sqrt(2) Dk^(1/2))
+      out[0] = 1.0f;
+      for (std::int64_t c = 0; c < d.Dk; ++c) out[1 + c] = f[c] * first;
+      float* quad = out + 1 + d.Dk;
+      for (std::int64_t i = 0; i < d.Dk; ++i) {
+        const float fi = f[i] * second;
+        for (std::int64_t j = 0; j < d.Dk; ++j) quad[i * d.Dk + j] = fi * f[j];
+      }
+      break;
+    }
+  }
+  if (mult != 1.0f) simd::scale<Arch>(mult, out, d.Df);
+}
+
+// Rows [t0, t0 + n) of a [L, Dk] head view, prepared, into rows of `dst` (n x Df).
+template <class Arch, class T>
+void prepare_rows(const view<const T, 2>& src, std::int64_t t0, std::int64_t n, const dims& d, float mult, matrix& dst,
+                  float* scratch) {
+  for (std::int64_t i = 0; i < n; ++i) prepare_row<Arch>(src.ptr(t0 + i), d, mult, dst.row(i).data(), scratch);
+}
+
+// Rows [t0, t0 + n) of v to f32 into `dst` (n x Ds); with normalize, column Dv is 1.
+template <class Arch, class T>
+void load_values(const view<const T, 2>& v, std::int64_t t0, std::int64_t n, const dims& d, matrix& dst) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    float* row = dst.row(i).data();
+    simd::convert<Arch>(v.ptr(t0 + i), row, d.Dv);
+    if (d.normalize) row[d.Dv] = 1.0f;
+  }
+}
+
+// One output row from a state-shaped row (Ds values): copies Dv values, or divides them by the
+// key-sum column with normalize.
+inline void store_output(const float* row, const dims& d, float* out) {
+  if (d.normalize) {
+    const float inv = 1.0f / (row[d.Dv] + normalize_eps);
+    for (std::int64_t c = 0; c < d.Dv; ++c) out[c] = row[c] * inv;
+  } else {
+    std::copy(row, row + d.Dv, out);
+  }
+}
+
+// The (b, h) state [Df, Ds] as an Eigen matrix the kernels update in place: the caller's rows
+// themselves (no copy in or out, which for a one-token step would cost as much as the step), or
+// `zero`, sized and zeroed, when the call has no state.
+using state_map = Eigen::Map<matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+inline state_map map_state(const view<float, 2>& state, std::int64_t rows, std::int64_t cols, matrix& zero) {
+  if (state.empty()) {
+    zero.setZero(rows, cols);
+    return {zero.data(), rows, cols, Eigen::OuterStride<>(cols)};
+  }
+  return {state.data(), rows, cols, Eigen::OuterStride<>(state.stride(0))};
+}
+
+// Decay tables of one chunk with one log-gate per token, g[0 .. n):
+//   decay(t, j) = exp(sum_{j < s <= t} g_s)  for j <= t  (lower triangle of an n x n matrix; 1 on the diagonal)
+//   prefix[t]   = exp(sum_{s <= t} g_s)      decay of the chunk's initial state at token t
+//   suffix[j]   = exp(sum_{j < s < n} g_s)   decay from token j to the end of the chunk
+// Row t of the log table is row t-1 plus g_t (so each entry is a sum over its exact range, in order).
+template <class Arch>
+void scalar_decay_tables(const float* g, std::int64_t n, matrix& decay, float* prefix, float* suffix) {
+  decay(0, 0) = 0.0f;
+  for (std::int64_t t = 1; t < n; ++t) {
+    const float* prev = decay.row(t - 1).data();
+    float* row = decay.row(t).data();
+    for (std::int64_t j = 0; j < t; ++j) row[j] = prev[j] + g[t];
+    row[t] = 0.0f;
+  }
+  float acc = 0.0f;
+  for (std::int64_t t = 0; t < n; ++t) {
+    acc += g[t];
+    prefix[t] = acc;
+  }
+  for (std::int64_t t = 0; t < n; ++t) simd::exp_sum<Arch>(decay.row(t).data(), t + 1, 0.0f);
+  simd::exp_sum<Arch>(prefix, n, 0.0f);
+  std::copy(decay.row(n - 1).data(), decay.row(n - 1).data() + n, suffix);
+}
+
+// ---- references (double) -------------------------------------------------------------------
+
+// One q or k row prepared in double: L2 norm, feature map, times mult.
+template <class T>
+std::vector<double> reference_row(const T* x, const dims& d, double mult) {
+  std::vector<double> f(static_cast<std::size_t>(d.Dk));
+  for (std::int64_t c = 0; c < d.Dk; ++c) f[c] = static_cast<double>(to_float(x[c]));
+  if (d.l2norm) {
+    double ss = 0;
+    for (double e : f) ss += e * e;
+    const double inv = 1.0 / std::sqrt(ss + static_cast<double>(l2norm_eps));
+    for (double& e : f) e *= inv;
+  }
+  std::vector<double> out;
+  switch (d.map) {
+    case feature_map::identity: out = f; break;
+    case feature_map::elu_plus_one:
+      for (double e : f) out.push_back(e > 0 ? e + 1 : std::exp(e));
+      break;
+    case feature_map::relu:
+      for (double e : f) out.push_back(std::max(e, 0.0));
+      break;
+    case feature_map::taylor2: {
+      const double dk = static_cast<double>(d.Dk);
+      out.push_back(1.0);
+      for (double e : f) out.push_back(e / std::sqrt(std::sqrt(dk)));
+      for (double a : f)
+        for (double b : f) out.push_back(a * b / std::sqrt(2.0 * dk));
+      break;
+    }
+  }
+  for (double& e : out) e *= mult;
+  return out;
+}
+
+// A v row in double (with the trailing 1 of normalize).
+template <class T>
+std::vector<double> reference_values(const T* x, const dims& d) {
+  std::vector<double> out(static_cast<std::size_t>(d.Ds), 1.0);
+  for (std::int64_t c = 0; c < d.Dv; ++c) out[c] = static_cast<double>(to_float(x[c]));
+  return out;
+}
+
+// The (b, h) state as Df x Ds doubles (row-major), zeros when there is none.
+inline std::vector<double> reference_load_state(const view<float, 2>& state, const dims& d) {
+  std::vector<double> s(static_cast<std::size_t>(d.Df * d.Ds), 0.0);
+  if (!state.empty())
+    for (std::int64_t i = 0; i < d.Df; ++i)
+      for (std::int64_t c = 0; c < d.Ds; ++c) s[i * d.Ds + c] = state(i, c);
+  return s;
+}
+
+inline void reference_store_state(const std::vector<double>& s, const dims& d, const view<float, 2>& state) {
+  if (state.empty()) return;
+  for (std::int64_t i = 0; i < d.Df; ++i)
+    for (std::int64_t c = 0; c < d.Ds; ++c) state(i, c) = static_cast<float>(s[i * d.Ds + c]);
+}
+
+// o_t = q_t^T S (q already scaled), normalised as store_output does.
+inline void reference_read(const std::vector<double>& q, const std::vector<double>& s, const dims& d, float* out) {
+  std::vector<double> acc(static_cast<std::size_t>(d.Ds), 0.0);
+  for (std::int64_t i = 0; i < d.Df; ++i)
+    for (std::int64_t c = 0; c < d.Ds; ++c) acc[c] += q[i] * s[i * d.Ds + c];
+  const double den = d.normalize ? acc[d.Dv] + static_cast<double>(normalize_eps) : 1.0;
+  for (std::int64_t c = 0; c < d.Dv; ++c) out[c] = static_cast<float>(acc[c] / den);
+}
+
+// ---- one-token views for the *_step entry points -------------------------------------------
+
+// [B, H, D] -> [B, H, 1, D]
+template <class T>
+view<T, 4> token_view(const view<T, 3>& x) {
+  if (x.empty()) return {};
+  return {x.data(), {x.extent(0), x.extent(1), 1, x.extent(2)}, {x.stride(0), x.stride(1), x.extent(2), 1}};
+}
+
+// [B, H] -> [B, H, 1]
+template <class T>
+view<T, 3> token_view(const view<T, 2>& x) {
+  if (x.empty()) return {};
+  return {x.data(), {x.extent(0), x.extent(1), 1}, {x.stride(0), x.stride(1), 1}};
+}
+
+}  // namespace detail
+}  // namespace mnemo::linear
