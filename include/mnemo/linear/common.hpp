@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -51,6 +52,7 @@
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/parallel.hpp"
+#include "mnemo/core/serial_gemm.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/load.hpp"
 #include "mnemo/simd/math.hpp"
@@ -242,62 +244,17 @@ inline form choose_form(const options& opt, std::int64_t L) {
 }
 
 // Runs body(i) for i in [0, n): over threads with parallel_for, or serially with Eigen's own GEMM
-// threading switched off (see the header comment) when `eigen` is set.
+// threading switched off when `eigen` is set (core/serial_gemm.hpp).
 template <class Body>
 void for_each_head(std::int64_t n, int threads, bool eigen, Body&& body) {
-#if defined(_OPENMP)
-  if (eigen && !(resolve_threads(threads) > 1 && n > 1 && !omp_in_parallel())) {
-    // A team of one: omp_set_num_threads changes this region's nthreads-var only, so Eigen's
-    // nbThreads() reads 1 inside (unless Eigen::setNbThreads fixed it; see gemm below) and the
-    // caller's setting is untouched.
-#pragma omp parallel num_threads(1)
-    {
-      omp_set_num_threads(1);
-      for (std::int64_t i = 0; i < n; ++i) body(i);
-    }
-    return;
-  }
-#else
-  (void)eigen;
-#endif
-  parallel_for(n, body, threads);
+  mnemo::detail::for_each_item(n, threads, eigen, std::forward<Body>(body));
 }
 
-// True when Eigen would start threads for a large product here: outside any multi-threaded team,
-// with nbThreads() > 1 (Eigen::setNbThreads(n > 1) overrides the nthreads-var that
-// for_each_head sets).
-inline bool eigen_would_thread() {
-#if defined(EIGEN_HAS_OPENMP)
-  return Eigen::nbThreads() > 1 && omp_get_num_threads() == 1;
-#else
-  return false;
-#endif
-}
-
-// Eigen runs a product serially when its destination type has at most 32 rows at compile time
-// (the Condition of parallelize_gemm in Eigen/src/Core/products/Parallelizer.h). A map of that
-// type lets gemm() cut a product into such row panels when Eigen would otherwise thread it.
-inline constexpr std::int64_t serial_panel_rows = 32;
-using serial_panel = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor,
-                                              serial_panel_rows, Eigen::Dynamic>,
-                                Eigen::Unaligned, Eigen::OuterStride<>>;
-
-// dst = lhs * rhs, or dst += lhs * rhs with Accumulate, on the calling thread only. dst is a
-// row-major matrix, map or block. Cutting into panels repacks rhs once per panel (13% slower for a
-// 128 x 128 x 128 product), so it is done only when Eigen would thread.
+// dst = lhs * rhs, or dst += lhs * rhs with Accumulate, on the calling thread only.
 template <bool Accumulate, class Dst, class Lhs, class Rhs>
 void gemm(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
-  if (!eigen_would_thread()) {
-    if constexpr (Accumulate) dst.noalias() += lhs * rhs;
-    else dst.noalias() = lhs * rhs;
-    return;
-  }
-  for (std::int64_t p = 0; p < dst.rows(); p += serial_panel_rows) {
-    const std::int64_t r = std::min<std::int64_t>(serial_panel_rows, dst.rows() - p);
-    serial_panel panel(&dst.coeffRef(p, 0), r, dst.cols(), Eigen::OuterStride<>(dst.outerStride()));
-    if constexpr (Accumulate) panel.noalias() += lhs.middleRows(p, r) * rhs;
-    else panel.noalias() = lhs.middleRows(p, r) * rhs;
-  }
+  using mnemo::detail::accumulate;
+  mnemo::detail::gemm<Accumulate ? accumulate::add : accumulate::assign>(std::forward<Dst>(dst), lhs, rhs);
 }
 
 // One (batch, head) slice of every tensor of a call: rows are tokens.

@@ -34,6 +34,7 @@
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/npy.hpp"
 #include "mnemo/core/parallel.hpp"
+#include "mnemo/core/serial_gemm.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/arch.hpp"
 #include "mnemo/simd/load.hpp"
@@ -59,69 +60,10 @@ inline constexpr float minus_inf = -std::numeric_limits<float>::infinity();
 inline constexpr double inv_sqrt_2 = 0.70710678118654752440;
 inline constexpr double inv_sqrt_2pi = 0.39894228040143267794;
 
-// Calls body(i) for i in [0, n) over up to `threads` threads. Bodies that call Eigen GEMMs pass
-// eigen = true: Eigen's GEMM starts its own OpenMP team when it is called outside a parallel
-// region (Eigen/src/Core/products/Parallelizer.h: omp_get_num_threads() == 1 and enough work),
-// so a serial run is wrapped in a team of one, and a call never uses more threads than asked.
-template <class Body>
-void for_each_item(std::int64_t n, int threads, bool eigen, Body&& body) {
-#if defined(_OPENMP)
-  if (eigen && !(resolve_threads(threads) > 1 && n > 1 && !omp_in_parallel())) {
-#pragma omp parallel num_threads(1)
-    {
-      omp_set_num_threads(1);
-      for (std::int64_t i = 0; i < n; ++i) body(i);
-    }
-    return;
-  }
-#else
-  (void)eigen;
-#endif
-  parallel_for(n, body, threads);
-}
-
-// True when Eigen would start its own threads for a large product here: outside any
-// multi-threaded team, with nbThreads() > 1. for_each_item's team of one makes nbThreads() read 1,
-// unless Eigen::setNbThreads(n > 1) was called (a user, or a benchmark restoring its setting, fixes
-// Eigen's count that way, overriding the team's nthreads-var). Eigen would then open a nested
-// parallel region per product; measured in mnemo_bench: a chunked Titans call 685 ms instead of
-// 0.9 ms.
-inline bool eigen_would_thread() {
-#if defined(EIGEN_HAS_OPENMP)
-  return Eigen::nbThreads() > 1 && omp_get_num_threads() == 1;
-#else
-  return false;
-#endif
-}
-
-// Eigen runs a product serially when its destination has at most 32 rows at compile time (the
-// Condition of parallelize_gemm in Eigen/src/Core/products/Parallelizer.h); gemm() cuts a product
-// into such row panels when Eigen would otherwise thread it.
-inline constexpr std::int64_t serial_panel_rows = 32;
-using serial_panel = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor,
-                                              serial_panel_rows, Eigen::Dynamic>,
-                                Eigen::Unaligned, Eigen::OuterStride<>>;
-
-enum class accumulate { assign, add, subtract };
-
-// dst = lhs * rhs (or += / -=) on the calling thread only; dst is a row-major matrix, map or block.
-template <accumulate Mode, class Dst, class Lhs, class Rhs>
-void gemm(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
-  auto apply = [](auto&& d, const auto& a, const auto& b) {
-    if constexpr (Mode == accumulate::assign) d.noalias() = a * b;
-    else if constexpr (Mode == accumulate::add) d.noalias() += a * b;
-    else d.noalias() -= a * b;
-  };
-  if (!eigen_would_thread()) {
-    apply(dst, lhs, rhs);
-    return;
-  }
-  for (std::int64_t p = 0; p < dst.rows(); p += serial_panel_rows) {
-    const std::int64_t r = std::min<std::int64_t>(serial_panel_rows, dst.rows() - p);
-    serial_panel panel(&dst.coeffRef(p, 0), r, dst.cols(), Eigen::OuterStride<>(dst.outerStride()));
-    apply(panel, lhs.middleRows(p, r), rhs);
-  }
-}
+// Serial Eigen products and the per-item loop around them: core/serial_gemm.hpp.
+using mnemo::detail::accumulate;
+using mnemo::detail::for_each_item;
+using mnemo::detail::gemm;
 
 inline void check_threads(const char* fn, int threads) {
   mnemo::detail::require(threads >= 0, fn, ": threads must be >= 0, got ", threads);
