@@ -13,7 +13,9 @@
 //             storage type (what a kernel cannot avoid reading or writing)
 //
 // Sizes: MNEMO_BENCH_SIZE=small (default: the whole binary in a minute or two) or full (the
-// standard shapes of DESIGN.md). Thread counts: MNEMO_BENCH_THREADS, default "1,2".
+// standard shapes of DESIGN.md); tiny (the harness smoke test, tests/bench/: prefill L = 64 and
+// decode Lk = 512; families without tiny shapes use their small ones). Thread counts:
+// MNEMO_BENCH_THREADS, default "1,2".
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -41,7 +43,7 @@ namespace mnemo::bench {
 // ---------------------------------------------------------------------------------------------
 // Size switch and thread counts (read once from the environment).
 
-enum class size_mode { small, full };
+enum class size_mode { small, full, tiny };
 
 namespace detail {
 
@@ -52,19 +54,24 @@ namespace detail {
 
 }  // namespace detail
 
-// MNEMO_BENCH_SIZE: "small" (default) or "full".
+// MNEMO_BENCH_SIZE: "small" (default), "full" or "tiny".
 inline size_mode bench_size() {
   static const size_mode mode = [] {
     const char* env = std::getenv("MNEMO_BENCH_SIZE");
     if (env == nullptr || *env == '\0' || std::string_view(env) == "small") return size_mode::small;
     if (std::string_view(env) == "full") return size_mode::full;
-    detail::bad_environment("MNEMO_BENCH_SIZE", env, "'small' or 'full'");
+    if (std::string_view(env) == "tiny") return size_mode::tiny;
+    detail::bad_environment("MNEMO_BENCH_SIZE", env, "'small', 'full' or 'tiny'");
   }();
   return mode;
 }
 
 inline bool full_size() { return bench_size() == size_mode::full; }
-inline const char* size_name() { return full_size() ? "full" : "small"; }
+inline bool tiny_size() { return bench_size() == size_mode::tiny; }
+inline const char* size_name() { return full_size() ? "full" : tiny_size() ? "tiny" : "small"; }
+
+// Prefill length and decode cache length of the tiny size (seconds of a whole smoke run).
+inline constexpr std::int64_t tiny_prefill_L = 64, tiny_decode_Lk = 512;
 
 // MNEMO_BENCH_THREADS: comma-separated thread counts, default "1,2".
 inline const std::vector<int>& thread_counts() {
@@ -128,8 +135,9 @@ inline shape decode_shape(std::int64_t Lk, std::int64_t Hq = 32, std::int64_t Hk
 // Standard prefill shapes (DESIGN.md): H = 8, L in {1024, 4096}, D in {64, 128}, causal and not.
 // Small: L in {256, 1024}; 256 is where the double-precision reference still runs in a blink.
 inline std::vector<shape> prefill_shapes() {
-  const std::vector<std::int64_t> Ls = full_size() ? std::vector<std::int64_t>{1024, 4096}
-                                                   : std::vector<std::int64_t>{256, 1024};
+  const std::vector<std::int64_t> Ls = full_size()   ? std::vector<std::int64_t>{1024, 4096}
+                                       : tiny_size() ? std::vector<std::int64_t>{tiny_prefill_L}
+                                                     : std::vector<std::int64_t>{256, 1024};
   std::vector<shape> out;
   for (std::int64_t L : Ls)
     for (std::int64_t D : {64, 128})
@@ -140,8 +148,9 @@ inline std::vector<shape> prefill_shapes() {
 // Standard decode shapes (DESIGN.md): Hq = 32, Hkv = 8, D = 128, Lq = 1, Lk in {4096, 32768}.
 // Small: Lk = 4096 only.
 inline std::vector<shape> decode_shapes() {
-  const std::vector<std::int64_t> Lks = full_size() ? std::vector<std::int64_t>{4096, 32768}
-                                                    : std::vector<std::int64_t>{4096};
+  const std::vector<std::int64_t> Lks = full_size()   ? std::vector<std::int64_t>{4096, 32768}
+                                        : tiny_size() ? std::vector<std::int64_t>{tiny_decode_Lk}
+                                                      : std::vector<std::int64_t>{4096};
   std::vector<shape> out;
   for (std::int64_t Lk : Lks) out.push_back(decode_shape(Lk));
   return out;

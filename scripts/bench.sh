@@ -1,30 +1,45 @@
 #!/usr/bin/env bash
-# Builds mnemo_bench and runs the benchmark comparison (README command (a), the main job).
+# Builds mnemo_bench and runs the whole benchmark comparison (README command (a), the main job).
 #
-#   scripts/bench.sh                   small size (a couple of minutes on 2 cores): prints the table,
-#                                      writes bench.json and PNG charts to results/<date>_<time>/
-#   scripts/bench.sh --full            the standard shapes of DESIGN.md (prefill L 1024 and 4096, decode Lk 4096 and 32768)
+#   scripts/bench.sh                   small size (a few minutes on 2 cores): every row of mnemo_bench
+#                                      (the oneDNN peer too if libdnnl-dev is there), a peak-memory pass,
+#                                      the table, and the figures fig_a..fig_e + per-family charts
+#   scripts/bench.sh --full            the standard shapes of DESIGN.md (prefill L 1024 and 4096, decode
+#                                      Lk 4096 and 32768), with the PyTorch peer (takes much longer)
+#   scripts/bench.sh --peers           also run the PyTorch SDPA peer (bench/peers/torch_sdpa.sh; the
+#                                      first time it installs torch into build/peer-venv); --no-peers: never
 #   scripts/bench.sh --filter REGEX    only rows whose name matches REGEX (Google Benchmark's --benchmark_filter)
-#   scripts/bench.sh --out DIR         write bench.json and the charts to DIR instead
+#   scripts/bench.sh --out DIR         results in DIR instead of results/<date>_<time>/
 #   scripts/bench.sh --baseline IMPL   the impl the table compares against (default: openblas)
+#   scripts/bench.sh --no-memory       skip the peak-memory pass
+#   scripts/bench.sh --quick           1 repetition of >= 0.05 s per row (a smoke run; figures are rough)
 #   scripts/bench.sh ... -- ARGS       pass ARGS to mnemo_bench (e.g. -- --benchmark_repetitions=3)
 #
-# Installs missing Debian packages itself (as root or with sudo). Build tree: build/bench (Release,
-# -march=native). Row names, counters and sizes: bench/README.md.
+# Writes to the results folder (git-ignored): bench.json (Google Benchmark JSON), memory.json
+# (the memory pass), torch_sdpa.json (the peer), table.txt (the table printed at the end), and
+# the PNGs. Installs missing Debian packages itself (as root or with sudo). Build tree:
+# build/bench (Release, -march=native). Rows, counters, figures: bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 size=small
 filter=""
 out=""
 baseline=openblas
+peers=auto
+memory=1
+quick=0
 bench_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) size=full ;;
     --small) size=small ;;
+    --peers) peers=1 ;;
+    --no-peers) peers=0 ;;
+    --no-memory) memory=0 ;;
+    --quick) quick=1 ;;
     --filter) [ $# -ge 2 ] || { echo "scripts/bench.sh: --filter needs a REGEX" >&2; exit 2; }; filter=$2; shift ;;
     --filter=*) filter=${1#--filter=} ;;
     --out) [ $# -ge 2 ] || { echo "scripts/bench.sh: --out needs a DIR" >&2; exit 2; }; out=$2; shift ;;
@@ -37,9 +52,10 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+[ "$peers" != auto ] || { [ "$size" = full ] && peers=1 || peers=0; }
 
 source scripts/deps.sh
-mnemo_install_deps
+mnemo_install_bench_deps
 
 start=$(date +%s)
 jobs=$(nproc 2>/dev/null || echo 2)
@@ -48,8 +64,10 @@ mkdir -p "$build"
 
 echo "=== mnemo bench: configure + build ($build, Release, -march=native) ==="
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DMNEMO_ARCH=native \
-  -DMNEMO_BUILD_BENCH=ON -DMNEMO_BUILD_TESTS=OFF -DMNEMO_BUILD_EXAMPLES=OFF >"$build/configure.log" 2>&1 ||
+  -DMNEMO_BUILD_BENCH=ON -DMNEMO_BUILD_TESTS=OFF -DMNEMO_BUILD_EXAMPLES=OFF \
+  -DMNEMO_BENCH_ONEDNN="${MNEMO_BENCH_ONEDNN:-ON}" >"$build/configure.log" 2>&1 ||
   { cat "$build/configure.log"; echo "scripts/bench.sh: configure failed (log: $build/configure.log)" >&2; exit 1; }
+grep -E "mnemo bench:" "$build/configure.log" | sed 's/^-- /    /' || true
 # The compiler's output goes to a log (GCC 12 prints false -Wmaybe-uninitialized warnings from inside
 # Eigen's AVX-512 GEMM); it is shown in full only when the build fails.
 cmake --build "$build" --target mnemo_bench -j"$jobs" >"$build/build.log" 2>&1 ||
@@ -63,8 +81,9 @@ json="$out/bench.json"
 # The machine may be shared: every row runs as 5 repetitions of >= 0.1 s, randomly interleaved with
 # the other rows' repetitions, so a burst of outside load spreads over all rows instead of landing
 # on one; the table uses each row's median (and shows the spread). Flags after -- override these.
+if [ "$quick" = 1 ]; then reps=1; min_time=0.05; else reps=5; min_time=0.1; fi
 args=(--benchmark_out="$json" --benchmark_out_format=json
-      --benchmark_enable_random_interleaving=true --benchmark_repetitions=5 --benchmark_min_time=0.1
+      --benchmark_enable_random_interleaving=true --benchmark_repetitions=$reps --benchmark_min_time=$min_time
       --benchmark_display_aggregates_only=true)
 [ -z "$filter" ] || args+=(--benchmark_filter="$filter")
 echo "=== mnemo bench: running mnemo_bench (MNEMO_BENCH_SIZE=$size) -> $json ==="
@@ -73,10 +92,32 @@ echo "    load average before the run: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/nu
 MNEMO_BENCH_SIZE=$size "$build/bench/mnemo_bench" "${args[@]}" ${bench_args[@]+"${bench_args[@]}"}
 run_done=$(date +%s)
 
+files=("$json")
+if [ "$memory" = 1 ]; then
+  # Peak memory (figure (a)): every prefill row once more, one iteration, with the peak-RSS probe
+  # of bench/peak_memory.cpp on (max_bytes_used). Times of this pass are not used.
+  mem_filter='^prefill/'
+  [ -z "$filter" ] || mem_filter="($filter)"
+  echo "=== mnemo bench: peak-memory pass over the prefill rows -> $out/memory.json ==="
+  MNEMO_BENCH_SIZE=$size MNEMO_BENCH_MEMORY=1 "$build/bench/mnemo_bench" --benchmark_filter="$mem_filter" \
+    --benchmark_min_time=0 --benchmark_out="$out/memory.json" --benchmark_out_format=json >/dev/null ||
+    echo "scripts/bench.sh: the memory pass failed; the figures go without memory" >&2
+  [ ! -s "$out/memory.json" ] || files+=("$out/memory.json")
+fi
+
+if [ "$peers" = 1 ]; then
+  echo "=== mnemo bench: external peer: PyTorch scaled_dot_product_attention -> $out/torch_sdpa.json ==="
+  peer_args=(--size "$size" --repetitions "$reps" --min-time "$min_time" --out "$out/torch_sdpa.json")
+  [ -z "$filter" ] || peer_args+=(--filter "$filter")
+  if bench/peers/torch_sdpa.sh "${peer_args[@]}"; then files+=("$out/torch_sdpa.json")
+  else echo "scripts/bench.sh: the PyTorch peer failed; its rows are left out" >&2; fi
+fi
+peers_done=$(date +%s)
+
 echo
-echo "=== mnemo bench: table and charts ($out) ==="
-/usr/bin/python3 bench/plot "$json" --out "$out" --baseline "$baseline"
+echo "=== mnemo bench: table and figures ($out) ==="
+/usr/bin/python3 bench/plot "${files[@]}" --out "$out" --baseline "$baseline" | tee "$out/table.txt"
 
 echo
 echo "mnemo bench: done in $(( $(date +%s) - start )) s (build $(( build_done - start )) s," \
-  "run $(( run_done - build_done )) s); results in $out/"
+  "run $(( run_done - build_done )) s, memory and peers $(( peers_done - run_done )) s); results in $out/"

@@ -1,6 +1,9 @@
 # Sourced by scripts/test.sh and scripts/bench.sh: installs the Debian packages mnemo's own
 # builds need, if any are missing (as root, or through sudo).
-#   mnemo_install_deps [extra packages...]
+#   mnemo_install_deps [extra packages...]   what the tests need (and any extra packages)
+#   mnemo_install_bench_deps                 that plus the benchmarks' external peers: oneDNN
+#                                            (libdnnl-dev, the prefill/onednn and decode/onednn
+#                                            rows) and python3-venv (bench/peers/torch_sdpa.sh)
 mnemo_install_deps() {
   local pkgs=(build-essential cmake libeigen3-dev libxsimd-dev libgtest-dev libbenchmark-dev
               libopenblas-dev nlohmann-json3-dev python3-matplotlib "$@")
@@ -19,4 +22,14 @@ mnemo_install_deps() {
   fi
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+mnemo_install_bench_deps() {
+  mnemo_install_deps libdnnl-dev python3-venv "$@"
+}
+
+# scripts/fuzz.sh: clang and its compiler-rt (libFuzzer, ASan, UBSan runtimes) on top of the above.
+#   mnemo_install_fuzz_deps
+mnemo_install_fuzz_deps() {
+  mnemo_install_deps clang libclang-rt-14-dev
 }

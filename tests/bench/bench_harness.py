@@ -1,0 +1,248 @@
+"""Smoke test of the benchmark harness: mnemo_bench's rows, its JSON, the memory probe, bench/plot.
+
+  bench_harness.py --bench BUILD/tests/bench/mnemo_bench_smoke --plot bench/plot --work DIR
+
+1. Runs a small mnemo_bench (baseline and split-KV decode rows) at MNEMO_BENCH_SIZE=tiny and
+   checks its JSON: context, every expected row name, and the FLOP/s and bytes/s counters against
+   the counts of bench/README.md computed here from the shapes (FLOP/s x time = FLOP per call).
+2. Runs the peak-memory pass (MNEMO_BENCH_MEMORY=1) on one row and checks that the peak covers
+   the row's own inputs and outputs.
+3. Adds synthetic rows of the families this binary does not hold (sparse, linear_vs_flash,
+   decode selection methods, kvpolicy, memory, a oneDNN row) and a synthetic PyTorch peer file,
+   runs bench/plot on everything and checks the table (rows, external marks, a ratio recomputed
+   here) and that every figure fig_a..fig_e and a per-family chart was written as a PNG.
+Prints "N passed, M failed" and exits non-zero on any failure.
+"""
+
+import argparse
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+CHECKS = {"passed": 0, "failed": 0}
+
+TINY_L, TINY_LK = 64, 512  # bench/common.hpp tiny_prefill_L, tiny_decode_Lk
+PREFILL_H, DECODE_HQ, DECODE_HKV, DECODE_D = 8, 32, 8, 128
+
+
+def check(condition, what):
+    if condition:
+        CHECKS["passed"] += 1
+    else:
+        CHECKS["failed"] += 1
+        print(f"FAILED: {what}", file=sys.stderr)
+    return condition
+
+
+def run(cmd, env=None, **kwargs):
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=env, text=True, capture_output=True, **kwargs)
+
+
+def medians(data):
+    """{run_name: median aggregate entry}"""
+    return {b["run_name"]: b for b in data["benchmarks"] if b.get("aggregate_name") == "median"}
+
+
+def repetitions(data):
+    """{run_name: [repetition entries]} (each has its own time and rates; a median of rates is not
+    the rate of the median time)"""
+    out = {}
+    for b in data["benchmarks"]:
+        if b.get("run_type") == "iteration":
+            out.setdefault(b["run_name"], []).append(b)
+    return out
+
+
+def expected_rows():
+    """{name: (flops, bytes) per call} from the shapes, as bench/README.md counts them."""
+    rows = {}
+    for threads in (1, 2):
+        for impl in ("eigen", "openblas"):
+            for D in (64, 128):
+                for causal in (0, 1):
+                    pairs = TINY_L * (TINY_L + 1) // 2 if causal else TINY_L * TINY_L
+                    flops = 2 * (D + D) * PREFILL_H * pairs
+                    nbytes = 4 * (PREFILL_H * TINY_L * 2 * D) * 2  # q, out and k, v, all f32
+                    rows[f"prefill/{impl}/L:{TINY_L}/D:{D}/causal:{causal}/threads:{threads}/real_time"] = (flops, nbytes)
+        for impl, kv, size in (("eigen", "f32", 4), ("openblas", "f32", 4), ("split_kv", "f32", 4),
+                               ("split_kv", "f16", 2), ("split_kv", "bf16", 2)):
+            flops = 2 * (2 * DECODE_D) * DECODE_HQ * TINY_LK
+            nbytes = 4 * DECODE_HQ * 2 * DECODE_D + size * DECODE_HKV * TINY_LK * 2 * DECODE_D
+            rows[f"decode/{impl}/Lk:{TINY_LK}/kv:{kv}/threads:{threads}/real_time"] = (flops, nbytes)
+    return rows
+
+
+def check_bench_json(data):
+    context = data.get("context", {})
+    check(context.get("mnemo_size") == "tiny", f"context mnemo_size is 'tiny': {context.get('mnemo_size')}")
+    check(bool(context.get("mnemo_cpu")) and bool(context.get("mnemo_isa")), "context names the CPU and the ISA")
+    got = repetitions(data)
+    for name, (flops, nbytes) in expected_rows().items():
+        if not check(name in got and name in medians(data), f"row {name} (repetitions and median) in the JSON"):
+            continue
+        row = got[name][0]
+        seconds = row["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[row["time_unit"]]
+        check(abs(row["FLOP/s"] * seconds / flops - 1) < 1e-3,
+              f"{name}: FLOP/s x time = {row['FLOP/s'] * seconds:.6g}, the shape's count is {flops}")
+        check(abs(row["bytes/s"] * seconds / nbytes - 1) < 1e-3,
+              f"{name}: bytes/s x time = {row['bytes/s'] * seconds:.6g}, the shape's count is {nbytes}")
+    check(len(got) == len(expected_rows()), f"{len(got)} rows ran, {len(expected_rows())} expected")
+
+
+def synthetic_entry(name, time_ms, label="", **counters):
+    entry = {"name": name, "run_name": name, "run_type": "aggregate", "aggregate_name": "median",
+             "repetitions": 1, "threads": 1, "iterations": 10, "real_time": time_ms, "cpu_time": time_ms,
+             "time_unit": "ms", "label": label}
+    entry.update(counters)
+    return entry
+
+
+def synthetic_rows(real):
+    """Rows of the families the smoke binary does not hold, named as their files name them."""
+    out = []
+    for t in (1, 2):
+        sp = 1.0 / t
+        for L in (1024, 4096):
+            scale = (L / 1024) ** 2
+            out.append(synthetic_entry(f"sparse/flash_dense/L:{L}/D:128/threads:{t}/real_time", 40 * scale * sp))
+            for density in ("0.1", "0.5"):
+                out.append(synthetic_entry(f"sparse/block/L:{L}/D:128/density:{density}/threads:{t}/real_time",
+                                           40 * scale * float(density) * sp))
+            for op in ("linear_attn", "gla", "gated_delta_rule", "flash"):
+                time = 30 * scale * sp if op == "flash" else 12 * (L / 1024) * sp
+                out.append(synthetic_entry(f"linear_vs_flash/{op}/L:{L}/D:128/threads:{t}/real_time", time,
+                                           **{"tokens/s": 8 * L / time * 1e3}))
+        for Lk in (4096, 32768):
+            base = Lk / 4096
+            for fmt, f in (("f32", 1.0), ("f16", 0.5), ("bf16", 0.5), ("int8", 0.3), ("int4", 0.2)):
+                out.append(synthetic_entry(f"decode/cache_{fmt}/Lk:{Lk}/threads:{t}/real_time", 3 * base * f * sp,
+                                           **{"bytes/s": 1e10 / t}))
+            out.append(synthetic_entry(f"decode/topk/Lk:{Lk}/k:256/threads:{t}/real_time", 1.2 * base * sp))
+            out.append(synthetic_entry(f"decode/quest/Lk:{Lk}/page:16/budget:1024/threads:{t}/real_time", 0.9 * base * sp,
+                                       rel_error=0.01, recall=0.95))
+            out.append(synthetic_entry(f"decode/landmark/Lk:{Lk}/threads:{t}/real_time", 0.7 * base * sp))
+        for module, rate in (("titans", 2e5), ("pkm", 9e5), ("armt", 4e5)):
+            for impl, slow in (("fast", 1), ("reference", 20)):
+                out.append(synthetic_entry(f"memory/{impl}/module:{module}/L:2048/threads:{t}/real_time",
+                                           2048 / rate * slow * 1e3 * sp, **{"tokens/s": rate / slow * t}))
+    for policy in ("h2o", "snapkv", "streaming"):
+        for budget in (5, 10, 25, 50):
+            for kind in ("needle", "natural"):
+                out.append(synthetic_entry(f"kvpolicy/{policy}/budget:{budget}/context:{kind}/threads:1/real_time", 1.0,
+                                           rel_error=0.5 / budget, needle_retention=min(1.0, budget / 25),
+                                           bytes_kept=budget * 1e4))
+    # a oneDNN row at a real prefill shape: marked external through the context's onednn_version
+    name = f"prefill/onednn/L:{TINY_L}/D:128/causal:0/threads:1/real_time"
+    base = medians(real)[f"prefill/openblas/L:{TINY_L}/D:128/causal:0/threads:1/real_time"]
+    out.append(synthetic_entry(name, base["real_time"] * 2 if base["time_unit"] == "ms" else 1.0))
+    return out
+
+
+def synthetic_peer(real):
+    """A torch_sdpa peer file as bench/peers/torch_sdpa.py writes it."""
+    context = dict(real["context"], mnemo_peer="torch_sdpa", torch_version="2.0.0-synthetic")
+    rows = []
+    for name, row in medians(real).items():
+        if name.startswith(("prefill/openblas/", "decode/openblas/")):
+            peer = copy.deepcopy(row)
+            peer["name"] = peer["run_name"] = name.replace("/openblas/", "/torch_sdpa/")
+            peer["real_time"] = row["real_time"] / 4
+            rows.append(peer)
+    return {"context": context, "benchmarks": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bench", required=True)
+    parser.add_argument("--plot", required=True)
+    parser.add_argument("--work", required=True)
+    args = parser.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    env = dict(os.environ, MNEMO_BENCH_SIZE="tiny", MNEMO_BENCH_THREADS="1,2")
+
+    # 1. A real run of a few rows.
+    bench_json = os.path.join(args.work, "bench.json")
+    result = run([args.bench, "--benchmark_filter=^(prefill|decode)/(eigen|openblas|split_kv)/",
+                  "--benchmark_repetitions=2", "--benchmark_enable_random_interleaving=true",
+                  "--benchmark_min_time=0.005", "--benchmark_display_aggregates_only=true",
+                  f"--benchmark_out={bench_json}", "--benchmark_out_format=json"], env=env)
+    if not check(result.returncode == 0, f"mnemo_bench_smoke ran (rc {result.returncode}): {result.stderr[-2000:]}"):
+        return finish()
+    with open(bench_json) as f:
+        real = json.load(f)
+    check_bench_json(real)
+
+    # 2. The peak-memory pass on one row.
+    memory_json = os.path.join(args.work, "memory.json")
+    row = f"prefill/eigen/L:{TINY_L}/D:128/causal:0/threads:1"
+    result = run([args.bench, f"--benchmark_filter=^{row}/", "--benchmark_min_time=0",
+                  f"--benchmark_out={memory_json}", "--benchmark_out_format=json"],
+                 env=dict(env, MNEMO_BENCH_MEMORY="1"))
+    check(result.returncode == 0, f"memory pass ran: {result.stderr[-2000:]}")
+    with open(memory_json) as f:
+        memory = json.load(f)
+    check(memory["context"].get("mnemo_memory"), "the memory pass says so in its context")
+    peak = [b.get("max_bytes_used", 0) for b in memory["benchmarks"] if b["run_name"].startswith(row)]
+    inputs = 4 * PREFILL_H * TINY_L * 128 * 4  # q, k, v, out in f32
+    if "cannot reset the peak RSS" in result.stderr:
+        print("note: /proc/self/clear_refs not writable here: the memory figure is not checked")
+    else:
+        # RSS growth, not an allocation count: pages freed at the row's start offset some of it
+        check(peak and inputs / 2 <= peak[0] <= 64 * inputs,
+              f"peak memory {peak} is of the order of the row's inputs and outputs ({inputs} bytes)")
+
+    # 3. bench/plot on the real rows + synthetic rows of every family + a synthetic peer.
+    combined = copy.deepcopy(real)
+    combined["context"]["onednn_version"] = "0.0.0-synthetic"
+    combined["benchmarks"] += synthetic_rows(real)
+    combined_json = os.path.join(args.work, "combined.json")
+    peer_json = os.path.join(args.work, "torch_sdpa.json")
+    with open(combined_json, "w") as f:
+        json.dump(combined, f)
+    with open(peer_json, "w") as f:
+        json.dump(synthetic_peer(real), f)
+    plots = os.path.join(args.work, "plots")
+    result = run(["/usr/bin/python3", args.plot, combined_json, memory_json, peer_json, "--out", plots])
+    if not check(result.returncode == 0, f"bench/plot ran: {result.stderr[-3000:]}"):
+        return finish()
+    table = result.stdout
+    for family in ("prefill", "decode", "sparse", "linear_vs_flash", "kvpolicy", "memory"):
+        check(f"\n== {family} " in table, f"the table has a '{family}' section")
+    check("torch_sdpa *" in table and "onednn *" in table, "external peers are marked with * in the table")
+    check("torch_sdpa 2.0.0-synthetic" in table and "onednn 0.0.0-synthetic" in table,
+          "the table names the external peers' versions")
+    check("peak MiB" in table, "the memory pass shows as a 'peak MiB' column")
+    # x openblas of the f16 split-KV row = openblas time / its time, recomputed from the JSON
+    got = medians(real)
+    name = f"decode/split_kv/Lk:{TINY_LK}/kv:f16/threads:1/real_time"
+    want = got[f"decode/openblas/Lk:{TINY_LK}/kv:f32/threads:1/real_time"]["real_time"] / got[name]["real_time"]
+    decode = table[table.index("\n== decode "):]
+    header = next(l for l in decode.splitlines() if l.startswith("shape") and "x openblas" in l)
+    end = header.index("x openblas") + len("x openblas")
+    line = next((l for l in decode.splitlines() if f"Lk:{TINY_LK} kv:f16 threads:1" in l and " split_kv " in l), "")
+    shown = line[end - 12:end].strip()
+    check(shown == f"{want:.2f}", f"x openblas of {name} is {want:.2f}, the table shows '{shown}' ({line})")
+    for figure in ("fig_a_prefill", "fig_b_decode", "fig_c_kvpolicy", "fig_d_memory", "fig_e_threads",
+                   "prefill_throughput"):
+        path = os.path.join(plots, figure + ".png")
+        ok = os.path.exists(path) and os.path.getsize(path) > 1000
+        if ok:
+            with open(path, "rb") as f:
+                ok = f.read(8) == b"\x89PNG\r\n\x1a\n"
+        check(ok, f"{figure}.png written")
+    return finish()
+
+
+def finish():
+    print(f"{CHECKS['passed']} passed, {CHECKS['failed']} failed")
+    return 1 if CHECKS["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
