@@ -1,0 +1,641 @@
+// mnemo/kvcache/cache.hpp — the KV cache of one attention layer, in f32, f16, bf16 or quantized
+// int8 / int4 storage, with ragged per-kv-head lengths.
+//
+// Usage (one layer; kvcache::cache holds one layer_cache per layer):
+//
+//   kvcache::layer_cache c({.kind = kvcache::storage::int4, .Hkv = 8, .capacity = 4096, .D = 128});
+//   c.append(k_new, v_new);                    // k_new [Hkv, n, D], v_new [Hkv, n, Dv] in f32
+//   kvcache::decode(c, q, out, lse);           // kvcache/decode.hpp: q [Hq, Lq, D] against every slot
+//   c.compact(policy_selection);               // kvcache::selection: kept slots of every kv head
+//   c.gather(h, slots, k_rows, v_rows);        // dequantized f32 copies of some slots of head h
+//
+// Layout. Per kv head h, slots [0, length(h)) hold tokens in the order they were appended (after
+// compaction: the kept ones, in their old order); each slot remembers the token's original
+// position (`positions(h)`, set by append, carried by compaction) and the position its key is
+// rotated to (`rotary_positions(h)`, equal to the position unless kvcache/rope.hpp re-rotated it).
+// Heads have their own lengths (ragged), so a head-adaptive budget frees slots in that head only.
+//
+//   storage::f32 / f16 / bf16   K [Hkv, capacity, D] and V [Hkv, capacity, Dv] of that type.
+//   storage::int8 / int4        KIVI (Liu et al. 2024): slots [0, quantized_length(h)) quantized,
+//                               the rest in an f32 residual window of the most recent tokens.
+//     keys    per channel over groups of tokens: group i of head h covers key_group_lengths(h)[i]
+//             consecutive slots and has scale/min per channel (key_scales(h), key_mins(h) [groups, D])
+//     values  per token, in groups of quant.value_group channels (value_scales/mins [Hkv, NG, capacity])
+//     codes   packed rows [Hkv, capacity, row_bytes] (kvcache/quant.hpp)
+//     residual the newest tokens in f32 ([Hkv, quant.residual, D]); when a head's window reaches
+//             quant.residual tokens, its oldest quant.key_group tokens become one quantized group.
+//   Compaction keeps every kept token's codes and its group's scale/min as they are: kept tokens of
+//   a group stay one (shorter) group, empty groups disappear. Compaction is therefore exact in every
+//   storage kind: a kept token reads back bit-identical before and after.
+//
+// Memory: bytes() counts what the stored tokens occupy (codes, scales, minimums, residual rows;
+// not the position bookkeeping, the same 16 bytes per slot in every kind). With the default
+// groups (128 tokens per key group, 128 channels per value group) at D = Dv = 128 a quantized token
+// of one head takes, in bytes, int8: 2 * 128 + 2 * 4 * 128 / 128 + 2 * 4 = 272 (0.53 x f16's 512),
+// int4: 2 * 64 + 8 + 8 = 144 (0.28 x f16), plus the f32 residual window.
+//
+// Errors: every public call validates its arguments and throws mnemo::error naming the argument,
+// what was expected and what it got, before changing anything.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "mnemo/core/dtype.hpp"
+#include "mnemo/core/error.hpp"
+#include "mnemo/core/tensor.hpp"
+#include "mnemo/kvcache/quant.hpp"
+#include "mnemo/kvcache/selection.hpp"
+#include "mnemo/simd/load.hpp"
+
+namespace mnemo::kvcache {
+
+// How K and V are stored.
+enum class storage { f32, f16, bf16, int8, int4 };
+
+inline const char* storage_name(storage s) {
+  switch (s) {
+    case storage::f32: return "f32";
+    case storage::f16: return "f16";
+    case storage::bf16: return "bf16";
+    case storage::int8: return "int8";
+    case storage::int4: return "int4";
+  }
+  return "?";
+}
+
+inline bool is_quantized(storage s) { return s == storage::int8 || s == storage::int4; }
+
+// Bits per code of a quantized kind (0 for f32 / f16 / bf16).
+inline int storage_bits(storage s) { return s == storage::int8 ? 8 : s == storage::int4 ? 4 : 0; }
+
+// The storage kind of a K/V element type.
+template <class T>
+inline constexpr storage storage_of = std::is_same_v<T, float> ? storage::f32
+                                      : std::is_same_v<T, f16> ? storage::f16
+                                                               : storage::bf16;
+
+// Every storage kind, for loops in tests, benchmarks and examples.
+inline constexpr storage all_storages[] = {storage::f32, storage::f16, storage::bf16, storage::int8, storage::int4};
+
+// Grouping of the quantized kinds (ignored by f32 / f16 / bf16).
+struct quant_options {
+  std::int64_t key_group = 128;    // tokens per key group (one scale/min per channel per group)
+  std::int64_t value_group = 128;  // channels per value group of a token; a multiple of 16, or >= Dv
+  std::int64_t residual = 128;     // f32 window of recent tokens; >= key_group
+};
+
+struct cache_config {
+  storage kind = storage::f32;
+  std::int64_t Hkv = 1;
+  std::int64_t capacity = 0;  // slots per kv head
+  std::int64_t D = 0;         // key head dim
+  std::int64_t Dv = 0;        // value head dim; 0: D
+  quant_options quant = {};
+};
+
+class layer_cache {
+ public:
+  // SIMD width the value groups must be a multiple of, so that no batch straddles two groups.
+  static constexpr std::int64_t value_group_multiple = 16;
+
+  layer_cache() = default;
+
+  explicit layer_cache(const cache_config& cfg) : cfg_(cfg) {
+    constexpr const char* fn = "kvcache::layer_cache";
+    using detail::require;
+    if (cfg_.Dv == 0) cfg_.Dv = cfg_.D;
+    require(cfg_.Hkv >= 1, fn, ": config.Hkv must be >= 1, got ", cfg_.Hkv);
+    require(cfg_.capacity >= 1, fn, ": config.capacity must be >= 1, got ", cfg_.capacity);
+    require(cfg_.D >= 1 && cfg_.Dv >= 1, fn, ": config.D and config.Dv must be >= 1, got D=", cfg_.D, ", Dv=", cfg_.Dv);
+    const std::int64_t H = cfg_.Hkv, C = cfg_.capacity, D = cfg_.D, Dv = cfg_.Dv;
+    length_.assign(static_cast<std::size_t>(H), 0);
+    qlength_.assign(static_cast<std::size_t>(H), 0);
+    pos_ = tensor<std::int64_t, 2>({H, C});
+    rot_ = tensor<std::int64_t, 2>({H, C});
+    switch (cfg_.kind) {
+      case storage::f32: kf_ = tensor<float, 3>({H, C, D}), vf_ = tensor<float, 3>({H, C, Dv}); break;
+      case storage::f16: kh_ = tensor<f16, 3>({H, C, D}), vh_ = tensor<f16, 3>({H, C, Dv}); break;
+      case storage::bf16: kb_ = tensor<bf16, 3>({H, C, D}), vb_ = tensor<bf16, 3>({H, C, Dv}); break;
+      case storage::int8:
+      case storage::int4: {
+        const quant_options& q = cfg_.quant;
+        require(q.key_group >= 1, fn, ": config.quant.key_group must be >= 1, got ", q.key_group);
+        require(q.residual >= q.key_group, fn, ": config.quant.residual must be >= key_group (", q.key_group,
+                "), got ", q.residual);
+        require(q.value_group >= 1 && (q.value_group % value_group_multiple == 0 || q.value_group >= Dv), fn,
+                ": config.quant.value_group must be a multiple of ", value_group_multiple, " or >= Dv (", Dv,
+                "), got ", q.value_group);
+        const int bits = storage_bits(cfg_.kind);
+        kcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, D)});
+        vcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, Dv)});
+        vscale_ = tensor<float, 3>({H, value_groups(), C});
+        vmin_ = tensor<float, 3>({H, value_groups(), C});
+        rk_ = tensor<float, 3>({H, q.residual, D});
+        rv_ = tensor<float, 3>({H, q.residual, Dv});
+        kscale_.assign(static_cast<std::size_t>(H), {});
+        kmin_.assign(static_cast<std::size_t>(H), {});
+        glen_.assign(static_cast<std::size_t>(H), {});
+        break;
+      }
+      default: detail::fail(fn, ": config.kind is not a storage kind: ", static_cast<int>(cfg_.kind));
+    }
+  }
+
+  // ---- sizes --------------------------------------------------------------------------------
+  storage kind() const { return cfg_.kind; }
+  const cache_config& config() const { return cfg_; }
+  std::int64_t num_heads() const { return cfg_.Hkv; }
+  std::int64_t capacity() const { return cfg_.capacity; }
+  std::int64_t head_dim() const { return cfg_.D; }
+  std::int64_t value_dim() const { return cfg_.Dv; }
+  std::int64_t length(std::int64_t h) const { return length_[check_head("kvcache::layer_cache::length", h)]; }
+  const std::vector<std::int64_t>& lengths() const { return length_; }
+  std::int64_t max_length() const { return *std::max_element(length_.begin(), length_.end()); }
+  std::int64_t total_length() const {
+    std::int64_t n = 0;
+    for (std::int64_t l : length_) n += l;
+    return n;
+  }
+  // Position the next append without explicit positions gives its first token.
+  std::int64_t next_position() const { return next_position_; }
+
+  // Original positions of head h's slots [length(h)].
+  std::span<const std::int64_t> positions(std::int64_t h) const {
+    const std::size_t i = check_head("kvcache::layer_cache::positions", h);
+    return {pos_.data() + h * cfg_.capacity, static_cast<std::size_t>(length_[i])};
+  }
+  // Positions the keys of head h are rotated to [length(h)] (kvcache/rope.hpp).
+  std::span<const std::int64_t> rotary_positions(std::int64_t h) const {
+    const std::size_t i = check_head("kvcache::layer_cache::rotary_positions", h);
+    return {rot_.data() + h * cfg_.capacity, static_cast<std::size_t>(length_[i])};
+  }
+
+  // ---- append -------------------------------------------------------------------------------
+
+  // Appends n tokens to every kv head at positions next_position() .. + n.
+  template <class Arch = simd::default_arch>
+  void append(view<const float, 3> k,  // [Hkv, n, D]
+              view<const float, 3> v) {  // [Hkv, n, Dv]
+    std::vector<std::int64_t> p(static_cast<std::size_t>(k.empty() ? 0 : k.extent(1)));
+    for (std::size_t i = 0; i < p.size(); ++i) p[i] = next_position_ + static_cast<std::int64_t>(i);
+    append<Arch>(k, v, p);
+  }
+
+  // Appends n tokens with the given original positions to every kv head.
+  template <class Arch = simd::default_arch>
+  void append(view<const float, 3> k,  // [Hkv, n, D]
+              view<const float, 3> v,  // [Hkv, n, Dv]
+              std::span<const std::int64_t> positions) {  // [n]
+    constexpr const char* fn = "kvcache::layer_cache::append";
+    using detail::require;
+    require(!k.empty() && !v.empty(), fn, ": k and v must be non-empty views");
+    const std::int64_t n = k.extent(1);
+    detail::require_shape(fn, "k", k, {cfg_.Hkv, n, cfg_.D}, " [Hkv, n, D] (Hkv, D from the cache)");
+    detail::require_shape(fn, "v", v, {cfg_.Hkv, n, cfg_.Dv}, " [Hkv, n, Dv] (n from k)");
+    require(static_cast<std::int64_t>(positions.size()) == n, fn, ": positions must have n = ", n,
+            " entries, got ", positions.size());
+    for (std::int64_t h = 0; h < cfg_.Hkv; ++h)
+      require(length_[static_cast<std::size_t>(h)] + n <= cfg_.capacity, fn, ": kv head ", h, " holds ",
+              length_[static_cast<std::size_t>(h)], " tokens; ", n, " more exceed the capacity ", cfg_.capacity,
+              " (compact first)");
+    if (is_quantized(cfg_.kind)) require_finite(fn, k, v);
+    if (n == 0) return;
+    for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
+      for (std::int64_t t = 0; t < n; ++t) {
+        const std::int64_t slot = length_[static_cast<std::size_t>(h)];
+        pos_(h, slot) = positions[static_cast<std::size_t>(t)];
+        rot_(h, slot) = positions[static_cast<std::size_t>(t)];
+        write_slot<Arch>(h, slot, k.ptr(h, t), v.ptr(h, t));
+        ++length_[static_cast<std::size_t>(h)];
+        if (is_quantized(cfg_.kind) && residual_length(h) == cfg_.quant.residual) flush<Arch>(h);
+      }
+    }
+    next_position_ = std::max(next_position_, *std::max_element(positions.begin(), positions.end()) + 1);
+  }
+
+  // Empties every head (the allocation stays).
+  void clear() {
+    std::fill(length_.begin(), length_.end(), 0);
+    std::fill(qlength_.begin(), qlength_.end(), 0);
+    for (auto& g : glen_) g.clear();
+    for (auto& s : kscale_) s.clear();
+    for (auto& s : kmin_) s.clear();
+    next_position_ = 0;
+  }
+
+  // ---- gather -------------------------------------------------------------------------------
+
+  // Rows i of k and v: the (dequantized) key and value of head h's slot slots[i].
+  template <class Arch = simd::default_arch>
+  void gather(std::int64_t h, std::span<const std::int64_t> slots,
+              view<float, 2> k,        // [n, D]
+              view<float, 2> v) const {  // [n, Dv]
+    constexpr const char* fn = "kvcache::layer_cache::gather";
+    const std::size_t hi = check_head(fn, h);
+    const std::int64_t n = static_cast<std::int64_t>(slots.size());
+    detail::require(!k.empty() && !v.empty(), fn, ": k and v must be non-empty views");
+    detail::require_shape(fn, "k", k, {n, cfg_.D}, " [slots.size(), D]");
+    detail::require_shape(fn, "v", v, {n, cfg_.Dv}, " [slots.size(), Dv]");
+    for (std::int64_t i = 0; i < n; ++i)
+      detail::require(slots[static_cast<std::size_t>(i)] >= 0 && slots[static_cast<std::size_t>(i)] < length_[hi], fn,
+                      ": slots[", i, "] must be in [0, ", length_[hi], ") (length of head ", h, "), got ",
+                      slots[static_cast<std::size_t>(i)]);
+    std::vector<std::int64_t> start = group_starts(h);
+    for (std::int64_t i = 0; i < n; ++i) read_slot<Arch>(h, slots[static_cast<std::size_t>(i)], start, k.ptr(i), v.ptr(i));
+  }
+
+  // Every head's keys, dequantized: [Hkv, max_length(), D], rows past length(h) zero.
+  template <class Arch = simd::default_arch>
+  tensor<float, 3> keys() const {
+    return dense_copy<Arch>(true);
+  }
+  // Every head's values, dequantized: [Hkv, max_length(), Dv], rows past length(h) zero.
+  template <class Arch = simd::default_arch>
+  tensor<float, 3> values() const {
+    return dense_copy<Arch>(false);
+  }
+
+  // ---- compaction ---------------------------------------------------------------------------
+
+  // Keeps, in every head h, exactly the slots sel.heads[h] (ascending), moved to the front in
+  // order; their keys, values, positions (and quantization groups) move together.
+  void compact(const selection& sel) {
+    validate("kvcache::layer_cache::compact", sel, length_);
+    for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
+      const auto& kept = sel.heads[static_cast<std::size_t>(h)];
+      if (is_quantized(cfg_.kind)) compact_quantized(h, kept);
+      else
+        for (std::size_t i = 0; i < kept.size(); ++i) move_slot(h, kept[i], static_cast<std::int64_t>(i));
+      length_[static_cast<std::size_t>(h)] = static_cast<std::int64_t>(kept.size());
+    }
+  }
+
+  // ---- rewriting keys (kvcache/rope.hpp re-rotation) ------------------------------------------
+
+  // Replaces every key of head h by k [length(h), D] and records the positions they are rotated to.
+  // Quantized kinds requantize each key group with its own range (one more rounding of scale / 2).
+  template <class Arch = simd::default_arch>
+  void set_keys(std::int64_t h, view<const float, 2> k,  // [length(h), D]
+                std::span<const std::int64_t> rotary) {  // [length(h)]
+    constexpr const char* fn = "kvcache::layer_cache::set_keys";
+    const std::size_t hi = check_head(fn, h);
+    detail::require(!k.empty() || length_[hi] == 0, fn, ": k must be a non-empty view");
+    if (length_[hi] == 0) return;
+    detail::require_shape(fn, "k", k, {length_[hi], cfg_.D}, " [length(h), D]");
+    detail::require(static_cast<std::int64_t>(rotary.size()) == length_[hi], fn, ": rotary must have length(h) = ",
+                    length_[hi], " entries, got ", rotary.size());
+    if (is_quantized(cfg_.kind))
+      for (std::int64_t j = 0; j < length_[hi]; ++j)
+        for (std::int64_t c = 0; c < cfg_.D; ++c)
+          detail::require(std::isfinite(k(j, c)), fn, ": k must be finite for quantized storage, got ", k(j, c),
+                          " at [", j, ", ", c, "]");
+    for (std::int64_t j = 0; j < length_[hi]; ++j) rot_(h, j) = rotary[static_cast<std::size_t>(j)];
+    switch (cfg_.kind) {
+      case storage::f32: set_dense_keys<Arch>(kf_, h, k); break;
+      case storage::f16: set_dense_keys<Arch>(kh_, h, k); break;
+      case storage::bf16: set_dense_keys<Arch>(kb_, h, k); break;
+      default: {
+        const int bits = storage_bits(cfg_.kind);
+        std::int64_t s = 0;
+        for (std::size_t g = 0; g < glen_[hi].size(); ++g) {
+          quant::reference::quantize_channels(k.ptr(s), k.stride(0), glen_[hi][g], cfg_.D, bits,
+                                              kcodes_.data() + slot_offset(kcodes_, h, s), kcodes_.extent(2),
+                                              kscale_[hi].data() + g * cfg_.D, kmin_[hi].data() + g * cfg_.D);
+          s += glen_[hi][g];
+        }
+        for (std::int64_t j = s; j < length_[hi]; ++j) std::memcpy(&rk_(h, j - s, 0), k.ptr(j), cfg_.D * sizeof(float));
+      }
+    }
+  }
+
+  // ---- memory -------------------------------------------------------------------------------
+
+  // Bytes the stored tokens occupy (see the header: codes, scales, minimums, residual rows).
+  std::int64_t bytes() const {
+    std::int64_t total = 0;
+    for (std::int64_t h = 0; h < cfg_.Hkv; ++h) total += head_bytes(h);
+    return total;
+  }
+  // Bytes of head h's tokens.
+  std::int64_t head_bytes(std::int64_t h) const {
+    const std::size_t hi = check_head("kvcache::layer_cache::head_bytes", h);
+    const std::int64_t D = cfg_.D, Dv = cfg_.Dv, len = length_[hi];
+    constexpr auto f = static_cast<std::int64_t>(sizeof(float));
+    switch (cfg_.kind) {
+      case storage::f32: return len * (D + Dv) * f;
+      case storage::f16:
+      case storage::bf16: return len * (D + Dv) * static_cast<std::int64_t>(sizeof(f16));
+      default: {
+        const std::int64_t nq = qlength_[hi], groups = static_cast<std::int64_t>(glen_[hi].size());
+        return nq * (kcodes_.extent(2) + vcodes_.extent(2) + 2 * value_groups() * f) + groups * 2 * D * f +
+               (len - nq) * (D + Dv) * f;
+      }
+    }
+  }
+  // Bytes allocated for K/V (at full capacity, with the quantized kinds' key groups counted as
+  // allocated so far), excluding positions.
+  std::int64_t allocated_bytes() const {
+    std::int64_t groups = 0;
+    for (const auto& s : kscale_) groups += static_cast<std::int64_t>(s.capacity()) * 2;
+    return static_cast<std::int64_t>(kf_.bytes() + vf_.bytes() + kh_.bytes() + vh_.bytes() + kb_.bytes() + vb_.bytes() +
+                                     kcodes_.bytes() + vcodes_.bytes() + vscale_.bytes() + vmin_.bytes() + rk_.bytes() +
+                                     rv_.bytes()) +
+           groups * static_cast<std::int64_t>(sizeof(float));
+  }
+
+  // ---- raw storage, for kernels (kvcache/decode.hpp) -------------------------------------------
+
+  // f32 / f16 / bf16: K [Hkv, capacity, D], V [Hkv, capacity, Dv]; throws unless kind() stores T.
+  template <class T>
+  view<const T, 3> dense_keys() const {
+    require_kind<T>("kvcache::layer_cache::dense_keys");
+    return dense<T>(true).as_view();
+  }
+  template <class T>
+  view<const T, 3> dense_values() const {
+    require_kind<T>("kvcache::layer_cache::dense_values");
+    return dense<T>(false).as_view();
+  }
+
+  // int8 / int4 (empty views and spans otherwise).
+  std::int64_t quantized_length(std::int64_t h) const {
+    return qlength_[check_head("kvcache::layer_cache::quantized_length", h)];
+  }
+  std::int64_t residual_length(std::int64_t h) const { return length(h) - quantized_length(h); }
+  std::int64_t value_groups() const { return (cfg_.Dv + cfg_.quant.value_group - 1) / cfg_.quant.value_group; }
+  view<const std::uint8_t, 3> key_codes() const { return kcodes_.as_view(); }    // [Hkv, capacity, row_bytes(D)]
+  view<const std::uint8_t, 3> value_codes() const { return vcodes_.as_view(); }  // [Hkv, capacity, row_bytes(Dv)]
+  view<const float, 3> value_scales() const { return vscale_.as_view(); }        // [Hkv, value_groups, capacity]
+  view<const float, 3> value_mins() const { return vmin_.as_view(); }            // [Hkv, value_groups, capacity]
+  view<const float, 3> residual_keys() const { return rk_.as_view(); }           // [Hkv, residual, D]
+  view<const float, 3> residual_values() const { return rv_.as_view(); }         // [Hkv, residual, Dv]
+  // Lengths of head h's key groups (they tile [0, quantized_length(h)) in order).
+  std::span<const std::int64_t> key_group_lengths(std::int64_t h) const {
+    return glen_.empty() ? std::span<const std::int64_t>{} : glen_[check_head("kvcache::layer_cache::key_group_lengths", h)];
+  }
+  // Per key group, per channel: [groups, D] row-major.
+  std::span<const float> key_scales(std::int64_t h) const {
+    return kscale_.empty() ? std::span<const float>{} : kscale_[check_head("kvcache::layer_cache::key_scales", h)];
+  }
+  std::span<const float> key_mins(std::int64_t h) const {
+    return kmin_.empty() ? std::span<const float>{} : kmin_[check_head("kvcache::layer_cache::key_mins", h)];
+  }
+
+ private:
+  std::size_t check_head(const char* fn, std::int64_t h) const {
+    detail::require(h >= 0 && h < cfg_.Hkv, fn, ": kv head h must be in [0, ", cfg_.Hkv, "), got ", h);
+    return static_cast<std::size_t>(h);
+  }
+
+  template <class T>
+  void require_kind(const char* fn) const {
+    detail::require(cfg_.kind == storage_of<T> && !is_quantized(cfg_.kind), fn, ": the cache stores ",
+                    storage_name(cfg_.kind), ", not ", storage_name(storage_of<T>));
+  }
+
+  template <class T>
+  const tensor<T, 3>& dense(bool key) const {
+    if constexpr (std::is_same_v<T, float>) return key ? kf_ : vf_;
+    else if constexpr (std::is_same_v<T, f16>) return key ? kh_ : vh_;
+    else return key ? kb_ : vb_;
+  }
+  template <class T>
+  tensor<T, 3>& dense(bool key) {
+    return const_cast<tensor<T, 3>&>(static_cast<const layer_cache*>(this)->dense<T>(key));
+  }
+
+  template <class T>
+  static std::int64_t slot_offset(const tensor<T, 3>& t, std::int64_t h, std::int64_t slot) {
+    return (h * t.extent(1) + slot) * t.extent(2);
+  }
+
+  static void require_finite(const char* fn, view<const float, 3> k, view<const float, 3> v) {
+    for (int which = 0; which < 2; ++which) {
+      const view<const float, 3>& x = which ? v : k;
+      for (std::int64_t h = 0; h < x.extent(0); ++h)
+        for (std::int64_t t = 0; t < x.extent(1); ++t)
+          for (std::int64_t c = 0; c < x.extent(2); ++c)
+            if (!std::isfinite(x(h, t, c)))
+              detail::fail(fn, ": ", which ? "v" : "k", " must be finite for quantized storage, got ", x(h, t, c),
+                           " at [", h, ", ", t, ", ", c, "]");
+    }
+  }
+
+  // Start slot of every key group of head h, plus quantized_length(h) at the end.
+  std::vector<std::int64_t> group_starts(std::int64_t h) const {
+    std::vector<std::int64_t> start(1, 0);
+    if (!glen_.empty())
+      for (std::int64_t l : glen_[static_cast<std::size_t>(h)]) start.push_back(start.back() + l);
+    return start;
+  }
+
+  // A new token's k [D], v [Dv] into `slot` (the next one) of head h.
+  template <class Arch>
+  void write_slot(std::int64_t h, std::int64_t slot, const float* k, const float* v) {
+    const std::int64_t D = cfg_.D, Dv = cfg_.Dv;
+    auto put = [&]<class T>(tensor<T, 3>& kt, tensor<T, 3>& vt) {
+      simd::convert<Arch>(k, kt.data() + slot_offset(kt, h, slot), D);
+      simd::convert<Arch>(v, vt.data() + slot_offset(vt, h, slot), Dv);
+    };
+    switch (cfg_.kind) {
+      case storage::f32: put(kf_, vf_); break;
+      case storage::f16: put(kh_, vh_); break;
+      case storage::bf16: put(kb_, vb_); break;
+      default: {
+        const std::int64_t r = slot - qlength_[static_cast<std::size_t>(h)];
+        std::memcpy(&rk_(h, r, 0), k, D * sizeof(float));
+        std::memcpy(&rv_(h, r, 0), v, Dv * sizeof(float));
+      }
+    }
+  }
+
+  // The oldest key_group residual tokens of head h become one quantized group.
+  template <class Arch>
+  void flush(std::int64_t h) {
+    const std::size_t hi = static_cast<std::size_t>(h);
+    const std::int64_t G = cfg_.quant.key_group, D = cfg_.D, Dv = cfg_.Dv, nq = qlength_[hi];
+    const std::int64_t VG = cfg_.quant.value_group;
+    kscale_[hi].resize(kscale_[hi].size() + static_cast<std::size_t>(D));
+    kmin_[hi].resize(kmin_[hi].size() + static_cast<std::size_t>(D));
+    glen_[hi].push_back(G);
+    const bool int8 = cfg_.kind == storage::int8;
+    const int bits = storage_bits(cfg_.kind);
+    quant::reference::quantize_channels(&rk_(h, 0, 0), D, G, D, bits, kcodes_.data() + slot_offset(kcodes_, h, nq),
+                                        kcodes_.extent(2), kscale_[hi].data() + kscale_[hi].size() - D,
+                                        kmin_[hi].data() + kmin_[hi].size() - D);
+    const std::int64_t NG = value_groups();
+    std::vector<float> scale(static_cast<std::size_t>(NG)), min(static_cast<std::size_t>(NG));
+    for (std::int64_t t = 0; t < G; ++t) {
+      std::uint8_t* codes = vcodes_.data() + slot_offset(vcodes_, h, nq + t);
+      if (int8) quant::quantize_token<Arch, 8>(&rv_(h, t, 0), Dv, VG, codes, scale.data(), min.data());
+      else quant::quantize_token<Arch, 4>(&rv_(h, t, 0), Dv, VG, codes, scale.data(), min.data());
+      for (std::int64_t g = 0; g < NG; ++g) {
+        vscale_(h, g, nq + t) = scale[static_cast<std::size_t>(g)];
+        vmin_(h, g, nq + t) = min[static_cast<std::size_t>(g)];
+      }
+    }
+    const std::int64_t rest = length_[hi] - nq - G;
+    std::memmove(&rk_(h, 0, 0), &rk_(h, G, 0), static_cast<std::size_t>(rest * D) * sizeof(float));
+    std::memmove(&rv_(h, 0, 0), &rv_(h, G, 0), static_cast<std::size_t>(rest * Dv) * sizeof(float));
+    qlength_[hi] = nq + G;
+  }
+
+  // Head h's slot into k [D], v [Dv] as f32; start = group_starts(h).
+  template <class Arch>
+  void read_slot(std::int64_t h, std::int64_t slot, const std::vector<std::int64_t>& start, float* k, float* v) const {
+    const std::int64_t D = cfg_.D, Dv = cfg_.Dv;
+    auto get = [&]<class T>(const tensor<T, 3>& kt, const tensor<T, 3>& vt) {
+      simd::convert<Arch>(kt.data() + slot_offset(kt, h, slot), k, D);
+      simd::convert<Arch>(vt.data() + slot_offset(vt, h, slot), v, Dv);
+    };
+    switch (cfg_.kind) {
+      case storage::f32: get(kf_, vf_); break;
+      case storage::f16: get(kh_, vh_); break;
+      case storage::bf16: get(kb_, vb_); break;
+      default: {
+        const std::size_t hi = static_cast<std::size_t>(h);
+        const std::int64_t nq = qlength_[hi];
+        if (slot >= nq) {
+          std::memcpy(k, &rk_(h, slot - nq, 0), D * sizeof(float));
+          std::memcpy(v, &rv_(h, slot - nq, 0), Dv * sizeof(float));
+          return;
+        }
+        const int bits = storage_bits(cfg_.kind);
+        const auto g = static_cast<std::int64_t>(std::upper_bound(start.begin(), start.end(), slot) - start.begin()) - 1;
+        quant::reference::dequantize_channels(kcodes_.data() + slot_offset(kcodes_, h, slot), D, bits,
+                                              kscale_[hi].data() + g * D, kmin_[hi].data() + g * D, k);
+        const std::uint8_t* codes = vcodes_.data() + slot_offset(vcodes_, h, slot);
+        const std::int64_t VG = cfg_.quant.value_group;
+        for (std::int64_t c = 0; c < Dv; ++c)  // reference::dequantize_token with this slot's [NG] column
+          v[c] = quant::decode_value(quant::get_code(codes, bits, c), vmin_(h, c / VG, slot), vscale_(h, c / VG, slot));
+      }
+    }
+  }
+
+  template <class Arch>
+  tensor<float, 3> dense_copy(bool key) const {
+    const std::int64_t W = key ? cfg_.D : cfg_.Dv;
+    tensor<float, 3> out({cfg_.Hkv, max_length(), W});
+    std::vector<float> other(static_cast<std::size_t>(key ? cfg_.Dv : cfg_.D));
+    for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
+      const std::vector<std::int64_t> start = group_starts(h);
+      for (std::int64_t j = 0; j < length_[static_cast<std::size_t>(h)]; ++j) {
+        float* row = &out(h, j, 0);
+        if (key) read_slot<Arch>(h, j, start, row, other.data());
+        else read_slot<Arch>(h, j, start, other.data(), row);
+      }
+    }
+    return out;
+  }
+
+  // Dense kinds: slot `from` of head h to slot `to` <= from (rows never overlap).
+  void move_slot(std::int64_t h, std::int64_t from, std::int64_t to) {
+    if (from == to) return;
+    pos_(h, to) = pos_(h, from);
+    rot_(h, to) = rot_(h, from);
+    auto mv = [&]<class T>(tensor<T, 3>& t) {
+      std::memcpy(t.data() + slot_offset(t, h, to), t.data() + slot_offset(t, h, from),
+                  static_cast<std::size_t>(t.extent(2)) * sizeof(T));
+    };
+    switch (cfg_.kind) {
+      case storage::f32: mv(kf_), mv(vf_); break;
+      case storage::f16: mv(kh_), mv(vh_); break;
+      case storage::bf16: mv(kb_), mv(vb_); break;
+      default:
+        mv(kcodes_), mv(vcodes_);
+        for (std::int64_t g = 0; g < vscale_.extent(1); ++g) {
+          vscale_(h, g, to) = vscale_(h, g, from);
+          vmin_(h, g, to) = vmin_(h, g, from);
+        }
+    }
+  }
+
+  // Quantized kinds: kept slots of each key group stay in that group (its scale/min unchanged);
+  // empty groups are dropped; kept residual rows move to the front of the residual window.
+  void compact_quantized(std::int64_t h, const std::vector<std::int64_t>& kept) {
+    const std::size_t hi = static_cast<std::size_t>(h);
+    const std::int64_t D = cfg_.D, nq = qlength_[hi];
+    std::size_t i = 0;
+    std::int64_t dst = 0, start = 0, groups = 0;
+    for (std::size_t g = 0; g < glen_[hi].size(); ++g) {
+      const std::int64_t end = start + glen_[hi][g];
+      std::int64_t count = 0;
+      for (; i < kept.size() && kept[i] < end; ++i, ++count) move_slot(h, kept[i], dst++);
+      if (count > 0) {
+        if (groups != static_cast<std::int64_t>(g)) {
+          std::memcpy(kscale_[hi].data() + groups * D, kscale_[hi].data() + g * D, D * sizeof(float));
+          std::memcpy(kmin_[hi].data() + groups * D, kmin_[hi].data() + g * D, D * sizeof(float));
+        }
+        glen_[hi][static_cast<std::size_t>(groups++)] = count;
+      }
+      start = end;
+    }
+    glen_[hi].resize(static_cast<std::size_t>(groups));
+    kscale_[hi].resize(static_cast<std::size_t>(groups * D));
+    kmin_[hi].resize(static_cast<std::size_t>(groups * D));
+    qlength_[hi] = dst;
+    for (std::int64_t r = 0; i < kept.size(); ++i, ++r) {  // residual slots: row kept[i] - nq -> row r
+      const std::int64_t from = kept[i] - nq, to_slot = dst + r;
+      pos_(h, to_slot) = pos_(h, kept[i]);
+      rot_(h, to_slot) = rot_(h, kept[i]);
+      if (from != r) {
+        std::memcpy(&rk_(h, r, 0), &rk_(h, from, 0), D * sizeof(float));
+        std::memcpy(&rv_(h, r, 0), &rv_(h, from, 0), cfg_.Dv * sizeof(float));
+      }
+    }
+  }
+
+  template <class Arch, class T>
+  void set_dense_keys(tensor<T, 3>& kt, std::int64_t h, view<const float, 2> k) {
+    for (std::int64_t j = 0; j < k.extent(0); ++j) simd::convert<Arch>(k.ptr(j), kt.data() + slot_offset(kt, h, j), cfg_.D);
+  }
+
+  cache_config cfg_{};
+  std::vector<std::int64_t> length_, qlength_;  // [Hkv] tokens held, of which quantized
+  std::int64_t next_position_ = 0;
+  tensor<std::int64_t, 2> pos_, rot_;  // [Hkv, capacity]
+  tensor<float, 3> kf_, vf_;
+  tensor<f16, 3> kh_, vh_;
+  tensor<bf16, 3> kb_, vb_;
+  tensor<std::uint8_t, 3> kcodes_, vcodes_;               // [Hkv, capacity, row bytes]
+  tensor<float, 3> vscale_, vmin_;                        // [Hkv, value_groups, capacity]
+  tensor<float, 3> rk_, rv_;                              // [Hkv, residual, D / Dv]
+  std::vector<std::vector<float>> kscale_, kmin_;         // [Hkv][groups * D]
+  std::vector<std::vector<std::int64_t>> glen_;           // [Hkv][groups]
+};
+
+// The caches of every layer of a model (one layer_cache each, the same configuration).
+class cache {
+ public:
+  cache() = default;
+  cache(std::int64_t layers, const cache_config& cfg) {
+    detail::require(layers >= 1, "kvcache::cache: layers must be >= 1, got ", layers);
+    layers_.reserve(static_cast<std::size_t>(layers));
+    for (std::int64_t l = 0; l < layers; ++l) layers_.emplace_back(cfg);
+  }
+  std::int64_t num_layers() const { return static_cast<std::int64_t>(layers_.size()); }
+  layer_cache& layer(std::int64_t l) { return layers_[check(l)]; }
+  const layer_cache& layer(std::int64_t l) const { return layers_[check(l)]; }
+  layer_cache& operator[](std::int64_t l) { return layer(l); }
+  const layer_cache& operator[](std::int64_t l) const { return layer(l); }
+  std::int64_t bytes() const {
+    std::int64_t b = 0;
+    for (const auto& c : layers_) b += c.bytes();
+    return b;
+  }
+
+ private:
+  std::size_t check(std::int64_t l) const {
+    detail::require(l >= 0 && l < num_layers(), "kvcache::cache::layer: l must be in [0, ", num_layers(), "), got ", l);
+    return static_cast<std::size_t>(l);
+  }
+  std::vector<layer_cache> layers_;
+};
+
+}  // namespace mnemo::kvcache
