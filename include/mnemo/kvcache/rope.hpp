@@ -51,7 +51,7 @@ inline std::int64_t rotary_dim(const char* fn, const rope& r, std::int64_t D) {
 }
 
 // Channels (a, b) of pair i.
-inline std::int64_t first(rope_layout l, std::int64_t dim, std::int64_t i) { return l == rope_layout::interleaved ? 2 * i : i; }
+inline std::int64_t first(rope_layout l, std::int64_t /*dim*/, std::int64_t i) { return l == rope_layout::interleaved ? 2 * i : i; }
 inline std::int64_t second(rope_layout l, std::int64_t dim, std::int64_t i) {
   return l == rope_layout::interleaved ? 2 * i + 1 : i + dim / 2;
 }
