@@ -9,8 +9,18 @@
 //   linear/<form>/op:<op>/L:<L>/D:128/threads:1      full only, L in {1, 2, 4, 8}: where the chunked
 //                                                    form overtakes the recurrent one
 //                                                    (linear::recurrent_below)
-//   linear/chunked/op:<op>/L:8192/D:128/chunk:<C>/threads:1   full only, C in {8, 16, 32, 64, 128}:
+//   linear/chunked/op:<op>/L:8192/D:128/chunk:<C>/threads:1   full only, C in {8, 16, 24, 32, 48, 64, 128}:
 //                                                    the default chunk sizes
+//   linear/reference/op:<op>/L:<L>/D:128/threads:<t> the readable double-precision recurrence
+//                                                    (linear::reference::<op>, the one the tests trust) at
+//                                                    the same shape: `--baseline reference`
+//   linear/step/op:<op>/B:<B>/H:32/D:128/threads:<t>  one decoding step (<op>_step: state update and
+//                                                    output for one token) over a [B, 32, 128, 128] f32
+//                                                    state, B in {1, 8} (2 MiB: cache-resident here;
+//                                                    16 MiB: past L2)
+//   linear/rmw_pass/B:<B>/H:32/D:128/threads:<t>     one plain read-modify-write pass S = a S + b over the
+//                                                    same state memory: the floor of a step. Compare with
+//                                                    `bench/plot --baseline rmw_pass --ignore-for-baseline kv,op`
 //   linear_vs_flash/<op>/L:<L>/D:128/threads:<t>     the chunked form of each op over a sweep of L
 //                                                    (small: 1024, 4096; full: 1024 to 65536, x4)
 //   linear_vs_flash/flash/L:<L>/D:128/threads:<t>    causal softmax attention (attention::flash) at the
@@ -30,7 +40,14 @@
 //     (Q K^T and P U) + n (n - 1) (Dk + Dv) (the strict triangle of K K^T and the unit-triangular
 //     solve on Dv columns).
 // Decay tables, exps, feature maps, L2 norms and GLA's element-wise sub-block terms are not
-// counted. Flash rows count 2 (D + Dv) per visible (query, key) pair and head, as every prefill row
+// counted. Only the causal triangle counts, although the kernels compute the scores of whole
+// micro-kernel row blocks: the count is the algorithm's, not the hardware's. The recurrent form
+// does 4 Dk Dv FLOPs per token and head (linear attention and the scalar-gated members: the state
+// update and the read; the delta rules 6 Dk Dv with their extra state read), the chunked one
+// 4 Dk Dv + (n + 1)(Dk + Dv), so the chunked form's speed-up over the recurrent one is at most
+// its FLOP rate over the recurrent one's, times 4 Dk Dv / (4 Dk Dv + (n + 1)(Dk + Dv)) (0.89 at
+// chunk 32). Step and rmw_pass rows count `bytes/s` = the state read and written once,
+// 2 x 4 B H Dk Dv per iteration. Flash rows count 2 (D + Dv) per visible (query, key) pair and head, as every prefill row
 // (bench/README.md). `%sgemm` in the plot is then the share of the machine's GEMM peak.
 #include <algorithm>
 #include <cstdint>
@@ -46,6 +63,7 @@
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
 #include "mnemo/linear/simple_gla.hpp"
+#include "mnemo/simd/simd.hpp"
 
 namespace mnemo::bench {
 namespace {
@@ -118,6 +136,20 @@ struct linear_inputs {
       case op::gated_delta_rule: linear::gated_delta_rule(q, k, v, g, beta, o, state, opt); break;
     }
   }
+  // The same call through linear::reference.
+  void run_reference(op which, linear::options opt) {
+    std::fill(state.begin(), state.end(), 0.0f);
+    opt.use_qk_l2norm = is_delta(which);
+    namespace ref = linear::reference;
+    switch (which) {
+      case op::linear_attn: ref::linear_attn(q, k, v, o, state, opt); break;
+      case op::retention: ref::retention(q, k, v, gamma, o, state, opt); break;
+      case op::simple_gla: ref::simple_gla(q, k, v, g, o, state, opt); break;
+      case op::gla: ref::gla(q, k, v, gk, o, state, opt); break;
+      case op::delta_rule: ref::delta_rule(q, k, v, beta, o, state, opt); break;
+      case op::gated_delta_rule: ref::gated_delta_rule(q, k, v, g, beta, o, state, opt); break;
+    }
+  }
 };
 
 // The chunked algorithm's FLOPs (header comment), per head, over L tokens in chunks of C.
@@ -164,6 +196,107 @@ void linear_row(benchmark::State& state, op which, linear::form form, std::int64
   set_linear_counters(state, which, form, L, chunk > 0 ? chunk : default_chunk(which), threads);
 }
 
+void reference_row(benchmark::State& state, op which, std::int64_t L, int threads) {
+  if (!threads_available(state, threads)) return;
+  linear_inputs in(L, head_dim);
+  linear::options opt;
+  opt.threads = threads;
+  for (auto _ : state) {
+    in.run_reference(which, opt);
+    benchmark::DoNotOptimize(in.o.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(heads * L), benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel("B=1 H=" + std::to_string(heads) + " L=" + std::to_string(L) + " Dk=" + std::to_string(head_dim) +
+                 " Dv=" + std::to_string(head_dim) + " op=" + op_name(which) + " form=reference threads=" +
+                 std::to_string(threads));
+}
+
+// Decode-shaped inputs: one token of q, k, v, gates and betas for [B, step_heads] heads, and the state.
+constexpr std::int64_t step_heads = 32;
+
+struct step_inputs {
+  tensor<float, 3> q, k, v, o, gk;  // [B, H, D]
+  tensor<float, 2> g, beta;         // [B, H]
+  tensor<float, 1> gamma;           // [H]
+  tensor<float, 4> state;           // [B, H, D, D]
+
+  explicit step_inputs(std::int64_t B)
+      : q({B, step_heads, head_dim}),
+        k({B, step_heads, head_dim}),
+        v({B, step_heads, head_dim}),
+        o({B, step_heads, head_dim}),
+        gk({B, step_heads, head_dim}),
+        g({B, step_heads}),
+        beta({B, step_heads}),
+        gamma(linear::retnet_gamma(step_heads)),
+        state({B, step_heads, head_dim, head_dim}) {
+    fill_random(q, 21);
+    fill_random(k, 22);
+    fill_random(v, 23);
+    fill_random(gk, 24, gate_lo, 0.0f);
+    fill_random(g, 25, gate_lo, 0.0f);
+    fill_random(beta, 26, beta_lo, 1.0f);
+    fill_random(state, 27);
+  }
+
+  void step(op which, linear::options opt) {
+    opt.use_qk_l2norm = is_delta(which);
+    switch (which) {
+      case op::linear_attn: linear::linear_attn_step(q, k, v, o, state, opt); break;
+      case op::retention: linear::retention_step(q, k, v, gamma, o, state, opt); break;
+      case op::simple_gla: linear::simple_gla_step(q, k, v, g, o, state, opt); break;
+      case op::gla: linear::gla_step(q, k, v, gk, o, state, opt); break;
+      case op::delta_rule: linear::delta_rule_step(q, k, v, beta, o, state, opt); break;
+      case op::gated_delta_rule: linear::gated_delta_rule_step(q, k, v, g, beta, o, state, opt); break;
+    }
+  }
+};
+
+double state_bytes(std::int64_t B) { return static_cast<double>(B * step_heads * head_dim * head_dim * sizeof(float)); }
+
+void set_step_counters(benchmark::State& state, const char* what, std::int64_t B, int threads) {
+  set_rate_counters(state, 0, 2 * state_bytes(B));  // the state read and written once
+  state.SetLabel("B=" + std::to_string(B) + " H=" + std::to_string(step_heads) + " Dk=" + std::to_string(head_dim) +
+                 " Dv=" + std::to_string(head_dim) + " " + what + " threads=" + std::to_string(threads));
+}
+
+void step_row(benchmark::State& state, op which, std::int64_t B, int threads) {
+  if (!threads_available(state, threads)) return;
+  step_inputs in(B);
+  linear::options opt;
+  opt.threads = threads;
+  for (auto _ : state) {
+    in.step(which, opt);
+    benchmark::DoNotOptimize(in.o.data());
+    benchmark::ClobberMemory();
+  }
+  set_step_counters(state, (std::string("op=") + op_name(which)).c_str(), B, threads);
+}
+
+// S = a S + b over every (batch, head) state, one vector pass, (batch, head) pairs over the
+// threads as the step functions spread them. a and b keep the values bounded (|S| <= 1 stays so).
+void rmw_pass_row(benchmark::State& state, std::int64_t B, int threads) {
+  if (!threads_available(state, threads)) return;
+  step_inputs in(B);
+  constexpr float a = 0.5f, b = 0.25f;
+  const std::int64_t n = head_dim * head_dim;
+  for (auto _ : state) {
+    parallel_for(B * step_heads, [&](std::int64_t bh) {
+      float* s = in.state.data() + bh * n;
+      using batch = simd::fbatch<>;
+      constexpr std::int64_t w = simd::width<>;
+      std::int64_t i = 0;
+      if constexpr (simd::enabled)
+        for (; i + w <= n; i += w) simd::store(s + i, batch(a) * simd::load<simd::default_arch>(s + i) + batch(b));
+      for (; i < n; ++i) s[i] = a * s[i] + b;
+    }, threads);
+    benchmark::DoNotOptimize(in.state.data());
+    benchmark::ClobberMemory();
+  }
+  set_step_counters(state, "rmw_pass", B, threads);
+}
+
 void flash_row(benchmark::State& state, std::int64_t L, int threads) {
   if (!threads_available(state, threads)) return;
   const shape s = prefill_shape(L, head_dim, true, heads);
@@ -190,6 +323,24 @@ const bool registered = [] {
                                {"threads", std::to_string(t)}}),
                      [=](benchmark::State& st) { linear_row(st, which, f, main_L, 0, t); });
 
+  for (int t : thread_counts())
+    for (op which : all_ops())
+      register_row(row_name("linear", "reference",
+                            {{"op", op_name(which)}, {"L", std::to_string(main_L)}, {"D", std::to_string(head_dim)},
+                             {"threads", std::to_string(t)}}),
+                   [=](benchmark::State& st) { reference_row(st, which, main_L, t); });
+
+  for (int t : thread_counts())
+    for (std::int64_t B : {1, 8}) {
+      const std::string Bs = std::to_string(B), Hs = std::to_string(step_heads), Ds = std::to_string(head_dim),
+                        ts = std::to_string(t);
+      register_row(row_name("linear", "rmw_pass", {{"B", Bs}, {"H", Hs}, {"D", Ds}, {"threads", ts}}),
+                   [=](benchmark::State& st) { rmw_pass_row(st, B, t); });
+      for (op which : all_ops())
+        register_row(row_name("linear", "step", {{"op", op_name(which)}, {"B", Bs}, {"H", Hs}, {"D", Ds}, {"threads", ts}}),
+                     [=](benchmark::State& st) { step_row(st, which, B, t); });
+    }
+
   if (full_size()) {
     for (op which : all_ops()) {
       for (std::int64_t L : {1, 2, 4, 8})
@@ -198,7 +349,7 @@ const bool registered = [] {
                                 {{"op", op_name(which)}, {"L", std::to_string(L)}, {"D", std::to_string(head_dim)},
                                  {"threads", "1"}}),
                        [=](benchmark::State& st) { linear_row(st, which, f, L, 0, 1); });
-      for (std::int64_t C : {8, 16, 32, 64, 128})
+      for (std::int64_t C : {8, 16, 24, 32, 48, 64, 128})
         register_row(row_name("linear", "chunked",
                               {{"op", op_name(which)}, {"L", "8192"}, {"D", std::to_string(head_dim)},
                                {"chunk", std::to_string(C)}, {"threads", "1"}}),

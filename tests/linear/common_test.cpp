@@ -129,4 +129,112 @@ TEST(linear_common, gemm_direct_and_panels) {
   Eigen::setNbThreads(0);  // back to Eigen's default (the OpenMP setting)
 }
 
+// all_nonpositive: zeros of both signs, negatives down to -inf pass; anything positive (down to the
+// smallest subnormal), +inf and NaNs of either sign fail, at every position of a vector body and tail.
+TEST(linear_common, all_nonpositive_special_values) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const float denorm = std::numeric_limits<float>::denorm_min();
+  for (std::int64_t n : {1, 7, 16, 37}) {
+    std::vector<float> x(n, -0.5f);
+    x[0] = 0.0f;
+    x[n / 2] = -0.0f;
+    x[n - 1] = -inf;
+    EXPECT_TRUE(ld::all_nonpositive(x.data(), n)) << n;
+    for (float bad : {denorm, 1e-30f, 1.0f, inf, nan, -nan})
+      for (std::int64_t i : {std::int64_t{0}, n / 2, n - 1}) {
+        std::vector<float> y = x;
+        y[i] = bad;
+        EXPECT_FALSE(ld::all_nonpositive(y.data(), n)) << "n=" << n << " i=" << i << " x=" << bad;
+      }
+  }
+  EXPECT_TRUE(ld::all_nonpositive(nullptr, 0));
+}
+
+// recurrent_token (register blocks + scalar tail) against the recurrence in double: plain, scalar
+// decay, per-row decays and the delta rule, on column counts around the vector width and a row
+// stride wider than the state.
+TEST(linear_common, recurrent_token_matches_double) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f), e(0.5f, 1.0f);
+  const std::int64_t w = mnemo::simd::width<arch>;
+  for (std::int64_t Df : {1, 5, 33})
+    for (std::int64_t Ds : {std::int64_t{1}, w - 1, w, w + 1, 3 * w, 4 * w, 5 * w + 3})
+      for (int kind = 0; kind < 4; ++kind) {  // 0 plain, 1 scalar decay, 2 row decays, 3 delta with decay
+        const std::int64_t lds = Ds + 3;
+        std::vector<float> s(Df * lds), q(Df), k(Df), v(Ds), rows(Df), out(Ds);
+        for (auto* x : {&s, &q, &k, &v}) for (float& y : *x) y = u(rng);
+        for (float& y : rows) y = e(rng);
+        const float a = kind == 1 || kind == 3 ? e(rng) : 1.0f, beta = 0.7f;
+        ld::token_decay decay{a, kind == 2 ? rows.data() : nullptr};
+        std::vector<double> want_s(s.begin(), s.end()), want_o(Ds, 0.0);
+        for (std::int64_t c = 0; c < Ds; ++c) {
+          double uc = v[c];
+          if (kind == 3) {
+            double wc = 0;
+            for (std::int64_t i = 0; i < Df; ++i) wc += want_s[i * lds + c] * k[i];
+            uc = beta * (v[c] - a * wc);
+          }
+          for (std::int64_t i = 0; i < Df; ++i) {
+            double& x = want_s[i * lds + c];
+            x = (kind == 2 ? rows[i] : a) * x + k[i] * uc;
+            want_o[c] += q[i] * x;
+          }
+        }
+        ld::recurrent_token<arch>(s.data(), lds, Df, Ds, q.data(), k.data(), v.data(), kind == 3 ? &beta : nullptr,
+                                  decay, out.data());
+        for (std::int64_t c = 0; c < Ds; ++c) {
+          EXPECT_NEAR(out[c], want_o[c], 1e-5 * Df) << "Df=" << Df << " Ds=" << Ds << " kind=" << kind << " c=" << c;
+          for (std::int64_t i = 0; i < Df; ++i)
+            EXPECT_NEAR(s[i * lds + c], want_s[i * lds + c], 1e-5 * Df) << "state " << i << ", " << c;
+        }
+        for (std::int64_t i = 0; i < Df; ++i)  // the padding columns are untouched
+          for (std::int64_t c = Ds; c < lds; ++c) EXPECT_EQ(s[i * lds + c], static_cast<float>(want_s[i * lds + c]));
+      }
+}
+
+// chunk_products against the products in double, with and without the row factors, chunk heights
+// around the micro-kernel's, column counts over several column blocks, strided operands.
+TEST(linear_common, chunk_products_match_double) {
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  const std::int64_t w = mnemo::simd::width<arch>;
+  for (std::int64_t n : {1, 5, 6, 7, 13, 32})
+    for (std::int64_t Df : {3, 20})
+      for (std::int64_t Ds : {w, 5 * w})
+        for (bool alphas : {false, true}) {
+          const std::int64_t ld_in = Df + 2, ldv = Ds + 1, lds = Ds + 5, ldo = Ds + 2;
+          std::vector<float> q(n * ld_in), k(n * ld_in), v(n * ldv), a(n * n, 0.0f), s(Df * lds), o(n * ldo, 7.0f);
+          std::vector<float> alpha_o(n), alpha_s(Df);
+          for (auto* x : {&q, &k, &v, &s, &alpha_o, &alpha_s}) for (float& y : *x) y = u(rng);
+          for (std::int64_t t = 0; t < n; ++t)
+            for (std::int64_t j = 0; j <= t; ++j) a[t * n + j] = u(rng);
+          std::vector<double> want_o(n * Ds), want_s(Df * Ds);
+          for (std::int64_t t = 0; t < n; ++t)
+            for (std::int64_t c = 0; c < Ds; ++c) {
+              double qs = 0, av = 0;
+              for (std::int64_t i = 0; i < Df; ++i) qs += double(q[t * ld_in + i]) * s[i * lds + c];
+              for (std::int64_t j = 0; j <= t; ++j) av += double(a[t * n + j]) * v[j * ldv + c];
+              want_o[t * Ds + c] = (alphas ? alpha_o[t] : 1.0) * qs + av;
+            }
+          for (std::int64_t i = 0; i < Df; ++i)
+            for (std::int64_t c = 0; c < Ds; ++c) {
+              double kv = 0;
+              for (std::int64_t j = 0; j < n; ++j) kv += double(k[j * ld_in + i]) * v[j * ldv + c];
+              want_s[i * Ds + c] = (alphas ? alpha_s[i] : 1.0) * s[i * lds + c] + kv;
+            }
+          ld::chunk_products<arch>(n, Df, Ds, {q.data(), ld_in}, {a.data(), n}, {k.data(), ld_in}, {v.data(), ldv},
+                                   {o.data(), ldo}, s.data(), lds, alphas ? alpha_o.data() : nullptr,
+                                   alphas ? alpha_s.data() : nullptr);
+          const double tol = 1e-5 * (Df + n);
+          for (std::int64_t t = 0; t < n; ++t) {
+            for (std::int64_t c = 0; c < Ds; ++c)
+              ASSERT_NEAR(o[t * ldo + c], want_o[t * Ds + c], tol) << "n=" << n << " Df=" << Df << " Ds=" << Ds << " t=" << t;
+            for (std::int64_t c = Ds; c < ldo; ++c) EXPECT_EQ(o[t * ldo + c], 7.0f) << "wrote past O's row";
+          }
+          for (std::int64_t i = 0; i < Df; ++i)
+            for (std::int64_t c = 0; c < Ds; ++c)
+              ASSERT_NEAR(s[i * lds + c], want_s[i * Ds + c], tol) << "state n=" << n << " Df=" << Df << " i=" << i;
+        }
+}
+
 }  // namespace

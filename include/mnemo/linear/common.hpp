@@ -24,8 +24,8 @@
 // exact range, accumulated in order (a prefix, a suffix or a running row), never as the
 // difference of two cumulative sums: gates are <= 0, so every partial sum has one sign and no
 // cancellation, and a gate of -inf makes the sums that cross it -inf and their exp exactly 0,
-// with no (-inf) - (-inf) = NaN anywhere. (The one bounded exception is GLA's diagonal sub-blocks
-// under weak decay, gla.hpp.)
+// with no (-inf) - (-inf) = NaN anywhere. (The one bounded exception is GLA under weak
+// decay, whole chunks or diagonal sub-blocks, gla.hpp: finite factors exp(+-b), |b| <= 20.)
 //
 // Threads: (batch, head) pairs are independent and go to mnemo::parallel_for. The chunked
 // kernels use Eigen's GEMM, which would start its own OpenMP team when called outside a parallel
@@ -36,6 +36,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -54,6 +55,7 @@
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/serial_gemm.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/simd/gemm.hpp"
 #include "mnemo/simd/load.hpp"
 #include "mnemo/simd/math.hpp"
 #include "mnemo/simd/vec.hpp"
@@ -95,6 +97,9 @@ inline constexpr float normalize_eps = 1e-6f;
 // for retention and simple_gla; 64 is 3-12% slower) and 16 for the delta rules (32 is 4-8% slower, 64
 // 18-19%: their solve and their two triangles grow with the chunk). Larger chunks put more work
 // in the C x C triangles, smaller ones make the state GEMMs (C x Dk x Dv) too thin to run at speed.
+// (Measured with Eigen's products. With the SIMD products, chunk_products below, chunks of 16, 24
+// and 32 ran within 3% of each other in CPU time for linear_attn, simple_gla and gla, on a machine
+// too loaded to rank them more finely; 48 and 64 were 3-12% slower.)
 inline constexpr std::int64_t default_chunk_size = 32;
 inline constexpr std::int64_t delta_default_chunk_size = 16;
 
@@ -182,11 +187,18 @@ dims check_common(const char* fn, const view<const T, 4>& q, const view<const T,
   return {B, H, L, Dk, Dv, Df, Ds, scale, opt.map, opt.use_qk_l2norm, opt.normalize};
 }
 
-// True when every x[i] <= 0 (so none is NaN); branch-free, so the compiler vectorises the scan.
+// True when every x[i] <= 0 (so none is NaN). Tested on the bit patterns, +0 = 0x00000000 and
+// -0 .. -inf = 0x80000000 .. 0xFF800000 (the negative NaNs lie above), because GCC left the float
+// compare `ok &= x[i] <= 0` scalar (vcomiss per element: 12% of a chunked GLA call at H = 8,
+// L = 8192, Dk = 128 went into checking its gates); the integer form vectorises.
 inline bool all_nonpositive(const float* x, std::int64_t n) {
-  bool ok = true;
-  for (std::int64_t i = 0; i < n; ++i) ok &= x[i] <= 0.0f;
-  return ok;
+  constexpr std::uint32_t negative_zero = 0x80000000u, negative_inf = 0xFF800000u;
+  std::uint32_t bad = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(x[i]);
+    bad |= static_cast<std::uint32_t>(u != 0) & static_cast<std::uint32_t>(u - negative_zero > negative_inf - negative_zero);
+  }
+  return bad == 0;
 }
 
 // g [B, H, L]: every log-decay <= 0 and not NaN (-inf is allowed: decay 0).
@@ -346,6 +358,162 @@ inline state_map map_state(const view<float, 2>& state, std::int64_t rows, std::
     return {zero.data(), rows, cols, Eigen::OuterStride<>(cols)};
   }
   return {state.data(), rows, cols, Eigen::OuterStride<>(state.stride(0))};
+}
+
+// ---- one token of the recurrent form ---------------------------------------------------------
+//
+// Every member's recurrent step is, per token, over the state S [Df, Ds]:
+//   u   = v                                  (linear attention, retention, the GLAs)
+//   u   = beta (v - a S^T k)                 (the delta rules; a = the scalar decay or 1)
+//   S_i = a_i S_i + k_i u                    (a_i: 1, one scalar decay a, or a per-row decay e_i)
+//   out = q^T S                              (q already scaled)
+// The columns are independent, so the kernel walks S in column blocks of up to recurrent_vecs
+// vectors with the block of u (and of out) in registers: each element of S is loaded, updated,
+// stored and multiplied into out in one pass, and the delta rules' S^T k reads the block just
+// before its update, from L1 (a block is Df x 64 floats, 32 KiB at Df = 128). A decoding step is
+// then one read-modify-write pass over the state: at B = 1, H = 32, Dk = Dv = 128, one thread, the
+// previous loop of simd::scale / axpy / axpy calls per row (and a separate S^T k pass for the delta
+// rules) took 1.5x (linear_attn) to 2.6x (gated_delta_rule) the time of a plain pass S = a S + b
+// (bench rows linear/step, linear/rmw_pass).
+inline constexpr int recurrent_vecs = 4;
+
+struct token_decay {
+  float a = 1.0f;                 // scalar decay of every row
+  const float* rows = nullptr;    // [Df] per-row decays, or null
+  float at(std::int64_t i) const { return rows ? rows[i] : a; }
+};
+
+// The readable loop (and the no-SIMD path) over columns [c0, c1).
+inline void recurrent_token_columns(float* s, std::int64_t lds, std::int64_t Df, std::int64_t c0, std::int64_t c1,
+                            const float* q, const float* k, const float* v, const float* beta, token_decay decay,
+                            float* out) {
+  for (std::int64_t c = c0; c < c1; ++c) {
+    float u = v[c];
+    if (beta) {
+      float w = 0;
+      for (std::int64_t i = 0; i < Df; ++i) w += s[i * lds + c] * k[i];
+      u = *beta * (v[c] - decay.a * w);
+    }
+    float acc = 0;
+    for (std::int64_t i = 0; i < Df; ++i) {
+      float& x = s[i * lds + c];
+      x = decay.at(i) * x + k[i] * u;
+      acc += q[i] * x;
+    }
+    out[c] = acc;
+  }
+}
+
+// One column block of NV vectors starting at column c0.
+template <int NV, class Arch>
+void recurrent_token_block(float* s, std::int64_t lds, std::int64_t Df, std::int64_t c0, const float* q,
+                           const float* k, const float* v, const float* beta, token_decay decay, float* out) {
+  using batch = simd::fbatch<Arch>;
+  constexpr std::int64_t w = simd::width<Arch>;
+  batch u[NV], acc[NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) {
+    u[j] = simd::load<Arch>(v + c0 + j * w);
+    acc[j] = batch(0.0f);
+  }
+  if (beta) {  // u = beta (v - a S^T k), acc doubles as the S^T k accumulator
+    for (std::int64_t i = 0; i < Df; ++i) {
+      const float* row = s + i * lds + c0;
+      const batch ki(k[i]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[j] = simd::detail::fmadd(ki, simd::load<Arch>(row + j * w), acc[j]);
+    }
+    const batch b(*beta), a(decay.a);
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      u[j] = b * (u[j] - a * acc[j]);
+      acc[j] = batch(0.0f);
+    }
+  }
+  for (std::int64_t i = 0; i < Df; ++i) {
+    float* row = s + i * lds + c0;
+    const batch ki(k[i]), qi(q[i]), ai(decay.at(i));
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      const batch x = simd::detail::fmadd(ki, u[j], ai * simd::load<Arch>(row + j * w));
+      simd::store(row + j * w, x);
+      acc[j] = simd::detail::fmadd(qi, x, acc[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) simd::store(out + c0 + j * w, acc[j]);
+}
+
+// One token over the whole state (see above): beta null for the non-delta members.
+template <class Arch>
+void recurrent_token(float* s, std::int64_t lds, std::int64_t Df, std::int64_t Ds, const float* q, const float* k,
+                     const float* v, const float* beta, token_decay decay, float* out) {
+  std::int64_t c = 0;
+  if constexpr (simd::enabled) {
+    constexpr std::int64_t w = simd::width<Arch>;
+    for (; c + recurrent_vecs * w <= Ds; c += recurrent_vecs * w)
+      recurrent_token_block<recurrent_vecs, Arch>(s, lds, Df, c, q, k, v, beta, decay, out);
+    for (; c + w <= Ds; c += w) recurrent_token_block<1, Arch>(s, lds, Df, c, q, k, v, beta, decay, out);
+  }
+  recurrent_token_columns(s, lds, Df, c, Ds, q, k, v, beta, decay, out);
+}
+
+// ---- SIMD chunk products -------------------------------------------------------------------
+//
+// The chunked forms spend their time in the same three products per chunk of n tokens:
+//   O = diag(alpha_o) (Qr S) + A V        Qr [n, Df] the rows that read the state, A [n, n] lower
+//   S = diag(alpha_s) S + Kw^T V          Kw [n, Df] the rows that write it
+// Through Eigen every product packs both operands first: in the chunked linear_attn at H = 8,
+// L = 8192, Dk = Dv = 128, chunk 32, one thread, perf put 27% of the time in Eigen's packing
+// routines and 44% in its kernel. simd::gemm reads B (S or V) where it lies and broadcasts A, so
+// nothing is packed, and the products go column block by column block (nv vectors of Ds) so a
+// block of S (128 x 64 floats = 32 KiB) stays in L1 from its read to its update. The triangle A V
+// goes in row blocks of the micro-kernel's height whose reduction stops at the block's last row.
+// Runs where the SIMD layer is on and Ds is a multiple of the vector width; the Eigen products
+// stay the path otherwise.
+template <class Arch>
+bool simd_chunks(std::int64_t Ds) {
+  return simd::enabled && Ds % simd::width<Arch> == 0;
+}
+
+// A row-major f32 block: its first element and its row stride.
+struct crows {
+  const float* p;
+  std::int64_t ld;
+};
+struct rows {
+  float* p;
+  std::int64_t ld;
+};
+
+// O (mode)= A V with A [n, n] lower triangular (zero above the diagonal) over w columns, in row
+// blocks of the micro-kernel's height whose reduction stops at the block's last row; the short
+// block (n % mr rows) goes first, where its reduction is short. alpha [n] null: O += A V, else
+// O = diag(alpha) O + A V.
+template <class Arch>
+void lower_product(std::int64_t n, std::int64_t w, crows a, crows v, rows o, const float* alpha) {
+  constexpr std::int64_t mr = simd::gemm_blocking<Arch>::mr;
+  for (std::int64_t i0 = 0, m = n % mr != 0 ? n % mr : mr; i0 < n; i0 += m, m = mr)
+    simd::gemm<simd::a_order::row_major, Arch>(m, w, i0 + m, a.p + i0 * a.ld, a.ld, v.p, v.ld, o.p + i0 * o.ld, o.ld,
+                                              alpha ? simd::c_mode::rescale : simd::c_mode::accumulate,
+                                              alpha ? alpha + i0 : nullptr);
+}
+
+// The products above for one chunk. a must be zero above the diagonal; alpha_o [n] and
+// alpha_s [Df] may be null (no rescale). s [Df, Ds] with row stride lds.
+template <class Arch>
+void chunk_products(std::int64_t n, std::int64_t Df, std::int64_t Ds, crows qr, crows a, crows kw, crows v, rows o,
+                    float* s, std::int64_t lds, const float* alpha_o, const float* alpha_s) {
+  using simd::a_order;
+  using simd::c_mode;
+  constexpr std::int64_t cb = simd::gemm_blocking<Arch>::nv * simd::width<Arch>;
+  for (std::int64_t j0 = 0; j0 < Ds; j0 += cb) {
+    const std::int64_t w = std::min(cb, Ds - j0);
+    simd::gemm<a_order::row_major, Arch>(n, w, Df, qr.p, qr.ld, s + j0, lds, o.p + j0, o.ld, c_mode::overwrite);
+    lower_product<Arch>(n, w, a, {v.p + j0, v.ld}, {o.p + j0, o.ld}, alpha_o);
+    simd::gemm<a_order::col_major, Arch>(Df, w, n, kw.p, kw.ld, v.p + j0, v.ld, s + j0, lds,
+                                         alpha_s ? c_mode::rescale : c_mode::accumulate, alpha_s);
+  }
 }
 
 // Decay tables of one chunk with one log-gate per token, g[0 .. n):

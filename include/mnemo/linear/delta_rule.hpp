@@ -28,6 +28,9 @@
 // (one solve on Dk + Dv columns) this is 1.15x faster at H = 8, Dk = Dv = 128, chunk 64, and as
 // fast as inverting (I + A) explicitly and multiplying.
 //
+// Where simd_chunks() holds (common.hpp), [K; Q] S, P U and the state update run on the SIMD
+// micro-kernels without packing; the triangles and the solve stay Eigen's.
+//
 // Shapes: q, k [B, H, L, Dk], v [B, H, L, Dv], beta [B, H, L], o [B, H, L, Dv], state [B, H, Dk, Dv].
 #pragma once
 
@@ -81,28 +84,20 @@ void delta_rule(const Q& q,                 // [B, H, L, Dk]
 
 namespace detail {
 
-// Recurrent form, one head: per token two passes over the state rows,
+// Recurrent form, one head: per token (common.hpp, recurrent_token)
 //   w = S^T k ;  u = beta (v - a w) ;  S_i = a S_i + k_i u ; o += q_i S_i      (a = exp(g_t) or 1)
 template <bool Gated, class Arch, class T>
 void delta_recurrent_head(const dims& d, const head_views<T>& hv, const float* g, const float* beta) {
   matrix zero;
   state_map s = map_state(hv.state, d.Dk, d.Dv, zero);
-  std::vector<float> q(d.Dk), k(d.Dk), v(d.Dv), w(d.Dv), acc(d.Dv);
+  std::vector<float> q(d.Dk), k(d.Dk), v(d.Dv), acc(d.Dv);
   for (std::int64_t t = 0; t < d.L; ++t) {
     prepare_row<Arch>(hv.q.ptr(t), d, d.scale, q.data(), nullptr);
     prepare_row<Arch>(hv.k.ptr(t), d, 1.0f, k.data(), nullptr);
     simd::convert<Arch>(hv.v.ptr(t), v.data(), d.Dv);
     const float a = Gated ? simd::exp<Arch>(g[t]) : 1.0f;
-    std::fill(w.begin(), w.end(), 0.0f);
-    for (std::int64_t i = 0; i < d.Dk; ++i) simd::axpy<Arch>(k[i], s.row(i).data(), w.data(), d.Dv);
-    for (std::int64_t c = 0; c < d.Dv; ++c) w[c] = beta[t] * (v[c] - a * w[c]);  // u
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (std::int64_t i = 0; i < d.Dk; ++i) {
-      float* row = s.row(i).data();
-      if (Gated) simd::scale<Arch>(a, row, d.Dv);
-      simd::axpy<Arch>(k[i], w.data(), row, d.Dv);
-      simd::axpy<Arch>(q[i], row, acc.data(), d.Dv);
-    }
+    recurrent_token<Arch>(s.data(), s.outerStride(), d.Dk, d.Dv, q.data(), k.data(), v.data(), beta + t, {a, nullptr},
+                          acc.data());
     std::copy(acc.begin(), acc.end(), hv.o.ptr(t));
   }
 }
@@ -121,6 +116,8 @@ void delta_chunked_head(const dims& d, const head_views<T>& hv, const float* g, 
   matrix p(C, C);          // (Q K^T) o D, lower
   matrix decay(C, C);
   std::vector<float> prefix(C, 1.0f), suffix(C, 1.0f);
+  const bool fast = simd_chunks<Arch>(d.Dv);
+  std::vector<float> alpha_s(fast && Gated ? Dk : 0);
   for (std::int64_t t0 = 0; t0 < d.L; t0 += C) {
     const std::int64_t n = std::min(C, d.L - t0);
     for (std::int64_t i = 0; i < n; ++i) {
@@ -149,9 +146,29 @@ void delta_chunked_head(const dims& d, const head_views<T>& hv, const float* g, 
     }
     // [K S ; Q S] in one GEMM; the right-hand side beta (V - diag(Gamma) K S); the UT transform
     // (I + A) U = rhs as one unit lower-triangular solve.
-    gemm<false>(ks.topRows(2 * n), kq.topRows(2 * n), s);
+    if (fast) {
+      simd::gemm<simd::a_order::row_major, Arch>(2 * n, d.Dv, Dk, kq.data(), Dk, s.data(), s.outerStride(), ks.data(),
+                                                 d.Dv, simd::c_mode::overwrite);
+    } else {
+      gemm<false>(ks.topRows(2 * n), kq.topRows(2 * n), s);
+    }
     for (std::int64_t t = 0; t < n; ++t) U.row(t) = bt[t] * (U.row(t) - prefix[t] * ks.row(t));
     A.template triangularView<Eigen::UnitLower>().solveInPlace(U);
+    if (fast) {
+      // O = diag(Gamma) Q S + P U in place of Q S, S = Gamma_{n-1} S + (diag(R) K)^T U, on the
+      // SIMD products (common.hpp).
+      for (std::int64_t t = 0; t + 1 < n; ++t) std::fill(&P(t, t + 1), &P(t, 0) + n, 0.0f);
+      lower_product<Arch>(n, d.Dv, {p.data(), p.cols()}, {U.data(), d.Dv}, {ks.row(n).data(), d.Dv}, prefix.data());
+      if constexpr (Gated) {
+        std::fill(alpha_s.begin(), alpha_s.end(), prefix[n - 1]);
+        for (std::int64_t j = 0; j < n; ++j) K.row(j) *= suffix[j];
+      }
+      simd::gemm<simd::a_order::col_major, Arch>(Dk, d.Dv, n, kq.data(), Dk, U.data(), d.Dv, s.data(), s.outerStride(),
+                                                 Gated ? simd::c_mode::rescale : simd::c_mode::accumulate,
+                                                 Gated ? alpha_s.data() : nullptr);
+      for (std::int64_t t = 0; t < n; ++t) store_output(ks.row(n + t).data(), d, hv.o.ptr(t0 + t));
+      continue;
+    }
     // O = diag(Gamma) Q S + P U.
     auto O = out.topRows(n);
     for (std::int64_t t = 0; t < n; ++t) O.row(t) = prefix[t] * ks.row(n + t);
