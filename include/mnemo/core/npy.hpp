@@ -169,21 +169,22 @@ inline array load(const std::string& path) {
   const std::uint64_t available = static_cast<std::uint64_t>(f.tellg() - data_start);
   f.seekg(data_start);
   const std::uint64_t item = item_size(a.type);
-  std::uint64_t count = 1;
-  bool overflow = false;
+  // The product of the non-zero extents must fit in int64 bytes even when another extent is 0:
+  // views and tensors multiply all extents (sizes, strides) in int64.
+  std::uint64_t nonzero = 1;
+  bool overflow = false, empty = false;
   for (auto e : a.shape) {
     const auto ue = static_cast<std::uint64_t>(e);
-    if (ue != 0 && count > std::numeric_limits<std::uint64_t>::max() / item / ue) overflow = true;
-    count *= ue;
-  }
-  for (auto e : a.shape) {
-    if (e == 0) {  // an empty array needs no data, whatever its other dimensions
-      count = 0;
-      overflow = false;
+    if (ue == 0) {
+      empty = true;
+      continue;
     }
+    if (nonzero > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) / item / ue) overflow = true;
+    else nonzero *= ue;
   }
+  const std::uint64_t count = empty ? 0 : nonzero;
   mnemo::detail::require(!overflow && count * item <= available, "npy: ", path, ": truncated data: shape ",
-                         shape_text, " needs ", overflow ? std::string("over 2^64") : std::to_string(count * item),
+                         shape_text, " needs ", overflow ? std::string("over 2^63") : std::to_string(count * item),
                          " data bytes, got ", available);
   const std::size_t n = static_cast<std::size_t>(count * item);
   a.bytes.resize(n);

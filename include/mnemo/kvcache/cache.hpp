@@ -481,8 +481,10 @@ class layer_cache {
       }
     }
     const std::int64_t rest = length_[hi] - nq - G;
-    std::memmove(&rk_(h, 0, 0), &rk_(h, G, 0), static_cast<std::size_t>(rest * D) * sizeof(float));
-    std::memmove(&rv_(h, 0, 0), &rv_(h, G, 0), static_cast<std::size_t>(rest * Dv) * sizeof(float));
+    if (rest > 0) {  // &rk_(h, G, 0) is one past the window when residual == key_group
+      std::memmove(&rk_(h, 0, 0), &rk_(h, G, 0), static_cast<std::size_t>(rest * D) * sizeof(float));
+      std::memmove(&rv_(h, 0, 0), &rv_(h, G, 0), static_cast<std::size_t>(rest * Dv) * sizeof(float));
+    }
     qlength_[hi] = nq + G;
   }
 

@@ -1,0 +1,222 @@
+// fuzz/linear_fuzz.cpp — the linear-attention family (linear_attn, retention, simple_gla, gla,
+// delta_rule, gated_delta_rule): recurrent form, chunked form and a two-piece chunked run (state
+// carried across the split, the second piece read through narrowed views) against the
+// double-precision reference, on shapes, chunk sizes, gates, feature maps and initial states
+// decoded from the input.
+//
+// Property: either every path throws mnemo::error, or every path returns the reference's o and
+// final state within tolerance; nothing is written outside o and the state.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "common.hpp"
+#include "mnemo/linear/delta_rule.hpp"
+#include "mnemo/linear/gated_delta_rule.hpp"
+#include "mnemo/linear/gla.hpp"
+#include "mnemo/linear/linear_attn.hpp"
+#include "mnemo/linear/retention.hpp"
+#include "mnemo/linear/simple_gla.hpp"
+
+namespace {
+
+using namespace mnemo;
+namespace lin = mnemo::linear;
+
+enum member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, n_members };
+enum run_kind { reference_run, recurrent_run, chunked_run };
+
+constexpr float minus_inf = -std::numeric_limits<float>::infinity();
+
+struct inputs {
+  std::int64_t B, H, L, Dk, Dv, Df, Ds;
+  member m;
+  lin::options opt;
+  fuzz::buffer4<float> q, k, v;
+  std::vector<float> g, beta, gamma;  // [B, H, L (, Dk)], [B, H, L], [H]
+  std::vector<float> state0;          // [B, H, Df, Ds] or empty
+  bool with_state;
+};
+
+// Calls member m in the given form on tokens [t0, t0 + n).
+void call(const inputs& in, run_kind kind, std::int64_t t0, std::int64_t n, view<float, 4> o, view<float, 4> state) {
+  lin::options opt = in.opt;
+  if (kind == recurrent_run) opt.path = lin::form::recurrent;
+  if (kind == chunked_run) opt.path = lin::form::chunked;
+  const view<const float, 4> q = in.q.cview().narrow(2, t0, n), k = in.k.cview().narrow(2, t0, n),
+                             v = in.v.cview().narrow(2, t0, n);
+  const view<const float, 3> g3 = view<const float, 3>(in.g.data(), {in.B, in.H, in.L}).narrow(2, t0, n);
+  const view<const float, 4> g4 = view<const float, 4>(in.g.data(), {in.B, in.H, in.L, in.Dk}).narrow(2, t0, n);
+  const view<const float, 3> beta = view<const float, 3>(in.beta.data(), {in.B, in.H, in.L}).narrow(2, t0, n);
+  const view<const float, 1> gamma(in.gamma.data(), {static_cast<std::int64_t>(in.gamma.size())});
+  const bool ref = kind == reference_run;
+  switch (in.m) {
+    case linear_attn:
+      return ref ? lin::reference::linear_attn(q, k, v, o, state, opt) : lin::linear_attn(q, k, v, o, state, opt);
+    case retention:
+      return ref ? lin::reference::retention(q, k, v, gamma, o, state, opt)
+                 : lin::retention(q, k, v, gamma, o, state, opt);
+    case simple_gla:
+      return ref ? lin::reference::simple_gla(q, k, v, g3, o, state, opt) : lin::simple_gla(q, k, v, g3, o, state, opt);
+    case gla: return ref ? lin::reference::gla(q, k, v, g4, o, state, opt) : lin::gla(q, k, v, g4, o, state, opt);
+    case delta_rule:
+      return ref ? lin::reference::delta_rule(q, k, v, beta, o, state, opt)
+                 : lin::delta_rule(q, k, v, beta, o, state, opt);
+    default:
+      return ref ? lin::reference::gated_delta_rule(q, k, v, g3, beta, o, state, opt)
+                 : lin::gated_delta_rule(q, k, v, g3, beta, o, state, opt);
+  }
+}
+
+struct result {
+  bool threw = false;
+  fuzz::buffer4<float> o, state;
+  result(const inputs& in)
+      : o({in.B, in.H, in.L, in.Dv}, 1, false), state({in.B, in.H, in.Df, in.Ds}, 1, false) {
+    if (!in.with_state) return;
+    auto s = state.view();
+    std::size_t i = 0;
+    for (std::int64_t a = 0; a < in.B; ++a)
+      for (std::int64_t b = 0; b < in.H; ++b)
+        for (std::int64_t c = 0; c < in.Df; ++c)
+          for (std::int64_t d = 0; d < in.Ds; ++d) s(a, b, c, d) = in.state0[i++];
+  }
+};
+
+// One run over all tokens, or two pieces [0, split) and [split, L) with the state carried.
+result run(const inputs& in, run_kind kind, std::int64_t split) {
+  result r(in);
+  // Without an initial state the split run still needs one to carry: start from zeros.
+  if (!in.with_state && split > 0) {
+    auto s = r.state.view();
+    for (std::int64_t a = 0; a < in.B; ++a)
+      for (std::int64_t b = 0; b < in.H; ++b)
+        for (std::int64_t c = 0; c < in.Df; ++c)
+          for (std::int64_t d = 0; d < in.Ds; ++d) s(a, b, c, d) = 0.0f;
+  }
+  const bool carry = in.with_state || split > 0;
+  const view<float, 4> state = carry ? r.state.view() : view<float, 4>{};
+  try {
+    if (split > 0) {
+      call(in, kind, 0, split, r.o.view().narrow(2, 0, split), state);
+      call(in, kind, split, in.L - split, r.o.view().narrow(2, split, in.L - split), state);
+    } else {
+      call(in, kind, 0, in.L, r.o.view(), state);
+    }
+  } catch (const mnemo::error&) {
+    r.threw = true;
+  }
+  return r;
+}
+
+double max_abs(const fuzz::buffer4<float>& b) {
+  double m = 0;
+  for (float x : b.data)
+    if (x != fuzz::canary) m = std::max(m, static_cast<double>(std::abs(x)));
+  return m;
+}
+
+void compare(const char* what, const fuzz::buffer4<float>& got, const fuzz::buffer4<float>& want, double tol) {
+  fuzz::check(got.canaries_intact(), "write outside o or the state");
+  for (std::size_t i = 0; i < got.data.size(); ++i) {
+    const double a = got.data[i], b = want.data[i];
+    if (std::isnan(b) && std::isnan(a)) continue;
+    if (!(std::abs(a - b) <= tol)) fuzz::die("%s: element %zu = %.9g, reference %.9g (tol %.3g)", what, i, a, b, tol);
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  FuzzedDataProvider fdp(data, size);
+  const member m = static_cast<member>(fdp.ConsumeIntegralInRange<int>(0, n_members - 1));
+  const std::int64_t B = fdp.ConsumeIntegralInRange<std::int64_t>(0, 2);
+  const std::int64_t H = fdp.ConsumeIntegralInRange<std::int64_t>(1, 3);
+  const std::int64_t L = fdp.ConsumeIntegralInRange<std::int64_t>(0, 70);
+  lin::options opt;
+  if (m == linear_attn) {
+    opt.map = static_cast<lin::feature_map>(fdp.ConsumeIntegralInRange<int>(0, 3));
+    // Normalising needs positive features (elu + 1, or taylor2 whose dot product is
+    // 1 + s + s^2 / 2 > 0); with identity or relu the denominator can cancel to ~0 and the
+    // comparison would measure that cancellation, not the kernel.
+    opt.normalize = fdp.ConsumeBool() &&
+                    (opt.map == lin::feature_map::elu_plus_one || opt.map == lin::feature_map::taylor2);
+  }
+  const std::int64_t Dk = opt.map == lin::feature_map::taylor2 ? fdp.ConsumeIntegralInRange<std::int64_t>(1, 5)
+                                                               : fdp.ConsumeIntegralInRange<std::int64_t>(0, 20);
+  const std::int64_t Dv = fdp.ConsumeIntegralInRange<std::int64_t>(1, 20);
+  opt.chunk_size = fdp.ConsumeIntegralInRange<std::int64_t>(-1, 40);
+  opt.threads = fdp.ConsumeIntegralInRange<int>(0, 2);
+  // The delta rules are contractions only for unit keys (|1 - beta| <= 1 with |k| = 1).
+  opt.use_qk_l2norm = m == delta_rule || m == gated_delta_rule || fdp.ConsumeBool();
+  constexpr float scales[] = {0.0f, 0.0f, 0.1f, 1.0f, std::numeric_limits<float>::quiet_NaN()};
+  opt.scale = scales[fdp.ConsumeIntegralInRange<int>(0, 4)];
+  const bool with_state = fdp.ConsumeBool();
+  const std::int64_t split = L > 1 ? fdp.ConsumeIntegralInRange<std::int64_t>(1, L - 1) : 0;
+  const int bad = fdp.ConsumeIntegralInRange<int>(0, 15);  // 0: a positive gate, 1: beta out of range, 2: gamma 0
+  std::mt19937 rng(fdp.ConsumeIntegral<std::uint32_t>());
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f), unit(0.0f, 1.0f);
+
+  const std::int64_t Df = lin::feature_dim(opt.map, std::max<std::int64_t>(Dk, 0));
+  const std::int64_t Ds = opt.normalize ? Dv + 1 : Dv;
+  inputs in{B, H, L, Dk, Dv, Df, Ds, m, opt,
+            fuzz::buffer4<float>({B, H, L, std::max<std::int64_t>(Dk, 0)}, fdp.ConsumeIntegralInRange<int>(0, 2), fdp.ConsumeBool()),
+            fuzz::buffer4<float>({B, H, L, std::max<std::int64_t>(Dk, 0)}, 0, false),
+            fuzz::buffer4<float>({B, H, L, Dv}, 0, fdp.ConsumeBool()),
+            {}, {}, {}, {}, with_state};
+  auto gen = [&] { return uni(rng); };
+  fuzz::fill(in.q.view(), gen);
+  fuzz::fill(in.k.view(), gen);
+  fuzz::fill(in.v.view(), gen);
+  // Log-gates in [-3, 0], with exact 0 (no decay) and -inf (full reset) sprinkled in.
+  in.g.resize(static_cast<std::size_t>(B * H * L * std::max<std::int64_t>(Dk, 1)));
+  for (auto& x : in.g) {
+    const int pick = static_cast<int>(rng() % 16);
+    x = pick == 0 ? 0.0f : pick == 1 ? minus_inf : -3.0f * unit(rng);
+  }
+  in.beta.resize(static_cast<std::size_t>(B * H * L));
+  for (auto& x : in.beta) x = 2.0f * unit(rng);
+  in.gamma.resize(static_cast<std::size_t>(H));
+  for (auto& x : in.gamma) x = 1.0f - 0.5f * unit(rng);
+  if (bad == 0 && !in.g.empty()) in.g[rng() % in.g.size()] = 0.5f;
+  if (bad == 1 && !in.beta.empty()) in.beta[rng() % in.beta.size()] = 2.5f;
+  if (bad == 2) in.gamma[0] = 0.0f;
+  if (with_state) {
+    in.state0.resize(static_cast<std::size_t>(B * H * Df * Ds));
+    for (auto& x : in.state0) x = 0.5f * uni(rng);
+    // normalize: the key-sum column of a reachable state is positive
+    if (opt.normalize)
+      for (std::size_t i = static_cast<std::size_t>(Ds - 1); i < in.state0.size(); i += static_cast<std::size_t>(Ds))
+        in.state0[i] = std::abs(in.state0[i]) + 0.1f;
+  }
+
+  const result want = run(in, reference_run, 0);
+  static const char* const labels[2][n_members] = {
+      {"linear_attn compared", "retention compared", "simple_gla compared", "gla compared", "delta_rule compared",
+       "gated_delta_rule compared"},
+      {"linear_attn rejected", "retention rejected", "simple_gla rejected", "gla rejected", "delta_rule rejected",
+       "gated_delta_rule rejected"}};
+  fuzz::stats::count(labels[want.threw ? 1 : 0][m]);
+  const double tol_o = 1e-4 * (1.0 + max_abs(want.o)), tol_s = 1e-4 * (1.0 + max_abs(want.state));
+  const result runs[] = {run(in, recurrent_run, 0), run(in, chunked_run, 0), run(in, chunked_run, split),
+                         run(in, recurrent_run, split)};
+  const char* names[] = {"recurrent", "chunked", "chunked in two pieces", "recurrent in two pieces"};
+  for (int r = 0; r < 4; ++r) {
+    if (want.threw) {  // the checks are per call: a rejected whole means a rejected piece
+      fuzz::check(runs[r].threw, "a fast path accepted an input the reference rejected");
+      continue;
+    }
+    fuzz::check(!runs[r].threw, "a fast path rejected an input the reference accepted");
+    char what[64];
+    std::snprintf(what, sizeof what, "member %d %s: o", static_cast<int>(m), names[r]);
+    compare(what, runs[r].o, want.o, tol_o);
+    if (in.with_state) {  // without one the reference returns no final state to compare with
+      std::snprintf(what, sizeof what, "member %d %s: state", static_cast<int>(m), names[r]);
+      compare(what, runs[r].state, want.state, tol_s);
+    }
+  }
+  return 0;
+}

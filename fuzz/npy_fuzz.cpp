@@ -1,0 +1,77 @@
+// fuzz/npy_fuzz.cpp — npy::load on arbitrary bytes: it either returns an array whose byte count
+// matches its shape and dtype, or throws mnemo::error; never crashes, never allocates more than
+// the file holds. A loaded array converts to a tensor of its own dtype and rank (other ranks and
+// dtypes throw), and save + load gives the same shape and bytes back.
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "common.hpp"
+#include "mnemo/core/npy.hpp"
+
+namespace {
+
+using namespace mnemo;
+
+// Per-process scratch files (libFuzzer may run several jobs at once).
+const std::string& scratch(int i) {
+  static const std::string paths[2] = {"/tmp/mnemo_npy_fuzz_" + std::to_string(::getpid()) + "_in.npy",
+                                       "/tmp/mnemo_npy_fuzz_" + std::to_string(::getpid()) + "_out.npy"};
+  return paths[i];
+}
+
+template <class T, int R>
+void roundtrip(const npy::array& a) {
+  tensor<T, R> t = a.as<T, R>();
+  fuzz::check(t.bytes() == a.bytes.size(), "tensor size differs from the loaded byte count");
+  npy::save(scratch(1), t);
+  const npy::array b = npy::load(scratch(1));
+  fuzz::check(b.type == a.type && b.shape == a.shape, "save + load changed the dtype or shape");
+  fuzz::check(b.bytes == a.bytes, "save + load changed the data");
+}
+
+template <class T>
+void as_every_rank(const npy::array& a) {
+  const int rank = static_cast<int>(a.shape.size());
+  for (int r = 1; r <= 4; ++r) {
+    try {
+      if (r == 1) roundtrip<T, 1>(a);
+      else if (r == 2) roundtrip<T, 2>(a);
+      else if (r == 3) roundtrip<T, 3>(a);
+      else roundtrip<T, 4>(a);
+      fuzz::check(r == rank && a.type == npy::dtype_of<T>(), "as<T, R> accepted another dtype or rank");
+    } catch (const mnemo::error&) {
+      fuzz::check(r != rank || a.type != npy::dtype_of<T>(), "as<T, R> rejected its own dtype and rank");
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  {
+    std::FILE* f = std::fopen(scratch(0).c_str(), "wb");
+    if (!f) fuzz::die("cannot write %s", scratch(0).c_str());
+    if (size) std::fwrite(data, 1, size, f);
+    std::fclose(f);
+  }
+  npy::array a;
+  try {
+    a = npy::load(scratch(0));
+  } catch (const mnemo::error&) {
+    fuzz::stats::count("rejected (mnemo::error)");
+    return 0;
+  }
+  fuzz::stats::count("loaded");
+  fuzz::check(a.size() >= 0, "negative element count");
+  fuzz::check(a.bytes.size() == static_cast<std::size_t>(a.size()) * npy::item_size(a.type),
+              "loaded byte count differs from shape x item size");
+  fuzz::check(a.bytes.size() <= size, "loaded more bytes than the file holds");
+  as_every_rank<float>(a);
+  as_every_rank<f16>(a);
+  as_every_rank<std::int64_t>(a);
+  return 0;
+}

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Generates docs/errors.md: what each public entry point of mnemo checks and the mnemo::error it
+throws, read from the detail::require / detail::fail / require_shape calls in include/mnemo/**.
+
+    /usr/bin/python3 scripts/error_table.py            # rewrites docs/errors.md
+    /usr/bin/python3 scripts/error_table.py --check    # exit 1 if docs/errors.md is out of date
+
+For every call the table gives the function it sits in (entry point or the shared check helper
+the entry points call), the condition that must hold, and the message with its runtime pieces in
+braces; `fn` is the entry point's name (e.g. "attention::flash"), which every message starts with.
+The second table lists, per entry point, the shared helpers it calls.
+"""
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+INCLUDE = ROOT / "include" / "mnemo"
+OUT = ROOT / "docs" / "errors.md"
+
+CALL = re.compile(r"(?:mnemo::)?(?:detail::)?\b(require_shape|require|fail)\(")
+# A function definition opening at the start of a line (after templates/qualifiers), e.g.
+#   void flash(view<const float, 4> q, ...   or   inline dims check_args(const char* fn, ...
+DEF = re.compile(r"^(?:  )?(?:template <[^>]*>\s*)?(?:inline |static |constexpr |\[\[noreturn\]\] )*"
+                 r"[\w:<>,\*& ]+?\b([a-z_][a-z0-9_]*)\(")
+KEYWORDS = {"if", "for", "while", "switch", "return", "require", "fail", "require_shape", "static_assert",
+            "sizeof", "decltype", "assert"}
+
+
+def balanced_args(text, start):
+    """Arguments of the call whose '(' is at text[start - 1]; returns (args, end)."""
+    depth, i, cur, args, in_str = 1, start, [], [], None
+    while i < len(text):
+        c = text[i]
+        if in_str:
+            cur.append(c)
+            if c == "\\":
+                cur.append(text[i + 1])
+                i += 1
+            elif c == in_str:
+                in_str = None
+        elif c in "\"'":
+            in_str = c
+            cur.append(c)
+        elif c in "([{<" and not (c == "<" and text[i + 1:i + 2] in (" ", "=")):
+            depth += c != "<"
+            cur.append(c)
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                args.append("".join(cur).strip())
+                return args, i + 1
+            cur.append(c)
+        elif c == "," and depth == 1:
+            args.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    return args, i
+
+
+def message(parts):
+    out = []
+    for p in parts:
+        p = " ".join(p.split())
+        m = re.fullmatch(r'"((?:[^"\\]|\\.)*)"', p)
+        if m:
+            out.append(m.group(1).replace("\\\\", "\\"))
+        else:
+            out.append("{" + p + "}")
+    return "".join(out)
+
+
+def enclosing_function(lines, lineno):
+    for j in range(lineno, -1, -1):
+        line = lines[j]
+        if line.lstrip().startswith("//"):
+            continue
+        m = DEF.match(line)
+        if m and m.group(1) not in KEYWORDS and not line.startswith("    "):
+            return m.group(1)
+    return "?"
+
+
+def md(s):
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def scan():
+    rows = {}   # header -> [(function, condition, message)]
+    calls = {}  # header -> {entry function: set(helpers)}
+    helpers = set()
+    for path in sorted(INCLUDE.rglob("*.hpp")):
+        rel = path.relative_to(ROOT / "include").as_posix()
+        text = path.read_text()
+        lines = text.split("\n")
+        offsets = [0]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line) + 1)
+        for m in CALL.finditer(text):
+            if text[max(0, m.start() - 8):m.start()].rstrip().endswith(("void", "[[noreturn]]")):
+                continue  # the definitions in core/error.hpp
+            lineno = next(i for i in range(len(offsets)) if offsets[i + 1] > m.start())
+            if lines[lineno].lstrip().startswith("//"):
+                continue
+            args, _ = balanced_args(text, m.end())
+            kind = m.group(1)
+            func = enclosing_function(lines, lineno)
+            if kind == "require" and args:
+                cond, msg = " ".join(args[0].split()), message(args[1:])
+            elif kind == "fail":
+                cond, msg = "(always, on this branch)", message(args)
+            elif kind == "require_shape" and len(args) >= 4:
+                name = message([args[1]])
+                want = " ".join(args[3].split())
+                if want.startswith("{") and want.endswith("}"):
+                    want = "[" + want[1:-1] + "]"
+                cond = f"{name}.shape() == {want}"
+                dims = message([args[4]]) if len(args) > 4 else ""
+                msg = "{fn}: " + f"{name} must have shape {want}{dims}, got {{shape}}"
+            else:
+                continue
+            rows.setdefault(rel, []).append((func, cond, msg))
+            if func.startswith("check") or func in ("validate", "require_shape"):
+                helpers.add(func)
+        for h in re.findall(r"\b(check_[a-z_]+|validate)\(", text):
+            helpers.add(h)
+    # Which helper each function calls.
+    for path in sorted(INCLUDE.rglob("*.hpp")):
+        rel = path.relative_to(ROOT / "include").as_posix()
+        lines = path.read_text().split("\n")
+        for i, line in enumerate(lines):
+            for h in re.findall(r"\b(check_[a-z_]+|validate)\(", line):
+                if line.lstrip().startswith("//"):
+                    continue
+                f = enclosing_function(lines, i)
+                if f != h and f not in helpers and f != "?":
+                    calls.setdefault(rel, {}).setdefault(f, set()).add(h)
+    return rows, calls
+
+
+HEADER = """# Errors: what each entry point checks
+
+Every public entry point validates its arguments once, at the boundary, and throws
+`mnemo::error` (derived from `std::invalid_argument`, core/error.hpp) on bad input; nothing is
+written before the checks pass. A message names the entry point, the argument, the expected and
+the actual value, e.g.
+
+    attention::decode: q.shape[2] (Lq) must be <= 16 (decode_max_rows; use a prefill kernel for more rows), got 17
+
+Generated from the `detail::require` / `detail::fail` / `detail::require_shape` calls in
+`include/mnemo/**` by `scripts/error_table.py`; regenerate after changing a check:
+
+    /usr/bin/python3 scripts/error_table.py            # rewrites this file
+    /usr/bin/python3 scripts/error_table.py --check    # fails if it is out of date
+
+Reading the tables: *function* is where the check sits, either the entry point itself or a shared
+helper (`check_args`, `check_common`, ...) that the entry points of the second table call; `fn` is
+the calling entry point's name, which starts every message; `{...}` is a value filled in at run time.
+
+## Numerical behaviour that is not an error
+
+Checked by `tests/reliability/extremes_test.cpp`:
+
+- A row with no visible key (masks, `-inf` score biases, an empty kNN memory) gives out = 0 and
+  lse = -inf, never NaN. Gates of `-inf` (decay 0) and `0` (no decay) are exact.
+- Finite inputs of extreme size (logits near +-1e4, scales from 1e-30 to 1e6, denormals, f16
+  storage up to 65504) give the reference's answer. `inf` stored in V (an f16 overflow) reaches
+  exactly the outputs that read it.
+- NaN in a data input (q, k, v, keys, queries) never crashes and propagates to the outputs that
+  depend on it. NaN in a gate, beta, gamma, learning rate or scale is rejected (tables below).
+- Known gaps (reported, fixes pending in the owning headers):
+  - `attention::reference` and `attention::decode`: a query row whose every score is NaN reads as
+    fully masked (out = 0, lse = -inf) instead of NaN, and `attention::merge` (so split-KV decode)
+    drops a partial whose lse is NaN. Fix: a NaN check beside the row maximum
+    (`reference_detail::heads`, `decode_detail::merge_row`). `attention::flash` propagates.
+  - The chunked form of the linear family lets a NaN at token t also reach the earlier tokens of
+    t's chunk (its masked intra-chunk product computes 0 * NaN); earlier chunks stay clean, and the
+    recurrent form never looks back.
+  - `npy::load`: a shape with a zero dimension skips the overflow check of the other dimensions,
+    so `(72057594037927935, 72057594037927935, 0)` overflows `std::int64_t` in `array::size()`
+    (UB; found by fuzz/npy_fuzz.cpp, reproducer in fuzz/regressions/npy_fuzz/).
+  - `kvcache::layer_cache::append` (int8/int4, `quant.residual == quant.key_group`): the flush that
+    quantizes a full residual window takes `&rk_(h, G, 0)` with G = residual, one past the window,
+    for a 0-byte memmove; Debug builds abort on tensor's bounds assert (found by
+    fuzz/kvcache_fuzz.cpp, reproducer in fuzz/regressions/kvcache_fuzz/).
+"""
+
+
+def render(rows, calls):
+    out = [HEADER]
+    out.append("## Entry points and the shared checks they call\n")
+    out.append("| header | function | shared checks called |")
+    out.append("|---|---|---|")
+    for rel in sorted(calls):
+        for f in sorted(calls[rel]):
+            out.append(f"| `{rel}` | `{f}` | {', '.join(f'`{h}`' for h in sorted(calls[rel][f]))} |")
+    out.append("")
+    out.append("## Checks\n")
+    for rel in sorted(rows):
+        out.append(f"### `{rel}`\n")
+        out.append("| function | must hold | error message |")
+        out.append("|---|---|---|")
+        seen = set()
+        for func, cond, msg in rows[rel]:
+            key = (func, cond, msg)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(f"| `{func}` | `{md(cond)}` | {md(msg)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main():
+    rows, calls = scan()
+    text = render(rows, calls)
+    if "--check" in sys.argv:
+        if not OUT.exists() or OUT.read_text() != text:
+            print("docs/errors.md is out of date: run /usr/bin/python3 scripts/error_table.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text)
+    n = sum(len(r) for r in rows.values())
+    print(f"wrote {OUT.relative_to(ROOT)}: {n} checks in {len(rows)} headers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
