@@ -26,6 +26,15 @@
 // bit-identical for every thread count. Chunks the mod classifies as empty for every row
 // (sliding windows, mods::classify) are neither read nor merged.
 //
+// Side output (column_sums, reference.hpp): the column sums of the final probabilities over the
+// last `rows` query rows. A chunk's probabilities p_c = exp(s - lse_c) are already in its score
+// block after step 2; when the side output is wanted they are also copied to a per-item buffer,
+// and the merging thread scales them by the merge weight of their chunk, w_c = exp(lse_c - lse)
+// (the weights the N-way merge computes anyway), summing over the summed rows of each head. The
+// copy and the rescale are one pass over R x Lk floats each, beside the kernel's Lk x (D + Dv)
+// K/V elements (under 1% at Lk = 32768, D = 128); with the side output not wanted nothing of it
+// runs.
+//
 // The readable reference is attention::reference (reference.hpp): decode takes the same arguments
 // and must agree with it to f32 rounding, so a surprising result is checked by calling it instead.
 //
@@ -58,6 +67,7 @@
 
 #include "mnemo/attention/common.hpp"
 #include "mnemo/attention/mods.hpp"
+#include "mnemo/attention/reference.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
@@ -346,11 +356,13 @@ void values(const plan& pl, const float* p, const KV* v0, std::int64_t vs, std::
 }
 
 // One work item: the partial result of kv head hk of batch b over the keys [j0, j0 + n).
-// po [R, Dvpad] partial outputs, lse_at(r) the partial lse of row r, s [Rpad, decode_chunk] scratch.
+// po [R, Dvpad] partial outputs, lse_at(r) the partial lse of row r, s [Rpad, decode_chunk] scratch,
+// pp [R, decode_chunk] the chunk's probabilities of rows [first_summed, R) for the side output
+// (null: not wanted).
 template <class Arch, int RowTile, class KV, class Mod, class LseAt>
 void chunk(const plan& pl, const float* qs, view<const KV, 4> k, view<const KV, 4> v, std::int64_t b,
            std::int64_t hk, std::int64_t j0, std::int64_t n, tile cls, const Mod& mod, float* s, float* po,
-           LseAt&& lse_at) {
+           LseAt&& lse_at, float* pp, std::int64_t first_summed) {
   const dims& d = pl.d;
   scores<Arch, RowTile>(pl, qs, k.ptr(b, hk, j0), k.stride(2), n, s);
   for (std::int64_t r = 0; r < pl.R; ++r) {
@@ -370,6 +382,7 @@ void chunk(const plan& pl, const float* qs, view<const KV, 4> k, view<const KV, 
     } else {
       lse_at(r) = minus_inf;
     }
+    if (pp && r % d.Lq >= first_summed) std::copy_n(sr, n, pp + r * decode_chunk);
   }
   std::fill(po, po + pl.R * pl.Dvpad, 0.0f);
   values<Arch>(pl, s, v.ptr(b, hk, j0), v.stride(2), n, po);
@@ -377,7 +390,7 @@ void chunk(const plan& pl, const float* qs, view<const KV, 4> k, view<const KV, 
 
 template <class Arch, int RowTile, class KV, class Mod>
 void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
-         view<float, 3> lse, const Mod& mod, int threads, decode_workspace& ws) {
+         view<float, 3> lse, const Mod& mod, int threads, decode_workspace& ws, const column_sums& cs) {
   constexpr std::int64_t W = lanes<Arch>;
   constexpr std::int64_t align = 64 / sizeof(float);
   plan pl{d, 0, 0, 0, 0, 0};
@@ -401,16 +414,29 @@ void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const 
 
   const std::int64_t groups = d.B * d.Hkv;
   const std::int64_t items = groups * pl.live;
+  const std::int64_t first_summed = cs.first_row(d.Lq);
+  float* pp_all = nullptr;  // side output: per item [R, decode_chunk] chunk probabilities
 
-  // Every row of (b, hk) merges its chunks in chunk order.
+  // Every row of (b, hk) merges its chunks in chunk order. After merge_row, w[c] holds the merge
+  // weight exp(lse_c - lse) of chunk c, which turns the chunk's probabilities into final ones.
   auto merge_group = [&](std::int64_t g, float* po, float* plse) {
+    const std::int64_t b = g / d.Hkv;
+    if (cs.wanted() && d.Lk > 0)
+      for (std::int64_t h = (g % d.Hkv) * d.group(); h < (g % d.Hkv + 1) * d.group(); ++h)
+        std::fill_n(cs.sums.ptr(b, h, 0), d.Lk, 0.0f);
     for (std::int64_t r = 0; r < pl.R; ++r) {
-      const std::int64_t b = g / d.Hkv, h = (g % d.Hkv) * d.group() + r / d.Lq, i = r % d.Lq;
+      const std::int64_t h = (g % d.Hkv) * d.group() + r / d.Lq, i = r % d.Lq;
       float* w = pl.live ? plse + (g * pl.R + r) * pl.live : nullptr;
       const float* parts = pl.live ? po + (g * pl.live * pl.R + r) * pl.Dvpad : nullptr;
       merge_row<Arch>(
           pl.live, [&](std::int64_t p) { return parts + p * pl.R * pl.Dvpad; }, [&](std::int64_t p) { return w[p]; },
           w, d.Dv, out.ptr(b, h, i), lse.empty() ? nullptr : lse.ptr(b, h, i));
+      if (!cs.wanted() || i < first_summed) continue;
+      for (std::int64_t c = 0; c < pl.live; ++c) {
+        if (!(w[c] > 0)) continue;  // an empty chunk; -inf (every chunk empty: merge_row left w as lse)
+        const std::int64_t j0 = live_start[static_cast<std::size_t>(c)], n = std::min(decode_chunk, d.Lk - j0);
+        simd::axpy<Arch>(w[c], pp_all + ((g * pl.live + c) * pl.R + r) * decode_chunk, cs.sums.ptr(b, h, j0), n);
+      }
     }
   };
   if (pl.live == 0) {  // no key visible to any row: every row is 0 / -inf
@@ -426,9 +452,11 @@ void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const 
   const std::int64_t pl_size = round_up(items * pl.R, align);
   const std::int64_t q_size = round_up(pl.Rpad * pl.Dpad, align);
   const std::int64_t s_size = round_up(pl.Rpad * decode_chunk, align);
-  float* po = ws.reserve(po_size + pl_size + slots * (q_size + s_size));
+  const std::int64_t pp_size = cs.wanted() ? round_up(items * pl.R * decode_chunk, align) : 0;
+  float* po = ws.reserve(po_size + pl_size + slots * (q_size + s_size) + pp_size);
   float* plse = po + po_size;
   float* scratch = plse + pl_size;
+  if (cs.wanted()) pp_all = scratch + slots * (q_size + s_size);
 
   // Chunks still to be computed per group: the thread that finishes a group's last chunk merges
   // that group, so one parallel region does everything (a second region would wait for the
@@ -462,7 +490,8 @@ void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const 
           float* lse_g = plse + g * pl.R * pl.live;
           chunk<Arch, RowTile>(pl, qs, k, v, b, hk, j0, std::min(decode_chunk, d.Lk - j0),
                                live_class[static_cast<std::size_t>(c)], mod, s, po + it * pl.R * pl.Dvpad,
-                               [&](std::int64_t r) -> float& { return lse_g[r * pl.live + c]; });
+                               [&](std::int64_t r) -> float& { return lse_g[r * pl.live + c]; },
+                               pp_all ? pp_all + it * pl.R * decode_chunk : nullptr, first_summed);
           if (pending[g].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_group(g, po, plse);
         }
       },
@@ -483,16 +512,23 @@ void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
             view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
             view<float, 4> out,       // [B, Hq, Lq, Dv]
             view<float, 3> lse,       // [B, Hq, Lq] or empty
-            const Mod& mod, const options& opt, decode_workspace& ws) {
+            const Mod& mod, const options& opt, decode_workspace& ws,
+            const column_sums& cs = {}) {  // optional side output, see the header
   constexpr const char* fn = "attention::decode";
   const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
   mnemo::detail::require(d.Lq <= decode_max_rows, fn, ": q.shape[2] (Lq) must be <= ", decode_max_rows,
                          " (decode_max_rows; use a prefill kernel for more rows), got ", d.Lq);
-  if (d.B == 0 || d.Lq == 0) return;
+  detail::check_column_sums(fn, d, cs);
+  if (d.B == 0 || d.Lq == 0) {  // no row: nothing attended
+    if (cs.wanted() && d.Lk > 0)
+      for (std::int64_t b = 0; b < d.B; ++b)
+        for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(cs.sums.ptr(b, h, 0), d.Lk, 0.0f);
+    return;
+  }
   const std::int64_t R = d.group() * d.Lq;
-  if (R == 1) decode_detail::run<Arch, 1>(d, q, k, v, out, lse, mod, opt.threads, ws);
-  else if (R == 2) decode_detail::run<Arch, 2>(d, q, k, v, out, lse, mod, opt.threads, ws);
-  else decode_detail::run<Arch, 4>(d, q, k, v, out, lse, mod, opt.threads, ws);
+  if (R == 1) decode_detail::run<Arch, 1>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
+  else if (R == 2) decode_detail::run<Arch, 2>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
+  else decode_detail::run<Arch, 4>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
 }
 
 // As above, with a workspace of its own (allocated for this call).
@@ -502,17 +538,17 @@ void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
             view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
             view<float, 4> out,       // [B, Hq, Lq, Dv]
             view<float, 3> lse = {},  // [B, Hq, Lq] or empty
-            const Mod& mod = {}, const options& opt = {}) {
+            const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
   decode_workspace ws;
-  decode<KV, Mod, Arch>(q, k, v, out, lse, mod, opt, ws);
+  decode<KV, Mod, Arch>(q, k, v, out, lse, mod, opt, ws, cs);
 }
 
 // Convenience: tensors or views of any constness for k and v.
 template <class K, class V, class Mod = mods::none, class Arch = simd::default_arch>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void decode(view<const float, 4> q, const K& k, const V& v, view<float, 4> out, view<float, 3> lse = {},
-            const Mod& mod = {}, const options& opt = {}) {
-  decode<element_t<K>, Mod, Arch>(q, cview(k), cview(v), out, lse, mod, opt);
+            const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
+  decode<element_t<K>, Mod, Arch>(q, cview(k), cview(v), out, lse, mod, opt, cs);
 }
 
 // Exact merge of two partial results over disjoint key sets (see the header): out and lse may be

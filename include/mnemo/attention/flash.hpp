@@ -39,6 +39,15 @@
 // backward runs two passes over the same recomputed tiles, dK/dV per (kv head, key tile) and
 // dQ per (query head, query tile), so no two threads ever add into the same output.
 //
+// Side output (column_sums, reference.hpp): the column sums of the final probabilities over the
+// last `rows` query rows. The online softmax only knows a row's normaliser after its last key
+// tile, so the sums are a second sweep over the query tiles that hold summed rows, with the lse
+// of the first: P^T = exp(f(scale K Q^T) - lse) per tile (the backward's recompute), summed over
+// the tile's summed queries. Work items are (batch, kv head, key tile), so every item owns its
+// slice of sums (no atomics, thread-count independent). Cost: one extra K Q^T GEMM per tile of
+// summed rows, i.e. about 1/Lq-tiles of the forward for a SnapKV window of <= 64 rows and half a
+// forward when every row is summed (H2O); nothing at all when the side output is not wanted.
+//
 // Numerics: f32 products and sums with fused multiply-adds, exp from simd/math.hpp (1 ulp);
 // the forward rescales the accumulator by exp(m - m'), which is exact when the max does not
 // change. The readable double-precision references are attention::reference (forward,
@@ -66,6 +75,7 @@
 #include "mnemo/simd/arch.hpp"
 #include "mnemo/simd/gemm.hpp"
 #include "mnemo/simd/load.hpp"
+#include "mnemo/simd/vec.hpp"
 
 namespace mnemo::attention {
 
@@ -465,29 +475,102 @@ struct forward_plan {
   }
 };
 
+// The side output: column sums of P over the summed rows [first, Lq), from the forward's lse.
+template <class KV, class Mod, class Arch>
+struct column_sums_plan {
+  using traits = flash_traits<Arch>;
+  static constexpr std::int64_t bq = traits::block_q, bk = traits::block_k, w = traits::lanes;
+
+  const dims& d;
+  view<const float, 4> q;
+  view<const KV, 4> k;
+  view<const float, 3> lse;  // [B, Hq, Lq] of the forward
+  const Mod& mod;
+  view<float, 3> sums;  // [B, Hq, Lk]
+  std::int64_t first;   // first summed query row
+
+  std::int64_t n_kt = (d.Lk + bk - 1) / bk, qt_first = first / bq, n_qt = (d.Lq + bq - 1) / bq;
+  workspace_layout ws{};
+  std::int64_t at_qt = ws.take(d.D * bq), at_s = ws.take(bk * bq), at_lse = ws.take(bq),
+               at_k = std::is_same_v<KV, float> ? 0 : ws.take(bk * d.D);
+
+  std::int64_t items() const { return d.B * d.Hkv * n_kt; }
+
+  void run(std::int64_t item, float* work) const {
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    const std::int64_t kt = item % n_kt, hk = item / n_kt % d.Hkv, b = item / n_kt / d.Hkv;
+    const std::int64_t k0 = kt * bk, kn = std::min(bk, d.Lk - k0);
+    const float* kp;
+    std::int64_t ldk;
+    if constexpr (std::is_same_v<KV, float>) {
+      kp = k.ptr(b, hk, k0);
+      ldk = k.stride(2);
+    } else {
+      for (std::int64_t j = 0; j < kn; ++j) to_f32<Arch>(k.ptr(b, hk, k0 + j), work + at_k + j * d.D, d.D);
+      kp = work + at_k;
+      ldk = d.D;
+    }
+    float* s = work + at_s;
+    float* lse_t = work + at_lse;
+    for (std::int64_t h = hk * d.group(); h < (hk + 1) * d.group(); ++h) {
+      float* out = sums.ptr(b, h, k0);
+      std::fill_n(out, kn, 0.0f);
+      for (std::int64_t qt = qt_first; qt < n_qt; ++qt) {
+        const std::int64_t q0 = qt * bq, qn = std::min(bq, d.Lq - q0), nq = round_up(qn, w), qp0 = q0 + d.offset();
+        const tile t = mods::classify(mod, qp0, qp0 + qn, k0, k0 + kn);
+        if (t == tile::empty) continue;
+        // Rows before `first` and the padding get lse = -inf, hence p = 0.
+        for (std::int64_t i = 0; i < nq; ++i) lse_t[i] = i < qn && q0 + i >= first ? lse(b, h, q0 + i) : neg_inf;
+        pack_transposed(q.ptr(b, h, q0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt, bq);
+        simd::gemm<simd::a_order::row_major, Arch>(kn, nq, d.D, kp, ldk, work + at_qt, bq, s, bq,
+                                                   simd::c_mode::overwrite);
+        apply_score<Arch, false>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
+        apply_mask(s, bq, kn, qn, k0, qp0, mod, t);
+        simd::probs_from_lse_columns<Arch>(s, bq, kn, nq, lse_t);
+        for (std::int64_t j = 0; j < kn; ++j) out[j] += simd::reduce_sum<Arch>(s + j * bq, nq);
+      }
+    }
+  }
+};
+
 }  // namespace flash_detail
 
 // FlashAttention-2 forward. K/V elements may be float, f16 or bf16; out and lse as in
-// attention::reference, to float32 accuracy.
+// attention::reference, to float32 accuracy. `cs`: the optional column sums of the probabilities
+// (reference.hpp); not wanted by default, and then nothing of it runs.
 template <class KV, class Mod = mods::none, class Arch = simd::default_arch>
 void flash(view<const float, 4> q,   // [B, Hq, Lq, D]
            view<const KV, 4> k,      // [B, Hkv, Lk, D]
            view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
            view<float, 4> out,       // [B, Hq, Lq, Dv]
            view<float, 3> lse = {},  // [B, Hq, Lq] or empty
-           const Mod& mod = {}, const options& opt = {}) {
-  const dims d = detail::check_args("attention::flash", q, k, v, out, lse, mod, opt);
-  const flash_detail::forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse, mod};
+           const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
+  constexpr const char* fn = "attention::flash";
+  const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
+  detail::check_column_sums(fn, d, cs);
+  if (!cs.wanted()) {
+    const flash_detail::forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse, mod};
+    flash_detail::run_items(plan.items(), plan.ws.total, opt.threads,
+                            [&](std::int64_t item, float* work) { plan.run(item, work); });
+    return;
+  }
+  // The sums need every summed row's lse: the caller's, or one of our own.
+  tensor<float, 3> own_lse(lse.empty() ? shape_t<3>{d.B, d.Hq, d.Lq} : shape_t<3>{0, 0, 0});
+  const view<float, 3> lse_used = lse.empty() ? own_lse.as_view() : lse;
+  const flash_detail::forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse_used, mod};
   flash_detail::run_items(plan.items(), plan.ws.total, opt.threads,
                           [&](std::int64_t item, float* work) { plan.run(item, work); });
+  const flash_detail::column_sums_plan<KV, Mod, Arch> sums_plan{d, q, k, lse_used, mod, cs.sums, cs.first_row(d.Lq)};
+  flash_detail::run_items(sums_plan.items(), sums_plan.ws.total, opt.threads,
+                          [&](std::int64_t item, float* work) { sums_plan.run(item, work); });
 }
 
 // Convenience: tensors or views of any constness for k and v.
 template <class K, class V, class Mod = mods::none>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void flash(view<const float, 4> q, const K& k, const V& v, view<float, 4> out, view<float, 3> lse = {},
-           const Mod& mod = {}, const options& opt = {}) {
-  flash<element_t<K>, Mod>(q, cview(k), cview(v), out, lse, mod, opt);
+           const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
+  flash<element_t<K>, Mod>(q, cview(k), cview(v), out, lse, mod, opt, cs);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,13 @@
 // lse [B, Hq, Lq] (optional). Query head h reads kv head h / (Hq / Hkv) (GQA/MQA). Query row i
 // sits at key position i + (Lk - Lq): causal masks are bottom-right aligned.
 //
+// Optional side output (every attention entry point: reference, flash, decode): the column sums
+// of the softmax probabilities over the last `rows` query rows of each query head,
+//   sums[b, h, j] = sum_{i = Lq - rows}^{Lq - 1} P[b, h, i, j]          (rows = 0: all Lq rows)
+// the statistic attention-based KV policies score with (H2O, TOVA, SnapKV observation windows;
+// kvcache/policies/), so they need no second attention pass. A masked pair contributes 0; a row
+// that sees no key contributes nothing.
+//
 // Numerics: every product, sum and exponential in double, rounded to float once at the end;
 // scores are shifted by their row maximum before exp, so logits of +-1e4 do not overflow.
 // A row that sees no key gets out = 0 and lse = -inf, never NaN.
@@ -29,14 +36,39 @@
 
 namespace mnemo::attention {
 
+// The side output described above. Default: not wanted.
+struct column_sums {
+  view<float, 3> sums;    // [B, Hq, Lk]; empty: not wanted
+  std::int64_t rows = 0;  // the last `rows` query rows contribute; 0: all Lq rows
+
+  bool wanted() const { return !sums.empty(); }
+  // The first query row that contributes.
+  std::int64_t first_row(std::int64_t Lq) const { return rows == 0 ? 0 : Lq - rows; }
+};
+
+namespace detail {
+
+// Shape and row count of a wanted side output against the validated dims.
+inline void check_column_sums(const char* fn, const dims& d, const column_sums& cs) {
+  if (!cs.wanted()) return;
+  mnemo::detail::require_shape(fn, "column_sums.sums", cs.sums, {d.B, d.Hq, d.Lk}, " [B, Hq, Lk]");
+  mnemo::detail::require(cs.rows >= 0 && cs.rows <= d.Lq, fn, ": column_sums.rows must be in [0, Lq = ", d.Lq,
+                         "] (0: all rows), got ", cs.rows);
+}
+
+}  // namespace detail
+
 namespace reference_detail {
 
 // One (batch, query head): all Lq rows. `s` is a scratch row of Lk doubles.
 template <class KV, class Mod>
 void heads(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
-           view<float, 3> lse, const Mod& mod, std::int64_t b, std::int64_t h, std::vector<double>& s) {
+           view<float, 3> lse, const Mod& mod, std::int64_t b, std::int64_t h, std::vector<double>& s,
+           const column_sums& cs) {
   const std::int64_t hk = h / d.group();
   std::vector<double> acc(static_cast<std::size_t>(d.Dv));
+  std::vector<double> colsum(cs.wanted() ? static_cast<std::size_t>(d.Lk) : 0);
+  const std::int64_t first_summed = cs.first_row(d.Lq);
   for (std::int64_t i = 0; i < d.Lq; ++i) {
     const std::int64_t qp = i + d.offset();
     const float* qi = q.ptr(b, h, i);
@@ -69,7 +101,12 @@ void heads(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<cons
     }
     for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = static_cast<float>(acc[c] / sum);
     if (!lse.empty()) lse(b, h, i) = static_cast<float>(m + std::log(sum));
+    if (cs.wanted() && i >= first_summed)
+      for (std::int64_t j = 0; j < d.Lk; ++j)
+        if (s[j] != -std::numeric_limits<double>::infinity()) colsum[j] += std::exp(s[j] - m) / sum;
   }
+  if (cs.wanted())
+    for (std::int64_t j = 0; j < d.Lk; ++j) cs.sums(b, h, j) = static_cast<float>(colsum[j]);
 }
 
 }  // namespace reference_detail
@@ -81,13 +118,16 @@ void reference(view<const float, 4> q,   // [B, Hq, Lq, D]
                view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
                view<float, 4> out,       // [B, Hq, Lq, Dv]
                view<float, 3> lse = {},  // [B, Hq, Lq] or empty
-               const Mod& mod = {}, const options& opt = {}) {
-  const dims d = detail::check_args("attention::reference", q, k, v, out, lse, mod, opt);
+               const Mod& mod = {}, const options& opt = {},
+               const column_sums& cs = {}) {  // optional side output, see the header
+  constexpr const char* fn = "attention::reference";
+  const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
+  detail::check_column_sums(fn, d, cs);
   parallel_for(
       d.B * d.Hq,
       [&](std::int64_t bh) {
         std::vector<double> s(static_cast<std::size_t>(d.Lk));
-        reference_detail::heads(d, q, k, v, out, lse, mod, bh / d.Hq, bh % d.Hq, s);
+        reference_detail::heads(d, q, k, v, out, lse, mod, bh / d.Hq, bh % d.Hq, s, cs);
       },
       opt.threads);
 }
@@ -96,8 +136,8 @@ void reference(view<const float, 4> q,   // [B, Hq, Lq, D]
 template <class K, class V, class Mod = mods::none>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void reference(view<const float, 4> q, const K& k, const V& v, view<float, 4> out, view<float, 3> lse = {},
-               const Mod& mod = {}, const options& opt = {}) {
-  reference<element_t<K>, Mod>(q, cview(k), cview(v), out, lse, mod, opt);
+               const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
+  reference<element_t<K>, Mod>(q, cview(k), cview(v), out, lse, mod, opt, cs);
 }
 
 }  // namespace mnemo::attention

@@ -1,0 +1,52 @@
+// mnemo/kvcache/policies/pyramidkv.hpp — PyramidKV: SnapKV with budgets shrinking up the layers.
+//
+// Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
+// Funneling" (2024). Lower layers attend broadly, upper layers to a few tokens, so the budget
+// decreases linearly with depth at the same average. With m layers, an average budget b and the
+// observation window w (kept in every layer), the non-window budgets form an arithmetic sequence
+//
+//   top    k_{m-1} = (b - w) / beta
+//   bottom k_0     = 2 (b - w) - k_{m-1}
+//   layer  k_l     = k_0 - (k_0 - k_{m-1}) l / (m - 1),     budget_l = w + k_l
+//
+// (mean over l: b). Within a layer the selection is SnapKV's (snapkv.hpp). Prefill only.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "mnemo/kvcache/policies/common.hpp"
+#include "mnemo/kvcache/policies/snapkv.hpp"
+
+namespace mnemo::kvcache::policies {
+
+struct pyramidkv {
+  snapkv base{};
+  double beta = 20;  // ratio of the bottom layer's extra budget to the top layer's
+
+  // Per-layer budgets of `layers` layers averaging `average_budget` (rounded down; >= window).
+  std::vector<std::int64_t> layer_budgets(std::int64_t layers, std::int64_t average_budget) const {
+    constexpr const char* fn = "kvcache::policies::pyramidkv::layer_budgets";
+    detail::require(layers >= 1, fn, ": layers must be >= 1, got ", layers);
+    detail::require(beta >= 1, fn, ": beta must be >= 1, got ", beta);
+    detail::check_budget(fn, average_budget, base.window, " (the observation window is kept in every layer)");
+    const double extra = static_cast<double>(average_budget - base.window);
+    const double top = extra / beta, bottom = 2 * extra - top;
+    std::vector<std::int64_t> out;
+    for (std::int64_t l = 0; l < layers; ++l) {
+      const double k = layers == 1 ? extra : bottom - (bottom - top) * static_cast<double>(l) / static_cast<double>(layers - 1);
+      out.push_back(base.window + static_cast<std::int64_t>(std::floor(k)));
+    }
+    return out;
+  }
+
+  // The selection of layer `layer` of `layers` (observation as for snapkv).
+  selection select(const observation& o, std::int64_t layer, std::int64_t layers, std::int64_t average_budget) const {
+    constexpr const char* fn = "kvcache::policies::pyramidkv::select";
+    detail::require(layer >= 0 && layer < layers, fn, ": layer must be in [0, layers = ", layers, "), got ", layer);
+    return base.select(o, layer_budgets(layers, average_budget)[static_cast<std::size_t>(layer)]);
+  }
+};
+
+}  // namespace mnemo::kvcache::policies

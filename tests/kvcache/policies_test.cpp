@@ -1,0 +1,355 @@
+// Tests of kvcache/policies/*.hpp: every golden kv_* case (kept sets exact, scores within the
+// case tolerance), the invariants of every policy (budget respected, sinks / windows kept where
+// the policy says, ascending unique slots), the decode-time trackers against their prefill rule,
+// and bad budgets / mismatched shapes throwing mnemo::error.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kvcache/policies_golden_ops.hpp"
+#include "mnemo/kvcache/policies.hpp"
+
+namespace {
+
+using namespace mnemo;
+namespace pol = mnemo::kvcache::policies;
+namespace kg = mnemo::kv_golden;
+using kvcache::selection;
+
+// ---------------------------------------------------------------------------------------------
+// Golden cases.
+
+TEST(PoliciesGolden, EveryKvCaseEveryPath) {
+  int checked = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(MNEMO_GOLDEN_DIR)) {
+    if (!entry.is_directory() || entry.path().filename().string().rfind("kv_", 0) != 0) continue;
+    const golden::golden_case c(entry.path());
+    for (kg::path p : {kg::path::flash, kg::path::reference, kg::path::decode}) {
+      if (p == kg::path::decode && c.op() != "kv_tova") continue;
+      if (!kg::uses_attention(c.op()) && p != kg::path::reference) continue;
+      const golden::results got = kg::run(c, p);
+      for (const std::string& name : c.outputs()) {
+        const npy::array* g = got.find(name);
+        ASSERT_NE(g, nullptr) << c.name() << " has no output " << name;
+        const golden::comparison cmp = golden::compare(name, *g, c.expected(name), c.atol(), c.rtol());
+        EXPECT_TRUE(cmp.ok) << c.name() << " [" << kg::path_name(p) << "] " << cmp.failure;
+      }
+      ++checked;
+    }
+  }
+  EXPECT_GE(checked, 9 + 5);  // 9 cases, the 4 attention ones on 2 or 3 paths
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invariants on random observations.
+
+struct inputs {
+  tensor<float, 3> k, v, q;  // [Hkv, L, D], [Hkv, L, D], [Hq, Lw, D]
+  tensor<float, 2> attn;     // [Hq, L]: column sums of the last Lw causal rows
+};
+
+inputs random_inputs(std::int64_t Hq, std::int64_t Hkv, std::int64_t L, std::int64_t Lw, std::int64_t D, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  inputs in{tensor<float, 3>({Hkv, L, D}), tensor<float, 3>({Hkv, L, D}), tensor<float, 3>({Hq, Lw, D}),
+            tensor<float, 2>({Hq, L})};
+  for (auto* t : {&in.k, &in.v, &in.q})
+    for (auto& x : *t) x = dist(rng);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<double> s(static_cast<std::size_t>(L));
+  for (std::int64_t h = 0; h < Hq; ++h)
+    for (std::int64_t i = 0; i < Lw; ++i) {
+      const std::int64_t n = L - Lw + i + 1;
+      double m = -1e300, sum = 0;
+      for (std::int64_t j = 0; j < n; ++j) {
+        double dot = 0;
+        for (std::int64_t c = 0; c < D; ++c) dot += static_cast<double>(in.q(h, i, c)) * in.k(h / (Hq / Hkv), j, c);
+        s[static_cast<std::size_t>(j)] = scale * dot;
+        m = std::max(m, scale * dot);
+      }
+      for (std::int64_t j = 0; j < n; ++j) sum += std::exp(s[static_cast<std::size_t>(j)] - m);
+      for (std::int64_t j = 0; j < n; ++j) in.attn(h, j) += static_cast<float>(std::exp(s[static_cast<std::size_t>(j)] - m) / sum);
+    }
+  return in;
+}
+
+pol::observation observe(const inputs& in) { return {in.k, in.v, in.q, in.attn}; }
+
+void expect_valid(const selection& sel, std::int64_t Hkv, std::int64_t L, std::int64_t max_per_head,
+                  const std::string& what) {
+  ASSERT_EQ(sel.num_heads(), Hkv) << what;
+  EXPECT_NO_THROW(kvcache::validate(what.c_str(), sel, std::vector<std::int64_t>(static_cast<std::size_t>(Hkv), L))) << what;
+  for (std::int64_t h = 0; h < Hkv; ++h) EXPECT_LE(sel.kept(h), std::min(max_per_head, L)) << what << " head " << h;
+}
+
+bool keeps(const selection& sel, std::int64_t h, std::int64_t j) {
+  const auto& row = sel.heads[static_cast<std::size_t>(h)];
+  return std::binary_search(row.begin(), row.end(), j);
+}
+
+TEST(PolicyInvariants, EveryPolicyRespectsTheBudgetAndKeepsItsForcedSlots) {
+  const std::int64_t Hq = 8, Hkv = 2, L = 97, Lw = 8, D = 16;
+  const inputs in = random_inputs(Hq, Hkv, L, Lw, D, 7);
+  const pol::observation o = observe(in);
+  const tensor<float, 2> filters = pol::qfilter::fit(in.q, Hkv);
+  for (std::int64_t budget : {std::int64_t{10}, std::int64_t{24}, std::int64_t{48}, L, L + 5}) {
+    const std::string b = " budget " + std::to_string(budget);
+    const std::int64_t full = std::min(budget, L);
+    auto exact = [&](const selection& sel, const std::string& name) {
+      expect_valid(sel, Hkv, L, budget, name + b);
+      for (std::int64_t h = 0; h < Hkv; ++h) EXPECT_EQ(sel.kept(h), full) << name << b;
+    };
+    const selection s_llm = pol::streaming_llm{4}.select(o, budget);
+    exact(s_llm, "streaming_llm");
+    for (std::int64_t h = 0; h < Hkv; ++h) {
+      for (std::int64_t j = 0; j < 4; ++j) EXPECT_TRUE(keeps(s_llm, h, j)) << "sink " << j << b;
+      EXPECT_TRUE(keeps(s_llm, h, L - 1)) << "newest" << b;
+    }
+    const selection s_h2o = pol::h2o{5}.select(o, budget);
+    exact(s_h2o, "h2o");
+    const selection s_sci = pol::scissorhands{5}.select(o, budget);
+    exact(s_sci, "scissorhands");
+    const selection s_kf = pol::keyformer{5, 1.0f, 3}.select(o, budget);
+    exact(s_kf, "keyformer");
+    for (const selection* s : {&s_h2o, &s_sci, &s_kf})
+      for (std::int64_t h = 0; h < Hkv; ++h)
+        for (std::int64_t j = L - 5; j < L; ++j) EXPECT_TRUE(keeps(*s, h, j)) << "recent " << j << b;
+    exact(pol::tova{}.select(o, budget), "tova");
+    EXPECT_TRUE(keeps(pol::tova{}.select(o, budget), 0, L - 1)) << "tova keeps the current token" << b;
+    const selection s_snap = pol::snapkv{Lw, 5}.select(o, budget);
+    exact(s_snap, "snapkv");
+    if (budget >= Lw) {
+      for (std::int64_t j = L - Lw; j < L; ++j) EXPECT_TRUE(keeps(s_snap, 1, j)) << "snapkv window " << j << b;
+    }
+    exact(pol::knorm{}.select(o, budget), "knorm");
+    exact(pol::keydiff{}.select(o, budget), "keydiff");
+    exact(pol::qfilter{filters}.select(o, budget), "qfilter");
+    const selection s_alisa = pol::alisa{0.5, Lw}.select(o, budget);
+    exact(s_alisa, "alisa");
+    for (std::int64_t j = L - pol::alisa{0.5, Lw}.local_slots(full); j < L; ++j) EXPECT_TRUE(keeps(s_alisa, 0, j)) << "alisa local" << b;
+    // Head-adaptive: ragged, the layer total is Hkv * budget, every head at least its floor.
+    const selection s_ada = pol::adakv{pol::snapkv{Lw, 5}, 0.2}.select(o, budget);
+    expect_valid(s_ada, Hkv, L, L, "adakv" + b);
+    EXPECT_EQ(s_ada.total_kept(), Hkv * full) << b;
+    for (std::int64_t h = 0; h < Hkv; ++h) EXPECT_GE(s_ada.kept(h), static_cast<std::int64_t>(0.2 * full)) << b;
+    const std::vector<std::uint8_t> special = [&] {
+      std::vector<std::uint8_t> f(static_cast<std::size_t>(L), 0);
+      f[0] = 1;
+      return f;
+    }();
+    const pol::fastgen::plan fg = pol::fastgen{}.select(o, budget, special, {});
+    expect_valid(fg.kept, Hkv, L, budget, "fastgen" + b);
+    ASSERT_EQ(fg.per_head.size(), static_cast<std::size_t>(Hkv));
+    for (std::int64_t h = 0; h < Hkv; ++h) EXPECT_TRUE(keeps(fg.kept, h, 0)) << "fastgen special token" << b;
+  }
+}
+
+TEST(PolicyInvariants, PyramidBudgetsDecreaseAndAverageTheBudget) {
+  const pol::pyramidkv p{pol::snapkv{8, 5}, 20};
+  const std::vector<std::int64_t> b = p.layer_budgets(32, 200);
+  ASSERT_EQ(b.size(), 32u);
+  double mean = 0;
+  for (std::size_t l = 0; l < b.size(); ++l) {
+    mean += static_cast<double>(b[l]) / 32.0;
+    EXPECT_GE(b[l], 8);
+    if (l) {
+      EXPECT_LE(b[l], b[l - 1]);
+    }
+  }
+  EXPECT_NEAR(mean, 200.0, 1.0);  // floors lose < 1 slot per layer
+  const inputs in = random_inputs(4, 2, 300, 8, 8, 9);
+  const selection s = p.select(observe(in), 31, 32, 200);
+  for (std::int64_t h = 0; h < 2; ++h) EXPECT_EQ(s.kept(h), b.back());
+}
+
+TEST(PolicyInvariants, ThinkPrunesExactlyTheDroppedChannels) {
+  const inputs in = random_inputs(4, 2, 30, 6, 12, 11);
+  const pol::think t{5};
+  const selection ch = t.select(observe(in));
+  tensor<float, 3> k_out({2, 30, 12});
+  pol::think::prune(in.k, ch, k_out.as_view());
+  for (std::int64_t h = 0; h < 2; ++h) {
+    EXPECT_EQ(ch.kept(h), 7);
+    for (std::int64_t c = 0; c < 12; ++c)
+      for (std::int64_t j = 0; j < 30; ++j) EXPECT_EQ(k_out(h, j, c), keeps(ch, h, c) ? in.k(h, j, c) : 0.0f);
+  }
+}
+
+TEST(PolicyInvariants, QFilterFitPointsAgainstTheQueries) {
+  // Queries clustered along +e0: the filter is -e0 (up to sign convention: mean(q . f) < 0), and
+  // keys along +e0 score highest.
+  tensor<float, 3> q({2, 50, 4});
+  std::mt19937 rng(3);
+  std::normal_distribution<float> noise(0.0f, 0.1f);
+  for (std::int64_t h = 0; h < 2; ++h)
+    for (std::int64_t i = 0; i < 50; ++i)
+      for (std::int64_t c = 0; c < 4; ++c) q(h, i, c) = (c == 0 ? 3.0f : 0.0f) + noise(rng);
+  const tensor<float, 2> f = pol::qfilter::fit(q, 1);
+  EXPECT_LT(f(0, 0), -0.99f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode-time trackers.
+
+// Feeds `steps` decode steps of random probabilities over a growing cache and compresses on
+// overflow; the cache lengths must never exceed the budget after a compression.
+template <class Decoder, class Append, class Observe, class Select>
+void run_decoder(Decoder& dec, std::int64_t Hkv, std::int64_t Hq, std::int64_t budget, Append append, Observe observe_step,
+                 Select select_fn) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  std::vector<std::int64_t> len(static_cast<std::size_t>(Hkv), 0);
+  for (int step = 0; step < 60; ++step) {
+    for (std::int64_t h = 0; h < Hkv; ++h) {
+      append(dec, h);
+      ++len[static_cast<std::size_t>(h)];
+    }
+    const std::int64_t Lmax = *std::max_element(len.begin(), len.end());
+    tensor<float, 2> probs({Hq, Lmax});
+    for (std::int64_t h = 0; h < Hq; ++h) {
+      const std::int64_t n = len[static_cast<std::size_t>(h / (Hq / Hkv))];
+      for (std::int64_t j = 0; j < n; ++j) probs(h, j) = u(rng) / static_cast<float>(n);
+    }
+    observe_step(dec, probs);
+    if (pol::should_compress(len, budget)) {
+      const selection sel = select_fn(dec, budget);
+      kvcache::validate("decoder", sel, len);
+      for (std::int64_t h = 0; h < Hkv; ++h) {
+        ASSERT_EQ(sel.kept(h), budget);
+        EXPECT_TRUE(std::binary_search(sel.heads[static_cast<std::size_t>(h)].begin(), sel.heads[static_cast<std::size_t>(h)].end(),
+                                       len[static_cast<std::size_t>(h)] - 1))
+            << "the newest slot is kept";
+        len[static_cast<std::size_t>(h)] = sel.kept(h);
+      }
+      dec.compact(sel);
+    }
+  }
+}
+
+TEST(PolicyDecoders, EveryTrackerStaysWithinBudget) {
+  const std::int64_t Hkv = 2, Hq = 4, budget = 16, D = 8;
+  auto no_observe = [](auto&, const tensor<float, 2>&) {};
+  std::vector<float> key(static_cast<std::size_t>(D), 0.5f);
+  {
+    pol::h2o::decoder dec(Hkv, 2);
+    run_decoder(dec, Hkv, Hq, budget, [](auto& d, std::int64_t h) { d.append(h); },
+                [](auto& d, const tensor<float, 2>& p) { d.observe(p); }, [](auto& d, std::int64_t b) { return d.select(b); });
+  }
+  {
+    pol::scissorhands::decoder dec(Hkv, 2);
+    run_decoder(dec, Hkv, Hq, budget, [](auto& d, std::int64_t h) { d.append(h); },
+                [](auto& d, const tensor<float, 2>& p) { d.observe(p); }, [](auto& d, std::int64_t b) { return d.select(b); });
+  }
+  {
+    pol::keyformer::decoder dec(Hkv, pol::keyformer{2, 1.5f, 7});
+    run_decoder(dec, Hkv, Hq, budget, [](auto& d, std::int64_t h) { d.append(h); },
+                [](auto& d, const tensor<float, 2>& p) { d.observe(p); }, [](auto& d, std::int64_t b) { return d.select(b); });
+  }
+  {
+    pol::alisa::decoder dec(Hkv, pol::alisa{0.25, 4});
+    run_decoder(dec, Hkv, Hq, budget, [](auto& d, std::int64_t h) { d.append(h); },
+                [](auto& d, const tensor<float, 2>& p) { d.observe(p); }, [](auto& d, std::int64_t b) { return d.select(b); });
+  }
+  {
+    pol::knorm::decoder dec(Hkv);
+    run_decoder(dec, Hkv, Hq, budget, [&](auto& d, std::int64_t h) { d.append(h, key.data(), D); }, no_observe,
+                [](auto& d, std::int64_t b) { return d.select(b, 2, 1); });
+  }
+}
+
+TEST(PolicyDecoders, H2OAccumulatesExactlyTheObservedSums) {
+  pol::h2o::decoder dec(1);
+  for (int j = 0; j < 3; ++j) dec.append(0);
+  tensor<float, 2> p({2, 3});
+  for (std::int64_t j = 0; j < 3; ++j) {
+    p(0, j) = 0.1f * static_cast<float>(j + 1);
+    p(1, j) = 0.05f;
+  }
+  dec.observe(p);
+  dec.observe(p);
+  for (std::int64_t j = 0; j < 3; ++j) EXPECT_FLOAT_EQ(dec.scores(0)[static_cast<std::size_t>(j)], 2 * (p(0, j) + p(1, j)));
+  const selection keep_top = dec.select(1);
+  EXPECT_EQ(keep_top.heads[0], std::vector<std::int64_t>{2});
+}
+
+TEST(PolicyDecoders, TovaAndStreamingMatchTheirPrefillRule) {
+  const inputs in = random_inputs(4, 2, 40, 1, 8, 21);
+  pol::tova::decoder dec(2);
+  for (int j = 0; j < 40; ++j) {
+    dec.append(0);
+    dec.append(1);
+  }
+  dec.observe(in.attn);
+  const selection from_decoder = dec.select(12);
+  // Prefill TOVA forces the last slot; the decoder scores it by its own probability instead, so
+  // compare on the slots before it.
+  const selection prefill = pol::tova{}.select(observe(in), 12);
+  std::vector<std::int64_t> a = from_decoder.heads[0], b = prefill.heads[0];
+  a.erase(std::remove(a.begin(), a.end(), 39), a.end());
+  b.erase(std::remove(b.begin(), b.end(), 39), b.end());
+  const std::size_t n = std::min(a.size(), b.size());
+  EXPECT_TRUE(std::equal(b.begin(), b.begin() + static_cast<std::ptrdiff_t>(n), a.begin()));
+  EXPECT_EQ(from_decoder.heads[0], from_decoder.heads[1]);
+  const selection s = pol::streaming_llm{4}.keep({50, 10}, 20);
+  EXPECT_EQ(s.kept(0), 20);
+  EXPECT_EQ(s.kept(1), 10);
+  EXPECT_EQ(s.heads[0].front(), 0);
+  EXPECT_EQ(s.heads[0][4], 34);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+template <class F>
+void expect_error(F&& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+    ADD_FAILURE() << "no mnemo::error thrown";
+  } catch (const mnemo::error& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+  }
+}
+
+TEST(PolicyErrors, BadBudgetsAndShapesThrow) {
+  const inputs in = random_inputs(4, 2, 20, 4, 8, 31);
+  const pol::observation o = observe(in);
+  expect_error([&] { pol::knorm{}.select(o, -1); }, {"budget must be >= 0", "got -1"});
+  expect_error([&] { pol::streaming_llm{4}.select(o, 3); }, {"budget must be >= 4", "got 3"});
+  expect_error([&] { pol::h2o{6}.select(o, 5); }, {"recent", "got 5"});
+  expect_error([&] { pol::snapkv{0, 5}.select(o, 5); }, {"window must be in [1, L = 20]", "got 0"});
+  expect_error([&] { pol::snapkv{4, 4}.select(o, 5); }, {"kernel_size must be odd", "got 4"});
+  expect_error([&] { pol::think{9}.select(o); }, {"n_pruned must be in [0, D = 8]", "got 9"});
+  expect_error([&] { pol::pyramidkv{pol::snapkv{8, 5}}.layer_budgets(4, 7); }, {"budget must be >= 8", "got 7"});
+  expect_error([&] { pol::adakv{pol::snapkv{4, 5}, 1.5}.select(o, 5); }, {"alpha must be in [0, 1]", "got 1.5"});
+  tensor<float, 2> bad_attn({4, 19});
+  expect_error([&] { pol::tova{}.select({in.k, {}, {}, bad_attn}, 5); }, {"observation.attn", "[4, 20]", "[4, 19]"});
+  tensor<float, 3> bad_q({3, 4, 8});
+  expect_error([&] { pol::keyformer{}.select({in.k, {}, bad_q, {}}, 5); }, {"Hq", "multiple of Hkv = 2", "got 3"});
+  tensor<float, 3> bad_qd({4, 4, 7});
+  expect_error([&] { pol::scissorhands{}.select({in.k, {}, bad_qd, {}}, 5); }, {"D = 8", "got 7"});
+  expect_error([&] { pol::h2o{}.select({in.k, {}, {}, {}}, 5); }, {"observation.attn"});
+  expect_error([&] { pol::knorm{}.select({}, 5); }, {"observation.k"});
+  tensor<float, 2> bad_filters({2, 7});
+  expect_error([&] { pol::qfilter{bad_filters}.select(o, 5); }, {"filters", "[2, 8]", "[2, 7]"});
+  tensor<float, 2> scores({2, 19});
+  expect_error([&] { pol::knorm{}.scores(o, scores); }, {"scores", "[2, 20]", "[2, 19]"});
+  pol::h2o::decoder dec(2);
+  dec.append(0);
+  selection wrong;
+  wrong.heads = {{0}, {0}};
+  expect_error([&] { dec.compact(wrong); }, {"selection.heads[1][0]", "[0, 0)"});
+  expect_error([&] { dec.select(-2); }, {"budget must be >= 0", "got -2"});
+  expect_error([&] { dec.observe(tensor<float, 2>({3, 4})); }, {"multiple of Hkv = 2"});
+  std::vector<std::uint8_t> short_flags(3, 0);
+  expect_error([&] { pol::fastgen{}.select(o, 5, short_flags, {}); }, {"special", "L = 20", "got 3"});
+}
+
+}  // namespace
