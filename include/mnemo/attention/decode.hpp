@@ -132,7 +132,18 @@ template <class Arch, class PartOut, class PartLse>
 void merge_row(std::int64_t n, PartOut&& part_out, PartLse&& part_lse, float* w, std::int64_t Dv, float* out,
                float* lse) {
   float m = minus_inf;
-  for (std::int64_t p = 0; p < n; ++p) m = std::max(m, part_lse(p));
+  bool nan = false;
+  for (std::int64_t p = 0; p < n; ++p) {
+    const float l = part_lse(p);
+    m = std::max(m, l);
+    nan = nan || std::isnan(l);
+  }
+  if (nan) {  // a NaN part (NaN in its q, k or v) makes the row NaN; std::max alone would drop it
+    for (std::int64_t p = 0; p < n; ++p) w[p] = std::numeric_limits<float>::quiet_NaN();
+    std::fill(out, out + Dv, std::numeric_limits<float>::quiet_NaN());
+    if (lse) *lse = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
   if (m == minus_inf) {  // every part empty (or no parts)
     std::fill(out, out + Dv, 0.0f);
     if (lse) *lse = minus_inf;

@@ -83,8 +83,14 @@ void heads(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<cons
       for (std::int64_t c = 0; c < d.D; ++c) dot += static_cast<double>(qi[c]) * static_cast<double>(to_float(kj[c]));
       s[j] = mods::score(mod, static_cast<double>(d.scale) * dot, h, qp, j);
       m = std::max(m, s[j]);
+      if (std::isnan(s[j])) m = s[j];  // std::max drops NaN; a NaN score makes the row NaN
     }
     float* oi = out.ptr(b, h, i);
+    if (std::isnan(m)) {  // NaN in q, k or a mod: propagate (never a clean-looking row)
+      for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = std::numeric_limits<float>::quiet_NaN();
+      if (!lse.empty()) lse(b, h, i) = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     if (m == -std::numeric_limits<double>::infinity()) {  // no visible key
       for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = 0.0f;
       if (!lse.empty()) lse(b, h, i) = -std::numeric_limits<float>::infinity();
