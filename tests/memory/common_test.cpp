@@ -19,9 +19,9 @@ void check_topk(const std::vector<float>& s, std::int64_t k) {
   const std::int64_t n = static_cast<std::int64_t>(s.size());
   std::vector<float> rv(k), fv(k);
   std::vector<std::int64_t> ri(k), fi(k);
-  std::vector<mem::detail::scored> list(k);
+  mem::topk_workspace ws;
   const std::int64_t rm = mem::reference::topk(s.data(), n, k, rv.data(), ri.data());
-  const std::int64_t fm = mem::topk(s.data(), n, k, fv.data(), fi.data(), list.data());
+  const std::int64_t fm = mem::topk(s.data(), n, k, fv.data(), fi.data(), ws);
   ASSERT_EQ(fm, rm) << "n=" << n << " k=" << k;
   ASSERT_EQ(rm, std::min(n, k));
   for (std::int64_t j = 0; j < rm; ++j) {
@@ -61,13 +61,35 @@ TEST(memory_common, topk_nan_ranks_as_minus_infinity) {
   check_topk(s, 4);
   std::vector<float> v(4);
   std::vector<std::int64_t> idx(4);
-  std::vector<mem::detail::scored> list(4);
-  mem::topk(s.data(), 40, 4, v.data(), idx.data(), list.data());
+  mem::topk_workspace ws;
+  mem::topk(s.data(), 40, 4, v.data(), idx.data(), ws);
   EXPECT_EQ(idx[0], 35);
   EXPECT_EQ(idx[1], 3);
   EXPECT_EQ(v[2], -inf);  // the rest: -inf and NaNs, by index
   EXPECT_EQ(idx[2], 0);
   EXPECT_EQ(idx[3], 1);
+}
+
+TEST(memory_common, topk_threshold_path_handles_special_values) {
+  // n >= 4k takes the bound-and-filter path in SIMD builds: NaN among finite scores, +-inf,
+  // signed zeros (equal, so ordered by index) and groups made only of NaN (the sorted-list path).
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> pick(0, 9);
+  for (std::int64_t n : {64, 129, 512, 4099})
+    for (std::int64_t k : {1, 3, 16, 32}) {
+      std::vector<float> s(n), zeros(n), nan_head(n, nan);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const int c = pick(rng);
+        s[i] = c == 0 ? nan : c == 1 ? inf : c == 2 ? -inf : u(rng);
+        zeros[i] = c < 5 ? 0.0f : c < 9 ? -0.0f : -1.0f;
+      }
+      for (std::int64_t i = n / 2; i < n; ++i) nan_head[i] = u(rng);
+      check_topk(s, k);
+      check_topk(zeros, k);
+      check_topk(nan_head, k);
+    }
 }
 
 TEST(memory_common, activations_match_their_definitions) {

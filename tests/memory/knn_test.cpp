@@ -14,6 +14,7 @@
 #include "mnemo/attention/decode.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/memory/knn.hpp"
+#include "mnemo/memory/knn_ivf.hpp"
 
 namespace {
 
@@ -215,6 +216,89 @@ TEST(knn, bad_inputs) {
   expect_error([&] { (void)m.position(8); }, {"slot", "[0, 8)", "8"});
   expect_error([&] { mem::knn_memory(1, 1, 4, 3, 0); }, {"capacity=0"});
   expect_error([&] { mem::knn_gate(out, out_bad, tensor<float, 1>({2}), out); }, {"out_local", "[1, 2, 3, 3]"});
+}
+
+// ---- approximate search through the IVF index (knn_ivf.hpp) ----
+
+// Keys in `clusters` tight clusters (what k-means lists can separate), random values.
+mem::knn_memory clustered_memory(std::int64_t H, std::int64_t D, std::int64_t n, std::int64_t clusters,
+                                 std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  tensor<float, 4> centers = random_tensor<4>({1, H, clusters, D}, rng), k({1, H, n, D});
+  for (std::int64_t h = 0; h < H; ++h)
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t c = 0; c < D; ++c) k(0, h, i, c) = centers(0, h, i % clusters, c) + 0.05f * normal(rng);
+  mem::knn_memory m(1, H, D, D, n);
+  m.add(k, random_tensor<4>({1, H, n, D}, rng));
+  return m;
+}
+
+// Fraction of the exact search's slots that the approximate one also returned.
+double recall(const tensor<std::int64_t, 4>& approx, const tensor<std::int64_t, 4>& exact) {
+  const std::int64_t rows = exact.size() / exact.extent(3), k = exact.extent(3);
+  std::int64_t hit = 0;
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t j = 0; j < k; ++j)
+      for (std::int64_t i = 0; i < k; ++i) hit += approx.data()[r * k + i] == exact.data()[r * k + j] ? 1 : 0;
+  return double(hit) / double(exact.size());
+}
+
+TEST(knn_ivf, recall_against_exact_search) {
+  std::mt19937 rng(40);
+  const std::int64_t H = 2, D = 16, n = 600, topk = 8, Lq = 20;
+  const mem::knn_memory m = clustered_memory(H, D, n, 16, rng);
+  mem::knn_index index;
+  index.build(m, {.n_lists = 16, .iterations = 8, .seed = 3});
+  const tensor<float, 4> q = random_tensor<4>({1, H, Lq, D}, rng);
+  tensor<std::int64_t, 4> exact({1, H, Lq, topk}), approx({1, H, Lq, topk});
+  tensor<float, 4> exact_s({1, H, Lq, topk}), approx_s({1, H, Lq, topk});
+  mem::knn_search(q, m, topk, exact, exact_s);
+  // Every list probed: exact search (f32 dot products instead of a GEMM: the same slots).
+  mem::knn_search_ivf(q, m, index, index.n_lists(), topk, approx, approx_s);
+  EXPECT_EQ(recall(approx, exact), 1.0);
+  expect_close(approx_s, exact_s, 1e-5, 1e-5, "all lists: scores");
+  // Fewer lists: recall rises with n_probe, and 4 of 16 lists already find most neighbours.
+  double last = 0;
+  for (std::int64_t n_probe : {1, 4, 16}) {
+    mem::knn_search_ivf(q, m, index, n_probe, topk, approx, {});
+    const double r = recall(approx, exact);
+    EXPECT_GE(r, last) << "n_probe " << n_probe;
+    if (n_probe == 4) {
+      EXPECT_GE(r, 0.8);
+    }
+    last = r;
+  }
+  // Attention over the retrieved pairs: with every list probed, knn_attention's result.
+  tensor<float, 4> out({1, H, Lq, D}), out_exact({1, H, Lq, D});
+  tensor<float, 3> lse({1, H, Lq}), lse_exact({1, H, Lq});
+  mem::knn_attention_ivf(q, m, index, index.n_lists(), topk, out, lse);
+  mem::knn_attention(q, m, topk, out_exact, lse_exact);
+  expect_close(out, out_exact, 1e-5, 1e-5, "attention out");
+  expect_close(lse, lse_exact, 1e-5, 1e-5, "attention lse");
+}
+
+TEST(knn_ivf, sync_follows_the_ring_and_stale_indexes_throw) {
+  std::mt19937 rng(41);
+  const std::int64_t H = 1, D = 8, cap = 100, topk = 5;
+  mem::knn_memory m(1, H, D, D, cap);
+  m.add(random_tensor<4>({1, H, 40, D}, rng), random_tensor<4>({1, H, 40, D}, rng));
+  mem::knn_index index;
+  index.build(m, {.n_lists = 4});
+  const tensor<float, 4> q = random_tensor<4>({1, H, 7, D}, rng);
+  tensor<std::int64_t, 4> exact({1, H, 7, topk}), approx({1, H, 7, topk});
+  for (std::int64_t add : {30, 50}) {  // 40 + 30: appended; + 50: the ring wraps, a rebuild
+    m.add(random_tensor<4>({1, H, add, D}, rng), random_tensor<4>({1, H, add, D}, rng));
+    expect_error([&] { mem::knn_search_ivf(q, m, index, 1, topk, approx, {}); }, {"stale", "sync"});
+    index.sync(m);
+    mem::knn_search_ivf(q, m, index, index.n_lists(), topk, approx, {});
+    mem::knn_search(q, m, topk, exact, {});
+    EXPECT_EQ(recall(approx, exact), 1.0) << "after adding " << add;
+  }
+  expect_error([&] { mem::knn_search_ivf(q, m, index, 0, topk, approx, {}); }, {"n_probe", "[1, n_lists = 4]", "0"});
+  expect_error([&] { mem::knn_search_ivf(q, m, mem::knn_index{}, 1, topk, approx, {}); }, {"index is empty"});
+  mem::knn_index bad;
+  expect_error([&] { bad.build(mem::knn_memory(1, 1, D, D, 4)); }, {"at least one pair", "0"});
+  expect_error([&] { bad.build(m, {.n_lists = 0}); }, {"n_lists", ">= 1", "0"});
 }
 
 }  // namespace

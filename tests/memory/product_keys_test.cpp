@@ -255,6 +255,43 @@ TEST(pkm, value_gradient_touches_selected_rows_only_and_accumulates) {
 
 // ---- bad input ----
 
+TEST(pkm, search_and_gather_are_the_two_halves_of_forward) {
+  // pkm_search gives the reference's indices without reading values; pkm_gather of its result
+  // gives the forward's output (the same f32 additions in the same order: exactly equal).
+  // n_keys = 64, knn = 8 takes topk's bound-and-filter path; 70 rows span two row blocks.
+  for (bool norm : {false, true}) {
+    const pkm_problem p(70, 3, 24, 64, 19, 8, norm ? 91 : 90);
+    const pkm_result ref = lookup(p, false, {.query_norm = norm}), fast = lookup(p, true, {.query_norm = norm});
+    tensor<std::int64_t, 3> idx({p.N, p.heads, p.knn});
+    tensor<float, 3> w({p.N, p.heads, p.knn}), sc({p.N, p.heads, p.knn});
+    mem::pkm_search(p.query, p.keys, p.knn, idx, w, sc, {.query_norm = norm});
+    for (std::int64_t i = 0; i < idx.size(); ++i) ASSERT_EQ(idx.data()[i], ref.indices.data()[i]) << "norm=" << norm << " at " << i;
+    expect_close(sc, ref.scores, 1e-5, 1e-5, "search scores");
+    expect_close(w, ref.weights, 1e-6, 1e-5, "search weights");
+    tensor<float, 2> out({p.N, p.v_dim});
+    mem::pkm_gather(p.values, idx, w, out, 2);
+    for (std::int64_t i = 0; i < out.size(); ++i) ASSERT_EQ(out.data()[i], fast.out.data()[i]) << "norm=" << norm << " at " << i;
+    expect_close(out, ref.out, 1e-5, 1e-5, "gather vs reference out");
+  }
+}
+
+TEST(pkm, search_and_gather_bad_inputs) {
+  const pkm_problem p(4, 2, 8, 6, 5, 3, 61);
+  pkm_result r = lookup(p, true);
+  tensor<std::int64_t, 3> idx_bad({4, 2, 2});
+  tensor<float, 3> w_bad({4, 1, 3});
+  tensor<float, 2> out_bad({4, 4});
+  expect_error([&] { mem::pkm_search(p.query, p.keys, 3, idx_bad, r.weights); }, {"indices", "[4, 2, 3]", "[4, 2, 2]"});
+  expect_error([&] { mem::pkm_search(p.query, p.keys, 3, r.indices, w_bad); }, {"weights", "[4, 2, 3]", "[4, 1, 3]"});
+  expect_error([&] { mem::pkm_search(p.query, p.keys, 9, r.indices, r.weights); }, {"knn", "[1, n_keys = 6]", "9"});
+  expect_error([&] { mem::pkm_gather(p.values, r.indices, w_bad, r.out); }, {"weights", "[4, 2, 3]", "[4, 1, 3]"});
+  expect_error([&] { mem::pkm_gather(p.values, r.indices, r.weights, out_bad); }, {"out", "[4, 5]", "[4, 4]"});
+  expect_error([&] { mem::pkm_gather(p.values, r.indices, r.weights, r.out, -1); }, {"threads", ">= 0", "-1"});
+  r.indices(2, 0, 1) = 36;
+  expect_error([&] { mem::pkm_gather(p.values, r.indices, r.weights, r.out); },
+               {"indices[2, 0, 1]", "[0, values.shape[0] = 36)", "36"});
+}
+
 TEST(pkm, bad_inputs) {
   const pkm_problem p(4, 2, 8, 6, 5, 3, 60);
   pkm_result r = lookup(p, true);

@@ -5,11 +5,10 @@
 //
 // Top-k. topk(s, n, k) returns the k largest of s[0 .. n), sorted by value descending; equal
 // values keep index order (the lower index first), so the result is a function of the input
-// alone. NaN ranks as -inf (so k results always exist for k <= n, and a NaN reads back as -inf). The SIMD path keeps a sorted
-// list of the k best seen so far and its threshold (the k-th value); a whole batch of scores
-// that does not beat the threshold is skipped with one compare, so for n >> k the scan costs
-// about one vector compare per batch (on random scores only O(k log(n / k)) entries are ever
-// inserted).
+// alone. NaN ranks as -inf (so k results always exist for k <= n, and a NaN reads back as -inf).
+// The SIMD path (topk below) bounds the k-th value from below with group maxima, keeps only the
+// entries above the bound and selects among them with integer rank keys; small n use a sorted
+// list of the k best seen so far, skipping whole batches that do not beat its k-th value.
 //
 // Activations: silu(a) = a sigma(a), silu'(a) = sigma(a) (1 + a (1 - sigma(a)));
 // gelu(a) = a Phi(a) (the exact, erf form), gelu'(a) = Phi(a) + a phi(a).
@@ -18,6 +17,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -203,14 +203,143 @@ inline std::int64_t topk(const float* s, std::int64_t n, std::int64_t k, float* 
 
 }  // namespace reference
 
-// SIMD partial top-k: the same result as reference::topk. `list` is a workspace of k entries.
-// Returns min(k, n).
+namespace detail {
+
+// Order-preserving map of a float to 32 bits: x < y <=> float_order(x) < float_order(y) for
+// non-NaN x, y, and -0 maps as +0 (x + 0.0f turns -0 into +0 under round-to-nearest).
+inline std::uint32_t float_order(float x) {
+  const std::uint32_t u = std::bit_cast<std::uint32_t>(x + 0.0f);
+  return (u >> 31) ? ~u : (u | 0x80000000u);
+}
+inline float float_from_order(std::uint32_t o) { return std::bit_cast<float>((o >> 31) ? (o & 0x7fffffffu) : ~o); }
+
+// A 64-bit rank key whose ascending order is the order of `before`: the high half is the value
+// order complemented (larger first), the low half the index (lower first).
+inline std::uint64_t rank_key(float value, std::int64_t index) {
+  return (static_cast<std::uint64_t>(~float_order(value)) << 32) | static_cast<std::uint32_t>(index);
+}
+
+// The threshold path of topk needs at least this many scores per wanted result (below, the
+// sorted-list scan is as fast) and indices that fit the rank key's 32 bits.
+inline constexpr std::int64_t topk_threshold_ratio = 4;
+inline constexpr std::int64_t topk_max_index = std::int64_t{1} << 32;
+// Bisection steps that raise the bound (each one vector pass over the scores), and the candidate
+// count up to which the final order comes from rank counting (m^2 compares) rather than a sort.
+inline constexpr int topk_bisection_steps = 6;
+inline constexpr std::int64_t topk_rank_count_max = 96;
+
+}  // namespace detail
+
+// Scratch of topk, kept by the caller across calls (it grows to the largest n seen, then stops
+// allocating).
+struct topk_workspace {
+  std::vector<detail::scored> list;
+  std::vector<std::uint64_t> keys, ranked;
+};
+
+// SIMD partial top-k: the same result as reference::topk. Returns min(k, n).
+//
+// For n >= 4k (SIMD builds) it runs in three passes instead of keeping a sorted list:
+//   1. a lower bound T on the k-th largest value: the scores are cut into G >= k groups (the lanes
+//      of ceil(k / width) running maxima over contiguous runs of batches), and T = the smallest
+//      group maximum; the G maxima are G distinct entries >= T, so at least k entries are >= T.
+//      Then T is raised by bisection towards the maximum while >= k entries stay >= T (a vector
+//      count per step), until at most 2k entries are left.
+//   2. every entry >= T is appended, as a rank key (detail::rank_key), branch-free; batches with
+//      no entry >= T are skipped with one compare (most of them when n >> k).
+//   3. the k best keys in order (integer compares: ties by index for free): rank counting for a
+//      few candidates, nth_element and a sort otherwise.
+// NaN never passes step 2 (a NaN ranks as -inf); when T is not > -inf (a group of only NaN and
+// -inf) the sorted-list scan below handles the -inf ranks instead. Measured on the PKM search at
+// n = 512, k = 32: see bench/memory_rows.cpp, rows memory/fast/module:pkm_search and pkm_score.
 template <class Arch = simd::default_arch>
 std::int64_t topk(const float* s, std::int64_t n, std::int64_t k, float* values, std::int64_t* indices,
-                  detail::scored* list) {
+                  topk_workspace& ws) {
   if (k <= 0) return 0;
+  if constexpr (simd::enabled) {
+    using batch = simd::fbatch<Arch>;
+    constexpr std::int64_t w = simd::width<Arch>;
+    const std::int64_t runs = (k + w - 1) / w, batches = n / w;
+    if (n >= detail::topk_threshold_ratio * k && batches >= runs && n < detail::topk_max_index) {
+      // 1. T = the smallest of runs * w >= k group maxima (NaN never selected: x > m is false).
+      float bound = std::numeric_limits<float>::infinity();
+      for (std::int64_t r = 0; r < runs; ++r) {
+        batch m(detail::minus_inf);
+        for (std::int64_t b = r * batches / runs; b < (r + 1) * batches / runs; ++b) {
+          const batch x = simd::load<Arch>(s + b * w);
+          m = xsimd::select(x > m, x, m);
+        }
+        bound = std::min(bound, -simd::hmax<Arch>(-m));  // the lanes' minimum
+      }
+      if (bound > detail::minus_inf) {
+        // 1b. Raise T while at least k entries stay >= T: bisection between T and the maximum,
+        // counting with vector compares, until at most 2k entries remain (or the steps run out).
+        const batch one(1.0f), zero(0.0f);
+        const auto count_at_least = [&](float t) {
+          batch acc(0.0f);
+          std::int64_t c = 0, i = 0;
+          for (; i + w <= n; i += w) acc += xsimd::select(simd::load<Arch>(s + i) >= batch(t), one, zero);
+          for (; i < n; ++i) c += s[i] >= t ? 1 : 0;
+          return c + static_cast<std::int64_t>(simd::hsum<Arch>(acc));
+        };
+        float lo = bound, hi = simd::reduce_max<Arch>(s, n);
+        std::int64_t m = count_at_least(lo);
+        for (int step = 0; step < detail::topk_bisection_steps && m > 2 * k && std::isfinite(hi); ++step) {
+          const float mid = lo + (hi - lo) / 2;
+          if (!(mid > lo && mid < hi)) break;
+          const std::int64_t c = count_at_least(mid);
+          if (c >= k) {
+            lo = mid;
+            m = c;
+          } else {
+            hi = mid;
+          }
+        }
+        // 2. The m entries >= T, as rank keys in index order.
+        if (static_cast<std::int64_t>(ws.keys.size()) < n) ws.keys.resize(static_cast<std::size_t>(n));
+        if (static_cast<std::int64_t>(ws.ranked.size()) < n) ws.ranked.resize(static_cast<std::size_t>(n));
+        std::uint64_t* keys = ws.keys.data();
+        std::int64_t got = 0, i = 0;
+        const batch t(lo);
+        for (; i + w <= n; i += w) {
+          if (!xsimd::any(simd::load<Arch>(s + i) >= t)) continue;
+          for (std::int64_t j = i; j < i + w; ++j) {
+            keys[got] = detail::rank_key(s[j], j);
+            got += s[j] >= lo ? 1 : 0;
+          }
+        }
+        for (; i < n; ++i) {
+          keys[got] = detail::rank_key(s[i], i);
+          got += s[i] >= lo ? 1 : 0;
+        }
+        // 3. The k smallest keys in order. For a few candidates, each key's rank is the count of
+        // smaller keys (keys are distinct: the index is in them), a branch-free loop the compiler
+        // vectorises; otherwise nth_element and a sort.
+        if (got <= detail::topk_rank_count_max) {
+          std::uint64_t* out = ws.ranked.data();
+          for (std::int64_t a = 0; a < got; ++a) {
+            std::int64_t rank = 0;
+            for (std::int64_t b = 0; b < got; ++b) rank += keys[b] < keys[a] ? 1 : 0;
+            if (rank < k) out[rank] = keys[a];
+          }
+          keys = out;
+        } else {
+          std::nth_element(keys, keys + (k - 1), keys + got);
+          std::sort(keys, keys + k);
+        }
+        for (std::int64_t j = 0; j < k; ++j) {
+          values[j] = detail::float_from_order(~static_cast<std::uint32_t>(keys[j] >> 32));
+          indices[j] = static_cast<std::int64_t>(keys[j] & 0xffffffffu);
+        }
+        return k;
+      }
+    }
+  }
+  // The sorted-list scan: until the list is full every entry goes in; then only those that beat
+  // the k-th value (a whole batch that does not is skipped with one compare).
+  if (static_cast<std::int64_t>(ws.list.size()) < k) ws.list.resize(static_cast<std::size_t>(k));
+  detail::scored* list = ws.list.data();
   std::int64_t size = 0, i = 0;
-  // Until the list is full every entry goes in; then only those that beat the k-th value.
   for (; i < n && size < k; ++i) size = detail::insert_top(list, size, k, std::isnan(s[i]) ? detail::minus_inf : s[i], i);
   if constexpr (simd::enabled) {
     using batch = simd::fbatch<Arch>;

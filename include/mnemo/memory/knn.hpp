@@ -24,6 +24,8 @@
 // Paths: reference::knn_search / knn_attention score in double and sort fully; the fast path
 // scores a block of queries against all stored keys with one GEMM and selects with the SIMD
 // partial top-k of memory/common.hpp.
+// Approximate search: memory/knn_ivf.hpp (knn_index, knn_search_ivf, knn_attention_ivf) over the
+// IVF index of attention/retrieval.hpp.
 #pragma once
 
 #include <algorithm>
@@ -254,6 +256,34 @@ inline void knn_attention(view<const float, 4> q,  // [B, H, Lq, D]
 
 }  // namespace reference
 
+namespace detail {
+
+// Softmax over each query's retrieved scores sc (q . k, descending, missing = -inf; scaled here,
+// in place) and the weighted sum of the retrieved value rows; lse when not empty.
+template <class Arch>
+void attend_retrieved(const knn_memory& mem, const knn_dims& d, tensor<std::int64_t, 4>& idx, tensor<float, 4>& sc,
+                      const view<float, 4>& out, const view<float, 3>& lse, int threads) {
+  const view<const float, 4> values = mem.values();
+  const std::int64_t topk = d.topk;
+  parallel_for(d.B * d.H, [&](std::int64_t bh) {
+    const std::int64_t b = bh / d.H, h = bh % d.H;
+    for (std::int64_t t = 0; t < d.Lq; ++t) {
+      float* s = &sc(b, h, t, 0);
+      // Missing entries are -inf and sort last, so the maximum is s[0] (-inf: nothing retrieved).
+      simd::scale<Arch>(d.scale, s, topk);
+      const float m = s[0];
+      const float z = simd::exp_sum<Arch>(s, topk, m);
+      float* o = out.ptr(b, h, t);
+      std::fill(o, o + d.Dv, 0.0f);
+      for (std::int64_t j = 0; j < topk && idx(b, h, t, j) >= 0; ++j)
+        simd::axpy<Arch>(s[j] / z, values.ptr(b, h, idx(b, h, t, j)), o, d.Dv);
+      if (!lse.empty()) lse(b, h, t) = z > 0 ? m + std::log(z) : minus_inf;
+    }
+  }, threads);
+}
+
+}  // namespace detail
+
 // Exact top-k search (f32 fast path: GEMM scores, SIMD partial top-k); same contract and, for
 // scores that differ by more than f32 rounding, the same slots as reference::knn_search.
 template <class Arch = simd::default_arch>
@@ -271,12 +301,12 @@ void knn_search(view<const float, 4> q,  // [B, H, Lq, D]
     const std::int64_t t0 = item % blocks * detail::knn_query_block, rows = std::min(detail::knn_query_block, d.Lq - t0);
     detail::matrix qs(rows, d.D), s(rows, n);
     std::vector<float> vals(static_cast<std::size_t>(topk));
-    std::vector<detail::scored> list(static_cast<std::size_t>(topk));
+    topk_workspace ws;
     for (std::int64_t r = 0; r < rows; ++r) std::copy(q.ptr(b, h, t0 + r), q.ptr(b, h, t0 + r) + d.D, qs.row(r).data());
     if (n > 0) detail::gemm<detail::accumulate::assign>(s, qs, detail::cmap(keys.ptr(b, h), n, d.D).transpose());
     for (std::int64_t r = 0; r < rows; ++r) {
       std::int64_t* out_i = indices.ptr(b, h, t0 + r);
-      const std::int64_t got = memory::topk<Arch>(s.row(r).data(), n, topk, vals.data(), out_i, list.data());
+      const std::int64_t got = memory::topk<Arch>(s.row(r).data(), n, topk, vals.data(), out_i, ws);
       for (std::int64_t j = got; j < topk; ++j) {
         out_i[j] = -1;
         vals[j] = detail::minus_inf;
@@ -297,22 +327,7 @@ void knn_attention(view<const float, 4> q,  // [B, H, Lq, D]
   tensor<std::int64_t, 4> idx({d.B, d.H, d.Lq, topk});
   tensor<float, 4> sc({d.B, d.H, d.Lq, topk});
   knn_search<Arch>(q, mem, topk, idx, sc, opt.threads);
-  const view<const float, 4> values = mem.values();
-  parallel_for(d.B * d.H, [&](std::int64_t bh) {
-    const std::int64_t b = bh / d.H, h = bh % d.H;
-    for (std::int64_t t = 0; t < d.Lq; ++t) {
-      float* s = &sc(b, h, t, 0);
-      // Missing entries are -inf and sort last, so the maximum is s[0] (-inf: nothing retrieved).
-      simd::scale<Arch>(d.scale, s, topk);
-      const float m = s[0];
-      const float z = simd::exp_sum<Arch>(s, topk, m);
-      float* o = out.ptr(b, h, t);
-      std::fill(o, o + d.Dv, 0.0f);
-      for (std::int64_t j = 0; j < topk && idx(b, h, t, j) >= 0; ++j)
-        simd::axpy<Arch>(s[j] / z, values.ptr(b, h, idx(b, h, t, j)), o, d.Dv);
-      if (!lse.empty()) lse(b, h, t) = z > 0 ? m + std::log(z) : detail::minus_inf;
-    }
-  }, opt.threads);
+  detail::attend_retrieved<Arch>(mem, d, idx, sc, out, lse, opt.threads);
 }
 
 // out = sigmoid(gate_h) out_mem + (1 - sigmoid(gate_h)) out_local (the paper's learned gate).

@@ -16,8 +16,11 @@
 // Ties: sub-keys of equal score keep index order; candidates of equal score keep (a, b) order
 // over the two sorted lists. Both paths use this rule, so indices agree exactly. With that rule
 // a candidate (a, b) has (a + 1)(b + 1) - 1 candidates ranked before it, so only pairs with
-// (a + 1)(b + 1) <= knn can be selected: the fast path scores those (knn * H(knn) pairs, 119
-// instead of 1024 for knn = 32), the reference all knn^2.
+// (a + 1)(b + 1) <= knn can be selected. The reference scores and sorts all knn^2 pairs; the fast
+// path walks them best-first from (0, 0) with a heap (detail::best_pairs): knn pops.
+//
+// Split API: pkm_search (indices, weights, scores; no value row read) and pkm_gather (the
+// weighted sum of value rows) are the two halves of pkm_forward, which fuses them per block.
 //
 // Backward, for the gradient dout of out (top-k selection is piecewise constant, so gradients
 // flow through the selected entries only):
@@ -34,7 +37,8 @@
 // caller zeroes it once, as with any sparse gradient).
 //
 // Numerics: the reference scores and softmaxes in double; the fast path in f32 (Eigen GEMM for the
-// sub-key scores of a block of rows, SIMD partial top-k, SIMD axpy for the value rows).
+// sub-key scores of a block of rows, SIMD partial top-k, SIMD axpy for the value rows, read with
+// software prefetch since they are scattered over the table).
 #pragma once
 
 #include <algorithm>
@@ -66,8 +70,9 @@ struct pkm_dims {
   std::int64_t N, heads, k_dim, half, n_keys, v_dim, knn;
 };
 
-inline pkm_dims check_pkm(const char* fn, const view<const float, 3>& query, const view<const float, 4>& keys,
-                          const view<const float, 2>& values, std::int64_t knn, int threads) {
+// The query and sub-key checks (v_dim = 0: no values involved).
+inline pkm_dims check_pkm_keys(const char* fn, const view<const float, 3>& query, const view<const float, 4>& keys,
+                               std::int64_t knn, int threads) {
   using mnemo::detail::require;
   const std::int64_t N = query.extent(0), heads = query.extent(1), k_dim = query.extent(2);
   require(heads >= 1, fn, ": query.shape[1] (heads) must be >= 1, got ", heads);
@@ -75,11 +80,18 @@ inline pkm_dims check_pkm(const char* fn, const view<const float, 3>& query, con
   const std::int64_t n_keys = keys.extent(2);
   mnemo::detail::require_shape(fn, "keys", keys, {heads, 2, n_keys, k_dim / 2}, " [heads, 2, n_keys, k_dim / 2]");
   require(n_keys >= 1, fn, ": keys.shape[2] (n_keys) must be >= 1, got ", n_keys);
-  require(values.extent(0) == n_keys * n_keys, fn, ": values.shape[0] must be n_keys^2 = ", n_keys * n_keys,
-          ", got ", values.extent(0));
   require(knn >= 1 && knn <= n_keys, fn, ": knn must be in [1, n_keys = ", n_keys, "], got ", knn);
   check_threads(fn, threads);
-  return {N, heads, k_dim, k_dim / 2, n_keys, values.extent(1), knn};
+  return {N, heads, k_dim, k_dim / 2, n_keys, 0, knn};
+}
+
+inline pkm_dims check_pkm(const char* fn, const view<const float, 3>& query, const view<const float, 4>& keys,
+                          const view<const float, 2>& values, std::int64_t knn, int threads) {
+  pkm_dims d = check_pkm_keys(fn, query, keys, knn, threads);
+  mnemo::detail::require(values.extent(0) == d.n_keys * d.n_keys, fn, ": values.shape[0] must be n_keys^2 = ",
+                         d.n_keys * d.n_keys, ", got ", values.extent(0));
+  d.v_dim = values.extent(1);
+  return d;
 }
 
 inline void check_pkm_outputs(const char* fn, const pkm_dims& d, const view<float, 2>& out,
@@ -246,10 +258,28 @@ inline void pkm_backward(view<const float, 3> query,            // [N, heads, k_
 
 namespace detail {
 
-// Query rows scored per GEMM in the fast forward: [rows, half] x [half, n_keys].
-inline constexpr std::int64_t pkm_row_block = 32;
+// Query rows per work item of the fast search: one [rows, half] x [half, n_keys] GEMM per head and
+// half, then the selections. 64 rows keep the score block at 128 KiB for n_keys = 512.
+inline constexpr std::int64_t pkm_row_block = 64;
 // Columns of dvalues per work item of the backward's value pass (each item owns its columns).
 inline constexpr std::int64_t pkm_value_columns = 64;
+// Value rows requested ahead of the one being added in the gather. The rows are scattered over
+// the table (512 MiB at n_keys = 512, v_dim = 512), so the hardware prefetchers cannot guess the
+// next one; asking 4 rows (8 KiB at v_dim = 512) ahead keeps the loads in flight while the adds of
+// the current row run.
+inline constexpr std::int64_t pkm_prefetch_rows = 4;
+
+// Asks for the cache lines of bytes [p, p + n) (a hint: never faults, never changes a result).
+inline void pkm_prefetch(const void* p, std::int64_t n) {
+#if defined(__GNUC__)
+  constexpr std::int64_t line = 64;
+  const char* c = static_cast<const char*>(p);
+  for (std::int64_t b = 0; b < n; b += line) __builtin_prefetch(c + b);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
 
 // The query halves of rows [n0, n0 + rows) and head h, normalised when asked, as [rows, half].
 inline void pkm_stage_queries(const view<const float, 3>& query, const pkm_dims& d, std::int64_t n0,
@@ -261,9 +291,178 @@ inline void pkm_stage_queries(const view<const float, 3>& query, const pkm_dims&
   }
 }
 
+// The knn best pairs (a, b) of two descending lists v1, v2 of knn entries, in the order of
+// `before` on (v1[a] + v2[b], a * knn + b): a best-first walk. (a, b + 1) never ranks before
+// (a, b) (rounded addition is monotone and its index is larger), nor (a + 1, 0) before (a, 0),
+// so the next best pair is always on the frontier that `heap` holds; each step pops the best and
+// pushes its successors. knn pops of a heap of at most knn + 1 entries, instead of the
+// knn * H(knn) insertions of scanning every pair with (a + 1)(b + 1) <= knn (measured in
+// bench rows memory/fast/module:pkm_search at knn = 32: see bench/memory_rows.cpp).
+inline void best_pairs(const float* v1, const float* v2, std::int64_t knn, scored* result, std::vector<scored>& heap) {
+  const auto worse = [](const scored& x, const scored& y) { return before(y, x); };
+  heap.clear();
+  heap.push_back({v1[0] + v2[0], 0});
+  for (std::int64_t j = 0; j < knn; ++j) {
+    std::pop_heap(heap.begin(), heap.end(), worse);
+    const scored top = heap.back();
+    heap.pop_back();
+    result[j] = top;
+    const std::int64_t a = top.index / knn, b = top.index % knn;
+    if (b + 1 < knn) {
+      heap.push_back({v1[a] + v2[b + 1], top.index + 1});
+      std::push_heap(heap.begin(), heap.end(), worse);
+    }
+    if (b == 0 && a + 1 < knn) {
+      heap.push_back({v1[a + 1] + v2[0], (a + 1) * knn});
+      std::push_heap(heap.begin(), heap.end(), worse);
+    }
+  }
+}
+
+// Scratch of one search work item, sized once per thread.
+struct pkm_workspace {
+  matrix qs, s;                          // [rows, half], [rows, n_keys]
+  std::vector<float> sub_v, top_v;       // [2, rows, knn], [knn]
+  std::vector<std::int64_t> sub_i;       // [2, rows, knn]
+  std::vector<scored> heap, best;        // <= knn + 1, [knn]
+  topk_workspace top;
+
+  pkm_workspace(const pkm_dims& d, std::int64_t rows)
+      : qs(rows, d.half), s(rows, d.n_keys), sub_v(static_cast<std::size_t>(2 * rows * d.knn)),
+        top_v(static_cast<std::size_t>(d.knn)), sub_i(static_cast<std::size_t>(2 * rows * d.knn)),
+        best(static_cast<std::size_t>(d.knn)) {
+    heap.reserve(static_cast<std::size_t>(d.knn + 1));
+  }
+};
+
+// The sub-key scores of rows [n0, n0 + rows), head h and one half, into ws.s [rows, n_keys].
+inline void pkm_subkey_scores(const view<const float, 3>& query, const view<const float, 4>& keys, const pkm_dims& d,
+                              std::int64_t n0, std::int64_t rows, std::int64_t h, int part, bool norm,
+                              pkm_workspace& ws) {
+  pkm_stage_queries(query, d, n0, rows, h, part, norm, ws.qs);
+  const cmap kp(keys.ptr(h, part), d.n_keys, d.half);
+  gemm<accumulate::assign>(ws.s.topRows(rows), ws.qs.topRows(rows), kp.transpose());
+}
+
+// Search of rows [n0, n0 + rows), every head: indices, weights and (when not empty) scores.
+template <class Arch>
+void pkm_search_rows(const view<const float, 3>& query, const view<const float, 4>& keys, const pkm_dims& d,
+                     std::int64_t n0, std::int64_t rows, bool norm, const view<std::int64_t, 3>& indices,
+                     const view<float, 3>& weights, const view<float, 3>& scores, pkm_workspace& ws) {
+  for (std::int64_t h = 0; h < d.heads; ++h) {
+    // Sub-key scores of the block's rows, one GEMM per half, then each row's top-knn.
+    for (int part = 0; part < 2; ++part) {
+      pkm_subkey_scores(query, keys, d, n0, rows, h, part, norm, ws);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t at = (part * rows + r) * d.knn;
+        topk<Arch>(ws.s.row(r).data(), d.n_keys, d.knn, ws.sub_v.data() + at, ws.sub_i.data() + at, ws.top);
+      }
+    }
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t n = n0 + r;
+      const std::int64_t* i1 = ws.sub_i.data() + r * d.knn;
+      const std::int64_t* i2 = ws.sub_i.data() + (rows + r) * d.knn;
+      best_pairs(ws.sub_v.data() + r * d.knn, ws.sub_v.data() + (rows + r) * d.knn, d.knn, ws.best.data(), ws.heap);
+      const float m = ws.best[0].value;
+      float z = 0;
+      for (std::int64_t j = 0; j < d.knn; ++j) {
+        ws.top_v[j] = m == minus_inf ? 0.0f : simd::exp<Arch>(ws.best[j].value - m);
+        z += ws.top_v[j];
+      }
+      for (std::int64_t j = 0; j < d.knn; ++j) {
+        const std::int64_t a = ws.best[j].index / d.knn, b = ws.best[j].index % d.knn;
+        indices(n, h, j) = i1[a] * d.n_keys + i2[b];
+        weights(n, h, j) = z > 0 ? ws.top_v[j] / z : 0.0f;
+        if (!scores.empty()) scores(n, h, j) = ws.best[j].value;
+      }
+    }
+  }
+}
+
+// out[n] = sum_h sum_j weights[n, h, j] values[indices[n, h, j]] for rows [n0, n0 + rows).
+template <class Arch>
+void pkm_gather_rows(const view<const float, 2>& values, const view<const std::int64_t, 3>& indices,
+                     const view<const float, 3>& weights, std::int64_t n0, std::int64_t rows, const view<float, 2>& out) {
+  const std::int64_t heads = indices.extent(1), knn = indices.extent(2), per_row = heads * knn, v_dim = values.extent(1);
+  const std::int64_t row_bytes = v_dim * static_cast<std::int64_t>(sizeof(float));
+  // Entry e of the block: row n0 + e / per_row, head e % per_row / knn, rank e % knn.
+  const auto index_of = [&](std::int64_t e) {
+    return indices(n0 + e / per_row, e % per_row / knn, e % knn);
+  };
+  const std::int64_t entries = rows * per_row;
+  for (std::int64_t e = 0; e < std::min(pkm_prefetch_rows, entries); ++e) pkm_prefetch(values.ptr(index_of(e)), row_bytes);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float* o = out.ptr(n0 + r);
+    std::fill(o, o + v_dim, 0.0f);
+    for (std::int64_t k = 0; k < per_row; ++k) {
+      const std::int64_t e = r * per_row + k;
+      if (e + pkm_prefetch_rows < entries) pkm_prefetch(values.ptr(index_of(e + pkm_prefetch_rows)), row_bytes);
+      simd::axpy<Arch>(weights(n0 + r, k / knn, k % knn), values.ptr(index_of(e)), o, v_dim);
+    }
+  }
+}
+
+inline void check_pkm_gather(const char* fn, const view<const float, 2>& values,
+                             const view<const std::int64_t, 3>& indices, const view<const float, 3>& weights,
+                             const view<float, 2>& out, int threads) {
+  const std::int64_t N = indices.extent(0), heads = indices.extent(1), knn = indices.extent(2);
+  const std::int64_t slots = values.extent(0);
+  mnemo::detail::require_shape(fn, "weights", weights, {N, heads, knn}, " [N, heads, knn] (from indices)");
+  mnemo::detail::require_shape(fn, "out", out, {N, values.extent(1)}, " [N, v_dim] (v_dim from values)");
+  check_threads(fn, threads);
+  for (std::int64_t n = 0; n < N; ++n)
+    for (std::int64_t h = 0; h < heads; ++h)
+      for (std::int64_t j = 0; j < knn; ++j) {
+        const std::int64_t i = indices(n, h, j);
+        mnemo::detail::require(i >= 0 && i < slots, fn, ": indices[", n, ", ", h, ", ", j,
+                               "] must be in [0, values.shape[0] = ", slots, "), got ", i);
+      }
+}
+
 }  // namespace detail
 
-// Product-key lookup (f32 fast path). Same contract and the same indices as reference::pkm_forward.
+// Product-key search alone (f32 fast path): the indices, weights and scores of pkm_forward,
+// without reading a value row (pkm_gather then reads them). Same indices as reference::pkm_forward.
+template <class Arch = simd::default_arch>
+void pkm_search(view<const float, 3> query,      // [N, heads, k_dim]
+                view<const float, 4> keys,       // [heads, 2, n_keys, k_dim / 2]
+                std::int64_t knn,
+                view<std::int64_t, 3> indices,   // [N, heads, knn]
+                view<float, 3> weights,          // [N, heads, knn]
+                view<float, 3> scores = {},      // [N, heads, knn] or empty
+                const pkm_options& opt = {}) {
+  constexpr const char* fn = "memory::pkm_search";
+  const detail::pkm_dims d = detail::check_pkm_keys(fn, query, keys, knn, opt.threads);
+  mnemo::detail::require_shape(fn, "indices", indices, {d.N, d.heads, d.knn}, " [N, heads, knn]");
+  mnemo::detail::require_shape(fn, "weights", weights, {d.N, d.heads, d.knn}, " [N, heads, knn]");
+  if (!scores.empty()) mnemo::detail::require_shape(fn, "scores", scores, {d.N, d.heads, d.knn}, " [N, heads, knn]");
+  const std::int64_t blocks = (d.N + detail::pkm_row_block - 1) / detail::pkm_row_block;
+  detail::for_each_item(blocks, opt.threads, true, [&](std::int64_t blk) {
+    const std::int64_t n0 = blk * detail::pkm_row_block, rows = std::min(detail::pkm_row_block, d.N - n0);
+    detail::pkm_workspace ws(d, rows);
+    detail::pkm_search_rows<Arch>(query, keys, d, n0, rows, opt.query_norm, indices, weights, scores, ws);
+  });
+}
+
+// The value read alone: out[n] = sum_h sum_j weights[n, h, j] values[indices[n, h, j]] (heads
+// summed, as pkm_forward). Indices must lie in [0, values.shape[0]).
+template <class Arch = simd::default_arch>
+void pkm_gather(view<const float, 2> values,            // [slots, v_dim]
+                view<const std::int64_t, 3> indices,    // [N, heads, knn]
+                view<const float, 3> weights,           // [N, heads, knn]
+                view<float, 2> out,                     // [N, v_dim]
+                int threads = 0) {
+  detail::check_pkm_gather("memory::pkm_gather", values, indices, weights, out, threads);
+  const std::int64_t N = indices.extent(0), blocks = (N + detail::pkm_row_block - 1) / detail::pkm_row_block;
+  parallel_for(blocks, [&](std::int64_t blk) {
+    const std::int64_t n0 = blk * detail::pkm_row_block;
+    detail::pkm_gather_rows<Arch>(values, indices, weights, n0, std::min(detail::pkm_row_block, N - n0), out);
+  }, threads);
+}
+
+// Product-key lookup (f32 fast path): pkm_search and pkm_gather fused per block of rows (the
+// block's indices are still in cache when its value rows are read). Same contract and the same
+// indices as reference::pkm_forward.
 template <class Arch = simd::default_arch>
 void pkm_forward(view<const float, 3> query,      // [N, heads, k_dim]
                  view<const float, 4> keys,       // [heads, 2, n_keys, k_dim / 2]
@@ -280,51 +479,9 @@ void pkm_forward(view<const float, 3> query,      // [N, heads, k_dim]
   const std::int64_t blocks = (d.N + detail::pkm_row_block - 1) / detail::pkm_row_block;
   detail::for_each_item(blocks, opt.threads, true, [&](std::int64_t blk) {
     const std::int64_t n0 = blk * detail::pkm_row_block, rows = std::min(detail::pkm_row_block, d.N - n0);
-    detail::matrix qs(rows, d.half), s(rows, d.n_keys);
-    std::vector<float> sub_v(static_cast<std::size_t>(2 * rows * d.knn)), top_v(static_cast<std::size_t>(d.knn));
-    std::vector<std::int64_t> sub_i(static_cast<std::size_t>(2 * rows * d.knn)), top_i(static_cast<std::size_t>(d.knn));
-    std::vector<detail::scored> list(static_cast<std::size_t>(d.knn));
-    for (std::int64_t r = 0; r < rows; ++r) std::fill(out.ptr(n0 + r), out.ptr(n0 + r) + d.v_dim, 0.0f);
-    for (std::int64_t h = 0; h < d.heads; ++h) {
-      // Sub-key scores of the block's rows, one GEMM per half, then each row's top-knn.
-      for (int part = 0; part < 2; ++part) {
-        detail::pkm_stage_queries(query, d, n0, rows, h, part, opt.query_norm, qs);
-        const detail::cmap kp(keys.ptr(h, part), d.n_keys, d.half);
-        detail::gemm<detail::accumulate::assign>(s, qs, kp.transpose());
-        for (std::int64_t r = 0; r < rows; ++r) {
-          const std::int64_t at = (part * rows + r) * d.knn;
-          topk<Arch>(s.row(r).data(), d.n_keys, d.knn, sub_v.data() + at, sub_i.data() + at, list.data());
-        }
-      }
-      for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t n = n0 + r;
-        const float* v1 = sub_v.data() + r * d.knn;
-        const float* v2 = sub_v.data() + (rows + r) * d.knn;
-        const std::int64_t* i1 = sub_i.data() + r * d.knn;
-        const std::int64_t* i2 = sub_i.data() + (rows + r) * d.knn;
-        // Only (a + 1)(b + 1) <= knn can be selected (see the header); the list keeps (a, b) order on ties.
-        std::int64_t size = 0;
-        for (std::int64_t a = 0; a < d.knn; ++a)
-          for (std::int64_t b = 0; (a + 1) * (b + 1) <= d.knn; ++b)
-            size = detail::insert_top(list.data(), size, d.knn, v1[a] + v2[b], a * d.knn + b);
-        const float m = list[0].value;
-        float z = 0;
-        for (std::int64_t j = 0; j < d.knn; ++j) {
-          top_v[j] = m == detail::minus_inf ? 0.0f : simd::exp<Arch>(list[j].value - m);
-          z += top_v[j];
-        }
-        float* o = out.ptr(n);
-        for (std::int64_t j = 0; j < d.knn; ++j) {
-          const std::int64_t a = list[j].index / d.knn, b = list[j].index % d.knn;
-          const std::int64_t idx = i1[a] * d.n_keys + i2[b];
-          const float w = z > 0 ? top_v[j] / z : 0.0f;
-          indices(n, h, j) = idx;
-          weights(n, h, j) = w;
-          if (!scores.empty()) scores(n, h, j) = list[j].value;
-          simd::axpy<Arch>(w, values.ptr(idx), o, d.v_dim);
-        }
-      }
-    }
+    detail::pkm_workspace ws(d, rows);
+    detail::pkm_search_rows<Arch>(query, keys, d, n0, rows, opt.query_norm, indices, weights, scores, ws);
+    detail::pkm_gather_rows<Arch>(values, indices, weights, n0, rows, out);
   });
 }
 
