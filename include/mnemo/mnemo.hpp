@@ -36,4 +36,5 @@
 #include "mnemo/memory/product_keys.hpp"
 #include "mnemo/memory/compressive.hpp"
 #include "mnemo/memory/knn.hpp"
+#include "mnemo/memory/knn_ivf.hpp"
 #include "mnemo/memory/recurrent_memory.hpp"
