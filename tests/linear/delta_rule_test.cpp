@@ -1,6 +1,9 @@
 // Tests of mnemo/linear/delta_rule.hpp: both forms against the double reference (with and
 // without the in-op L2 norm, beta up to 2), pieces, steps, long runs, bf16, threads, strided
 // views, the golden cases and the boundary checks (beta in [0, 2]).
+// Only the members this file runs are compiled (see tests/linear/golden_ops.hpp).
+#define MNEMO_LINEAR_TEST_MEMBERS delta_rule
+
 #include <gtest/gtest.h>
 
 #include <limits>

@@ -1,6 +1,9 @@
 // Tests of mnemo/linear/gated_delta_rule.hpp: both forms against the double reference (with and
 // without the in-op L2 norm), gates near 0 and near -inf, pieces, steps, long runs, bf16,
 // threads, strided views, the golden cases and the boundary checks.
+// Only the members this file runs are compiled (see tests/linear/golden_ops.hpp).
+#define MNEMO_LINEAR_TEST_MEMBERS gated_delta_rule, delta_rule
+
 #include <gtest/gtest.h>
 
 #include <limits>

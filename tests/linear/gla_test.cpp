@@ -1,6 +1,9 @@
 // Tests of mnemo/linear/gla.hpp: both forms against the double reference (and the reference
 // against the parallel form), sub-block edges, gates near 0 and near -inf, pieces, steps, long
 // runs, bf16, threads, strided views, the golden cases and the boundary checks.
+// Only the members this file runs are compiled (see tests/linear/golden_ops.hpp).
+#define MNEMO_LINEAR_TEST_MEMBERS gla
+
 #include <gtest/gtest.h>
 
 #include <limits>

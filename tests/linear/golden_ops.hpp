@@ -22,6 +22,25 @@
 
 namespace mnemo::linear_golden {
 
+// The members, and which of them this translation unit compiles. Each member instantiates its
+// reference and both fast forms at several element types; a test file that defines
+// MNEMO_LINEAR_TEST_MEMBERS (a comma-separated list of member names, before its includes) builds
+// only those, so the six linear test executables do not each compile all six members (CI compile
+// time). mnemo_golden defines nothing and builds all of them.
+enum class member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule };
+
+constexpr bool built(member m) {
+#ifdef MNEMO_LINEAR_TEST_MEMBERS
+  using enum member;
+  for (member b : {MNEMO_LINEAR_TEST_MEMBERS})
+    if (b == m) return true;
+  return false;
+#else
+  (void)m;
+  return true;
+#endif
+}
+
 // Which of our implementations runs a case.
 enum class impl { reference, recurrent, chunked };
 
@@ -66,29 +85,55 @@ inline golden::results run(const golden::golden_case& c, impl i) {
   if (c.flag("has_initial_state")) ht = c.input<float, 4>("h0", {B, H, Dk, Dv});
   const bool ref = i == impl::reference;
 
+  // `if constexpr` keeps the members this file does not build from being compiled at all.
+  auto not_built = [&] { mnemo::detail::fail("linear golden ops: op '", op, "' is not built in this executable"); };
   if (op == "linear_attn") {
-    ref ? linear::reference::linear_attn(q, k, v, o, ht, opt) : linear::linear_attn(q, k, v, o, ht, opt);
+    if constexpr (built(member::linear_attn)) {
+      ref ? linear::reference::linear_attn(q, k, v, o, ht, opt) : linear::linear_attn(q, k, v, o, ht, opt);
+    } else {
+      not_built();
+    }
   } else if (op == "retention") {
-    const auto& gp = c.params().at("gamma");
-    require(gp.is_array() && static_cast<std::int64_t>(gp.size()) == H, "params.gamma: expected ", H,
-            " numbers (one per head), got ", gp.dump());
-    tensor<float, 1> gamma({H});
-    for (std::int64_t h = 0; h < H; ++h) gamma(h) = gp[static_cast<std::size_t>(h)].get<float>();
-    ref ? linear::reference::retention(q, k, v, gamma, o, ht, opt) : linear::retention(q, k, v, gamma, o, ht, opt);
+    if constexpr (built(member::retention)) {
+      const auto& gp = c.params().at("gamma");
+      require(gp.is_array() && static_cast<std::int64_t>(gp.size()) == H, "params.gamma: expected ", H,
+              " numbers (one per head), got ", gp.dump());
+      tensor<float, 1> gamma({H});
+      for (std::int64_t h = 0; h < H; ++h) gamma(h) = gp[static_cast<std::size_t>(h)].get<float>();
+      ref ? linear::reference::retention(q, k, v, gamma, o, ht, opt) : linear::retention(q, k, v, gamma, o, ht, opt);
+    } else {
+      not_built();
+    }
   } else if (op == "simple_gla") {
-    const auto g = c.input<float, 3>("g", {B, H, L});
-    ref ? linear::reference::simple_gla(q, k, v, g, o, ht, opt) : linear::simple_gla(q, k, v, g, o, ht, opt);
+    if constexpr (built(member::simple_gla)) {
+      const auto g = c.input<float, 3>("g", {B, H, L});
+      ref ? linear::reference::simple_gla(q, k, v, g, o, ht, opt) : linear::simple_gla(q, k, v, g, o, ht, opt);
+    } else {
+      not_built();
+    }
   } else if (op == "gla") {
-    const auto g = c.input<float, 4>("g", {B, H, L, Dk});
-    ref ? linear::reference::gla(q, k, v, g, o, ht, opt) : linear::gla(q, k, v, g, o, ht, opt);
+    if constexpr (built(member::gla)) {
+      const auto g = c.input<float, 4>("g", {B, H, L, Dk});
+      ref ? linear::reference::gla(q, k, v, g, o, ht, opt) : linear::gla(q, k, v, g, o, ht, opt);
+    } else {
+      not_built();
+    }
   } else if (op == "delta_rule") {
-    const auto beta = c.input<float, 3>("beta", {B, H, L});
-    ref ? linear::reference::delta_rule(q, k, v, beta, o, ht, opt) : linear::delta_rule(q, k, v, beta, o, ht, opt);
+    if constexpr (built(member::delta_rule)) {
+      const auto beta = c.input<float, 3>("beta", {B, H, L});
+      ref ? linear::reference::delta_rule(q, k, v, beta, o, ht, opt) : linear::delta_rule(q, k, v, beta, o, ht, opt);
+    } else {
+      not_built();
+    }
   } else if (op == "gated_delta_rule") {
-    const auto g = c.input<float, 3>("g", {B, H, L});
-    const auto beta = c.input<float, 3>("beta", {B, H, L});
-    ref ? linear::reference::gated_delta_rule(q, k, v, g, beta, o, ht, opt)
-        : linear::gated_delta_rule(q, k, v, g, beta, o, ht, opt);
+    if constexpr (built(member::gated_delta_rule)) {
+      const auto g = c.input<float, 3>("g", {B, H, L});
+      const auto beta = c.input<float, 3>("beta", {B, H, L});
+      ref ? linear::reference::gated_delta_rule(q, k, v, g, beta, o, ht, opt)
+          : linear::gated_delta_rule(q, k, v, g, beta, o, ht, opt);
+    } else {
+      not_built();
+    }
   } else {
     mnemo::detail::fail("linear golden ops: unknown op '", op, "'");
   }

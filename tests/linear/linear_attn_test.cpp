@@ -1,6 +1,9 @@
 // Tests of mnemo/linear/linear_attn.hpp: both forms against the double reference (and the
 // reference against the parallel form computed here), feature maps and normalisation, pieces,
 // steps, long runs, bf16, threads, strided views, the golden cases and the boundary checks.
+// Only the members this file runs are compiled (see tests/linear/golden_ops.hpp).
+#define MNEMO_LINEAR_TEST_MEMBERS linear_attn
+
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -1,6 +1,9 @@
 // Tests of mnemo/linear/retention.hpp: both forms against the double reference (and the reference
 // against the parallel form D_tj = gamma^(t-j)), pieces, steps, long runs, bf16, threads,
 // strided views, the golden cases and the boundary checks (gamma in (0, 1]).
+// Only the members this file runs are compiled (see tests/linear/golden_ops.hpp).
+#define MNEMO_LINEAR_TEST_MEMBERS retention, linear_attn
+
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -31,7 +31,8 @@ using mnemo::tensor;
 using mnemo::view;
 namespace linear = mnemo::linear;
 
-enum class member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule };
+using mnemo::linear_golden::built;
+using mnemo::linear_golden::member;
 enum class impl { reference, recurrent, chunked, automatic };
 
 inline const char* member_name(member m) {
@@ -115,25 +116,47 @@ void call_member(member m, impl i, const view<const T, 4>& q, const view<const T
                  const linear::options& opt) {
   const linear::options o2 = with_path(opt, i);
   const bool ref = i == impl::reference;
+  // Only the members this file builds (MNEMO_LINEAR_TEST_MEMBERS, see linear/golden_ops.hpp).
+  auto not_built = [&] { FAIL() << member_name(m) << " is not built in this test executable"; };
   switch (m) {
     case member::linear_attn:
-      ref ? linear::reference::linear_attn(q, k, v, o, state, o2) : linear::linear_attn(q, k, v, o, state, o2);
+      if constexpr (built(member::linear_attn))
+        ref ? linear::reference::linear_attn(q, k, v, o, state, o2) : linear::linear_attn(q, k, v, o, state, o2);
+      else
+        not_built();
       break;
     case member::retention:
-      ref ? linear::reference::retention(q, k, v, gamma, o, state, o2) : linear::retention(q, k, v, gamma, o, state, o2);
+      if constexpr (built(member::retention))
+        ref ? linear::reference::retention(q, k, v, gamma, o, state, o2)
+            : linear::retention(q, k, v, gamma, o, state, o2);
+      else
+        not_built();
       break;
     case member::simple_gla:
-      ref ? linear::reference::simple_gla(q, k, v, g, o, state, o2) : linear::simple_gla(q, k, v, g, o, state, o2);
+      if constexpr (built(member::simple_gla))
+        ref ? linear::reference::simple_gla(q, k, v, g, o, state, o2) : linear::simple_gla(q, k, v, g, o, state, o2);
+      else
+        not_built();
       break;
     case member::gla:
-      ref ? linear::reference::gla(q, k, v, gk, o, state, o2) : linear::gla(q, k, v, gk, o, state, o2);
+      if constexpr (built(member::gla))
+        ref ? linear::reference::gla(q, k, v, gk, o, state, o2) : linear::gla(q, k, v, gk, o, state, o2);
+      else
+        not_built();
       break;
     case member::delta_rule:
-      ref ? linear::reference::delta_rule(q, k, v, beta, o, state, o2) : linear::delta_rule(q, k, v, beta, o, state, o2);
+      if constexpr (built(member::delta_rule))
+        ref ? linear::reference::delta_rule(q, k, v, beta, o, state, o2)
+            : linear::delta_rule(q, k, v, beta, o, state, o2);
+      else
+        not_built();
       break;
     case member::gated_delta_rule:
-      ref ? linear::reference::gated_delta_rule(q, k, v, g, beta, o, state, o2)
-          : linear::gated_delta_rule(q, k, v, g, beta, o, state, o2);
+      if constexpr (built(member::gated_delta_rule))
+        ref ? linear::reference::gated_delta_rule(q, k, v, g, beta, o, state, o2)
+            : linear::gated_delta_rule(q, k, v, g, beta, o, state, o2);
+      else
+        not_built();
       break;
   }
 }
