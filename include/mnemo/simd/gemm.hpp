@@ -280,11 +280,18 @@ void online_softmax_columns(float* s, std::int64_t lds, std::int64_t kn, std::in
       batch sum(0.0f);
       for (std::int64_t j = 0; j < kn; ++j) {
         const batch x = batch::load_unaligned(s + j * lds + i) - shift;
-        const batch p = xsimd::select(x < min_arg, batch(0.0f), simd::exp(x));
+        // exp of an argument below min_arg is set to 0; the argument exp sees is 0 there, because
+        // exp(-inf) computes through subnormals, which take a microcode assist on x86: a tile of
+        // masked scores ran 2-3x slower than a dense one (block-sparse Longformer at L=8192:
+        // 0.32 of dense flash before, 0.14 after).
+        const auto under = x < min_arg;
+        const batch p = xsimd::select(under, batch(0.0f), simd::exp(xsimd::select(under, batch(0.0f), x)));
         p.store_unaligned(s + j * lds + i);
         sum += p;
       }
-      const batch a = xsimd::select(m_old - shift < min_arg, batch(0.0f), simd::exp(m_old - shift));
+      const batch da = m_old - shift;
+      const auto a_under = da < min_arg;  // first tile of a row: m_old = -inf (no subnormals, as above)
+      const batch a = xsimd::select(a_under, batch(0.0f), simd::exp(xsimd::select(a_under, batch(0.0f), da)));
       a.store_unaligned(alpha + i);
       detail::fmadd(a, batch::load_unaligned(l + i), sum).store_unaligned(l + i);
       m_new.store_unaligned(m + i);
@@ -307,7 +314,8 @@ void probs_from_lse_columns(float* s, std::int64_t lds, std::int64_t kn, std::in
       const batch shift = xsimd::select(empty, batch(0.0f), x);
       for (std::int64_t j = 0; j < kn; ++j) {
         const batch y = batch::load_unaligned(s + j * lds + i) - shift;
-        xsimd::select(empty || y < min_arg, batch(0.0f), simd::exp(y)).store_unaligned(s + j * lds + i);
+        const auto zero = empty || y < min_arg;  // exp never sees the masked arguments (as above)
+        xsimd::select(zero, batch(0.0f), simd::exp(xsimd::select(zero, batch(0.0f), y))).store_unaligned(s + j * lds + i);
       }
     }
   }
