@@ -5,6 +5,8 @@
 //       random    a user layout: each 64-block query row keeps round(d n_kb) random key blocks (the
 //                 diagonal one included), all full: time vs density
 //       random16  the same at 16 x 16 layout blocks (divisors of the tile: tiles become partial)
+//   sparse/block_sparse_csr_<pattern>/...  the same layouts through sparse::attention, the
+//                 layout-driven kernel (visits only the listed blocks: what small blocks need)
 //       strided / fixed / bigbird   the patterns at 64-position units (causal ones have partial
 //                 diagonal tiles); longformer / dilated: token-level windows and global tokens
 //   One head (H = 1), B = 1: the dense row is ~17 GFLOP. density = the layout's fraction of
@@ -80,13 +82,21 @@ double kept_pairs(const sp::block_layout& l) {
   return pairs;
 }
 
+enum class kernel { flash, layout };
+
 template <class Mod>
-void sparse_row(benchmark::State& state, const sp::block_layout* layout, const Mod& mod, int threads) {
+void sparse_row(benchmark::State& state, const sp::block_layout* layout, const Mod& mod, int threads,
+                kernel which = kernel::flash) {
   const shape s = prefill_shape(sparse_L, sparse_D, false, sparse_H);
   attention_inputs<float> in(s);
   const attention::options opt{0, threads};
   for (auto _ : state) {
-    attention::flash(cview(in.q), in.k, in.v, in.out, in.lse, mod, opt);
+    if constexpr (requires { mod.layout; }) {
+      if (which == kernel::layout) sp::attention(cview(in.q), in.k, in.v, in.out, in.lse, mod, opt);
+      else attention::flash(cview(in.q), in.k, in.v, in.out, in.lse, mod, opt);
+    } else {
+      attention::flash(cview(in.q), in.k, in.v, in.out, in.lse, mod, opt);
+    }
     benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
   }
@@ -112,10 +122,10 @@ sparse_case pattern_case(const std::string& impl, Mask mask) {
           }};
 }
 
-sparse_case random_case(const std::string& impl, std::int64_t block, double density) {
+sparse_case random_case(const std::string& impl, std::int64_t block, double density, kernel which = kernel::flash) {
   auto layout = std::make_shared<sp::block_layout>(random_layout(sparse_L, block, density, 11));
-  return {impl, layout, [layout](benchmark::State& st, int t) {
-            sparse_row(st, layout.get(), sp::block_sparse<>{layout.get()}, t);
+  return {impl, layout, [layout, which](benchmark::State& st, int t) {
+            sparse_row(st, layout.get(), sp::block_sparse<>{layout.get()}, t, which);
           }};
 }
 
@@ -125,7 +135,11 @@ void register_sparse() {
                      sparse_row(st, nullptr, attention::mods::none{}, t);
                    }});
   for (double d : {0.05, 0.1, 0.25, 0.5}) cases.push_back(random_case("block_sparse_random", layout_block, d));
-  cases.push_back(random_case("block_sparse_random16", 16, 0.25));
+  for (double d : {0.1, 0.25}) {
+    cases.push_back(random_case("block_sparse_random16", 16, d));
+    cases.push_back(random_case("block_sparse_csr_random16", 16, d, kernel::layout));
+  }
+  cases.push_back(random_case("block_sparse_csr_random", layout_block, 0.25, kernel::layout));
   const std::int64_t unit = layout_block;
   cases.push_back(pattern_case("block_sparse_strided", sp::strided{unit, 8}));
   cases.push_back(pattern_case("block_sparse_fixed", sp::fixed{unit, 16, 2}));

@@ -272,11 +272,29 @@ TEST(SparseLayout, ElementMaskIsTheDenseForm) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Flash with the block_sparse mod against the reference with the explicit element mask.
+// Flash with the block_sparse mod, and the layout-driven sparse::attention, against the reference
+// with the explicit element mask.
 
 struct shape {
   std::int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
 };
+
+// out and lse against the reference, float32 tolerance; -inf lse exactly.
+void expect_close(const tensor<float, 4>& out, const tensor<float, 3>& lse, const tensor<float, 4>& want,
+                  const tensor<float, 3>& want_lse, const std::string& what) {
+  std::int64_t bad = 0;  // NaN counts as bad
+  for (std::int64_t i = 0; i < out.size(); ++i)
+    bad += !(std::abs(double(out.data()[i]) - want.data()[i]) <= 1e-5 + 1e-4 * std::abs(want.data()[i]));
+  EXPECT_EQ(bad, 0) << what << ": out";
+  for (std::int64_t i = 0; i < lse.size(); ++i) {
+    const float g = lse.data()[i], w = want_lse.data()[i];
+    if (std::isinf(w)) {
+      EXPECT_EQ(g, w) << what << ": lse[" << i << "]";
+    } else {
+      EXPECT_NEAR(g, w, 1e-5 + 1e-4 * std::abs(w)) << what << ": lse[" << i << "]";
+    }
+  }
+}
 
 template <class Mask>
 void expect_flash_matches(const Mask& pattern, const block_layout& layout, const shape& s, const std::string& what,
@@ -289,18 +307,11 @@ void expect_flash_matches(const Mask& pattern, const block_layout& layout, const
   const tensor<std::uint8_t, 2> mask = element_mask(pattern, s.Lk);
   reference(cview(q), k, v, want.as_view(), want_lse.as_view(), dense_mask{mask.as_view()});
   flash(cview(q), k, v, out.as_view(), lse.as_view(), block_sparse{&layout, pattern}, options{0, 2});
-  double worst = 0;
-  for (std::int64_t i = 0; i < out.size(); ++i)
-    worst = std::max(worst, std::abs(double(out.data()[i]) - want.data()[i]) / (1e-5 + 1e-4 * std::abs(want.data()[i])));
-  EXPECT_LE(worst, 1.0) << what << ": out";
-  for (std::int64_t i = 0; i < lse.size(); ++i) {
-    const float g = lse.data()[i], w = want_lse.data()[i];
-    if (std::isinf(w)) {
-      EXPECT_EQ(g, w) << what << ": lse[" << i << "]";
-    } else {
-      EXPECT_NEAR(g, w, 1e-5 + 1e-4 * std::abs(w)) << what << ": lse[" << i << "]";
-    }
-  }
+  expect_close(out, lse, want, want_lse, what + " (flash)");
+  std::fill(out.data(), out.data() + out.size(), std::numeric_limits<float>::quiet_NaN());
+  std::fill(lse.data(), lse.data() + lse.size(), std::numeric_limits<float>::quiet_NaN());
+  attention(cview(q), k, v, out.as_view(), lse.as_view(), block_sparse{&layout, pattern}, options{0, 2});
+  expect_close(out, lse, want, want_lse, what + " (sparse::attention)");
 }
 
 TEST(SparseFlash, MatchesReferenceWithElementMask) {
@@ -316,7 +327,8 @@ TEST(SparseFlash, MatchesReferenceWithElementMask) {
     const auto lf = make_longformer(L, 17, globals, false);
     const auto bb = make_bigbird(L, 16, 3, 1, 2, 9, false);
     const auto dil = dilated_window{8, 2};
-    for (auto [bq, bk] : {std::pair<std::int64_t, std::int64_t>{16, 16}, {64, 64}, {128, 64}}) {
+    // 24 x 40 does not align with the 64-key chunks; 32 x 128 blocks are cut into 64-key pieces.
+    for (auto [bq, bk] : {std::pair<std::int64_t, std::int64_t>{16, 16}, {64, 64}, {128, 64}, {24, 40}, {32, 128}}) {
       const std::string at = " L=" + std::to_string(L) + " Lq=" + std::to_string(s.Lq) + " blocks " +
                              std::to_string(bq) + "x" + std::to_string(bk);
       expect_flash_matches(sts, layout_of(sts, L, bq, bk), s, "strided" + at, seed++);
@@ -329,6 +341,23 @@ TEST(SparseFlash, MatchesReferenceWithElementMask) {
     const block_sparse user_mod{&u.layout, mods::causal{}};
     expect_flash_matches(user_mod, u.layout, s, "user layout", seed++);
   }
+}
+
+// f16 K/V (converted per chunk) through the layout-driven kernel, against the reference on the
+// same rounded K/V: 16 x 16 blocks with a causal element, MQA, Lq < Lk, D and Dv not multiples of 16.
+TEST(SparseAttention, HalfPrecisionKeysAndValues) {
+  const std::int64_t Hq = 3, Lq = 100, Lk = 130, D = 48, Dv = 24;
+  const auto q = random_tensor<float, 4>({1, Hq, Lq, D}, 5);
+  const auto k = random_tensor<f16, 4>({1, 1, Lk, D}, 6);
+  const auto v = random_tensor<f16, 4>({1, 1, Lk, Dv}, 7);
+  const user_case u = random_user_layout(Lk, 16, 16, 8);
+  const block_sparse mod{&u.layout, mods::causal{}};
+  tensor<float, 4> out({1, Hq, Lq, Dv}), want({1, Hq, Lq, Dv});
+  tensor<float, 3> lse({1, Hq, Lq}), want_lse({1, Hq, Lq});
+  const tensor<std::uint8_t, 2> mask = element_mask(mod, Lk);
+  reference(cview(q), k, v, want.as_view(), want_lse.as_view(), dense_mask{mask.as_view()});
+  attention(cview(q), k, v, out.as_view(), lse.as_view(), mod, options{0, 2});
+  expect_close(out, lse, want, want_lse, "f16 K/V");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -371,6 +400,89 @@ TEST(SparseGolden, CausalAndWindowAsLayouts) {
       check("causal layout");
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mask_tile (the bulk masker flash calls on partial tiles) against visible(), element by element.
+
+// Tiles at offsets that straddle unit / layout block edges, rows at qp < 0 and qp >= L, sizes that
+// are not multiples of 16 (qn, kn in {1, 5, 17, 37, 64, 70}); each tile sits in a buffer with a
+// padded leading dimension and guard rows, which must stay untouched.
+template <class Mask>
+void expect_mask_tile(const Mask& m, std::int64_t L, const std::string& what) {
+  static_assert(has_mask_tile<Mask>, "the mod under test must provide mask_tile");
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  constexpr std::int64_t pad = 3, guard = 2;
+  const std::int64_t sizes[] = {1, 5, 17, 37, 64, 70};
+  const std::int64_t q_starts[] = {-21, -1, 0, 7, 16, 45, L - 40, L - 3};
+  const std::int64_t k_starts[] = {0, 3, 16, 33, L - 37};
+  std::int64_t tiles = 0, bad = 0, checked_masked = 0;
+  for (std::int64_t qp0 : q_starts)
+    for (std::int64_t k0 : k_starts)
+      for (std::int64_t qn : sizes)
+        for (std::int64_t kn : sizes) {
+          if (k0 < 0 || k0 + kn > L) continue;  // keys are positions of the cache
+          const std::int64_t ld = qn + pad;
+          std::vector<float> buf(static_cast<std::size_t>((kn + 2 * guard) * ld));
+          for (std::size_t x = 0; x < buf.size(); ++x) buf[x] = static_cast<float>(x % 1000) + 0.5f;
+          const std::vector<float> before = buf;
+          m.mask_tile(buf.data() + guard * ld, ld, qp0, qn, k0, kn);
+          ++tiles;
+          for (std::int64_t r = 0; r < kn + 2 * guard; ++r)
+            for (std::int64_t i = 0; i < ld; ++i) {
+              const std::size_t x = static_cast<std::size_t>(r * ld + i);
+              const std::int64_t j = r - guard;
+              const bool inside = j >= 0 && j < kn && i < qn;
+              const bool want_masked = inside && !mods::visible(m, qp0 + i, k0 + j);
+              checked_masked += want_masked;
+              const float want = want_masked ? neg_inf : before[x];
+              if (buf[x] != want && bad++ < 5)
+                ADD_FAILURE() << what << ": tile qp0=" << qp0 << " qn=" << qn << " k0=" << k0 << " kn=" << kn
+                              << ": element (key row " << j << ", query " << i << ") = " << buf[x] << ", want "
+                              << want;
+            }
+        }
+  EXPECT_EQ(bad, 0) << what;
+  EXPECT_GT(tiles, 100) << what;
+  EXPECT_GT(checked_masked, 0) << what << ": no tile had a masked element";
+}
+
+TEST(SparseMaskTile, PatternsMatchVisible) {
+  const std::int64_t L = 300;
+  expect_mask_tile(make_longformer(L, 17, {0, 5, 40, 41, 150, L - 1}, false), L, "longformer");
+  expect_mask_tile(make_longformer(L, 9, {3, 44, 120}, true), L, "longformer causal");
+  expect_mask_tile(dilated_window{8, 3}, L, "dilated 8x3");
+  expect_mask_tile(dilated_window{20, 1}, L, "dilated 20x1");
+  expect_mask_tile(dilated_window{5, 16}, L, "dilated 5x16");
+  expect_mask_tile(strided{1, 7}, L, "strided token-level");
+  expect_mask_tile(strided{16, 3}, L, "strided units of 16");
+  expect_mask_tile(fixed{8, 4, 1}, L, "fixed");
+  expect_mask_tile(make_bigbird(L, 16, 3, 1, 2, 5, true), L, "bigbird causal");
+  expect_mask_tile(make_bigbird(L, 12, 3, 1, 2, 5, false), L, "bigbird");
+}
+
+TEST(SparseMaskTile, BlockSparseMatchesVisible) {
+  const std::int64_t L = 300;
+  // Whole blocks (16 x 16 divides the tile, 24 x 40 does not align with it), partial blocks
+  // refined by an element that has its own mask_tile (longformer), by an arithmetic one
+  // (causal, sliding window) and by the per-element fallback (dense_mask).
+  for (auto [bq, bk] : layout_blocks) {
+    const std::string at = std::to_string(bq) + "x" + std::to_string(bk) + " ";
+    const user_case u = random_user_layout(L, bq, bk, 17);
+    expect_mask_tile(block_sparse{&u.layout, mods::causal{}}, L, at + "user layout, causal element");
+    const block_sparse<> whole{&u.layout};
+    expect_mask_tile(whole, L, at + "user layout, whole blocks");
+    const auto lf = make_longformer(L, 33, {2, 100}, false);
+    const block_layout lf_layout = layout_of(lf, L, bq, bk);
+    expect_mask_tile(block_sparse{&lf_layout, lf}, L, at + "longformer layout");
+    const mods::sliding_window sw{50};
+    const block_layout sw_layout = layout_of(sw, L, bq, bk);
+    expect_mask_tile(block_sparse{&sw_layout, sw}, L, at + "sliding window layout");
+  }
+  const strided st{4, 3};
+  const tensor<std::uint8_t, 2> mask = element_mask(st, L);
+  const block_layout st_layout = layout_of(st, L, 16, 16);
+  expect_mask_tile(block_sparse{&st_layout, dense_mask{mask.as_view()}}, L, "dense_mask element");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -421,6 +533,14 @@ TEST(SparseErrors, BadPatternsAndCalls) {
   expect_error([&] { flash(cview(q), k, k, out.as_view(), {}, block_sparse{&layout, mods::causal{}}); },
                {"attention::flash", "layout.length()", "Lk = 64", "got 32"});
   expect_error([&] { flash(cview(q), k, k, out.as_view(), {}, block_sparse<>{}); }, {"layout", "null"});
+  expect_error([&] { attention(cview(q), k, k, out.as_view(), {}, block_sparse{&layout, mods::causal{}}); },
+               {"sparse::attention", "layout.length()", "Lk = 64", "got 32"});
+  expect_error([&] { attention(cview(q), k, k, out.as_view(), {}, block_sparse<>{}); },
+               {"sparse::attention", "layout", "null"});
+  tensor<float, 4> bad_out({1, 1, 8, 15});
+  const block_layout fits = layout_of(mods::causal{}, 64, 16, 16);
+  expect_error([&] { attention(cview(q), k, k, bad_out.as_view(), {}, block_sparse{&fits, mods::causal{}}); },
+               {"sparse::attention", "out", "[1, 1, 8, 16]"});
   const tensor<std::uint8_t, 2> mask({32, 32});
   expect_error([&] { reference(cview(q), k, k, out.as_view(), {}, dense_mask{mask.as_view()}); },
                {"dense_mask.mask", "[64, 64]", "got [32, 32]"});

@@ -278,6 +278,14 @@ struct flash_traits {
                 "two tile GEMMs");
 };
 
+// A mask mod that can mask a whole key-major tile at once: s[j * ld + i] = -inf for every key
+// k0 + j (j < kn) the query at qp0 + i (i < qn) may not see, other elements untouched; exactly
+// the elements where visible(qp0 + i, k0 + j) is false.
+template <class M>
+concept has_mask_tile = requires(const M& m, float* s, std::int64_t i) {
+  { m.mask_tile(s, i, i, i, i, i) } -> std::same_as<void>;
+};
+
 namespace flash_detail {
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
@@ -364,11 +372,19 @@ void apply_score(const M& m, float* s, float* g, std::int64_t ld, std::int64_t k
 }
 
 // The mask over a key-major tile: -inf where a query may not see a key (partial tiles only).
+// A mod with a bulk masker (has_mask_tile, mods.hpp's contract extended by sparse.hpp) writes the
+// -inf runs itself; otherwise visible() is asked per element (measured, Longformer at density
+// 0.13, L = 8192, D = 64: 0.25 - 0.27 x dense flash per element, 0.137 with mask_tile, both with
+// the exp-underflow fix described in sparse.hpp).
 template <class Mod>
 void apply_mask(float* s, std::int64_t ld, std::int64_t kn, std::int64_t qn, std::int64_t k0, std::int64_t qp0,
                 const Mod& mod, tile t) {
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   if (t != tile::partial) return;
+  if constexpr (has_mask_tile<Mod>) {
+    mod.mask_tile(s, ld, qp0, qn, k0, kn);
+    return;
+  }
   for (std::int64_t j = 0; j < kn; ++j)
     for (std::int64_t i = 0; i < qn; ++i)
       if (!mods::visible(mod, qp0 + i, k0 + j)) s[j * ld + i] = neg_inf;

@@ -40,27 +40,47 @@
 // element_mask(mask, length) materialises any of them as a [length, length] byte mask and
 // dense_mask is the mod that reads one: the tests run attention::reference with it.
 //
-// Cost: flash visits every key tile of a query tile and skips the empty ones after one block()
-// call; full tiles run the dense tile kernel, partial tiles additionally call visible() per
-// element. Measured (bench/sparse_rows.cpp, L = 8192, D = 64, 1 thread, AVX-512, time / dense
-// flash time in the same run): layouts of whole 64 x 64 blocks track their density d — random
-// layouts 0.055 / 0.11 / 0.25 / 0.50 at d = 0.047 / 0.10 / 0.25 / 0.50, strided 0.11 (d = 0.12),
-// fixed 0.12 (d = 0.12), BigBird 0.054 (d = 0.077). A partial tile costs about 4 full ones (4096
-// scalar visible() calls against a ~6 us tile GEMM), so token-level patterns pay for their
-// partial tiles — Longformer with 4 global tokens 0.31 (d = 0.13), dilated window 0.45
-// (d = 0.12) — and 16 x 16 random blocks at d = 0.25, which leave almost no 64 x 64 tile empty,
-// take 4.2x dense.
+// Two kernels run a layout:
+//   flash(q, k, v, out, lse, block_sparse{&layout, element})   flash visits every key tile of a
+//       query tile, skips the empty ones after one block() call, runs full tiles as dense ones and
+//       masks partial ones with the mod's mask_tile (below). Its tiles are 64 x 64, so a layout of
+//       smaller blocks costs the fraction of 64 x 64 tiles it touches, not its density.
+//   sparse::attention(q, k, v, out, lse, block_sparse{...})    the layout-driven kernel: per query
+//       block (cut to <= 64 rows) it visits exactly the listed key blocks, gathered in chunks of up
+//       to 64 keys, so it costs about the density also for 16 x 16 blocks.
+//
+// mask_tile(s, ld, qp0, qn, k0, kn): every mod here masks a whole key-major tile in runs (per key
+// row the visible queries are an interval or a few, computed arithmetically) instead of qn * kn
+// visible() calls; flash_detail::apply_mask calls it when a mod has one (has_mask_tile).
+//
+// Cost (bench/sparse_rows.cpp, L = 8192, D = 64, 1 thread, AVX-512, time / dense flash time in
+// one run, target d + 0.1). Layouts of whole 64 x 64 blocks track d through flash: random 0.056 /
+// 0.109 / 0.261 / 0.513 at d = 0.047 / 0.10 / 0.25 / 0.50, strided 0.137 (d = 0.119), fixed 0.133
+// (d = 0.121), BigBird 0.084 (d = 0.077). 16 x 16 random blocks: sparse::attention 0.163 at
+// d = 0.10 and 0.35 - 0.40 at d = 0.25 (two runs), flash 2.9 / 3.2. Longformer 0.32 (d = 0.127)
+// and dilated window 0.50 (d = 0.125) are no longer paid in visible() (mask_tile is 0.7% of the
+// Longformer profile) but in simd::online_softmax_columns: exp of a masked score clamps -inf to
+// -104 and underflows through a subnormal, a microcode assist per vector (44% of the profile).
+// With that exp argument clamped to 0 before the call (a one-line change in simd/gemm.hpp, measured
+// on a patched copy): Longformer 0.137, dilated 0.17, flash on 16 x 16 blocks 0.82 - 1.0; with
+// mask_tile removed again, Longformer 0.25 - 0.27.
 #pragma once
 
 #include <algorithm>
 #include <bit>
+#include <concepts>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "mnemo/attention/common.hpp"
+#include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/simd/gemm.hpp"
 
 namespace mnemo::attention::sparse {
 
@@ -130,6 +150,100 @@ tile unit_block(std::int64_t block, bool causal, std::int64_t q0, std::int64_t q
     }
   }
   return acc.result();
+}
+
+// ---- Bulk tile masking (mask_tile). Tiles are key-major, as flash computes them (S^T = K Q^T):
+// s[j * ld + i] holds key k0 + j against the query at qp0 + i. mask_tile writes -inf exactly where
+// visible(qp0 + i, k0 + j) is false and touches nothing else, in runs along i: per key row the
+// visible queries form one interval (window, causal, a layout block) or a short list of them, so
+// a row costs a few fills instead of qn visible() calls.
+
+inline constexpr float masked = -std::numeric_limits<float>::infinity();
+
+// The same contract flash.hpp detects (attention::has_mask_tile), for the element mods here.
+template <class M>
+concept has_mask_tile = requires(const M& m, float* s, std::int64_t i) {
+  { m.mask_tile(s, i, i, i, i, i) } -> std::same_as<void>;
+};
+
+// row[i] = -inf for i in [a, b) (nothing when a >= b).
+inline void fill_masked(float* row, std::int64_t a, std::int64_t b) {
+  for (std::int64_t i = a; i < b; ++i) row[i] = masked;
+}
+
+// The rectangle of queries [i0, i1) x keys [j0, j1) of a key-major tile.
+inline void fill_masked_rect(float* s, std::int64_t ld, std::int64_t i0, std::int64_t i1, std::int64_t j0,
+                             std::int64_t j1) {
+  for (std::int64_t j = j0; j < j1; ++j) fill_masked(s + j * ld, i0, i1);
+}
+
+// The length of patterns defined on every position >= 0 (strided, fixed); rows_in computes
+// length - qp0, which must not overflow.
+inline constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 2;
+
+inline std::int64_t clamp_to(std::int64_t x, std::int64_t lo, std::int64_t hi) { return std::min(std::max(x, lo), hi); }
+
+// The rows of a tile whose query position lies in [0, length): [lo, hi) of [0, qn).
+struct row_range {
+  std::int64_t lo, hi;
+};
+inline row_range rows_in(std::int64_t qp0, std::int64_t qn, std::int64_t length) {
+  const std::int64_t lo = clamp_to(-qp0, 0, qn);
+  return {lo, clamp_to(length - qp0, lo, qn)};
+}
+
+// Masks the rows outside [r.lo, r.hi) over all kn keys.
+inline void mask_outside_rows(float* s, std::int64_t ld, std::int64_t qn, std::int64_t kn, row_range r) {
+  fill_masked_rect(s, ld, 0, r.lo, 0, kn);
+  fill_masked_rect(s, ld, r.hi, qn, 0, kn);
+}
+
+// Any mask mod over a tile: its own mask_tile, the arithmetic runs of the causal and sliding-window
+// masks of mods.hpp, nothing for mods::none, else visible() per element.
+template <class M>
+void mask_tile_of(const M& m, float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
+                  std::int64_t kn) {
+  if constexpr (has_mask_tile<M>) {
+    m.mask_tile(s, ld, qp0, qn, k0, kn);
+  } else if constexpr (std::is_same_v<M, mods::none>) {
+    return;
+  } else if constexpr (std::is_same_v<M, mods::causal>) {  // visible iff qp >= kp
+    for (std::int64_t j = 0; j < kn; ++j) fill_masked(s + j * ld, 0, clamp_to(k0 + j - qp0, 0, qn));
+  } else if constexpr (std::is_same_v<M, mods::sliding_window>) {  // kp <= qp < kp + size
+    for (std::int64_t j = 0; j < kn; ++j) {
+      float* row = s + j * ld;
+      const std::int64_t a = clamp_to(k0 + j - qp0, 0, qn), b = clamp_to(k0 + j + m.size - qp0, a, qn);
+      fill_masked(row, 0, a);
+      fill_masked(row, b, qn);
+    }
+  } else {
+    for (std::int64_t j = 0; j < kn; ++j)
+      for (std::int64_t i = 0; i < qn; ++i)
+        if (!mods::visible(m, qp0 + i, k0 + j)) s[j * ld + i] = masked;
+  }
+}
+
+// mask_tile of a pattern on units of `unit` positions (visible iff unit_visible(u(qp), u(kp)),
+// kp <= qp when causal, qp in [0, length)): per key row, one run per query unit.
+template <class UnitVisible>
+void unit_mask_tile(std::int64_t unit, bool causal, std::int64_t length, float* s, std::int64_t ld, std::int64_t qp0,
+                    std::int64_t qn, std::int64_t k0, std::int64_t kn, UnitVisible&& unit_visible) {
+  const row_range r = rows_in(qp0, qn, length);
+  mask_outside_rows(s, ld, qn, kn, r);
+  for (std::int64_t j = 0; j < kn; ++j) {
+    float* row = s + j * ld;
+    const std::int64_t kp = k0 + j, J = unit_of(kp, unit);
+    std::int64_t i = r.lo;
+    if (causal) {
+      i = clamp_to(kp - qp0, r.lo, r.hi);
+      fill_masked(row, r.lo, i);
+    }
+    while (i < r.hi) {
+      const std::int64_t I = unit_of(qp0 + i, unit), end = std::min(r.hi, (I + 1) * unit - qp0);
+      if (!unit_visible(I, J)) fill_masked(row, i, end);
+      i = end;
+    }
+  }
 }
 
 inline void require_positive(const char* fn, const char* name, std::int64_t value) {
@@ -295,6 +409,30 @@ struct block_sparse {
     return acc.result();
   }
 
+  // -inf over a key-major tile where visible() is false (flash_detail::apply_mask): one rectangle
+  // per layout block the tile overlaps — nothing for a full block, a fill for an empty one, the
+  // element's own mask for a partial one. A 64 x 64 tile over 16 x 16 blocks is 16 rectangles.
+  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+    const detail::row_range r = detail::rows_in(qp0, qn, layout->length());
+    detail::mask_outside_rows(s, ld, qn, kn, r);
+    const std::int64_t bq = layout->block_q(), bk = layout->block_k();
+    for (std::int64_t j0 = 0, j1; j0 < kn; j0 = j1) {
+      const std::int64_t kb = layout->k_block_of(k0 + j0);
+      j1 = std::min(kn, (kb + 1) * bk - k0);
+      for (std::int64_t i0 = r.lo, i1; i0 < r.hi; i0 = i1) {
+        const std::int64_t qb = layout->q_block_of(qp0 + i0);
+        i1 = std::min(r.hi, (qb + 1) * bq - qp0);
+        switch (layout->state(qb, kb)) {
+          case block_state::full: break;
+          case block_state::partial:
+            detail::mask_tile_of(element, s + j0 * ld + i0, ld, qp0 + i0, i1 - i0, k0 + j0, j1 - j0);
+            break;
+          default: detail::fill_masked_rect(s, ld, i0, i1, j0, j1);
+        }
+      }
+    }
+  }
+
   void validate(const char* fn, std::int64_t Hq, std::int64_t Lq, std::int64_t Lk) const {
     mnemo::detail::require(layout != nullptr, fn, ": block_sparse.layout must point to a block_layout, got null");
     mnemo::detail::require(layout->length() == Lk, fn, ": block_sparse.layout.length() must equal Lk = ", Lk,
@@ -305,6 +443,201 @@ struct block_sparse {
 
 template <class Element>
 block_sparse(const block_layout*, Element) -> block_sparse<Element>;
+
+// ---------------------------------------------------------------------------------------------
+// Layout-driven kernel.
+
+namespace detail {
+
+// One piece of a key chunk: keys [k0, k0 + kn) of one listed layout block, at row `row` of the
+// chunk's score tile.
+struct key_piece {
+  std::int64_t k0, kn, row;
+  bool partial;
+};
+
+// Register blocking of the score GEMM when a query tile is one SIMD vector wide (16-query blocks
+// on AVX-512): the default 6 x 4 blocking degenerates to 6 accumulators, too few to hide the FMA
+// latency (4 cycles, 2 ports: 8 in flight), and its 4-row tail to 4. 8 rows x 1 vector keeps 8
+// FMAs in flight. Measured (L = 8192, D = 64, 16 x 16 random blocks at d = 0.25, 1 AVX-512 core):
+// see the header figures.
+struct narrow_blocking {
+  static constexpr int mr = 8;
+  static constexpr int nv = 1;
+};
+
+template <class KV, class Element, class Arch>
+struct layout_plan {
+  using traits = flash_traits<Arch>;
+  static constexpr std::int64_t w = traits::lanes;
+  // At most flash's tile of queries and keys per step, so the score tile and its operands stay in
+  // L1/L2 as in flash (flash_traits); a layout block larger than that is cut into pieces.
+  static constexpr std::int64_t max_rows = traits::block_q, chunk_keys = traits::block_k;
+
+  const dims& d;
+  view<const float, 4> q;
+  view<const KV, 4> k, v;
+  view<float, 4> out;
+  view<float, 3> lse;
+  const block_sparse<Element>& mod;
+
+  const block_layout& lay = *mod.layout;
+  std::int64_t G = d.group(), dvp = flash_detail::round_up(d.Dv, w);
+  std::int64_t tile_rows = std::min(lay.block_q(), max_rows), tq = flash_detail::round_up(tile_rows, w);
+  std::int64_t subtiles = (lay.block_q() + tile_rows - 1) / tile_rows;
+  static constexpr bool k_direct = std::is_same_v<KV, float>;  // K rows are the GEMM's A operand: any stride
+  bool v_direct = std::is_same_v<KV, float> && d.Dv % w == 0;    // V rows feed whole vectors of B
+  flash_detail::workspace_layout ws{};
+  std::int64_t at_qt = ws.take(G * d.D * tq), at_o = ws.take(G * tq * dvp), at_m = ws.take(G * tq),
+               at_l = ws.take(G * tq), at_s = ws.take(chunk_keys * tq), at_alpha = ws.take(tq),
+               at_k = k_direct ? 0 : ws.take(chunk_keys * d.D), at_v = v_direct ? 0 : ws.take(chunk_keys * dvp);
+
+  std::int64_t items() const { return d.B * d.Hkv * lay.n_qb() * subtiles; }
+
+  void run(std::int64_t item, float* work) const {
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    // The last query blocks first (causal layouts list the most key blocks there).
+    const std::int64_t per_head = lay.n_qb() * subtiles;
+    const std::int64_t t = per_head - 1 - item % per_head, hk = item / per_head % d.Hkv, b = item / per_head / d.Hkv;
+    const std::int64_t qb = t / subtiles, sub = t % subtiles;
+    // Query positions of this tile, as rows of q (row i sits at qp = i + offset).
+    const std::int64_t qp_lo = qb * lay.block_q() + sub * tile_rows;
+    const std::int64_t qp_hi = std::min({qp_lo + tile_rows, (qb + 1) * lay.block_q(), d.Lk});
+    const std::int64_t i0 = std::max<std::int64_t>(qp_lo - d.offset(), 0), i1 = qp_hi - d.offset();
+    if (i0 >= i1) return;
+    const std::int64_t qn = i1 - i0, nq = flash_detail::round_up(qn, w), qp0 = i0 + d.offset();
+    float* s = work + at_s;
+    float* alpha = work + at_alpha;
+    for (std::int64_t g = 0; g < G; ++g) {
+      const std::int64_t h = hk * G + g;
+      flash_detail::pack_transposed(q.ptr(b, h, i0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt + g * d.D * tq,
+                                    tq);
+      std::fill_n(work + at_o + g * tq * dvp, qn * dvp, 0.0f);
+      std::fill_n(work + at_m + g * tq, nq, neg_inf);
+      std::fill_n(work + at_l + g * tq, nq, 0.0f);
+    }
+
+    // Walk the query block's listed key blocks in chunks of at most chunk_keys keys.
+    const std::int64_t e_end = lay.row_ptr()[qb + 1];
+    std::int64_t e = lay.row_ptr()[qb], next_k = -1;  // next_k: where a cut block continues
+    key_piece pieces[chunk_keys];
+    while (e < e_end) {
+      std::int64_t n_pieces = 0, rows = 0;
+      while (e < e_end && rows < chunk_keys) {
+        const std::int64_t kb = lay.cols()[e];
+        const std::int64_t b0 = kb * lay.block_k(), b1 = std::min(b0 + lay.block_k(), d.Lk);
+        const std::int64_t k0 = next_k >= 0 ? next_k : b0, kn = std::min(b1 - k0, chunk_keys - rows);
+        pieces[n_pieces++] = {k0, kn, rows, lay.full()[e] == 0};
+        rows += kn;
+        if (k0 + kn < b1) {
+          next_k = k0 + kn;
+        } else {
+          next_k = -1;
+          ++e;
+        }
+      }
+      // K and V rows of every piece: in place, or converted into the chunk's buffers.
+      auto k_rows = [&](const key_piece& pc) -> std::pair<const float*, std::int64_t> {
+        if constexpr (std::is_same_v<KV, float>) return {k.ptr(b, hk, pc.k0), k.stride(2)};
+        else return {work + at_k + pc.row * d.D, d.D};
+      };
+      auto v_rows = [&](const key_piece& pc) -> std::pair<const float*, std::int64_t> {
+        if constexpr (std::is_same_v<KV, float>) {
+          if (v_direct) return {v.ptr(b, hk, pc.k0), v.stride(2)};
+        }
+        return {work + at_v + pc.row * dvp, dvp};
+      };
+      for (std::int64_t p = 0; p < n_pieces; ++p) {
+        const key_piece& pc = pieces[p];
+        for (std::int64_t j = 0; j < pc.kn; ++j) {
+          if (!k_direct) flash_detail::to_f32<Arch>(k.ptr(b, hk, pc.k0 + j), work + at_k + (pc.row + j) * d.D, d.D);
+          if (!v_direct) flash_detail::to_f32<Arch>(v.ptr(b, hk, pc.k0 + j), work + at_v + (pc.row + j) * dvp, d.Dv);
+        }
+      }
+      for (std::int64_t g = 0; g < G; ++g) {
+        const float* qt = work + at_qt + g * d.D * tq;
+        float* o = work + at_o + g * tq * dvp;
+        for (std::int64_t p = 0; p < n_pieces; ++p) {
+          const key_piece& pc = pieces[p];
+          const auto [kp, ldk] = k_rows(pc);
+          if (nq == w)
+            simd::gemm<simd::a_order::row_major, Arch, narrow_blocking>(pc.kn, nq, d.D, kp, ldk, qt, tq,
+                                                                        s + pc.row * tq, tq, simd::c_mode::overwrite);
+          else
+            simd::gemm<simd::a_order::row_major, Arch>(pc.kn, nq, d.D, kp, ldk, qt, tq, s + pc.row * tq, tq,
+                                                       simd::c_mode::overwrite);
+          if (pc.partial) mask_tile_of(mod.element, s + pc.row * tq, tq, qp0, qn, pc.k0, pc.kn);
+        }
+        simd::online_softmax_columns<Arch>(s, tq, rows, nq, work + at_m + g * tq, work + at_l + g * tq, alpha);
+        for (std::int64_t p = 0; p < n_pieces; ++p) {
+          const key_piece& pc = pieces[p];
+          const auto [vp, ldv] = v_rows(pc);
+          simd::gemm<simd::a_order::col_major, Arch>(qn, dvp, pc.kn, s + pc.row * tq, tq, vp, ldv, o, dvp,
+                                                     p == 0 ? simd::c_mode::rescale : simd::c_mode::accumulate, alpha);
+        }
+      }
+    }
+
+    for (std::int64_t g = 0; g < G; ++g) {
+      const std::int64_t h = hk * G + g;
+      const float* o = work + at_o + g * tq * dvp;
+      const float* m = work + at_m + g * tq;
+      const float* l = work + at_l + g * tq;
+      for (std::int64_t i = 0; i < qn; ++i) {
+        float* oi = out.ptr(b, h, i0 + i);
+        if (l[i] == 0.0f) {  // no visible key
+          std::fill_n(oi, d.Dv, 0.0f);
+          if (!lse.empty()) lse(b, h, i0 + i) = neg_inf;
+          continue;
+        }
+        const float inv = 1.0f / l[i];
+        for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = o[i * dvp + c] * inv;
+        if (!lse.empty()) lse(b, h, i0 + i) = m[i] + std::log(l[i]);
+      }
+    }
+  }
+};
+
+}  // namespace detail
+
+// Block-sparse attention driven by the layout: each query block visits exactly its listed key
+// blocks (CSR order), gathered into chunks of up to 64 keys, instead of every 64 x 64 tile of
+// flash that a listed block touches. The same result as flash(q, k, v, out, lse, mod, opt) to
+// float32 accuracy (the same online softmax, a different grouping of keys); what differs is the
+// work: flash computes whole 64 x 64 tiles, so a layout of 16 x 16 blocks at density d costs it
+// about the fraction of 64 x 64 tiles touched (1 - (1 - d)^16: 0.99 at d = 0.25), while this
+// kernel computes tiles of block_q queries x the listed keys, i.e. about d. Prefer flash for
+// layouts of 64-multiples (its tiles are then exactly the blocks) and for score mods; prefer
+// this one for small blocks (bench/sparse_rows.cpp: block_sparse_csr rows). Query rows at
+// qp < 0 (Lq > Lk) see nothing: out = 0, lse = -inf.
+template <class KV, class Element = mods::none, class Arch = simd::default_arch>
+void attention(view<const float, 4> q,   // [B, Hq, Lq, D]
+               view<const KV, 4> k,      // [B, Hkv, Lk, D]
+               view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
+               view<float, 4> out,       // [B, Hq, Lq, Dv]
+               view<float, 3> lse,       // [B, Hq, Lq] or empty
+               const block_sparse<Element>& mod, const options& opt = {}) {
+  constexpr const char* fn = "sparse::attention";
+  const dims d = attention::detail::check_args(fn, q, k, v, out, lse, mod, opt);
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  for (std::int64_t b = 0; b < d.B; ++b)  // rows before the key axis
+    for (std::int64_t h = 0; h < d.Hq; ++h)
+      for (std::int64_t i = 0; i < std::min(-d.offset(), d.Lq); ++i) {
+        std::fill_n(out.ptr(b, h, i), d.Dv, 0.0f);
+        if (!lse.empty()) lse(b, h, i) = neg_inf;
+      }
+  const detail::layout_plan<KV, Element, Arch> plan{d, q, k, v, out, lse, mod};
+  flash_detail::run_items(plan.items(), plan.ws.total, opt.threads,
+                          [&](std::int64_t item, float* work) { plan.run(item, work); });
+}
+
+// Convenience: tensors or views of any constness for k and v.
+template <class K, class V, class Element>
+  requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
+void attention(view<const float, 4> q, const K& k, const V& v, view<float, 4> out, view<float, 3> lse,
+               const block_sparse<Element>& mod, const options& opt = {}) {
+  attention<element_t<K>, Element>(q, cview(k), cview(v), out, lse, mod, opt);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Patterns (each an exact element mask with a block classifier).
@@ -325,6 +658,10 @@ struct strided {
     return detail::unit_block(unit, true, q0, q1, k0, k1, [this](std::int64_t I, std::int64_t J) {
       return unit_visible(I, J);
     });
+  }
+  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+    detail::unit_mask_tile(unit, true, detail::unbounded, s, ld, qp0, qn, k0, kn,
+                           [this](std::int64_t I, std::int64_t J) { return unit_visible(I, J); });
   }
   void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t) const {
     detail::require_positive(fn, "strided.unit", unit);
@@ -350,6 +687,10 @@ struct fixed {
       return unit_visible(I, J);
     });
   }
+  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+    detail::unit_mask_tile(unit, true, detail::unbounded, s, ld, qp0, qn, k0, kn,
+                           [this](std::int64_t I, std::int64_t J) { return unit_visible(I, J); });
+  }
   void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t) const {
     detail::require_positive(fn, "fixed.unit", unit);
     detail::require_positive(fn, "fixed.stride", stride);
@@ -365,6 +706,7 @@ struct longformer {
   bool causal = false;
   std::vector<std::uint8_t> is_global;        // [length]
   std::vector<std::int64_t> globals_before;   // [length + 1]: global tokens in [0, p)
+  std::vector<std::int64_t> global_positions;  // the global tokens, ascending
 
   bool global(std::int64_t p) const { return is_global[static_cast<std::size_t>(p)] != 0; }
   std::int64_t globals_in(std::int64_t a, std::int64_t b) const {
@@ -392,6 +734,37 @@ struct longformer {
     const bool all = band_all || gq == c.q1 - c.q0 || gk == k1 - k0;
     return !c.clipped && ct == tile::full && all ? tile::full : tile::partial;
   }
+  // Per key row kp: rows above the diagonal (causal) masked; a global key is seen by the rest; else
+  // the band i in [kp + diff_lo, kp + diff_hi] - qp0 stays and the two runs beside it are masked
+  // except at global queries (the tile's few global rows, found once per tile).
+  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+    const detail::row_range r = detail::rows_in(qp0, qn, length);
+    detail::mask_outside_rows(s, ld, qn, kn, r);
+    const auto g0 = std::lower_bound(global_positions.begin(), global_positions.end(), qp0 + r.lo);
+    const auto g1 = std::lower_bound(g0, global_positions.end(), qp0 + r.hi);
+    // row[i] = -inf on [a, b) except at global queries
+    auto fill_non_global = [&](float* row, std::int64_t a, std::int64_t b) {
+      for (auto g = g0; g != g1 && a < b; ++g) {
+        const std::int64_t gi = *g - qp0;
+        if (gi < a) continue;
+        if (gi >= b) break;
+        detail::fill_masked(row, a, gi);
+        a = gi + 1;
+      }
+      detail::fill_masked(row, a, b);
+    };
+    for (std::int64_t j = 0; j < kn; ++j) {
+      float* row = s + j * ld;
+      const std::int64_t kp = k0 + j;
+      const std::int64_t c = causal ? detail::clamp_to(kp - qp0, r.lo, r.hi) : r.lo;
+      detail::fill_masked(row, r.lo, c);
+      if (global(kp)) continue;
+      const std::int64_t b0 = detail::clamp_to(kp + diff_lo() - qp0, c, r.hi);
+      const std::int64_t b1 = detail::clamp_to(kp + diff_hi() + 1 - qp0, b0, r.hi);
+      fill_non_global(row, c, b0);
+      fill_non_global(row, b1, r.hi);
+    }
+  }
   void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t Lk) const {
     mnemo::detail::require(length == Lk, fn, ": longformer.length must equal Lk = ", Lk, ", got ", length);
   }
@@ -403,7 +776,7 @@ inline longformer make_longformer(std::int64_t length, std::int64_t window, cons
   constexpr const char* fn = "sparse::make_longformer";
   mnemo::detail::require(length >= 1, fn, ": length must be >= 1, got ", length);
   detail::require_positive(fn, "window", window);
-  longformer p{length, window, causal, std::vector<std::uint8_t>(static_cast<std::size_t>(length), 0), {}};
+  longformer p{length, window, causal, std::vector<std::uint8_t>(static_cast<std::size_t>(length), 0), {}, {}};
   for (std::size_t i = 0; i < globals.size(); ++i) {
     const std::int64_t g = globals[i];
     if (g < 0 || g >= length)
@@ -413,6 +786,8 @@ inline longformer make_longformer(std::int64_t length, std::int64_t window, cons
   p.globals_before.assign(static_cast<std::size_t>(length) + 1, 0);
   for (std::int64_t j = 0; j < length; ++j)
     p.globals_before[static_cast<std::size_t>(j) + 1] = p.globals_before[static_cast<std::size_t>(j)] + p.is_global[static_cast<std::size_t>(j)];
+  for (std::int64_t j = 0; j < length; ++j)
+    if (p.global(j)) p.global_positions.push_back(j);
   return p;
 }
 
@@ -442,6 +817,10 @@ struct bigbird {
     const tile t = detail::unit_block(unit, causal, c.q0, c.q1, k0, k1,
                                       [this](std::int64_t I, std::int64_t J) { return unit_visible(I, J); });
     return c.clipped && t == tile::full ? tile::partial : t;
+  }
+  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+    detail::unit_mask_tile(unit, causal, length, s, ld, qp0, qn, k0, kn,
+                           [this](std::int64_t I, std::int64_t J) { return unit_visible(I, J); });
   }
   void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t Lk) const {
     mnemo::detail::require(length == Lk, fn, ": bigbird.length must equal Lk = ", Lk, ", got ", length);
@@ -500,6 +879,22 @@ struct dilated_window {
     if ((dmin + dilation - 1) / dilation * dilation > dmax) return tile::empty;
     const bool all = dilation == 1 && q0 - (k1 - 1) >= 0 && q1 - 1 - k0 <= span;
     return all ? tile::full : tile::partial;
+  }
+  // Per key row kp the visible queries are qp = kp + t * dilation, t < window: outside
+  // [kp, kp + span] - qp0 everything is masked, inside the dilation - 1 rows between two visible ones.
+  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+    const std::int64_t span = (window - 1) * dilation;
+    for (std::int64_t j = 0; j < kn; ++j) {
+      float* row = s + j * ld;
+      const std::int64_t a = k0 + j - qp0;  // row of qp = kp
+      const std::int64_t first = detail::clamp_to(a, 0, qn), last = detail::clamp_to(a + span + 1, first, qn);
+      detail::fill_masked(row, 0, first);
+      detail::fill_masked(row, last, qn);
+      if (dilation == 1) continue;
+      std::int64_t i = a + (first - a + dilation - 1) / dilation * dilation;  // first visible row >= first
+      detail::fill_masked(row, first, std::min(i, last));
+      for (; i < last; i += dilation) detail::fill_masked(row, i + 1, std::min(i + dilation, last));
+    }
   }
   void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t) const {
     detail::require_positive(fn, "dilated_window.window", window);
