@@ -12,9 +12,10 @@
 //   bytes/s   compulsory traffic per iteration: q and out once in f32, k and v once in their
 //             storage type (what a kernel cannot avoid reading or writing)
 //
-// Sizes: MNEMO_BENCH_SIZE=small (default: the whole binary in a minute or two) or full (the
-// standard shapes of DESIGN.md); tiny (the harness smoke test, tests/bench/: prefill L = 64 and
-// decode Lk = 512; families without tiny shapes use their small ones). Thread counts:
+// Sizes: MNEMO_BENCH_SIZE=small (default: the whole binary in 2 to 3 minutes with
+// scripts/bench.sh's flags, see apply_small_budget) or full (the standard shapes of DESIGN.md);
+// tiny (the harness smoke test, tests/bench/: prefill L = 64 and decode Lk = 512; families
+// without tiny shapes use their small ones). Thread counts:
 // MNEMO_BENCH_THREADS, default "1,2".
 #pragma once
 
@@ -299,13 +300,43 @@ inline std::string decode_name(std::string_view impl, const shape& s, std::strin
 // ---------------------------------------------------------------------------------------------
 // Registration.
 
+// The small size's time budget (scripts/bench.sh with no flags: at most about 4 minutes of run on
+// 2 cores, 3 repetitions of >= 0.03 s; measured 2 min 10 s for 580 rows, 2026-11-24). Two kinds of row are cut short there, by name, so that no
+// rows file needs to know:
+//   - the double-precision references (impl `reference`): one repetition. They are the slowest
+//     rows by far (0.15 to 2.9 s an iteration at the small shapes, 2-core Xeon, 2026-11-24) and
+//     their time is a curiosity next to the kernels', not a ratio anyone quotes.
+//   - kvpolicy rows: a fixed count of iterations, one repetition. Their figures are quality
+//     counters computed once per call; 215 rows whose every call recompresses a context spent 45 s
+//     in Google Benchmark's iteration-count search alone at one repetition.
+// Google Benchmark appends the setting to the name (".../threads:1/repeats:1",
+// ".../iterations:64/repeats:1"); bench/plot drops those tokens. Other sizes are left alone.
+inline constexpr int small_slow_repetitions = 1;
+inline constexpr benchmark::IterationCount small_kvpolicy_iterations = 64;
+
+namespace detail {
+
+inline void apply_small_budget(benchmark::internal::Benchmark* row, std::string_view name) {
+  if (bench_size() != size_mode::small) return;
+  const std::size_t slash = name.find('/');
+  const std::string_view family = name.substr(0, slash);
+  const std::string_view rest = slash == std::string_view::npos ? std::string_view{} : name.substr(slash + 1);
+  const std::string_view impl = rest.substr(0, rest.find('/'));
+  if (family == "kvpolicy") row->Iterations(small_kvpolicy_iterations)->Repetitions(small_slow_repetitions);
+  else if (impl == "reference") row->Repetitions(small_slow_repetitions);
+}
+
+}  // namespace detail
+
 // Registers one row, timed on the wall clock (threaded kernels: the main thread's CPU time
 // would say nothing), reported in milliseconds.
 template <class Fn>
 benchmark::internal::Benchmark* register_row(const std::string& name, Fn&& fn) {
-  return benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn))
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
+  benchmark::internal::Benchmark* row = benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn))
+                                            ->UseRealTime()
+                                            ->Unit(benchmark::kMillisecond);
+  detail::apply_small_budget(row, name);
+  return row;
 }
 
 // A row body for one shape at one thread count.

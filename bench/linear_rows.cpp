@@ -22,7 +22,9 @@
 //                                                    same state memory: the floor of a step. Compare with
 //                                                    `bench/plot --baseline rmw_pass --ignore-for-baseline kv,op`
 //   linear_vs_flash/<op>/L:<L>/D:128/threads:<t>     the chunked form of each op over a sweep of L
-//                                                    (small: 1024, 4096; full: 1024 to 65536, x4)
+//                                                    (small: 256, 512, 1024, 4096; full: also 16384
+//                                                    and 65536): bench/plot prints and marks where
+//                                                    each op's time crosses flash's
 //   linear_vs_flash/flash/L:<L>/D:128/threads:<t>    causal softmax attention (attention::flash) at the
 //                                                    same B, H, L, D: `--baseline flash` gives the
 //                                                    ratios. Registered up to L = 16384 (full): a
@@ -357,8 +359,12 @@ const bool registered = [] {
     }
   }
 
-  const std::vector<std::int64_t> sweep = full_size() ? std::vector<std::int64_t>{1024, 4096, 16384, 65536}
-                                                      : std::vector<std::int64_t>{1024, 4096};
+  // Starts at L = 256: the chunked ops overtake causal flash below L = 1024 here (at L = 1024 the
+  // fastest op took 6.3 ms a call against flash's 21 ms, one thread, 2026-11-24), and bench/plot
+  // interpolates the crossover between two measured lengths.
+  const std::vector<std::int64_t> sweep = full_size()
+                                              ? std::vector<std::int64_t>{256, 512, 1024, 4096, 16384, 65536}
+                                              : std::vector<std::int64_t>{256, 512, 1024, 4096};
   const std::int64_t flash_max_L = 16384;
   for (int t : thread_counts())
     for (std::int64_t L : sweep) {

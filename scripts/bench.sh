@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
 # Builds mnemo_bench and runs the whole benchmark comparison (README command (a), the main job).
 #
-#   scripts/bench.sh                   small size (a few minutes on 2 cores): every row of mnemo_bench
-#                                      (the oneDNN peer too if libdnnl-dev is there), a peak-memory pass,
-#                                      the table, and the figures fig_a..fig_e + per-family charts
+#   scripts/bench.sh                   small size: every row of mnemo_bench (the oneDNN peer too if
+#                                      libdnnl-dev is there) as 3 repetitions of >= 0.03 s, a peak-memory
+#                                      pass, the table + headline, the figures fig_a..fig_e + per-family
+#                                      charts (run 2 to 3 min on 2 cores; first build 4 to 5 min)
 #   scripts/bench.sh --full            the standard shapes of DESIGN.md (prefill L 1024 and 4096, decode
-#                                      Lk 4096 and 32768), with the PyTorch peer (takes much longer)
+#                                      Lk 4096 and 32768), 5 repetitions of >= 0.1 s, with the PyTorch
+#                                      peer (takes much longer: an hour or more on 2 cores)
 #   scripts/bench.sh --peers           also run the PyTorch SDPA peer (bench/peers/torch_sdpa.sh; the
 #                                      first time it installs torch into build/peer-venv); --no-peers: never
 #   scripts/bench.sh --filter REGEX    only rows whose name matches REGEX (Google Benchmark's --benchmark_filter)
 #   scripts/bench.sh --out DIR         results in DIR instead of results/<date>_<time>/
 #   scripts/bench.sh --baseline IMPL   the impl the table compares against (default: openblas)
 #   scripts/bench.sh --no-memory       skip the peak-memory pass
-#   scripts/bench.sh --quick           1 repetition of >= 0.05 s per row (a smoke run; figures are rough)
-#   scripts/bench.sh ... -- ARGS       pass ARGS to mnemo_bench (e.g. -- --benchmark_repetitions=3)
+#   scripts/bench.sh --quick           1 repetition of >= 0.02 s per row (a smoke run; figures are rough)
+#   scripts/bench.sh --publish DIR     after the run, copy its figures (fig_*.png), headline.txt and
+#                                      table.txt to DIR (docs/bench for bench/README.md's "Latest figures")
+#   scripts/bench.sh ... -- ARGS       pass ARGS to mnemo_bench (e.g. -- --benchmark_repetitions=9)
 #
 # Writes to the results folder (git-ignored): bench.json (Google Benchmark JSON), memory.json
-# (the memory pass), torch_sdpa.json (the peer), table.txt (the table printed at the end), and
-# the PNGs. Installs missing Debian packages itself (as root or with sudo). Build tree:
-# build/bench (Release, -march=native). Rows, counters, figures: bench/README.md.
+# (the memory pass), torch_sdpa.json (the peer), table.txt (the table printed at the end),
+# headline.txt (the headline ratios) and the PNGs. Installs missing Debian packages itself (as
+# root or with sudo). Build tree: build/bench (Release, -march=native). Rows, counters, figures:
+# bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 
 size=small
 filter=""
@@ -31,6 +36,7 @@ baseline=openblas
 peers=auto
 memory=1
 quick=0
+publish=""
 bench_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -46,6 +52,8 @@ while [ $# -gt 0 ]; do
     --out=*) out=${1#--out=} ;;
     --baseline) [ $# -ge 2 ] || { echo "scripts/bench.sh: --baseline needs an IMPL" >&2; exit 2; }; baseline=$2; shift ;;
     --baseline=*) baseline=${1#--baseline=} ;;
+    --publish) [ $# -ge 2 ] || { echo "scripts/bench.sh: --publish needs a DIR" >&2; exit 2; }; publish=$2; shift ;;
+    --publish=*) publish=${1#--publish=} ;;
     -h|--help) usage; exit 0 ;;
     --) shift; bench_args=("$@"); break ;;
     *) echo "scripts/bench.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -78,10 +86,15 @@ build_done=$(date +%s)
 mkdir -p "$out"
 json="$out/bench.json"
 
-# The machine may be shared: every row runs as 5 repetitions of >= 0.1 s, randomly interleaved with
-# the other rows' repetitions, so a burst of outside load spreads over all rows instead of landing
-# on one; the table uses each row's median (and shows the spread). Flags after -- override these.
-if [ "$quick" = 1 ]; then reps=1; min_time=0.05; else reps=5; min_time=0.1; fi
+# The machine may be shared: every row runs as several repetitions, randomly interleaved with the
+# other rows' repetitions, so a burst of outside load spreads over all rows instead of landing on
+# one; the table uses each row's median (and shows the spread). Full: 5 repetitions of >= 0.1 s.
+# Small: 3 of >= 0.03 s (580 rows in 2 min 10 s on the 2-core Xeon, 2026-11-24, load average 6;
+# bench/common.hpp also runs the double-precision references and the KV-policy rows once there).
+# Flags after -- override these.
+if [ "$quick" = 1 ]; then reps=1; min_time=0.02
+elif [ "$size" = full ]; then reps=5; min_time=0.1
+else reps=3; min_time=0.03; fi
 args=(--benchmark_out="$json" --benchmark_out_format=json
       --benchmark_enable_random_interleaving=true --benchmark_repetitions=$reps --benchmark_min_time=$min_time
       --benchmark_display_aggregates_only=true)
@@ -97,7 +110,10 @@ if [ "$memory" = 1 ]; then
   # Peak memory (figure (a)): every prefill row once more, one iteration, with the peak-RSS probe
   # of bench/peak_memory.cpp on (max_bytes_used). Times of this pass are not used.
   mem_filter='^prefill/'
-  [ -z "$filter" ] || mem_filter="($filter)"
+  case "$filter" in
+    -*) ;;  # a negative filter (Google Benchmark's "-REGEX": all rows but those): every prefill row
+    ?*) mem_filter="($filter)" ;;
+  esac
   echo "=== mnemo bench: peak-memory pass over the prefill rows -> $out/memory.json ==="
   MNEMO_BENCH_SIZE=$size MNEMO_BENCH_MEMORY=1 "$build/bench/mnemo_bench" --benchmark_filter="$mem_filter" \
     --benchmark_min_time=0 --benchmark_out="$out/memory.json" --benchmark_out_format=json >/dev/null ||
@@ -108,7 +124,7 @@ fi
 if [ "$peers" = 1 ]; then
   echo "=== mnemo bench: external peer: PyTorch scaled_dot_product_attention -> $out/torch_sdpa.json ==="
   peer_args=(--size "$size" --repetitions "$reps" --min-time "$min_time" --out "$out/torch_sdpa.json")
-  [ -z "$filter" ] || peer_args+=(--filter "$filter")
+  case "$filter" in -*|"") ;; *) peer_args+=(--filter "$filter") ;; esac  # the peer has no negative filters
   if bench/peers/torch_sdpa.sh "${peer_args[@]}"; then files+=("$out/torch_sdpa.json")
   else echo "scripts/bench.sh: the PyTorch peer failed; its rows are left out" >&2; fi
 fi
@@ -117,6 +133,12 @@ peers_done=$(date +%s)
 echo
 echo "=== mnemo bench: table and figures ($out) ==="
 /usr/bin/python3 bench/plot "${files[@]}" --out "$out" --baseline "$baseline" | tee "$out/table.txt"
+
+if [ -n "$publish" ]; then
+  mkdir -p "$publish"
+  cp "$out"/fig_*.png "$out/headline.txt" "$out/table.txt" "$publish"/
+  echo "mnemo bench: figures, headline.txt and table.txt copied to $publish/"
+fi
 
 echo
 echo "mnemo bench: done in $(( $(date +%s) - start )) s (build $(( build_done - start )) s," \

@@ -8,9 +8,11 @@
 2. Runs the peak-memory pass (MNEMO_BENCH_MEMORY=1) on one row and checks that the peak covers
    the row's own inputs and outputs.
 3. Adds synthetic rows of the families this binary does not hold (sparse, linear_vs_flash,
-   decode selection methods, kvpolicy, memory, a oneDNN row) and a synthetic PyTorch peer file,
-   runs bench/plot on everything and checks the table (rows, external marks, a ratio recomputed
-   here) and that every figure fig_a..fig_e and a per-family chart was written as a PNG.
+   decode selection methods, kvpolicy, memory, flash, machine, a oneDNN row) and a synthetic
+   PyTorch peer file, runs bench/plot on everything and checks the table (rows, external marks, a
+   ratio recomputed here), the derived blocks (block-sparse ratios against the target, the linear
+   vs flash crossover, the KV policy x budget table, the counters column, the headline ratios:
+   each value recomputed here from the rows) and that every figure was written as a PNG.
 Prints "N passed, M failed" and exits non-zero on any failure.
 """
 
@@ -26,6 +28,9 @@ import sys
 CHECKS = {"passed": 0, "failed": 0}
 
 TINY_L, TINY_LK = 64, 512  # bench/common.hpp tiny_prefill_L, tiny_decode_Lk
+SPARSE_RATIOS = {"0.10": 0.15, "0.50": 0.65}  # synthetic time / dense: the first meets density + 0.1, the second not
+LINEAR_CROSSOVER = 2.4 * 1024                  # where the synthetic linear_vs_flash curves cross
+STREAM_BYTES = 1e10                            # synthetic machine/stream_read bytes/s
 PREFILL_H, DECODE_HQ, DECODE_HKV, DECODE_D = 8, 32, 8, 128
 
 
@@ -107,22 +112,33 @@ def synthetic_rows(real):
     out = []
     for t in (1, 2):
         sp = 1.0 / t
+        out.append(synthetic_entry(f"sparse/flash_dense/L:8192/D:64/density:1.00/threads:{t}/real_time", 400 * sp,
+                                   density=1.0))
+        for density, ratio in SPARSE_RATIOS.items():
+            out.append(synthetic_entry(f"sparse/block_sparse_random/L:8192/D:64/density:{density}/threads:{t}/real_time",
+                                       400 * ratio * sp, density=float(density)))
         for L in (1024, 4096):
-            scale = (L / 1024) ** 2
-            out.append(synthetic_entry(f"sparse/flash_dense/L:{L}/D:128/threads:{t}/real_time", 40 * scale * sp))
-            for density in ("0.1", "0.5"):
-                out.append(synthetic_entry(f"sparse/block/L:{L}/D:128/density:{density}/threads:{t}/real_time",
-                                           40 * scale * float(density) * sp))
+            s = L / 1024
             for op in ("linear_attn", "gla", "gated_delta_rule", "flash"):
-                time = 30 * scale * sp if op == "flash" else 12 * (L / 1024) * sp
+                # flash 5 s^2 ms, the linear ops 12 s ms: they cross at s = 2.4 (LINEAR_CROSSOVER)
+                time = 5 * s * s * sp if op == "flash" else 12 * s * sp
                 out.append(synthetic_entry(f"linear_vs_flash/{op}/L:{L}/D:128/threads:{t}/real_time", time,
                                            **{"tokens/s": 8 * L / time * 1e3}))
+        # flash at the tiny prefill shapes, twice as fast as the OpenBLAS baseline (the headline)
+        for name, row in medians(real).items():
+            if name.startswith("prefill/openblas/") and f"/threads:{t}/" in name:
+                flash = copy.deepcopy(row)
+                flash["name"] = flash["run_name"] = name.replace("/openblas/", "/flash/")
+                flash["real_time"] = row["real_time"] / 2
+                out.append(flash)
+        out.append(synthetic_entry(f"machine/stream_read/MiB:256/threads:{t}/real_time", 25.6, **{"bytes/s": STREAM_BYTES}))
         for Lk in (4096, 32768):
             base = Lk / 4096
             for fmt, f in (("f32", 1.0), ("f16", 0.5), ("bf16", 0.5), ("int8", 0.3), ("int4", 0.2)):
                 out.append(synthetic_entry(f"decode/cache_{fmt}/Lk:{Lk}/threads:{t}/real_time", 3 * base * f * sp,
                                            **{"bytes/s": 1e10 / t}))
-            out.append(synthetic_entry(f"decode/topk/Lk:{Lk}/k:256/threads:{t}/real_time", 1.2 * base * sp))
+            out.append(synthetic_entry(f"decode/topk/Lk:{Lk}/k:256/threads:{t}/real_time", 1.2 * base * sp,
+                                       rel_error=0.02, recall=0.97))
             out.append(synthetic_entry(f"decode/quest/Lk:{Lk}/page:16/budget:1024/threads:{t}/real_time", 0.9 * base * sp,
                                        rel_error=0.01, recall=0.95))
             out.append(synthetic_entry(f"decode/landmark/Lk:{Lk}/threads:{t}/real_time", 0.7 * base * sp))
@@ -133,7 +149,9 @@ def synthetic_rows(real):
     for policy in ("h2o", "snapkv", "streaming"):
         for budget in (5, 10, 25, 50):
             for kind in ("needle", "natural"):
-                out.append(synthetic_entry(f"kvpolicy/{policy}/budget:{budget}/context:{kind}/threads:1/real_time", 1.0,
+                # the small size runs these with a fixed iteration count: Google Benchmark names it
+                out.append(synthetic_entry(f"kvpolicy/{policy}/budget:{budget}/context:{kind}/threads:1/"
+                                           "iterations:64/repeats:1/real_time", 1.0,
                                            rel_error=0.5 / budget, needle_retention=min(1.0, budget / 25),
                                            bytes_kept=budget * 1e4))
     # a oneDNN row at a real prefill shape: marked external through the context's onednn_version
@@ -228,8 +246,9 @@ def main():
     line = next((l for l in decode.splitlines() if f"Lk:{TINY_LK} kv:f16 threads:1" in l and " split_kv " in l), "")
     shown = line[end - 12:end].strip()
     check(shown == f"{want:.2f}", f"x openblas of {name} is {want:.2f}, the table shows '{shown}' ({line})")
+    check_derived_tables(table, got, plots)
     for figure in ("fig_a_prefill", "fig_b_decode", "fig_c_kvpolicy", "fig_d_memory", "fig_e_threads",
-                   "prefill_throughput"):
+                   "fig_a_sparse", "fig_b_sparse_decode", "fig_a_linear_vs_flash", "prefill_throughput"):
         path = os.path.join(plots, figure + ".png")
         ok = os.path.exists(path) and os.path.getsize(path) > 1000
         if ok:
@@ -237,6 +256,38 @@ def main():
                 ok = f.read(8) == b"\x89PNG\r\n\x1a\n"
         check(ok, f"{figure}.png written")
     return finish()
+
+
+def check_derived_tables(table, got, plots):
+    """The sparse, crossover, KV-policy and headline blocks, each value recomputed here."""
+    sparse = table[table.index("\n== sparse vs dense flash"):] if "\n== sparse vs dense flash" in table else ""
+    for density, ratio in SPARSE_RATIOS.items():
+        met = "yes" if ratio <= float(density) + 0.1 else "no"
+        want = f"block_sparse_random  {float(density):7.3f}  {ratio:10.3f}  {float(density) + 0.1:6.3f}  {met}"
+        check(want in sparse, f"the sparse table has '{want}'")
+    check(f"{'gla':<18} L* = {LINEAR_CROSSOVER:.0f} (interpolated)" in table,
+          f"the linear vs flash crossover of gla is {LINEAR_CROSSOVER:.0f}")
+    # h2o at budget 10: rel_error 0.5 / 10, needle retention 10 / 25, bytes_kept 10 * 1e4 (synthetic_rows)
+    policy = next((l for l in table[table.find("== kvpolicy: policy x budget"):].splitlines()
+                   if l.startswith("h2o ")), "")
+    cells = policy.split()
+    # columns: policy, then rel err, needle, KiB kept, step us at each budget 5, 10, 25, 50
+    check(len(cells) == 17 and cells[2] == f"{0.05:.3f}" and cells[6] == f"{0.4:.2f}" and cells[10] == f"{1e5 / 1024:.0f}",
+          f"the policy x budget table's h2o row: rel err 0.050, needle 0.40, KiB 98 at budget 10: '{policy}'")
+    quest = next((l for l in table.splitlines() if " quest " in l and "Lk:4096" in l and "threads:1" in l), "")
+    check("rel_error=0.01" in quest and "recall=0.95" in quest, f"the decode table shows quest's counters: '{quest}'")
+    check("\n== headline" in table, "the table ends with a headline block")
+    check("prefill flash vs openblas, threads 1: 2.00x faster" in table, "headline: flash vs openblas 2.00x")
+    split = got[f"decode/split_kv/Lk:{TINY_LK}/kv:f32/threads:1/real_time"]
+    frac = f"kv f32 {100 * split['bytes/s'] / STREAM_BYTES:.0f}%"
+    check(frac in table, f"headline: decode bandwidth fraction '{frac}'")
+    f16 = got[f"decode/split_kv/Lk:{TINY_LK}/kv:f16/threads:1/real_time"]
+    want = f"f16 {split['real_time'] / f16['real_time']:.2f}x"
+    check(f"decode split_kv vs f32, Lk {TINY_LK}, threads 1: {want}" in table, f"headline: split_kv {want}")
+    check(f"linear vs flash crossover, gla, D 128, threads 1: L* = {LINEAR_CROSSOVER:.0f} (interpolated)" in table,
+          "headline: the crossover")
+    path = os.path.join(plots, "headline.txt")
+    check(os.path.exists(path) and "flash vs openblas" in open(path).read(), "headline.txt written")
 
 
 def finish():
