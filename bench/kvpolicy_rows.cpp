@@ -7,7 +7,8 @@
 //       flash pass, the last 32 queries, the keys), then one decode query against the kept cache.
 //       Row time: one decode step over the kept cache (attention::decode per kv head, ragged heads
 //       included, with the step's column sums when the policy tracks attention, plus the policy's
-//       decode-time bookkeeping when it has a decoder). Counters (computed once, outside the timing):
+//       decode-time bookkeeping: its own decoder's observe for SnapKV / PyramidKV / AdaKV (window
+//       ring) and FastGen (accumulated attention), an H2O-style accumulation for the others). Counters (computed once, outside the timing):
 //         rel_error         ||o_kept - o_full|| / ||o_full|| of the decode query, all heads
 //         needle_retention  fraction of the needle slots kept (context:needle); elsewhere the
 //                           fraction of the 16 keys the decode query attends to most
@@ -23,8 +24,12 @@
 //   kvpolicy_step/<policy>/Lk:<Lk>/threads:1   the decode-time bookkeeping of one step at the
 //       standard decode shape (Hq = 32, Hkv = 8, D = 128): append one slot per kv head, observe
 //       the step's probabilities, and every 64 steps select + compact the tracker back to Lk - 64
-//       (amortised). kvpolicy_step/decode_sums/... is attention::decode with the column sums at the
+//       (amortised); snapkv (also PyramidKV's and AdaKV's tracker) keeps its 32-step window ring,
+//       fastgen its accumulated attention. kvpolicy_step/decode_sums/... is attention::decode with the column sums at the
 //       same shape (the kernel the bookkeeping rides on): the target is bookkeeping <= 10% of it.
+//       kvpolicy_step/cache_int4{,_sums}/... is kvcache::decode on an int4 cache without / with its
+//       column-sums side output (kvcache::column_sums): what the side output costs the quantized
+//       kernel that trackers on a quantized cache ride on.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -37,6 +42,8 @@
 #include "common.hpp"
 #include "mnemo/attention/decode.hpp"
 #include "mnemo/attention/flash.hpp"
+#include "mnemo/kvcache/cache.hpp"
+#include "mnemo/kvcache/decode.hpp"
 #include "mnemo/kvcache/policies.hpp"
 
 namespace mnemo::bench {
@@ -175,6 +182,7 @@ struct decision {
   tensor<float, 3> k;                  // keys the decode reads ([Hkv, L, D]; ThinK: pruned channels)
   std::int64_t key_channels = ctx_D;   // channels stored per key
   bool tracks_attention = false;       // needs the step's column sums
+  std::vector<pol::fastgen::choice> per_head;  // FastGen's per-head choice
 };
 
 decision decide(const std::string& policy, const context& ctx, std::int64_t budget) {
@@ -200,10 +208,13 @@ decision decide(const std::string& policy, const context& ctx, std::int64_t budg
     d.tracks_attention = true;
   } else if (policy == "snapkv") {
     d.kept = pol::snapkv{ctx_window, 5}.select(win, budget);
+    d.tracks_attention = true;
   } else if (policy == "pyramidkv") {  // the middle layer of 8 (its budget is the average)
     d.kept = pol::pyramidkv{pol::snapkv{ctx_window, 5}, 20}.select(win, 4, 8, std::max(budget, ctx_window));
+    d.tracks_attention = true;
   } else if (policy == "adakv") {
     d.kept = pol::adakv{pol::snapkv{ctx_window, 5}, 0.2}.select(win, budget);
+    d.tracks_attention = true;
   } else if (policy == "keyformer") {
     d.kept = pol::keyformer{budget / 4, 1.0f, 1}.select(win, budget);
     d.tracks_attention = true;
@@ -223,7 +234,10 @@ decision decide(const std::string& policy, const context& ctx, std::int64_t budg
   } else if (policy == "fastgen") {
     std::vector<std::uint8_t> special(static_cast<std::size_t>(L), 0);
     for (std::int64_t j = 0; j < ctx_sinks; ++j) special[static_cast<std::size_t>(j)] = 1;
-    d.kept = pol::fastgen{}.select(all, budget, special, {}).kept;
+    const pol::fastgen::plan plan = pol::fastgen{}.select(all, budget, special, {});
+    d.kept = plan.kept;
+    d.per_head = plan.per_head;
+    d.tracks_attention = true;
   } else if (policy == "alisa") {
     d.kept = pol::alisa{0.5, ctx_window}.select(win, budget);
     d.tracks_attention = true;
@@ -294,13 +308,24 @@ void policy_row(benchmark::State& state, const std::string& policy, std::int64_t
   const double bytes = static_cast<double>(d.kept.total_kept()) * static_cast<double>(d.key_channels + ctx_D) * sizeof(float);
 
   // The timed decode step: the kernel over the kept cache and, for attention-tracking
-  // policies, the step's column sums feeding an H2O-style tracker (one add per slot and head).
+  // policies, the step's column sums feeding the policy's decoder (window ring, accumulated
+  // attention) or an H2O-style tracker (one add per slot and head).
   pol::h2o::decoder tracker(ctx_Hkv);
+  pol::snapkv::decoder window(ctx_Hkv, pol::snapkv{ctx_window, 5});
+  std::unique_ptr<pol::fastgen::decoder> fg;
+  if (policy == "fastgen") fg = std::make_unique<pol::fastgen::decoder>(pol::fastgen{}, d.per_head);
+  const bool windowed = policy == "snapkv" || policy == "pyramidkv" || policy == "adakv";
   for (std::int64_t h = 0; h < ctx_Hkv; ++h)
-    for (std::int64_t j = 0; j < d.kept.kept(h); ++j) tracker.append(h);
+    for (std::int64_t j = 0; j < d.kept.kept(h); ++j) {
+      tracker.append(h);
+      window.append(h);
+      if (fg) fg->append(h, false, false);
+    }
   for (auto _ : state) {
     decode_kept(ctx, c, out, d.tracks_attention ? &sums : nullptr, ws);
-    if (d.tracks_attention) tracker.observe(cview(sums)[0]);
+    if (windowed) window.observe(cview(sums)[0]);
+    else if (fg) fg->observe(cview(sums)[0]);
+    else if (d.tracks_attention) tracker.observe(cview(sums)[0]);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -394,6 +419,19 @@ void step_row(benchmark::State& state, const std::string& policy, const step_sha
     pol::alisa::decoder dec(s.Hkv, pol::alisa{0.5, 8});
     run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
                 [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
+  } else if (policy == "snapkv") {
+    pol::snapkv::decoder dec(s.Hkv, pol::snapkv{ctx_window, 5});
+    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
+                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
+  } else if (policy == "adakv") {
+    pol::adakv::decoder dec(s.Hkv, pol::adakv{pol::snapkv{ctx_window, 5}, 0.2});
+    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
+                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
+  } else if (policy == "fastgen") {  // every head on the costliest choice (frequency)
+    pol::fastgen::decoder dec(pol::fastgen{}, std::vector<pol::fastgen::choice>(static_cast<std::size_t>(s.Hkv),
+                                                                                  pol::fastgen::choice::frequency));
+    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h, false, false); },
+                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
   } else if (policy == "knorm") {
     pol::knorm::decoder dec(s.Hkv);
     run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h, key.data(), s.D); }, no_observe,
@@ -415,6 +453,30 @@ void decode_sums_row(benchmark::State& state, const step_shape& s) {
   set_attention_counters(state, sh, 1);
 }
 
+void cache_sums_row(benchmark::State& state, const step_shape& s, bool sums_wanted) {
+  kvcache::layer_cache c({.kind = kvcache::storage::int4, .Hkv = s.Hkv, .capacity = s.Lk, .D = s.D});
+  constexpr std::int64_t slice = 4096;  // filled in slices, so the f32 staging stays small
+  for (std::int64_t t0 = 0; t0 < s.Lk; t0 += slice) {
+    const std::int64_t n = std::min(slice, s.Lk - t0);
+    tensor<float, 3> k({s.Hkv, n, s.D}), v({s.Hkv, n, s.D});
+    fill_random(k, 2 + static_cast<std::uint64_t>(t0));
+    fill_random(v, 3 + static_cast<std::uint64_t>(t0));
+    c.append(k, v);
+  }
+  tensor<float, 3> q({s.Hq, 1, s.D}), out({s.Hq, 1, s.D});
+  tensor<float, 2> sums({s.Hq, s.Lk});
+  fill_random(q, 1);
+  attn::decode_workspace ws;
+  const kvcache::column_sums cs = sums_wanted ? kvcache::column_sums{sums.as_view(), 0} : kvcache::column_sums{};
+  for (auto _ : state) {
+    kvcache::decode(c, q, out, {}, {0, 1}, ws, cs);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetLabel("Hq=" + std::to_string(s.Hq) + " Hkv=" + std::to_string(s.Hkv) + " D=" + std::to_string(s.D) +
+                 " Lk=" + std::to_string(s.Lk) + " kv=int4" + (sums_wanted ? " column_sums" : ""));
+}
+
 const bool registered = [] {
   const std::vector<std::string> policies = {"streaming_llm", "h2o",   "scissorhands", "tova",    "snapkv",
                                              "pyramidkv",     "adakv", "keyformer",    "knorm",   "keydiff",
@@ -434,7 +496,11 @@ const bool registered = [] {
     const std::string Lk = std::to_string(d.Lk);
     register_row(row_name("kvpolicy_step", "decode_sums", {{"Lk", Lk}, {"threads", "1"}}),
                  [s](benchmark::State& st) { decode_sums_row(st, s); });
-    for (const std::string p : {"streaming_llm", "h2o", "tova", "scissorhands", "keyformer", "alisa", "knorm"})
+    for (const bool wanted : {false, true})
+      register_row(row_name("kvpolicy_step", wanted ? "cache_int4_sums" : "cache_int4", {{"Lk", Lk}, {"threads", "1"}}),
+                   [s, wanted](benchmark::State& st) { cache_sums_row(st, s, wanted); });
+    for (const std::string p :
+         {"streaming_llm", "h2o", "tova", "scissorhands", "keyformer", "alisa", "knorm", "snapkv", "adakv", "fastgen"})
       register_row(row_name("kvpolicy_step", p, {{"Lk", Lk}, {"threads", "1"}}),
                    [p, s](benchmark::State& st) { step_row(st, p, s); });
   }

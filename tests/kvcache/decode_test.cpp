@@ -3,7 +3,9 @@
 // the chunk size and the key groups, ragged heads after compaction, an empty head giving out = 0,
 // lse = -inf), bit-identical results for every thread count, agreement of the f16 cache with
 // attention::decode on the same data, int8 / int4 errors against the unquantized attention that
-// grow with fewer bits, and every argument check.
+// grow with fewer bits, the column-sums side output against attention::reference's on the
+// dequantized cache (every storage kind, ragged heads, summed-row counts), NaN propagation, and
+// every argument check.
 #include "mnemo/kvcache/decode.hpp"
 
 #include <gtest/gtest.h>
@@ -174,6 +176,120 @@ TEST(CacheDecode, QuantizationErrorGrowsWithFewerBits) {
   EXPECT_LT(err[static_cast<int>(kv::storage::int4)], 0.1);  // |v| ~ 1: an int4 output stays usable
 }
 
+// The cache of kind `kind` with ragged heads: head 0 keeps about a third of its slots, head 1
+// every slot but multiples of 7, head 2 nothing, then 5 more tokens everywhere.
+kv::layer_cache ragged(kv::storage kind, std::int64_t L, std::int64_t D, std::uint32_t seed) {
+  kv::layer_cache c = filled(kind, {12, 3, 1, L, D, D}, seed);
+  kv::selection sel;
+  sel.heads.resize(3);
+  for (std::int64_t j = 0; j < L; ++j) {
+    if (j % 3 == 1) sel.heads[0].push_back(j);
+    if (j % 7 != 0) sel.heads[1].push_back(j);
+  }
+  c.compact(sel);
+  c.append(random_tensor(3, 5, D, seed + 2), random_tensor(3, 5, D, seed + 3));
+  return c;
+}
+
+TEST(CacheDecode, ColumnSumsMatchAttentionReferenceOnTheDequantizedCache) {
+  // attention::reference over each head's dequantized slots (layer_cache::gather) is an
+  // independent computation of the same probabilities; the kernel reads the codes directly.
+  const std::int64_t D = 48, Lq = 3, Hq = 12, G = 4;
+  std::uint32_t seed = 71;
+  for (kv::storage kind : kv::all_storages) {
+    const kv::layer_cache c = ragged(kind, 700, D, seed);
+    const tensor<float, 3> q = random_tensor(Hq, Lq, D, seed + 5);
+    seed += 11;
+    for (std::int64_t rows : {0, 2}) {
+      SCOPED_TRACE(::testing::Message() << kv::storage_name(kind) << " rows " << rows);
+      const std::int64_t Lmax = c.max_length();
+      tensor<float, 3> out({Hq, Lq, D});
+      tensor<float, 2> sums({Hq, Lmax + 3}), sums2({Hq, Lmax + 3}), ref_sums({Hq, Lmax});
+      for (float& x : sums) x = -7.0f;  // columns past max_length() must stay untouched
+      for (float& x : sums2) x = -7.0f;
+      kv::decode(c, q, out, {}, {0, 1}, kv::column_sums{sums.as_view(), rows});
+      kv::decode(c, q, out, {}, {0, 2}, kv::column_sums{sums2.as_view(), rows});
+      kv::reference::decode(c, q, out, {}, {}, kv::column_sums{ref_sums.as_view(), rows});
+      for (std::int64_t hk = 0; hk < 3; ++hk) {
+        const std::int64_t n = c.length(hk);
+        std::vector<float> want(static_cast<std::size_t>(G * n));
+        if (n > 0) {
+          std::vector<std::int64_t> slots(static_cast<std::size_t>(n));
+          for (std::int64_t j = 0; j < n; ++j) slots[static_cast<std::size_t>(j)] = j;
+          tensor<float, 4> k({1, 1, n, D}), v({1, 1, n, D}), o({1, G, Lq, D});
+          tensor<float, 3> cs({1, G, n});
+          c.gather(hk, slots, k.as_view()[0][0], v.as_view()[0][0]);
+          const mnemo::view<const float, 4> q4(&q(hk * G, 0, 0), {1, G, Lq, D});
+          attn::reference<float>(q4, mnemo::cview(k), mnemo::cview(v), o.as_view(), {}, attn::mods::none{}, {},
+                                 attn::column_sums{cs.as_view(), rows});
+          std::copy_n(cs.data(), cs.size(), want.data());
+        }
+        for (std::int64_t g = 0; g < G; ++g) {
+          const std::int64_t h = hk * G + g;
+          for (std::int64_t j = 0; j < Lmax + 3; ++j) {
+            if (j >= Lmax) {
+              ASSERT_EQ(sums(h, j), -7.0f) << "h " << h << " j " << j;
+            } else if (j >= n) {
+              ASSERT_EQ(sums(h, j), 0.0f) << "h " << h << " j " << j;
+              ASSERT_EQ(ref_sums(h, j), 0.0f) << "h " << h << " j " << j;
+            } else {
+              const float w = want[static_cast<std::size_t>(g * n + j)];
+              ASSERT_NEAR(sums(h, j), w, 1e-6 + 1e-4 * w) << "h " << h << " j " << j;
+              ASSERT_NEAR(ref_sums(h, j), w, 1e-6 + 1e-5 * w) << "h " << h << " j " << j;
+            }
+          }
+        }
+      }
+      EXPECT_EQ(std::memcmp(sums.data(), sums2.data(), sums.bytes()), 0) << "thread count changed the sums";
+    }
+  }
+}
+
+TEST(CacheDecode, ColumnSumsFeedATrackerWithoutASecondPass) {
+  // Each query head's sums over all its rows add up to the number of rows that see a slot.
+  const kv::layer_cache c = ragged(kv::storage::int4, 1300, 64, 81);
+  const tensor<float, 3> q = random_tensor(12, 2, 64, 82);
+  tensor<float, 3> out({12, 2, 64});
+  tensor<float, 2> sums({12, c.max_length()});
+  kv::decode(c, q, out, {}, {}, kv::column_sums{sums.as_view(), 0});
+  for (std::int64_t h = 0; h < 12; ++h) {
+    double total = 0;
+    for (std::int64_t j = 0; j < c.max_length(); ++j) total += sums(h, j);
+    EXPECT_NEAR(total, c.length(h / 4) > 0 ? 2.0 : 0.0, 1e-4) << h;
+  }
+}
+
+TEST(CacheDecode, NaNInAQueryOrAKeyMakesItsRowsNaN) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (kv::storage kind : {kv::storage::f32, kv::storage::int8}) {
+    SCOPED_TRACE(kv::storage_name(kind));
+    const problem p{8, 2, 2, 1100, 32, 32};
+    kv::layer_cache c({kind, p.Hkv, p.L, p.D, p.Dv, {32, 16, 48}});
+    tensor<float, 3> k = random_tensor(p.Hkv, p.L, p.D, 91);
+    if (kind == kv::storage::f32) k(1, 600, 3) = nan;  // kv head 1, a middle chunk (quantized appends reject NaN)
+    c.append(k, random_tensor(p.Hkv, p.L, p.Dv, 93));
+    tensor<float, 3> q = random_tensor(8, 2, 32, 92);
+    q(0, 1, 5) = nan;  // query head 0 (kv head 0), row 1: every score of that row is NaN
+    for (int threads : {1, 2}) {
+      tensor<float, 3> out({8, 2, 32});
+      tensor<float, 2> lse({8, 2}), sums({8, c.max_length()});
+      kv::decode(c, q, out, lse, {0, threads}, kv::column_sums{sums.as_view(), 0});
+      for (std::int64_t h = 0; h < 8; ++h)
+        for (std::int64_t i = 0; i < 2; ++i) {
+          const bool want_nan = (h == 0 && i == 1) || (kind == kv::storage::f32 && h >= 4);
+          EXPECT_EQ(std::isnan(lse(h, i)), want_nan) << "h " << h << " i " << i << " lse " << lse(h, i);
+          for (std::int64_t e = 0; e < 32; ++e) ASSERT_EQ(std::isnan(out(h, i, e)), want_nan) << "h " << h << " i " << i;
+        }
+      tensor<float, 3> want({8, 2, 32});
+      tensor<float, 2> want_lse({8, 2});
+      kv::reference::decode(c, q, want, want_lse);
+      EXPECT_TRUE(std::isnan(want_lse(0, 1)));
+      EXPECT_TRUE(std::isnan(want(0, 1, 0)));
+      EXPECT_FALSE(std::isnan(sums(1, 0))) << "a NaN row adds nothing to the sums";
+    }
+  }
+}
+
 TEST(CacheDecode, BadArgumentsThrow) {
   const kv::layer_cache c = filled(kv::storage::int8, {8, 2, 1, 50, 32, 16}, 61);
   const tensor<float, 3> q = random_tensor(8, 1, 32, 62);
@@ -188,6 +304,25 @@ TEST(CacheDecode, BadArgumentsThrow) {
   EXPECT_THROW(kv::decode(c, q, out, lse, {0, -1}), mnemo::error);
   EXPECT_THROW(kv::decode(c, mnemo::view<const float, 3>{}, out, lse), mnemo::error);
   EXPECT_THROW(kv::decode(kv::layer_cache{}, q, out, lse), mnemo::error);
+  tensor<float, 2> short_sums({8, 49}), wrong_heads({4, 50}), sums({8, 50});
+  EXPECT_THROW(kv::decode(c, q, out, lse, {}, kv::column_sums{short_sums.as_view(), 0}), mnemo::error);
+  EXPECT_THROW(kv::decode(c, q, out, lse, {}, kv::column_sums{wrong_heads.as_view(), 0}), mnemo::error);
+  EXPECT_THROW(kv::decode(c, q, out, lse, {}, kv::column_sums{sums.as_view(), 2}), mnemo::error);
+  EXPECT_THROW(kv::decode(c, q, out, lse, {}, kv::column_sums{sums.as_view(), -1}), mnemo::error);
+  try {
+    kv::decode(c, q, out, lse, {}, kv::column_sums{short_sums.as_view(), 0});
+    ADD_FAILURE() << "no mnemo::error";
+  } catch (const mnemo::error& e) {
+    EXPECT_NE(std::string(e.what()).find("column_sums.sums must have shape [Hq = 8, >= max_length() = 50], got [8, 49]"),
+              std::string::npos)
+        << e.what();
+  }
+  try {
+    kv::decode(c, q, out, lse, {}, kv::column_sums{sums.as_view(), 2});
+    ADD_FAILURE() << "no mnemo::error";
+  } catch (const mnemo::error& e) {
+    EXPECT_NE(std::string(e.what()).find("column_sums.rows must be in [0, Lq = 1]"), std::string::npos) << e.what();
+  }
   try {
     kv::decode(c, random_tensor(8, 1, 31, 1), out, lse);
   } catch (const mnemo::error& e) {

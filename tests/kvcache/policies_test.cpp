@@ -1,6 +1,7 @@
 // Tests of kvcache/policies/*.hpp: every golden kv_* case (kept sets exact, scores within the
 // case tolerance), the invariants of every policy (budget respected, sinks / windows kept where
-// the policy says, ascending unique slots), the decode-time trackers against their prefill rule,
+// the policy says, ascending unique slots), the decode-time trackers against their prefill rule
+// (SnapKV / PyramidKV / AdaKV sliding windows, FastGen's per-head choice, ThinK's channels included),
 // and bad budgets / mismatched shapes throwing mnemo::error.
 #include <gtest/gtest.h>
 
@@ -304,6 +305,199 @@ TEST(PolicyDecoders, TovaAndStreamingMatchTheirPrefillRule) {
   EXPECT_EQ(s.heads[0][4], 34);
 }
 
+// Drives a window decoder (snapkv / pyramidkv / adakv) through `steps` decode steps over ragged
+// heads: each step appends one slot per kv head and observes random probabilities; the test keeps
+// its own history of the last `window` steps' per-query-head probabilities per slot, so when
+// `overflow(len)` says so, `check(sel, attn)` sees the decoder's selection and, for equal head
+// lengths, the window's column sums [Hq, L] a prefill over the same tokens would have (else empty).
+struct window_driver {
+  std::int64_t Hkv = 2, Hq = 4, window = 6, steps = 90;
+
+  template <class Decoder, class Overflow, class Select, class Check>
+  int run(Decoder& dec, Overflow overflow, Select select_fn, Check check) const {
+    const std::int64_t G = Hq / Hkv;
+    std::mt19937 rng(9);
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    std::vector<std::int64_t> len(static_cast<std::size_t>(Hkv), 0);
+    std::vector<std::vector<std::vector<float>>> hist;  // [step][Hq][len of its kv head], oldest first
+    int compressions = 0;
+    for (std::int64_t step = 0; step < steps; ++step) {
+      for (std::int64_t h = 0; h < Hkv; ++h) {
+        dec.append(h);
+        ++len[static_cast<std::size_t>(h)];
+      }
+      for (auto& st : hist)
+        for (auto& row : st) row.push_back(0.0f);
+      const std::int64_t Lmax = *std::max_element(len.begin(), len.end());
+      tensor<float, 2> probs({Hq, Lmax});
+      std::vector<std::vector<float>> now(static_cast<std::size_t>(Hq));
+      for (std::int64_t h = 0; h < Hq; ++h) {
+        const std::int64_t n = len[static_cast<std::size_t>(h / G)];
+        for (std::int64_t j = 0; j < n; ++j) now[static_cast<std::size_t>(h)].push_back(probs(h, j) = u(rng) / static_cast<float>(n));
+      }
+      dec.observe(probs);
+      hist.push_back(std::move(now));
+      if (static_cast<std::int64_t>(hist.size()) > window) hist.erase(hist.begin());
+      if (!overflow(len)) continue;
+      ++compressions;
+      tensor<float, 2> attn;
+      if (std::all_of(len.begin(), len.end(), [&](std::int64_t n) { return n == len[0]; })) {
+        attn = tensor<float, 2>({Hq, len[0]});
+        for (const auto& st : hist)
+          for (std::int64_t h = 0; h < Hq; ++h)
+            for (std::int64_t j = 0; j < len[0]; ++j) attn(h, j) += st[static_cast<std::size_t>(h)][static_cast<std::size_t>(j)];
+      }
+      const selection sel = select_fn();
+      kvcache::validate("window decoder", sel, len);
+      check(sel, attn, len);
+      for (auto& st : hist)
+        for (std::int64_t h = 0; h < Hq; ++h) {
+          auto& row = st[static_cast<std::size_t>(h)];
+          std::vector<float> kept;
+          for (std::int64_t j : sel.heads[static_cast<std::size_t>(h / G)]) kept.push_back(row[static_cast<std::size_t>(j)]);
+          row = kept;
+        }
+      for (std::int64_t h = 0; h < Hkv; ++h) len[static_cast<std::size_t>(h)] = sel.kept(h);
+      dec.compact(sel);
+      if (::testing::Test::HasFatalFailure()) return compressions;
+    }
+    return compressions;
+  }
+};
+
+// The newest `window` slots of every head are in sel.
+void expect_window_kept(const selection& sel, const std::vector<std::int64_t>& len, std::int64_t window) {
+  for (std::size_t h = 0; h < len.size(); ++h)
+    for (std::int64_t j = std::max<std::int64_t>(0, len[h] - window); j < len[h]; ++j)
+      EXPECT_TRUE(std::binary_search(sel.heads[h].begin(), sel.heads[h].end(), j)) << "head " << h << " slot " << j;
+}
+
+TEST(PolicyDecoders, SnapKVSlidingWindowMatchesThePrefillSelection) {
+  const window_driver drv;
+  const pol::snapkv p{drv.window, 3};
+  const std::int64_t budget = 20, D = 4;
+  pol::snapkv::decoder dec(drv.Hkv, p);
+  const int n = drv.run(
+      dec, [&](const std::vector<std::int64_t>& len) { return pol::should_compress(len, budget); },
+      [&] { return dec.select(budget); },
+      [&](const selection& sel, const tensor<float, 2>& attn, const std::vector<std::int64_t>& len) {
+        ASSERT_NE(attn.size(), 0);
+        const tensor<float, 3> k({drv.Hkv, len[0], D});
+        EXPECT_EQ(sel.heads, p.select({k, {}, {}, attn}, budget).heads) << "the prefill rule on the same window sums";
+        for (std::int64_t h = 0; h < drv.Hkv; ++h) EXPECT_EQ(sel.kept(h), budget);
+        expect_window_kept(sel, len, drv.window);
+      });
+  EXPECT_GT(n, 50);
+}
+
+TEST(PolicyDecoders, PyramidKVKeepsItsLayerBudgetWhileDecoding) {
+  const window_driver drv;
+  const pol::pyramidkv p{pol::snapkv{drv.window, 3}, 4};
+  const std::int64_t layers = 4, average = 24, D = 4;
+  const std::vector<std::int64_t> budgets = p.layer_budgets(layers, average);
+  for (std::int64_t layer : {0, 3}) {
+    pol::pyramidkv::decoder dec(drv.Hkv, p, layer, layers, average);
+    ASSERT_EQ(dec.budget(), budgets[static_cast<std::size_t>(layer)]);
+    drv.run(
+        dec, [&](const std::vector<std::int64_t>&) { return dec.should_compress(); }, [&] { return dec.select(); },
+        [&](const selection& sel, const tensor<float, 2>& attn, const std::vector<std::int64_t>& len) {
+          ASSERT_NE(attn.size(), 0);
+          const tensor<float, 3> k({drv.Hkv, len[0], D});
+          EXPECT_EQ(sel.heads, p.select({k, {}, {}, attn}, layer, layers, average).heads);
+          for (std::int64_t h = 0; h < drv.Hkv; ++h) EXPECT_EQ(sel.kept(h), dec.budget());
+          expect_window_kept(sel, len, drv.window);
+        });
+  }
+  EXPECT_GT(budgets[0], budgets[3]);
+}
+
+TEST(PolicyDecoders, AdaKVReallocatesOverRaggedHeads) {
+  const window_driver drv;
+  const pol::adakv p{pol::snapkv{drv.window, 3}, 0.25};
+  const std::int64_t budget = 16, D = 4;
+  pol::adakv::decoder dec(drv.Hkv, p);
+  int rectangular = 0, ragged = 0;
+  const int n = drv.run(
+      dec, [&](const std::vector<std::int64_t>&) { return dec.should_compress(budget); }, [&] { return dec.select(budget); },
+      [&](const selection& sel, const tensor<float, 2>& attn, const std::vector<std::int64_t>& len) {
+        ragged += attn.size() == 0 ? 1 : 0;
+        if (attn.size() != 0) {  // equal head lengths: the prefill allocation on the same window sums
+          ++rectangular;
+          const tensor<float, 3> k({drv.Hkv, len[0], D});
+          EXPECT_EQ(sel.heads, p.select({k, {}, {}, attn}, budget).heads);
+        }
+        EXPECT_EQ(sel.total_kept(), drv.Hkv * budget) << "the layer's budget, shared between the heads";
+        const auto floor = static_cast<std::int64_t>(p.alpha * static_cast<double>(budget));
+        for (std::int64_t h = 0; h < drv.Hkv; ++h) EXPECT_GE(sel.kept(h), std::min(floor, len[static_cast<std::size_t>(h)]));
+        expect_window_kept(sel, len, drv.window);
+      });
+  EXPECT_GT(n, 50);
+  EXPECT_GE(rectangular, 1);
+  EXPECT_GE(ragged, 10) << "random attention should give the heads different shares";
+}
+
+TEST(PolicyDecoders, FastGenAppliesEachHeadsPrefillChoice) {
+  const std::int64_t Hq = 4, Hkv = 2, L = 40, budget = 16;
+  const inputs in = random_inputs(Hq, Hkv, L, L, 8, 41);
+  std::vector<std::uint8_t> special(static_cast<std::size_t>(L), 0), punct(static_cast<std::size_t>(L), 0);
+  special[0] = special[1] = 1;
+  for (std::int64_t j = 3; j < L; j += 7) punct[static_cast<std::size_t>(j)] = 1;
+  const pol::fastgen p{0.6, 0.5};
+  const pol::fastgen::plan plan = p.select(observe(in), budget, special, punct);
+  pol::fastgen::decoder dec(p, plan.per_head);
+  for (std::int64_t h = 0; h < Hkv; ++h)
+    for (std::int64_t j = 0; j < L; ++j) {
+      const float a = in.attn(2 * h, j) + in.attn(2 * h + 1, j);
+      dec.append(h, special[static_cast<std::size_t>(j)] != 0, punct[static_cast<std::size_t>(j)] != 0, a);
+    }
+  EXPECT_EQ(dec.select(budget).heads, plan.kept.heads) << "the prefill's set from the same attention";
+  dec.compact(plan.kept);
+  std::mt19937 rng(43);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (int step = 0; step < 60; ++step) {
+    // No flagged token while decoding: special + punctuation stay at most 2 + 6 slots, so the
+    // local stage (8 slots, added oldest first and capped at the budget) reaches the newest one.
+    for (std::int64_t h = 0; h < Hkv; ++h) dec.append(h, false, false);
+    const std::vector<std::int64_t> len = dec.lengths();
+    tensor<float, 2> probs({Hq, *std::max_element(len.begin(), len.end())});
+    for (std::int64_t h = 0; h < Hq; ++h)
+      for (std::int64_t j = 0; j < len[static_cast<std::size_t>(h / 2)]; ++j) probs(h, j) = u(rng);
+    dec.observe(probs);
+    if (!pol::should_compress(len, budget)) continue;
+    const selection sel = dec.select(budget);
+    kvcache::validate("fastgen decoder", sel, len);
+    for (std::int64_t h = 0; h < Hkv; ++h) {
+      const auto& row = sel.heads[static_cast<std::size_t>(h)];
+      EXPECT_LE(sel.kept(h), budget);
+      EXPECT_EQ(row[0], 0) << "special tokens come first";
+      EXPECT_EQ(row[1], 1);
+      if (dec.head_choice(h) >= pol::fastgen::choice::local) {
+        EXPECT_EQ(row.back(), len[static_cast<std::size_t>(h)] - 1) << "the local window keeps the newest slot";
+      }
+    }
+    dec.compact(sel);
+  }
+}
+
+TEST(PolicyDecoders, ThinkPrunesNewKeysLikeThePrefill) {
+  const inputs in = random_inputs(4, 2, 30, 4, 8, 51);
+  const selection channels = pol::think{3}.select(observe(in));
+  const pol::think::decoder dec(channels, 8);
+  tensor<float, 3> k({2, 5, 8}), want({2, 5, 8});
+  std::mt19937 rng(52);
+  std::normal_distribution<float> dist;
+  for (float& x : k) x = dist(rng);
+  pol::think::prune(k, channels, want);
+  dec.apply(k);
+  for (std::int64_t h = 0; h < 2; ++h) {
+    std::int64_t zero_channels = 0;
+    for (std::int64_t c = 0; c < 8; ++c) zero_channels += k(h, 0, c) == 0.0f ? 1 : 0;
+    EXPECT_EQ(zero_channels, 3);
+    for (std::int64_t j = 0; j < 5; ++j)
+      for (std::int64_t c = 0; c < 8; ++c) EXPECT_EQ(k(h, j, c), want(h, j, c));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors.
 
@@ -348,6 +542,18 @@ TEST(PolicyErrors, BadBudgetsAndShapesThrow) {
   expect_error([&] { dec.compact(wrong); }, {"selection.heads[1][0]", "[0, 0)"});
   expect_error([&] { dec.select(-2); }, {"budget must be >= 0", "got -2"});
   expect_error([&] { dec.observe(tensor<float, 2>({3, 4})); }, {"multiple of Hkv = 2"});
+  expect_error([&] { pol::snapkv::decoder(2, pol::snapkv{0, 3}); }, {"window must be >= 1", "got 0"});
+  pol::snapkv::decoder snap(2, pol::snapkv{4, 3});
+  snap.append(0);
+  expect_error([&] { snap.observe(tensor<float, 2>({3, 4})); }, {"multiple of Hkv = 2", "[3, 4]"});
+  expect_error([&] { snap.observe(tensor<float, 2>({2, 0})); }, {"probs"});
+  expect_error([&] { pol::pyramidkv::decoder(2, pol::pyramidkv{pol::snapkv{4, 3}}, 4, 4, 10); },
+               {"layer must be in [0, layers = 4)", "got 4"});
+  expect_error([&] { pol::adakv::decoder(2, pol::adakv{pol::snapkv{4, 3}, 2.0}).select(3); }, {"alpha", "got 2"});
+  const selection ch = pol::think{2}.select(o);
+  expect_error([&] { pol::think::decoder(ch, 7); }, {"selection.heads[0]", "[0, 7)"});
+  expect_error([&] { pol::think::decoder(ch, 8).apply(tensor<float, 3>({2, 1, 6}).as_view()); }, {"D = 8", "[2, 1, 6]"});
+  expect_error([&] { pol::fastgen::decoder(pol::fastgen{}, {}); }, {"one choice per kv head"});
   std::vector<std::uint8_t> short_flags(3, 0);
   expect_error([&] { pol::fastgen{}.select(o, 5, short_flags, {}); }, {"special", "L = 20", "got 3"});
 }

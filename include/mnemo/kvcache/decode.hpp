@@ -26,6 +26,23 @@
 // per-group key scales and mins, the residual window in f32: about 0.53 x (int8) and 0.28 x (int4)
 // of the f16 bytes at D = 128 with the default groups.
 //
+// Side output (kvcache::column_sums): the column sums of the final probabilities over the last
+// `rows` query rows, per query head and cache slot, sums [Hq, >= max_length()] with
+//   sums[h, j] = sum_{i = Lq - rows}^{Lq - 1} P[h, i, j]     j < length(hk), hk = h / (Hq / Hkv)
+// and 0 for length(hk) <= j < max_length() (ragged heads); columns past max_length() are not
+// touched. It is what the attention-tracking policies observe each step (H2O, TOVA, Scissorhands,
+// SnapKV/PyramidKV/AdaKV windows, FastGen; kvcache/policies/), so they run on any storage kind
+// without a second pass. As in attention::decode: each item copies its chunk probabilities
+// p_c = exp(s - lse_c) (already in its score block after the softmax) to a per-item buffer, and the
+// merging thread adds them scaled by the chunk's merge weight w_c = exp(lse_c - lse), which
+// merge_row computes anyway. Cost: two passes over R x length floats beside the kernel's
+// length x (D + Dv) elements; nothing of it runs when the side output is not wanted.
+//
+// NaN: a NaN in q (or in f32 / f16 / bf16 keys; quantized appends reject non-finite input) makes
+// its rows NaN (out and lse), as in the reference, never a clean-looking or an empty row: a chunk
+// with a NaN score gets a NaN partial lse and the merge propagates it. Such rows add nothing to
+// the column sums.
+//
 // The readable reference is kvcache::reference::decode (double accumulation over the dequantized
 // cache, as gathered by layer_cache::gather); the tests hold the kernel to it.
 #pragma once
@@ -50,11 +67,21 @@
 
 namespace mnemo::kvcache {
 
+// Optional side output of decode, see the header. Default: not wanted.
+struct column_sums {
+  view<float, 2> sums;    // [Hq, >= max_length()]; empty: not wanted
+  std::int64_t rows = 0;  // the last `rows` query rows contribute; 0: all Lq rows
+
+  bool wanted() const { return !sums.empty(); }
+  // The first query row that contributes.
+  std::int64_t first_row(std::int64_t Lq) const { return rows == 0 ? 0 : Lq - rows; }
+};
+
 namespace decode_detail {
 
 // The sizes of one call, validated once.
 inline attention::dims check_args(const char* fn, const layer_cache& c, view<const float, 3> q, view<float, 3> out,
-                                  view<float, 2> lse, const attention::options& opt) {
+                                  view<float, 2> lse, const attention::options& opt, const column_sums& cs) {
   using mnemo::detail::require;
   require(c.capacity() >= 1, fn, ": the cache is not configured (default-constructed layer_cache)");
   require(!q.empty() && !out.empty(), fn, ": q and out must be non-empty views");
@@ -68,6 +95,13 @@ inline attention::dims check_args(const char* fn, const layer_cache& c, view<con
   if (!lse.empty()) mnemo::detail::require_shape(fn, "lse", lse, {Hq, Lq}, " [Hq, Lq]");
   require(std::isfinite(opt.scale), fn, ": options.scale must be finite, got ", opt.scale);
   require(opt.threads >= 0, fn, ": options.threads must be >= 0, got ", opt.threads);
+  if (cs.wanted()) {
+    require(cs.sums.extent(0) == Hq && cs.sums.extent(1) >= c.max_length(), fn,
+            ": column_sums.sums must have shape [Hq = ", Hq, ", >= max_length() = ", c.max_length(), "], got ",
+            shape_string(cs.sums.shape()));
+    require(cs.rows >= 0 && cs.rows <= Lq, fn, ": column_sums.rows must be in [0, Lq = ", Lq, "] (0: all rows), got ",
+            cs.rows);
+  }
   const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   return {1, Hq, Hkv, Lq, c.max_length(), D, Dv, scale};
 }
@@ -78,10 +112,13 @@ namespace reference {
 
 // Double-precision decode over the dequantized cache: q [Hq, Lq, D], out [Hq, Lq, Dv], lse [Hq, Lq]
 // (may be empty). The scale defaults to 1 / sqrt(D), as in the kernel.
+// cs: the optional column sums (see the header).
 inline void decode(const layer_cache& c, view<const float, 3> q, view<float, 3> out, view<float, 2> lse = {},
-                   const attention::options& opt = {}) {
-  const attention::dims d = decode_detail::check_args("kvcache::reference::decode", c, q, out, lse, opt);
-  const std::int64_t G = d.group();
+                   const attention::options& opt = {}, const column_sums& cs = {}) {
+  const attention::dims d = decode_detail::check_args("kvcache::reference::decode", c, q, out, lse, opt, cs);
+  const std::int64_t G = d.group(), first_summed = cs.first_row(d.Lq);
+  if (cs.wanted())
+    for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(cs.sums.ptr(h, 0), c.max_length(), 0.0f);
   for (std::int64_t hk = 0; hk < d.Hkv; ++hk) {
     const std::int64_t n = c.length(hk);
     std::vector<std::int64_t> slots(static_cast<std::size_t>(n));
@@ -97,9 +134,17 @@ inline void decode(const layer_cache& c, view<const float, 3> q, view<float, 3> 
           for (std::int64_t e = 0; e < d.D; ++e) dot += static_cast<double>(q(h, i, e)) * k(j, e);
           s[static_cast<std::size_t>(j)] = dot * d.scale;
           m = std::max(m, s[static_cast<std::size_t>(j)]);
+          if (std::isnan(dot)) m = dot;  // std::max drops NaN; a NaN score makes the row NaN
+        }
+        if (std::isnan(m)) {
+          for (std::int64_t e = 0; e < d.Dv; ++e) out(h, i, e) = std::numeric_limits<float>::quiet_NaN();
+          if (!lse.empty()) lse(h, i) = std::numeric_limits<float>::quiet_NaN();
+          continue;
         }
         double l = 0;
         for (double& x : s) l += (x = std::exp(x - m));
+        if (cs.wanted() && i >= first_summed)
+          for (std::int64_t j = 0; j < n; ++j) cs.sums(h, j) += static_cast<float>(s[static_cast<std::size_t>(j)] / l);
         for (std::int64_t e = 0; e < d.Dv; ++e) {
           double o = 0;
           for (std::int64_t j = 0; j < n; ++j) o += s[static_cast<std::size_t>(j)] * v(j, e);
@@ -303,19 +348,35 @@ void qvalues(const plan& pl, const float* coef, std::int64_t NG, std::int64_t VG
   }
 }
 
-// Softmax of the score rows [0, R) over n keys, in place (p = exp(s - m) / l), lse_at(r) = m + log l.
+// Where an item copies its probabilities for the column sums: pp [R, decode_chunk] (null: not
+// wanted); rows r with r % Lq >= first are the summed ones.
+struct prob_copy {
+  float* pp = nullptr;
+  std::int64_t first = 0;
+};
+
+// Softmax of the score rows [0, R) over n keys, in place (p = exp(s - m) / l), lse_at(r) = m + log l;
+// a row with a NaN score gets lse NaN (see the header). The summed rows are copied to cp.pp.
 template <class Arch, class LseAt>
-void softmax_rows(const plan& pl, float* s, std::int64_t n, LseAt&& lse_at) {
+void softmax_rows(const plan& pl, float* s, std::int64_t n, LseAt&& lse_at, const prob_copy& cp) {
   for (std::int64_t r = 0; r < pl.R; ++r) {
     float* sr = s + r * decode_chunk;
-    const float m = simd::reduce_max<Arch>(sr, n);
+    float m = simd::reduce_max<Arch>(sr, n);
+    // x86 max drops NaN, so m alone cannot tell; a finite m puts every NaN score into the sum of
+    // exps (exp(NaN - m) = NaN). Only m = -inf, where exp_sum would zero the row, needs a look at
+    // the scores (every slot is visible here, so m = -inf means non-finite input anyway).
+    if (m == minus_inf && std::any_of(sr, sr + n, [](float x) { return std::isnan(x); }))
+      m = std::numeric_limits<float>::quiet_NaN();
     const float l = simd::exp_sum<Arch>(sr, n, m);
     if (l > 0) {
       simd::scale<Arch>(1.0f / l, sr, n);
       lse_at(r) = m + std::log(l);
+    } else if (std::isnan(l)) {  // the merge turns a NaN partial lse into a NaN row (out and lse)
+      lse_at(r) = std::numeric_limits<float>::quiet_NaN();
     } else {
       lse_at(r) = minus_inf;
     }
+    if (cp.pp && r % pl.d.Lq >= cp.first) std::copy_n(sr, n, cp.pp + r * decode_chunk);
   }
 }
 
@@ -331,7 +392,8 @@ struct qscratch {
 // One quantized item: slots [j0, j0 + n) of head hk (all below quantized_length(hk)).
 template <class Arch, int RowTile, int Bits, class LseAt>
 void qchunk(const plan& pl, const layer_cache& c, const std::vector<std::int64_t>& start, const float* qs,
-            std::int64_t hk, std::int64_t j0, std::int64_t n, float* s, float* po, const qscratch& w, LseAt&& lse_at) {
+            std::int64_t hk, std::int64_t j0, std::int64_t n, float* s, float* po, const qscratch& w, LseAt&& lse_at,
+            const prob_copy& cp) {
   constexpr std::int64_t W = lanes<Arch>;
   const std::int64_t D = pl.d.D, Dv = pl.d.Dv, Pk = key_pairs<Arch>(D);
   const std::uint8_t* kc = c.key_codes().ptr(hk, 0);
@@ -354,7 +416,7 @@ void qchunk(const plan& pl, const layer_cache& c, const std::vector<std::int64_t
     qscores<Arch, RowTile, Bits>(pl, w.qk, w.bias, kc + a * ks, ks, b - a, s + (a - j0));
     a = b;
   }
-  softmax_rows<Arch>(pl, s, n, lse_at);
+  softmax_rows<Arch>(pl, s, n, lse_at, cp);
   // Values: coefficients p * scale and the minimum sums per (row, group), then the axpy over codes.
   const std::int64_t NG = c.value_groups(), VG = c.config().quant.value_group, Pv = value_pairs<Arch, Bits>(Dv, VG);
   for (std::int64_t r = 0; r < pl.R; ++r) {
@@ -382,16 +444,16 @@ void qchunk(const plan& pl, const layer_cache& c, const std::vector<std::int64_t
 // One dense item (f32 / f16 / bf16 storage, or the f32 residual window): keys at k0, values at v0.
 template <class Arch, int RowTile, class KV, class LseAt>
 void dchunk(const plan& pl, const float* qs, const KV* k0, std::int64_t ks, const KV* v0, std::int64_t vs,
-            std::int64_t n, float* s, float* po, LseAt&& lse_at) {
+            std::int64_t n, float* s, float* po, LseAt&& lse_at, const prob_copy& cp) {
   attention::decode_detail::scores<Arch, RowTile>(pl, qs, k0, ks, n, s);
-  softmax_rows<Arch>(pl, s, n, lse_at);
+  softmax_rows<Arch>(pl, s, n, lse_at, cp);
   std::fill(po, po + pl.R * pl.Dvpad, 0.0f);
   attention::decode_detail::values<Arch>(pl, s, v0, vs, n, po);
 }
 
 template <class Arch, int RowTile>
 void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q, view<float, 3> out,
-         view<float, 2> lse, int threads, attention::decode_workspace& ws) {
+         view<float, 2> lse, int threads, attention::decode_workspace& ws, const column_sums& cs) {
   constexpr std::int64_t W = lanes<Arch>;
   constexpr std::int64_t align = 64 / sizeof(float);
   plan pl{d, 0, 0, 0, 0, 0};
@@ -437,12 +499,20 @@ void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q,
   const std::int64_t msum_size = round_up(pl.R * NG, align);
   const std::int64_t row_size = round_up(pl.Dvpad, align);
   const std::int64_t slot_size = q_size + s_size + (quantized ? q_size + bias_size + coef_size + msum_size + row_size : 0);
-  float* po = ws.reserve(po_size + pl_size + slots * slot_size);
+  const std::int64_t pp_size = cs.wanted() ? round_up(n_items * pl.R * decode_chunk, align) : 0;  // [items, R, chunk]
+  float* po = ws.reserve(po_size + pl_size + slots * slot_size + pp_size);
   float* plse = po + po_size;
   float* scratch = plse + pl_size;
+  float* pp_all = cs.wanted() ? scratch + slots * slot_size : nullptr;
+  const std::int64_t first_summed = cs.first_row(d.Lq), Lmax = c.max_length();
 
+  // After merge_row, w[p] holds the merge weight exp(lse_p - lse) of the head's item p, which
+  // turns the item's chunk probabilities into final ones (NaN or -inf when the row is NaN or empty).
   auto merge_head = [&](std::int64_t hk) {
     const std::int64_t nh = count(hk), b0 = base[static_cast<std::size_t>(hk)];
+    const std::int64_t nq = quantized ? c.quantized_length(hk) : 0;
+    if (cs.wanted())
+      for (std::int64_t h = hk * d.group(); h < (hk + 1) * d.group(); ++h) std::fill_n(cs.sums.ptr(h, 0), Lmax, 0.0f);
     for (std::int64_t r = 0; r < pl.R; ++r) {
       const std::int64_t h = hk * d.group() + r / d.Lq, i = r % d.Lq;
       float* w = plse + b0 * pl.R + r * nh;
@@ -450,6 +520,13 @@ void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q,
       attention::decode_detail::merge_row<Arch>(
           nh, [&](std::int64_t p) { return parts + p * pl.R * pl.Dvpad; }, [&](std::int64_t p) { return w[p]; }, w,
           d.Dv, out.ptr(h, i), lse.empty() ? nullptr : lse.ptr(h, i));
+      if (!cs.wanted() || i < first_summed) continue;
+      for (std::int64_t p = 0; p < nh; ++p) {
+        if (!(w[p] > 0)) continue;
+        const item& x = items[static_cast<std::size_t>(b0 + p)];
+        const std::int64_t slot0 = x.j0 + (x.what == part::residual ? nq : 0);
+        simd::axpy<Arch>(w[p], pp_all + ((b0 + p) * pl.R + r) * decode_chunk, cs.sums.ptr(h, slot0), x.n);
+      }
     }
   };
   for (std::int64_t hk = 0; hk < d.Hkv; ++hk)  // heads without a slot: out = 0, lse = -inf
@@ -490,31 +567,32 @@ void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q,
           float* lse_h = plse + b0 * pl.R;
           auto lse_at = [&](std::int64_t r) -> float& { return lse_h[r * nh + local]; };
           float* pout = po + it * pl.R * pl.Dvpad;
+          const prob_copy cp{pp_all ? pp_all + it * pl.R * decode_chunk : nullptr, first_summed};
           switch (kind) {
             case storage::f32: {
               const auto k = c.dense_keys<float>(), v = c.dense_values<float>();
-              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at);
+              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at, cp);
               break;
             }
             case storage::f16: {
               const auto k = c.dense_keys<f16>(), v = c.dense_values<f16>();
-              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at);
+              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at, cp);
               break;
             }
             case storage::bf16: {
               const auto k = c.dense_keys<bf16>(), v = c.dense_values<bf16>();
-              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at);
+              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at, cp);
               break;
             }
             default:
               if (x.what == part::residual) {
                 const auto k = c.residual_keys(), v = c.residual_values();
                 dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout,
-                                      lse_at);
+                                      lse_at, cp);
               } else if (kind == storage::int8) {
-                qchunk<Arch, RowTile, 8>(pl, c, starts[static_cast<std::size_t>(x.hk)], qs, x.hk, x.j0, x.n, s, pout, w, lse_at);
+                qchunk<Arch, RowTile, 8>(pl, c, starts[static_cast<std::size_t>(x.hk)], qs, x.hk, x.j0, x.n, s, pout, w, lse_at, cp);
               } else {
-                qchunk<Arch, RowTile, 4>(pl, c, starts[static_cast<std::size_t>(x.hk)], qs, x.hk, x.j0, x.n, s, pout, w, lse_at);
+                qchunk<Arch, RowTile, 4>(pl, c, starts[static_cast<std::size_t>(x.hk)], qs, x.hk, x.j0, x.n, s, pout, w, lse_at, cp);
               }
           }
           if (pending[x.hk].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_head(x.hk);
@@ -528,18 +606,24 @@ void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q,
 // Decode from a cache: q [Hq, Lq] rows (Lq <= attention::decode_max_rows) against every slot of
 // their kv head, in any storage kind; the result agrees with kvcache::reference::decode to f32
 // rounding and is bit-identical for every options.threads. Only options.scale and .threads are read.
+// cs: the optional column sums per cache slot (see the header).
 template <class Arch = simd::default_arch>
 void decode(const layer_cache& c,
             view<const float, 3> q,   // [Hq, Lq, D]
             view<float, 3> out,       // [Hq, Lq, Dv]
             view<float, 2> lse,       // [Hq, Lq] or empty
-            const attention::options& opt, attention::decode_workspace& ws) {
-  const attention::dims d = decode_detail::check_args("kvcache::decode", c, q, out, lse, opt);
-  if (d.Lq == 0) return;
+            const attention::options& opt, attention::decode_workspace& ws,
+            const column_sums& cs = {}) {  // sums [Hq, >= max_length()] or empty
+  const attention::dims d = decode_detail::check_args("kvcache::decode", c, q, out, lse, opt, cs);
+  if (d.Lq == 0) {  // no row: nothing attended
+    if (cs.wanted())
+      for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(cs.sums.ptr(h, 0), c.max_length(), 0.0f);
+    return;
+  }
   const std::int64_t R = d.group() * d.Lq;
-  if (R == 1) decode_detail::run<Arch, 1>(d, c, q, out, lse, opt.threads, ws);
-  else if (R == 2) decode_detail::run<Arch, 2>(d, c, q, out, lse, opt.threads, ws);
-  else decode_detail::run<Arch, 4>(d, c, q, out, lse, opt.threads, ws);
+  if (R == 1) decode_detail::run<Arch, 1>(d, c, q, out, lse, opt.threads, ws, cs);
+  else if (R == 2) decode_detail::run<Arch, 2>(d, c, q, out, lse, opt.threads, ws, cs);
+  else decode_detail::run<Arch, 4>(d, c, q, out, lse, opt.threads, ws, cs);
 }
 
 // As above, with a workspace of its own.
@@ -548,9 +632,10 @@ void decode(const layer_cache& c,
             view<const float, 3> q,       // [Hq, Lq, D]
             view<float, 3> out,           // [Hq, Lq, Dv]
             view<float, 2> lse = {},      // [Hq, Lq] or empty
-            const attention::options& opt = {}) {
+            const attention::options& opt = {},
+            const column_sums& cs = {}) {  // sums [Hq, >= max_length()] or empty
   attention::decode_workspace ws;
-  decode<Arch>(c, q, out, lse, opt, ws);
+  decode<Arch>(c, q, out, lse, opt, ws, cs);
 }
 
 }  // namespace mnemo::kvcache

@@ -20,9 +20,14 @@
 // Decoding. A policy that evicts while decoding has a `decoder`: per-slot state that follows the
 // cache (append one slot per new token, observe the step's attention if the policy needs it,
 // select when the cache overflows or every N steps, then compact the state with the same
-// selection as the cache). Per step its cost is O(1) per new token (key-only and position
-// policies) or one pass over the head's slots (attention-accumulating policies: the kernel
-// itself reads D + Dv elements per slot, so the pass is ~1/(D + Dv) of the kernel's traffic).
+// selection as the cache). The step's probabilities come from the decode kernel's side output:
+// attention::column_sums of attention::decode, or kvcache::column_sums of kvcache::decode (any
+// storage kind, ragged heads, indexed by cache slot). Per step its cost is O(1) per new token
+// (key-only and position policies) or one pass over the head's slots (attention-accumulating
+// policies: the kernel itself reads D + Dv elements per slot, so the pass is ~1/(D + Dv) of the
+// kernel's traffic). Measured at Lk = 32768, Hq = 32, Hkv = 8, D = 128 (bench/kvpolicy_rows.cpp,
+// kvpolicy_step rows, one run, against attention::decode with column sums): H2O 1.3%, SnapKV's
+// window ring 2.7%, AdaKV 3.9%, FastGen 1.3% of the kernel's time.
 #pragma once
 
 #include <algorithm>

@@ -9,7 +9,11 @@
 //   bottom k_0     = 2 (b - w) - k_{m-1}
 //   layer  k_l     = k_0 - (k_0 - k_{m-1}) l / (m - 1),     budget_l = w + k_l
 //
-// (mean over l: b). Within a layer the selection is SnapKV's (snapkv.hpp). Prefill only.
+// (mean over l: b). Within a layer the selection is SnapKV's (snapkv.hpp).
+//
+// Decoding (pyramidkv::decoder): SnapKV's decoder (a sliding window of the last w steps'
+// attention) re-selecting with the layer's own budget on overflow, so every layer keeps the
+// pyramid shape while generating. Per step the cost of snapkv::decoder.
 #pragma once
 
 #include <cmath>
@@ -47,6 +51,28 @@ struct pyramidkv {
     detail::require(layer >= 0 && layer < layers, fn, ": layer must be in [0, layers = ", layers, "), got ", layer);
     return base.select(o, layer_budgets(layers, average_budget)[static_cast<std::size_t>(layer)]);
   }
+
+  // Decode-time state of layer `layer` of `layers`: snapkv::decoder with that layer's budget.
+  class decoder : public snapkv::decoder {
+   public:
+    decoder(std::int64_t Hkv, const pyramidkv& p, std::int64_t layer, std::int64_t layers, std::int64_t average_budget)
+        : snapkv::decoder(Hkv, p.base), budget_(budget_of(p, layer, layers, average_budget)) {}
+
+    // This layer's budget (slots per kv head).
+    std::int64_t budget() const { return budget_; }
+    // Whether a head holds more than the layer's budget.
+    bool should_compress() const { return policies::should_compress(lengths(), budget_); }
+    // The layer's kept set: snapkv::decoder::select with the layer's budget.
+    selection select() const { return snapkv::decoder::select(budget_); }
+
+   private:
+    static std::int64_t budget_of(const pyramidkv& p, std::int64_t layer, std::int64_t layers, std::int64_t average) {
+      detail::require(layer >= 0 && layer < layers, "kvcache::policies::pyramidkv::decoder: layer must be in [0, layers = ",
+                      layers, "), got ", layer);
+      return p.layer_budgets(layers, average)[static_cast<std::size_t>(layer)];
+    }
+    std::int64_t budget_;
+  };
 };
 
 }  // namespace mnemo::kvcache::policies

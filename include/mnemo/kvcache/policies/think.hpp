@@ -12,9 +12,15 @@
 // Returns the kept channels as a selection over channels (selection.heads[h] = kept channel
 // indices) and writes the pruned keys (k with the dropped channels set to 0). Channels, not
 // tokens: it composes with any token policy. Golden: kv_think, kv_think_b2.
+//
+// Decoding (think::decoder): the channel set chosen at prefill stays; every new key has the same
+// channels zeroed before it is appended (O(D) per token), so the whole cache keeps one channel set
+// per head and q . k over it equals q restricted to the kept channels . k.
 #pragma once
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "mnemo/kvcache/policies/common.hpp"
 
@@ -68,6 +74,31 @@ struct think {
       }
     }
   }
+
+  // Decode-time state: the prefill's kept channels, applied to every new key.
+  class decoder {
+   public:
+    // channels: think::select's result for a cache of Hkv heads and head dim D.
+    decoder(selection channels, std::int64_t D) : channels_(std::move(channels)) {
+      detail::require(channels_.num_heads() >= 1, "kvcache::policies::think::decoder: channels must hold at least one head");
+      validate("kvcache::policies::think::decoder", channels_,
+               std::vector<std::int64_t>(static_cast<std::size_t>(channels_.num_heads()), D));
+      D_ = D;
+    }
+    const selection& channels() const { return channels_; }
+    // Zeroes the pruned channels of new keys k [Hkv, n, D] in place (before layer_cache::append).
+    void apply(view<float, 3> k) const {
+      constexpr const char* fn = "kvcache::policies::think::decoder::apply";
+      detail::require(!k.empty(), fn, ": k [Hkv, n, D] must be a non-empty view");
+      detail::require(k.extent(0) == channels_.num_heads() && k.extent(2) == D_, fn, ": k must have shape [Hkv = ",
+                      channels_.num_heads(), ", n, D = ", D_, "], got ", shape_string(k.shape()));
+      prune(k, channels_, k);
+    }
+
+   private:
+    selection channels_;
+    std::int64_t D_ = 0;
+  };
 };
 
 }  // namespace mnemo::kvcache::policies
