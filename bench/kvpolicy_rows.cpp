@@ -13,13 +13,33 @@
 //         needle_retention  fraction of the needle slots kept (context:needle); elsewhere the
 //                           fraction of the 16 keys the decode query attends to most
 //         bytes_kept        bytes of the kept K and V in f32 (ThinK: kept key channels only)
+//         mass_top1pct, mass_top10pct, mass_planted   (policy "full" only) the decode query's
+//                           attention share on the top 1% / 10% of the keys and on the planted keys
 //       policy "full" (budget:100) is the uncompressed cache: rel_error 0, its time the baseline.
-//   Contexts (kind), each built so a policy can be right or wrong for a known reason:
-//       sinks    the first 4 keys align with every query (attention sinks)
-//       local    keys align with the queries more the closer they are to the end (local decay)
-//       needle   8 needle keys in the middle that only the decode query matches (retrieval)
-//       repeat   the keys repeat with period 64; the decode query matches one element of the period
-//       cluster  keys from 16 clusters; the decode query sits near one cluster centre
+//   Contexts (kind), each built so a policy can be right or wrong for a known reason. Every query
+//   also has a random, query-specific content part (logit std 1 over all keys): diffuse attention
+//   no policy can predict, the error floor. Values are uniform [-1, 1] (zero mean), so the planted
+//   keys must be kept to reproduce the output. Strengths are in logits (q . k / sqrt(D)), chosen
+//   for realistic concentration, not for any policy. Measured at L = 2048 (decode query, mean over
+//   the 8 heads; "planted" = share of the planted keys):
+//       sinks    the first 4 keys are low-norm keys on a sink channel that every query (prompt and
+//                decode) prefers by 3.1 .. 4.4 logits (per head) over its newest key, plus ALiBi-style
+//                recency (exp(-distance / 128)) for the rest: StreamingLLM's picture (Xiao et al.).
+//                planted (4 sinks) 0.45 (per-head logits set for 0.3 .. 0.6), top 1% 0.62, top 10% 0.93
+//       local    recency alone, exp(-distance / 128) for every query: last 64 keys 0.38,
+//                top 1% 0.34, top 10% 0.87
+//       needle   8 needle keys spread over the middle half; only the question (the last 8 prompt
+//                queries) and the decode query match them (+9 logits): needles 0.94, top 1% 0.95,
+//                top 10% 0.98. Policies that do not read the question's attention cannot know them.
+//       repeat   the prompt repeats a 64-token segment (copies differ by 10% noise); every query is
+//                an induction head: at position i it matches the copies of element (i + 1) % 64
+//                (+7 logits), so the decode query wants an element the observation window did not
+//                look at (the window's targets are its neighbours): its 32 copies 0.91, top 1% 0.62,
+//                top 10% 0.96.
+//       cluster  keys belong to 16 random topics (clusters, scattered over the context; values =
+//                the topic's value centre + noise); prompt queries follow a topic per 256-token
+//                segment and the decode query continues the last one (+5.5 logits): its cluster
+//                (~128 keys) 0.89, top 1% 0.56, top 10% 0.94.
 //
 //   kvpolicy_step/<policy>/Lk:<Lk>/threads:1   the decode-time bookkeeping of one step at the
 //       standard decode shape (Hq = 32, Hkv = 8, D = 128): append one slot per kv head, observe
@@ -54,11 +74,39 @@ namespace attn = attention;
 
 // ---------------------------------------------------------------------------------------------
 // Synthetic contexts.
+//
+// Channel layout of every q and k (D = 64): channel 0 carries position (ALiBi-style recency),
+// channel 1 is the sink channel (sinks ride on a few massive channels: Sun et al., "Massive
+// Activations in LLMs", 2024), channels [2, 64) hold the content. Logits are q . k / sqrt(D); a
+// structure is planted with a strength stated in logits.
 
 constexpr std::int64_t ctx_Hq = 8, ctx_Hkv = 2, ctx_D = 64, ctx_window = 32, ctx_sinks = 4, ctx_needles = 8;
 constexpr std::int64_t ctx_top = 16;       // keys of the decode query counted when there is no needle
 constexpr std::int64_t repeat_period = 64, clusters = 16;
-constexpr float signal = 3.0f;             // strength of the planted structure (in key units)
+constexpr std::int64_t position_channel = 0, sink_channel = 1, content_first = 2;
+constexpr std::int64_t question = 8;       // needle: the last prompt tokens (the question) also match it
+constexpr std::int64_t topic_segment = 256;  // cluster: the prompt's queries change topic every 256 tokens
+// Every query has a query-specific random part: a logit spread of this standard deviation over all
+// keys, the diffuse attention no policy can predict (the error floor of a compressed cache).
+constexpr double diffuse_logit_std = 1.0;
+// Recency: key j carries position_scale (j - L) / L on the position channel and every query the
+// same constant, so logit(i, j) = const(i) - (i - j) / recency_tokens for every query i at once
+// (softmax ignores const(i)): ALiBi's linear bias (Press et al., ICLR 2022), attention decaying as
+// exp(-distance / recency_tokens). A rotary construction with the 8 planes D = 64 can spare was
+// tried first: its sum of cosines re-phases far away (0.75 of the peak logit at distance > 300).
+constexpr double recency_tokens = 128;
+constexpr float position_scale = 0.25f;  // keeps the position channel's share of ||k|| below 1%
+constexpr float sink_key_shrink = 0.25f;  // sink keys' content is 4x smaller: low-norm sink keys (Devoto et al.)
+constexpr float repeat_jitter = 0.1f;      // repeat: each copy of the period differs by this much noise
+constexpr float cluster_value_noise = 0.5f;  // cluster: values = the cluster's value centre + this much noise
+// Planted strengths (logits), the "temperature" of each context, chosen (and measured below) so
+// the planted keys take the share of the decode query's attention that real heads give them.
+// sinks: logit of a sink over the newest key, per query head, linear across the heads (sink share
+// 30% .. 60% against the recency mass, about recency_tokens e^(diffuse_logit_std^2 / 2) newest-key units)
+constexpr double sink_logit_lo = 3.1, sink_logit_hi = 4.4;
+constexpr double needle_logit = 9.0;
+constexpr double repeat_logit = 7.0;        // induction: a copy of the next element of the period
+constexpr double cluster_logit = 5.5;
 
 std::int64_t ctx_L() { return full_size() ? 8192 : tiny_size() ? 256 : 2048; }
 
@@ -66,74 +114,155 @@ struct context {
   std::string kind;
   std::int64_t L = 0;
   tensor<float, 4> q, k, v;            // prefill: [1, Hq, L, D], [1, Hkv, L, D], [1, Hkv, L, D]
-  tensor<float, 4> q_dec;              // [1, Hq, 1, D] the later (decode) query
+  tensor<float, 4> q_dec;              // [1, Hq, 1, D] the later (decode) query, at position L
   tensor<float, 2> sums_window;        // [Hq, L] column sums of the last ctx_window prefill rows
   tensor<float, 2> sums_all;           // [Hq, L] column sums of all prefill rows
   tensor<float, 2> sums_last;          // [Hq, L] the last prefill row's probabilities
   tensor<float, 4> out_full;           // [1, Hq, 1, D] decode output over the full cache
   std::vector<std::int64_t> important; // needle slots, or the decode query's top keys
+  // The decode query's attention over the full cache, mean over its heads:
+  double mass_top1 = 0, mass_top10 = 0;  // share of the top 1% / 10% of the keys
+  double mass_planted = 0;               // share of the planted keys (below)
 };
 
-// Unit direction shared by the queries of a context (the "topic").
+// Unit direction in the content channels (seeded).
 std::vector<float> direction(std::uint64_t seed) {
-  std::vector<float> u(static_cast<std::size_t>(ctx_D));
+  std::vector<float> u(static_cast<std::size_t>(ctx_D), 0.0f);
   double n = 0;
-  for (std::int64_t c = 0; c < ctx_D; ++c) n += std::pow(u[static_cast<std::size_t>(c)] = random_uniform(seed, static_cast<std::uint64_t>(c)), 2);
+  for (std::int64_t c = content_first; c < ctx_D; ++c) {
+    const float x = random_uniform(seed, static_cast<std::uint64_t>(c));
+    u[static_cast<std::size_t>(c)] = x;
+    n += static_cast<double>(x) * x;
+  }
   for (auto& x : u) x = static_cast<float>(x / std::sqrt(n));
   return u;
 }
 
+// Attention share of the top `n` entries of p[0, L).
+double top_share(const float* p, std::int64_t L, std::int64_t n) {
+  std::vector<float> s(p, p + L);
+  std::partial_sort(s.begin(), s.begin() + n, s.end(), std::greater<>());
+  double top = 0, all = 0;
+  for (std::int64_t j = 0; j < L; ++j) (j < n ? top : all) += s[static_cast<std::size_t>(j)];
+  return top / (top + all);
+}
+
 std::unique_ptr<context> build_context(const std::string& kind) {
   auto ctx = std::make_unique<context>();
-  const std::int64_t L = ctx_L(), D = ctx_D;
+  const std::int64_t L = ctx_L(), D = ctx_D, G = ctx_Hq / ctx_Hkv;
+  const double sqrt_D = std::sqrt(static_cast<double>(D));
   ctx->kind = kind;
   ctx->L = L;
   ctx->q = tensor<float, 4>({1, ctx_Hq, L, D});
   ctx->k = tensor<float, 4>({1, ctx_Hkv, L, D});
   ctx->v = tensor<float, 4>({1, ctx_Hkv, L, D});
   ctx->q_dec = tensor<float, 4>({1, ctx_Hq, 1, D});
-  fill_random(ctx->q, 11);
-  fill_random(ctx->k, 12);
+  std::fill_n(ctx->q.data(), ctx->q.size(), 0.0f);
+  std::fill_n(ctx->k.data(), ctx->k.size(), 0.0f);
+  std::fill_n(ctx->q_dec.data(), ctx->q_dec.size(), 0.0f);
   fill_random(ctx->v, 13);
-  fill_random(ctx->q_dec, 14);
-  const std::vector<float> topic = direction(15), needle = direction(16);
-  auto add = [&](float* x, const std::vector<float>& u, float a) {
-    for (std::int64_t c = 0; c < D; ++c) x[c] += a * u[static_cast<std::size_t>(c)];
+  auto add = [&](float* x, const std::vector<float>& u, double a) {
+    for (std::int64_t c = 0; c < D; ++c) x[c] += static_cast<float>(a) * u[static_cast<std::size_t>(c)];
   };
-  // Every query leans on the topic direction, so keys along it get attention.
-  for (std::int64_t h = 0; h < ctx_Hq; ++h) {
-    for (std::int64_t i = 0; i < L; ++i) add(&ctx->q(0, h, i, 0), topic, signal);
-    add(&ctx->q_dec(0, h, 0, 0), topic, signal);
-  }
-  for (std::int64_t h = 0; h < ctx_Hkv; ++h) {
-    if (kind == "sinks") {
-      for (std::int64_t j = 0; j < ctx_sinks; ++j) add(&ctx->k(0, h, j, 0), topic, 2 * signal);
-    } else if (kind == "local") {
-      const double decay = static_cast<double>(L) / 16;
-      for (std::int64_t j = 0; j < L; ++j) add(&ctx->k(0, h, j, 0), topic, signal * static_cast<float>(std::exp(-(L - 1 - j) / decay)));
-    } else if (kind == "needle") {
-      for (std::int64_t n = 0; n < ctx_needles; ++n) add(&ctx->k(0, h, L / 4 + n * (L / 2) / ctx_needles, 0), needle, 4 * signal);
-    } else if (kind == "repeat") {
-      for (std::int64_t j = repeat_period; j < L; ++j)
-        for (std::int64_t c = 0; c < D; ++c) {
-          ctx->k(0, h, j, c) = ctx->k(0, h, j % repeat_period, c);
-          ctx->v(0, h, j, c) = ctx->v(0, h, j % repeat_period, c);
-        }
-    } else if (kind == "cluster") {
-      for (std::int64_t j = 0; j < L; ++j) {
-        const std::vector<float> centre = direction(100 + static_cast<std::uint64_t>(j % clusters));
-        for (std::int64_t c = 0; c < D; ++c) ctx->k(0, h, j, c) *= 0.3f;
-        add(&ctx->k(0, h, j, 0), centre, signal);
-      }
-    }
-  }
-  if (kind == "needle")
-    for (std::int64_t h = 0; h < ctx_Hq; ++h) add(&ctx->q_dec(0, h, 0, 0), needle, 2 * signal);
-  if (kind == "repeat")  // the decode query asks for the 7th element of the period
+  // Query row i (i = L: the decode query) of query head h.
+  auto query = [&](std::int64_t h, std::int64_t i) { return i == L ? &ctx->q_dec(0, h, 0, 0) : &ctx->q(0, h, i, 0); };
+
+  // Content: uniform [-1, 1] keys; queries scaled so q . k / sqrt(D) has std diffuse_logit_std
+  // (a product of two U[-1, 1] has variance 1/9).
+  const auto n_content = static_cast<double>(D - content_first);
+  const double q_noise = diffuse_logit_std * sqrt_D * 3 / std::sqrt(n_content);
+  for (std::int64_t h = 0; h < ctx_Hkv; ++h)
+    for (std::int64_t j = 0; j < L; ++j)
+      for (std::int64_t c = content_first; c < D; ++c)
+        ctx->k(0, h, j, c) = random_uniform(12, static_cast<std::uint64_t>((h * L + j) * D + c));
+  for (std::int64_t h = 0; h < ctx_Hq; ++h)
+    for (std::int64_t i = 0; i <= L; ++i)
+      for (std::int64_t c = content_first; c < D; ++c)
+        query(h, i)[c] = static_cast<float>(q_noise) * random_uniform(11, static_cast<std::uint64_t>((h * (L + 1) + i) * D + c));
+
+  // Recency (above); keys listed in `anchored` sit at the newest position (no distance penalty).
+  auto plant_recency = [&](const std::vector<std::int64_t>& anchored) {
+    for (std::int64_t h = 0; h < ctx_Hkv; ++h)
+      for (std::int64_t j = 0; j < L; ++j)
+        ctx->k(0, h, j, position_channel) = position_scale * static_cast<float>(j - L) / static_cast<float>(L);
+    for (std::int64_t h = 0; h < ctx_Hkv; ++h)
+      for (std::int64_t j : anchored) ctx->k(0, h, j, position_channel) = 0.0f;
+    const double slope = sqrt_D * static_cast<double>(L) / (recency_tokens * position_scale);
     for (std::int64_t h = 0; h < ctx_Hq; ++h)
-      for (std::int64_t c = 0; c < D; ++c) ctx->q_dec(0, h, 0, c) += signal * ctx->k(0, h / (ctx_Hq / ctx_Hkv), 7, c);
-  if (kind == "cluster")
-    for (std::int64_t h = 0; h < ctx_Hq; ++h) add(&ctx->q_dec(0, h, 0, 0), direction(100 + 5), 2 * signal);
+      for (std::int64_t i = 0; i <= L; ++i) query(h, i)[position_channel] = static_cast<float>(slope);
+  };
+
+  std::vector<std::int64_t> planted;  // keys that carry the context's structure
+  if (kind == "sinks") {  // sinks + recency: the pattern StreamingLLM was built on (Xiao et al., Fig. 2)
+    for (std::int64_t j = 0; j < ctx_sinks; ++j) planted.push_back(j);
+    for (std::int64_t h = 0; h < ctx_Hkv; ++h)
+      for (std::int64_t j = 0; j < ctx_sinks; ++j) {
+        for (std::int64_t c = content_first; c < D; ++c) ctx->k(0, h, j, c) *= sink_key_shrink;
+        ctx->k(0, h, j, sink_channel) = 1.0f;
+      }
+    for (std::int64_t h = 0; h < ctx_Hq; ++h) {
+      const double s = sink_logit_lo + (sink_logit_hi - sink_logit_lo) * static_cast<double>(h) / (ctx_Hq - 1);
+      // The sink sits at the newest position (anchored below); the query's sink channel takes the
+      // distance back out, so every query i sees the sinks s logits above its newest key i.
+      for (std::int64_t i = 0; i <= L; ++i)
+        query(h, i)[sink_channel] = static_cast<float>((s + static_cast<double>(i - L) / recency_tokens) * sqrt_D);
+    }
+    plant_recency(planted);
+  } else if (kind == "local") {
+    plant_recency({});
+    for (std::int64_t j = L - L / 32; j < L; ++j) planted.push_back(j);
+  } else if (kind == "needle") {  // only the question (last prompt tokens) and the decode query match it
+    const std::vector<float> needle = direction(16);
+    const double b = 4;  // needle keys' extent along the needle direction
+    for (std::int64_t n = 0; n < ctx_needles; ++n) planted.push_back(L / 4 + n * (L / 2) / ctx_needles);
+    for (std::int64_t h = 0; h < ctx_Hkv; ++h)
+      for (std::int64_t j : planted) add(&ctx->k(0, h, j, 0), needle, b);
+    for (std::int64_t h = 0; h < ctx_Hq; ++h)
+      for (std::int64_t i = L - question; i <= L; ++i) add(query(h, i), needle, needle_logit * sqrt_D / b);
+  } else if (kind == "repeat") {  // the prompt repeats a 64-token segment; queries act as induction heads
+    for (std::int64_t h = 0; h < ctx_Hkv; ++h)
+      for (std::int64_t j = repeat_period; j < L; ++j)
+        for (std::int64_t c = content_first; c < D; ++c) {
+          const auto n = static_cast<std::uint64_t>((h * L + j) * D + c);
+          ctx->k(0, h, j, c) = ctx->k(0, h, j % repeat_period, c) + repeat_jitter * random_uniform(17, n);
+          ctx->v(0, h, j, c) = ctx->v(0, h, j % repeat_period, c) + repeat_jitter * random_uniform(18, n);
+        }
+    // The query at i (element i % P) looks for the element after it, (i + 1) % P.
+    for (std::int64_t h = 0; h < ctx_Hq; ++h)
+      for (std::int64_t i = 0; i <= L; ++i) {
+        const float* target = &ctx->k(0, h / G, (i + 1) % repeat_period, 0);
+        double nn = 0;
+        for (std::int64_t c = content_first; c < D; ++c) nn += static_cast<double>(target[c]) * target[c];
+        for (std::int64_t c = content_first; c < D; ++c) query(h, i)[c] += static_cast<float>(repeat_logit * sqrt_D / nn) * target[c];
+      }
+    for (std::int64_t j = (L + 1) % repeat_period; j < L; j += repeat_period) planted.push_back(j);
+  } else if (kind == "cluster") {  // keys from 16 topics; the prompt's queries move through topics
+    const double b = 3;  // keys' extent along their cluster centre
+    auto cluster_of_key = [](std::int64_t j) {
+      return static_cast<std::int64_t>(random_uniform(19, static_cast<std::uint64_t>(j), 0.0f, 1.0f) * clusters) % clusters;
+    };
+    auto cluster_of_query = [&](std::int64_t i) {  // the decode query continues the last segment's topic
+      return static_cast<std::int64_t>(random_uniform(20, static_cast<std::uint64_t>(std::min(i, L - 1) / topic_segment), 0.0f, 1.0f) * clusters) % clusters;
+    };
+    std::vector<std::vector<float>> centre, value_centre;
+    for (std::int64_t c = 0; c < clusters; ++c) {
+      centre.push_back(direction(100 + static_cast<std::uint64_t>(c)));
+      std::vector<float> vc(static_cast<std::size_t>(D));
+      for (std::int64_t e = 0; e < D; ++e) vc[static_cast<std::size_t>(e)] = random_uniform(200 + static_cast<std::uint64_t>(c), static_cast<std::uint64_t>(e));
+      value_centre.push_back(std::move(vc));
+    }
+    for (std::int64_t h = 0; h < ctx_Hkv; ++h)
+      for (std::int64_t j = 0; j < L; ++j) {
+        const auto c = static_cast<std::size_t>(cluster_of_key(j));
+        add(&ctx->k(0, h, j, 0), centre[c], b);
+        for (std::int64_t e = 0; e < D; ++e)
+          ctx->v(0, h, j, e) = value_centre[c][static_cast<std::size_t>(e)] + cluster_value_noise * ctx->v(0, h, j, e);
+      }
+    for (std::int64_t h = 0; h < ctx_Hq; ++h)
+      for (std::int64_t i = 0; i <= L; ++i) add(query(h, i), centre[static_cast<std::size_t>(cluster_of_query(i))], cluster_logit * sqrt_D / b);
+    for (std::int64_t j = 0; j < L; ++j)
+      if (cluster_of_key(j) == cluster_of_query(L)) planted.push_back(j);
+  }
 
   // The observation, from the attention pass itself.
   tensor<float, 4> out({1, ctx_Hq, L, D});
@@ -152,8 +281,14 @@ std::unique_ptr<context> build_context(const std::string& kind) {
   tensor<float, 3> dec_sums({1, ctx_Hq, L});
   attn::decode<float>(ctx->q_dec, ctx->k, ctx->v, ctx->out_full.as_view(), {}, attn::mods::none{}, {0, 1},
                       attn::column_sums{dec_sums.as_view(), 0});
+  for (std::int64_t h = 0; h < ctx_Hq; ++h) {
+    const float* p = &dec_sums(0, h, 0);
+    ctx->mass_top1 += top_share(p, L, std::max<std::int64_t>(1, L / 100)) / ctx_Hq;
+    ctx->mass_top10 += top_share(p, L, std::max<std::int64_t>(1, L / 10)) / ctx_Hq;
+    for (std::int64_t j : planted) ctx->mass_planted += p[j] / ctx_Hq;
+  }
   if (kind == "needle") {
-    for (std::int64_t n = 0; n < ctx_needles; ++n) ctx->important.push_back(L / 4 + n * (L / 2) / ctx_needles);
+    ctx->important = planted;
   } else {  // the keys the decode query attends to most (summed over heads)
     std::vector<std::pair<float, std::int64_t>> mass;
     for (std::int64_t j = 0; j < L; ++j) {
@@ -332,6 +467,11 @@ void policy_row(benchmark::State& state, const std::string& policy, std::int64_t
   state.counters["rel_error"] = ref > 0 ? std::sqrt(err / ref) : 0.0;
   state.counters["needle_retention"] = retained / static_cast<double>(ctx_Hkv * static_cast<std::int64_t>(ctx.important.size()));
   state.counters["bytes_kept"] = bytes;
+  if (policy == "full") {  // how concentrated the decode query's attention is on this context
+    state.counters["mass_top1pct"] = ctx.mass_top1;
+    state.counters["mass_top10pct"] = ctx.mass_top10;
+    state.counters["mass_planted"] = ctx.mass_planted;
+  }
   state.SetLabel("L=" + std::to_string(ctx.L) + " Hq=8 Hkv=2 D=64 budget=" + std::to_string(budget) + " context=" + kind);
 }
 
@@ -358,19 +498,22 @@ void bookkeeping_row(benchmark::State& state, const step_shape& s, Tracker& tr, 
                  " Lk=" + std::to_string(s.Lk) + " every=" + std::to_string(step_every));
 }
 
-// probs [Hq, Lk]: a fixed probability row standing in for the step's column sums.
-tensor<float, 2> step_probs(const step_shape& s) {
-  tensor<float, 2> p({s.Hq, s.Lk});
+// probs [Hq, columns]: a fixed probability row standing in for the step's column sums.
+tensor<float, 2> step_probs(const step_shape& s, std::int64_t columns) {
+  tensor<float, 2> p({s.Hq, columns});
   fill_random(p, 21, 0.0f, 2.0f / static_cast<float>(s.Lk));
   return p;
 }
 
+// ragged: the selection may give one head more than base slots (AdaKV's head-adaptive budgets,
+// up to the whole layer's), so the probabilities cover the longest head can grow to.
 template <class Decoder, class Append, class Observe, class Select>
-void run_tracker(benchmark::State& state, const step_shape& s, Decoder& dec, Append append, Observe observe, Select select) {
+void run_tracker(benchmark::State& state, const step_shape& s, Decoder& dec, Append append, Observe observe, Select select,
+                 bool ragged = false) {
   const std::int64_t base = s.Lk - step_every;
   for (std::int64_t h = 0; h < s.Hkv; ++h)
     for (std::int64_t j = 0; j < base; ++j) append(h, j);
-  const tensor<float, 2> probs = step_probs(s);
+  const tensor<float, 2> probs = step_probs(s, ragged ? base * s.Hkv + step_every : s.Lk);
   std::int64_t t = base;
   bookkeeping_row(
       state, s, dec,
@@ -426,7 +569,7 @@ void step_row(benchmark::State& state, const std::string& policy, const step_sha
   } else if (policy == "adakv") {
     pol::adakv::decoder dec(s.Hkv, pol::adakv{pol::snapkv{ctx_window, 5}, 0.2});
     run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
+                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); }, true);
   } else if (policy == "fastgen") {  // every head on the costliest choice (frequency)
     pol::fastgen::decoder dec(pol::fastgen{}, std::vector<pol::fastgen::choice>(static_cast<std::size_t>(s.Hkv),
                                                                                   pol::fastgen::choice::frequency));
