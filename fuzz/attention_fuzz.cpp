@@ -5,7 +5,8 @@
 // Property: for every input, either every path throws mnemo::error (decode alone may also throw
 // for Lq > decode_max_rows), or every path returns the reference's out and lse within an f32
 // tolerance derived from the score magnitude; a row the reference leaves without a visible key
-// gets out = 0 and lse = -inf exactly; nothing is written outside out and lse.
+// gets out = 0 and lse = -inf exactly, a row whose reference is NaN (a NaN in q or k that it
+// sees; some inputs carry one) is NaN in out and lse; nothing is written outside out and lse.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,6 +29,7 @@ struct case_shape {
   float amp;  // inputs uniform in [-amp, amp]
   attention::options opt;
   std::uint32_t seed;
+  int nan_in = 0;  // 0: finite inputs; 1: one NaN in q; 2: one NaN in k
 };
 
 // Reference-path cost cap: B * Hq * Lq * Lk * (D + Dv) multiply-adds per input.
@@ -57,6 +59,8 @@ case_shape decode_shape(FuzzedDataProvider& in) {
   c.opt.scale = scales[in.ConsumeIntegralInRange<int>(0, 7)];
   c.opt.threads = in.ConsumeIntegralInRange<int>(0, 3);
   c.seed = in.ConsumeIntegral<std::uint32_t>();
+  const int nan_pick = in.ConsumeIntegralInRange<int>(0, 7);  // 1 in 4 inputs with a NaN
+  c.nan_in = nan_pick == 1 ? 1 : nan_pick == 2 ? 2 : 0;
   // Keep the reference fast: shrink the cache until the case fits the work cap.
   while (c.Lk > 1 && c.B * c.Hq * c.Lq * c.Lk * (c.D + c.Dv) > max_work) c.Lk /= 2;
   return c;
@@ -74,6 +78,12 @@ void run_case(const case_shape& c, const Mod& mod) {
   fuzz::fill(q.view(), gen);
   fuzz::fill(k.view(), gen);
   fuzz::fill(v.view(), gen);
+  // One NaN in q or k (not v: a NaN value times a masked key's zero weight is NaN in the fast
+  // paths, which skip no masked key inside a partial tile; the reference skips them).
+  if (c.nan_in == 1 && c.B * c.Hq * c.Lq * c.D > 0)
+    q.view()(c.B - 1, rng() % c.Hq, rng() % c.Lq, rng() % c.D) = std::numeric_limits<float>::quiet_NaN();
+  if (c.nan_in == 2 && c.B * c.Hkv * c.Lk * c.D > 0)
+    k.view()(0, rng() % c.Hkv, rng() % c.Lk, rng() % c.D) = KV(std::numeric_limits<float>::quiet_NaN());
 
   fuzz::buffer4<float> out_ref({c.B, c.Hq, c.Lq, c.Dv}, 0, false);
   fuzz::buffer3 lse_ref({c.B, c.Hq, c.Lq});
@@ -125,10 +135,18 @@ void run_case(const case_shape& c, const Mod& mod) {
     auto ro = out_ref.view();
     auto l = lse.view();
     auto rl = lse_ref.view();
+    bool nan_rows = false;
     for (std::int64_t b = 0; b < c.B; ++b)
       for (std::int64_t h = 0; h < c.Hq; ++h)
         for (std::int64_t i = 0; i < c.Lq; ++i) {
           const float want_lse = rl(b, h, i);
+          if (std::isnan(want_lse)) {  // the row saw a NaN score: NaN on every path, never clean
+            fuzz::check(std::isnan(l(b, h, i)), "lse of a row with a NaN score is not NaN");
+            for (std::int64_t e = 0; e < c.Dv; ++e)
+              fuzz::check(std::isnan(o(b, h, i, e)), "out of a row with a NaN score is not NaN");
+            nan_rows = true;
+            continue;
+          }
           if (std::isinf(want_lse)) {
             fuzz::check(l(b, h, i) == want_lse, "lse of a fully masked row is not -inf");
             for (std::int64_t e = 0; e < c.Dv; ++e)
@@ -143,6 +161,9 @@ void run_case(const case_shape& c, const Mod& mod) {
               fuzz::die("path %d: out[%lld,%lld,%lld,%lld] = %.9g, reference %.9g (tol %.3g)", p, (long long)b,
                         (long long)h, (long long)i, (long long)e, o(b, h, i, e), ro(b, h, i, e), out_tol);
         }
+    static const char* const with_nan[] = {"flash compared with NaN rows", "decode compared with NaN rows",
+                                           "attend compared with NaN rows"};
+    if (nan_rows) fuzz::stats::count(with_nan[p]);
   }
 }
 

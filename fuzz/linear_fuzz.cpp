@@ -172,12 +172,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::fill(in.k.view(), gen);
   fuzz::fill(in.v.view(), gen);
   // Log-gates in [-3, 0], with exact 0 (no decay) and -inf (full reset) sprinkled in.
-  in.g.resize(static_cast<std::size_t>(B * H * L * std::max<std::int64_t>(Dk, 1)));
+  // At least one cell, as in fuzz::buffer4: with B or H = 0 an empty vector's null data() would be
+  // offset by view::narrow (UBSan pointer-overflow, fuzz/regressions/linear_fuzz/narrow_null_data).
+  in.g.resize(static_cast<std::size_t>(std::max<std::int64_t>(B * H * L * std::max<std::int64_t>(Dk, 1), 1)));
   for (auto& x : in.g) {
     const int pick = static_cast<int>(rng() % 16);
     x = pick == 0 ? 0.0f : pick == 1 ? minus_inf : -3.0f * unit(rng);
   }
-  in.beta.resize(static_cast<std::size_t>(B * H * L));
+  in.beta.resize(static_cast<std::size_t>(std::max<std::int64_t>(B * H * L, 1)));
   for (auto& x : in.beta) x = 2.0f * unit(rng);
   in.gamma.resize(static_cast<std::size_t>(H));
   for (auto& x : in.gamma) x = 1.0f - 0.5f * unit(rng);

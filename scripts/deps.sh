@@ -29,7 +29,12 @@ mnemo_install_bench_deps() {
 }
 
 # scripts/fuzz.sh: clang and its compiler-rt (libFuzzer, ASan, UBSan runtimes) on top of the above.
+# Debian packages the runtimes per clang major version (libclang-rt-<major>-dev): the one matching
+# the installed clang, or clang 14's (Debian 12's default clang) when clang is still missing.
 #   mnemo_install_fuzz_deps
 mnemo_install_fuzz_deps() {
-  mnemo_install_deps clang libclang-rt-14-dev
+  mnemo_install_deps clang || return 1
+  local major
+  major=$(clang -dumpversion 2>/dev/null | cut -d. -f1)
+  mnemo_install_deps "libclang-rt-${major:-14}-dev"
 }

@@ -8,7 +8,11 @@
 //  * -inf mask biases remove keys; a row left with no key gives out = 0, lse = -inf, never NaN;
 //  * gates at 0 (no decay) and -inf (full reset) are exact: a reset equals a fresh start;
 //  * NaN in a data input propagates to (and only to) the outputs that depend on it, and never
-//    crashes; NaN in a gate, beta or learning rate is rejected with mnemo::error.
+//    crashes: on every attention path (reference, flash, and each path of split-KV decode) a row
+//    that sees a NaN score is NaN in out and lse; in the linear family a NaN in k or v makes its
+//    token and every later one NaN (the chunked form may also reach the earlier tokens of the
+//    NaN's own chunk, linear/common.hpp); NaN in a gate, beta or learning rate is rejected with
+//    mnemo::error.
 // Expected values come from the double-precision references or from an identity of the maths
 // (a reset equals a fresh start, a zero gate equals no gate, scaling q scales o).
 #include <gtest/gtest.h>
@@ -263,11 +267,17 @@ TEST(AttentionExtremes, InfInF16StoragePropagatesOnlyWhereRead) {
   }
 }
 
-// NaN inputs: attention::reference and flash propagate a NaN score to its row (out and lse NaN),
-// and attention::merge propagates a NaN part. Known gap: split-KV decode's score pass takes the
-// chunk maximum with x86 max, which skips NaN, so a row whose scores are all NaN still reads as
-// fully masked there (out = 0, lse = -inf); docs/errors.md "NaN inputs" lists it.
-bool nan_gap(int path) { return path == 2; }
+// NaN inputs: a NaN score (NaN in q or k) makes its row NaN (out and lse) on every path, never a
+// row that reads as fully masked (out = 0, lse = -inf) or as clean; attention::merge propagates a
+// NaN part. Rows that do not see the NaN stay exact.
+
+// True if out[b, h, i, :] or lse[b, h, i] holds a NaN.
+bool row_has_nan(const tensor<float, 4>& out, const tensor<float, 3>& lse, std::int64_t b, std::int64_t h,
+                 std::int64_t i) {
+  bool any_nan = std::isnan(lse(b, h, i));
+  for (std::int64_t c = 0; c < out.extent(3); ++c) any_nan = any_nan || std::isnan(out(b, h, i, c));
+  return any_nan;
+}
 
 TEST(AttentionExtremes, NanInQueryPropagatesToItsRowOnly) {
   attention_shape s;
@@ -279,15 +289,11 @@ TEST(AttentionExtremes, NanInQueryPropagatesToItsRowOnly) {
     SCOPED_TRACE(path_names[p]);
     for (std::int64_t h = 0; h < s.Hq; ++h)
       for (std::int64_t i = 0; i < s.Lq; ++i) {
-        const bool poisoned = h == 2 && i == 1;
-        bool any_nan = std::isnan(r.lse[p](0, h, i));
-        for (std::int64_t c = 0; c < s.Dv; ++c) any_nan = any_nan || std::isnan(r.out[p](0, h, i, c));
-        if (poisoned && nan_gap(p)) {
-          EXPECT_EQ(r.lse[p](0, h, i), -inf) << "known gap: the row reads as fully masked";
-        } else if (poisoned) {
-          EXPECT_TRUE(any_nan) << "a NaN query must not give a clean-looking row (no silent garbage)";
+        if (h == 2 && i == 1) {
+          EXPECT_TRUE(std::isnan(r.lse[p](0, h, i))) << "a NaN query must not give a clean-looking row";
+          EXPECT_TRUE(std::isnan(r.out[p](0, h, i, 0)));
         } else {
-          EXPECT_FALSE(any_nan) << "h=" << h << " i=" << i;
+          EXPECT_FALSE(row_has_nan(r.out[p], r.lse[p], 0, h, i)) << "h=" << h << " i=" << i;
           EXPECT_NEAR(r.out[p](0, h, i, 0), r.out[0](0, h, i, 0), 1e-5);
         }
       }
@@ -307,16 +313,67 @@ TEST(AttentionExtremes, NanInKeysReachesEveryRowThatSeesIt) {
     for (std::int64_t h = 0; h < s.Hq; ++h)
       for (std::int64_t i = 0; i < s.Lq; ++i) {
         const bool sees = h / 2 == 0 && i + offset >= j;
-        bool any_nan = std::isnan(r.lse[p](0, h, i));
-        for (std::int64_t c = 0; c < s.Dv; ++c) any_nan = any_nan || std::isnan(r.out[p](0, h, i, c));
-        // decode: one chunk (Lk < 512) whose lse is NaN is dropped by the merge (known gap above)
-        if (sees && p == 2 && nan_gap(p)) {
-          EXPECT_EQ(r.lse[p](0, h, i), -inf) << "known gap";
-        } else {
-          EXPECT_EQ(any_nan, sees) << "h=" << h << " i=" << i;
+        EXPECT_EQ(row_has_nan(r.out[p], r.lse[p], 0, h, i), sees) << "h=" << h << " i=" << i;
+        if (sees) {
+          EXPECT_TRUE(std::isnan(r.lse[p](0, h, i))) << "h=" << h << " i=" << i;
         }
       }
   }
+}
+
+// Split-KV decode on every path of decode.hpp: one chunk and several (Lk past 2 * decode_chunk),
+// GQA ratios 1 and 4, Lq 1 and 3, f32, f16 and bf16 K/V; NaN in a query row, in a key of a middle
+// chunk, and in a query whose only visible keys (a sliding window) sit in the scalar tail of the
+// last chunk, where the chunk maximum is -inf and the scores alone carry the NaN. Every poisoned
+// row must be NaN in out and lse; every other row must equal the reference.
+template <class KV>
+void check_decode_nan(std::int64_t Hq, std::int64_t Hkv, std::int64_t Lq, std::int64_t Lk, std::uint32_t seed) {
+  SCOPED_TRACE(::testing::Message() << "Hq=" << Hq << " Hkv=" << Hkv << " Lq=" << Lq << " Lk=" << Lk);
+  attention_shape s;
+  s.Hq = Hq;
+  s.Hkv = Hkv;
+  s.Lq = Lq;
+  s.Lk = Lk;
+  s.D = 20;  // not a multiple of any batch width: the score pass's partial loads run too
+  s.Dv = 9;
+  const std::int64_t G = Hq / Hkv, offset = Lk - Lq;
+  tensor<float, 4> q;
+  tensor<KV, 4> k, v;
+  make_qkv(s, q, k, v, 1.0f, seed);
+  const std::int64_t jk = std::min<std::int64_t>(Lk / 2, att::decode_chunk + 7);  // middle chunk when split
+  k(0, Hkv - 1, jk, 1) = KV(nan);  // every row of the last kv head's query heads sees it (causal)
+  q(0, 0, Lq - 1, 2) = nan;        // one query row of head 0
+  for (const bool windowed : {false, true}) {
+    SCOPED_TRACE(windowed ? "sliding window of 3" : "causal");
+    attention_runs r;
+    // window 3: the key jk is visible to no row (jk <= Lk - 1 - 3), so only the NaN query shows
+    if (windowed) r = run_attention<KV>(q, k, v, att::mods::sliding_window{3});
+    else r = run_attention<KV>(q, k, v, att::mods::causal{});
+    for (std::int64_t h = 0; h < Hq; ++h)
+      for (std::int64_t i = 0; i < Lq; ++i) {
+        const bool sees_k = !windowed && h / G == Hkv - 1 && jk <= i + offset;
+        const bool poisoned = sees_k || (h == 0 && i == Lq - 1);
+        for (int p = 0; p < 3; ++p) {
+          SCOPED_TRACE(path_names[p]);
+          if (poisoned) {
+            EXPECT_TRUE(std::isnan(r.lse[p](0, h, i))) << "h=" << h << " i=" << i << ": lse " << r.lse[p](0, h, i);
+            for (std::int64_t c = 0; c < s.Dv; ++c) EXPECT_TRUE(std::isnan(r.out[p](0, h, i, c))) << "c=" << c;
+          } else {
+            EXPECT_FALSE(row_has_nan(r.out[p], r.lse[p], 0, h, i)) << "h=" << h << " i=" << i;
+            EXPECT_NEAR(r.lse[p](0, h, i), r.lse[0](0, h, i), 1e-4);
+            for (std::int64_t c = 0; c < s.Dv; ++c) EXPECT_NEAR(r.out[p](0, h, i, c), r.out[0](0, h, i, c), 1e-5);
+          }
+        }
+      }
+  }
+}
+
+TEST(AttentionExtremes, NanPropagatesThroughEveryDecodePath) {
+  const std::int64_t split = 2 * att::decode_chunk + 77;  // three chunks, the last one partial
+  check_decode_nan<float>(4, 1, 1, 37, 20);    // one chunk, GQA 4, one row
+  check_decode_nan<float>(2, 2, 3, split, 21);  // split chunks, no GQA, three rows
+  check_decode_nan<f16>(4, 1, 3, split, 22);   // split, GQA 4, f16 K/V
+  check_decode_nan<bf16>(4, 2, 1, split, 23);  // split, GQA 2, bf16 K/V
 }
 
 TEST(AttentionExtremes, NonFiniteScaleIsRejected) {
@@ -520,31 +577,47 @@ TEST(LinearExtremes, HugeAndTinyScales) {
   }
 }
 
-TEST(LinearExtremes, NanInValuesPropagatesForwardOnly) {
-  // A NaN in v at token t reaches o at t and later (it enters the state), never an earlier chunk.
-  // Known limitation (reported): the chunked form also reaches the earlier tokens of t's own
-  // chunk, because its intra-chunk product multiplies the causally masked (zero) weights by the
-  // NaN (0 * NaN = NaN); the recurrent form and the reference never look back.
-  linear_case c(80);
-  const std::int64_t t = 17;
-  c.v(0, 1, t, 2) = nan;
-  for (member m : all_members)
-    for (run_kind kind : {reference_run, recurrent_run, chunked_run}) {
-      SCOPED_TRACE(member_names[m]);
-      const tensor<float, 4> o = c.run(m, kind);
-      for (std::int64_t tt = 0; tt < c.L; ++tt) {
-        bool any_nan = false;
-        for (std::int64_t e = 0; e < c.Dv; ++e) any_nan = any_nan || std::isnan(o(0, 1, tt, e));
-        const std::int64_t clean_before = kind == chunked_run ? t / c.opt.chunk_size * c.opt.chunk_size : t;
-        if (tt < clean_before) {
-          EXPECT_FALSE(any_nan) << "kind " << kind << " token " << tt << " precedes the NaN";
+TEST(LinearExtremes, NanInQueryKeyOrValuePropagatesForwardOnly) {
+  // The behaviour linear/common.hpp documents, for every member and form: a NaN in q_t reaches o_t
+  // only (q never enters the state); a NaN in k_t or v_t enters the state, so o_t and every later
+  // output of its head are NaN (no clean-looking row after it). Outputs before t stay exact in the
+  // recurrent form and the reference; the chunked form keeps every chunk before t's exact and may
+  // also make the earlier tokens of t's own chunk NaN (0 * NaN in its masked intra-chunk product).
+  const linear_case clean(80);
+  const std::int64_t t = 21, chunk_start = t / clean.opt.chunk_size * clean.opt.chunk_size;
+  ASSERT_GT(t, chunk_start) << "the NaN must not open its chunk, or the same-chunk rows go untested";
+  enum input { in_q, in_k, in_v };
+  constexpr const char* input_names[] = {"q", "k", "v"};
+  for (input where : {in_q, in_k, in_v}) {
+    linear_case c = clean;
+    if (where == in_q) c.q(0, 1, t, 2) = nan;
+    if (where == in_k) c.k(0, 1, t, 2) = nan;
+    if (where == in_v) c.v(0, 1, t, 2) = nan;
+    for (member m : all_members) {
+      SCOPED_TRACE(::testing::Message() << member_names[m] << ", NaN in " << input_names[where]);
+      const tensor<float, 4> want = clean.run(m, reference_run);
+      for (run_kind kind : {reference_run, recurrent_run, chunked_run}) {
+        SCOPED_TRACE(::testing::Message() << "kind " << kind);
+        const tensor<float, 4> o = c.run(m, kind);
+        const std::int64_t exact_before = kind == chunked_run ? chunk_start : t;
+        for (std::int64_t tt = 0; tt < c.L; ++tt) {
+          bool any_nan = false;
+          for (std::int64_t e = 0; e < c.Dv; ++e) any_nan = any_nan || std::isnan(o(0, 1, tt, e));
+          const bool must_be_nan = tt == t || (tt > t && where != in_q);
+          const bool may_be_nan = must_be_nan || (tt >= exact_before && tt < t && where != in_q);
+          if (must_be_nan) {
+            EXPECT_TRUE(any_nan) << "token " << tt << " must show the NaN of token " << t;
+          } else if (!may_be_nan) {
+            ASSERT_FALSE(any_nan) << "token " << tt << " does not depend on the NaN";
+            for (std::int64_t e = 0; e < c.Dv; ++e)
+              EXPECT_NEAR(o(0, 1, tt, e), want(0, 1, tt, e), 1e-5) << "token " << tt;
+          }
+          for (std::int64_t e = 0; e < c.Dv; ++e)
+            EXPECT_NEAR(o(0, 0, tt, e), want(0, 0, tt, e), 1e-5) << "head 0 is clean, token " << tt;
         }
-        if (tt == t) {
-          EXPECT_TRUE(any_nan) << "kind " << kind << ": the NaN must show at its own token";
-        }
-        for (std::int64_t e = 0; e < c.Dv; ++e) EXPECT_FALSE(std::isnan(o(0, 0, tt, e))) << "head 0 is clean";
       }
     }
+  }
 }
 
 TEST(LinearExtremes, NanOrPositiveGatesAreRejected) {

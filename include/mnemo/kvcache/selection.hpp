@@ -46,8 +46,11 @@ inline void validate(const char* fn, const selection& sel, const std::vector<std
     for (std::size_t i = 0; i < row.size(); ++i) {
       detail::require(row[i] >= 0 && row[i] < length[h], fn, ": selection.heads[", h, "][", i,
                       "] must be in [0, ", length[h], "), got ", row[i]);
-      detail::require(i == 0 || row[i] > row[i - 1], fn, ": selection.heads[", h,
-                      "] must be strictly ascending: index ", i, " is ", row[i], " after ", row[i - 1]);
+      // Not require(i == 0 || ...): its message arguments are evaluated first, and row[i - 1] at
+      // i = 0 reads before the row (UBSan, fuzz/regressions/kvcache_fuzz/validate_first_index).
+      if (i > 0 && !(row[i] > row[i - 1]))
+        detail::fail(fn, ": selection.heads[", h, "] must be strictly ascending: index ", i, " is ", row[i],
+                     " after ", row[i - 1]);
     }
   }
 }

@@ -27,6 +27,15 @@
 // with no (-inf) - (-inf) = NaN anywhere. (The one bounded exception is GLA under weak
 // decay, whole chunks or diagonal sub-blocks, gla.hpp: finite factors exp(+-b), |b| <= 20.)
 //
+// NaN (gates, beta and gamma reject it with mnemo::error; q, k and v are data and propagate it):
+// a NaN in q_t reaches o_t only, since q never enters the state. A NaN in k_t or v_t enters the
+// state, so o_t and every later output of its (batch, head) are NaN: never a clean-looking row
+// after it. Outputs before t are untouched in the recurrent form and the reference; the chunked
+// form keeps every chunk before t's untouched but may also make the earlier tokens of t's own
+// chunk NaN, because its intra-chunk products multiply the causally masked (zero) weights by the
+// NaN (0 * NaN = NaN). Keeping them clean would need triangular products in place of the square
+// GEMM tiles. Checked for every member in tests/reliability/extremes_test.cpp.
+//
 // Threads: (batch, head) pairs are independent and go to mnemo::parallel_for. The chunked
 // kernels use Eigen's GEMM, which would start its own OpenMP team when called outside a parallel
 // region (Eigen/src/Core/products/Parallelizer.h: omp_get_num_threads() == 1 and enough work).
