@@ -170,21 +170,17 @@ Checked by `tests/reliability/extremes_test.cpp`:
   exactly the outputs that read it.
 - NaN in a data input (q, k, v, keys, queries) never crashes and propagates to the outputs that
   depend on it. NaN in a gate, beta, gamma, learning rate or scale is rejected (tables below).
-- Known gaps (reported, fixes pending in the owning headers):
-  - `attention::reference` and `attention::decode`: a query row whose every score is NaN reads as
-    fully masked (out = 0, lse = -inf) instead of NaN, and `attention::merge` (so split-KV decode)
-    drops a partial whose lse is NaN. Fix: a NaN check beside the row maximum
-    (`reference_detail::heads`, `decode_detail::merge_row`). `attention::flash` propagates.
+- NaN in inputs propagates, never crashes: a NaN in a query, key or value reaches the rows that
+  see it as NaN output and NaN lse, on every attention path (reference, flash, split-KV decode,
+  kvcache::decode, merge), tested in tests/reliability/extremes_test.cpp and fuzzed.
+- Known gaps:
   - The chunked form of the linear family lets a NaN at token t also reach the earlier tokens of
     t's chunk (its masked intra-chunk product computes 0 * NaN); earlier chunks stay clean, and the
-    recurrent form never looks back.
-  - `npy::load`: a shape with a zero dimension skips the overflow check of the other dimensions,
-    so `(72057594037927935, 72057594037927935, 0)` overflows `std::int64_t` in `array::size()`
-    (UB; found by fuzz/npy_fuzz.cpp, reproducer in fuzz/regressions/npy_fuzz/).
-  - `kvcache::layer_cache::append` (int8/int4, `quant.residual == quant.key_group`): the flush that
-    quantizes a full residual window takes `&rk_(h, G, 0)` with G = residual, one past the window,
-    for a 0-byte memmove; Debug builds abort on tensor's bounds assert (found by
-    fuzz/kvcache_fuzz.cpp, reproducer in fuzz/regressions/kvcache_fuzz/).
+    recurrent form never looks back (linear/common.hpp).
+  - `attention::flash` and `attention::decode`: a NaN in a value row whose key is masked inside a
+    partially visible tile makes the rows of that tile NaN (0 * NaN in the probability-value
+    product), where the reference, which skips masked keys, stays clean. Masked keys with NaN
+    keys, and NaN values of fully masked tiles, do not leak.
 """
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs mnemo's whole test suite (README command (b); .ci/run runs this).
 #
-#   scripts/test.sh               native build (-march=native) + AddressSanitizer/UBSan build
+#   scripts/test.sh               native build (-march=native) + AddressSanitizer/UBSan build + fuzz smoke
 #   scripts/test.sh --all-builds  also the AVX2-only (-mavx2 -mfma) and the no-SIMD builds
 #   scripts/test.sh --quick       the native build only
 #
@@ -60,5 +60,11 @@ if [ "$mode" != quick ]; then
   run_build asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG=-Og -DMNEMO_ARCH=native \
     -DMNEMO_SANITIZE=address,undefined -DMNEMO_BUILD_EXAMPLES=OFF \
     -DCMAKE_CXX_FLAGS=-fno-sanitize=null,nonnull-attribute,returns-nonnull-attribute,alignment,pointer-overflow,vptr
+fi
+if [ "$mode" != quick ]; then
+  # The fuzz smoke (issue #8): libFuzzer targets built with clang, regressions replayed, then every
+  # target fuzzed from the committed corpus for a few seconds; about a minute on 2 cores.
+  echo "=== mnemo tests: fuzz smoke (scripts/fuzz.sh --smoke) ==="
+  bash scripts/fuzz.sh --smoke
 fi
 echo "mnemo tests: all builds passed in $(( $(date +%s) - start )) s"
