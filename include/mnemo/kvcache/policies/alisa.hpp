@@ -81,12 +81,10 @@ class alisa::decoder {
   void append(std::int64_t h) { ring_.row(h).resize(ring_.row(h).size() + static_cast<std::size_t>(p_.history), 0.0f); }
   void observe(view<const float, 2> probs) {
     constexpr const char* fn = "kvcache::policies::alisa::decoder::observe";
-    detail::require(!probs.empty() && probs.extent(0) % num_heads() == 0, fn,
-                    ": probs [Hq, L] must be non-empty with Hq a multiple of Hkv = ", num_heads());
-    const std::int64_t G = probs.extent(0) / num_heads(), t = step_++ % p_.history;
+    const std::int64_t G = detail::check_step_probs(fn, probs, num_heads(), [this](std::int64_t h) { return length(h); });
+    const std::int64_t t = step_++ % p_.history;
     for (std::int64_t h = 0; h < num_heads(); ++h) {
       const std::int64_t n = length(h);
-      detail::require(n <= probs.extent(1), fn, ": probs.shape[1] must be >= length(", h, ") = ", n);
       float* r = ring_.row(h).data();
       for (std::int64_t j = 0; j < n; ++j) r[j * p_.history + t] = 0.0f;
       for (std::int64_t g = 0; g < G; ++g) {

@@ -97,6 +97,19 @@ inline void check_budget(const char* fn, std::int64_t budget, std::int64_t at_le
   require(budget >= at_least, fn, ": budget must be >= ", at_least, why, ", got ", budget);
 }
 
+// Checks a decode step's probabilities probs [Hq, >= max length] (attention::column_sums of the
+// step, rows = 1) against a decoder of Hkv heads whose head h holds length(h) slots, before the
+// decoder changes anything; returns the group size G = Hq / Hkv.
+template <class Length>
+std::int64_t check_step_probs(const char* fn, const view<const float, 2>& probs, std::int64_t Hkv, Length&& length) {
+  require(!probs.empty() && probs.extent(0) % Hkv == 0, fn,
+          ": probs [Hq, L] must be non-empty with Hq a multiple of Hkv = ", Hkv, ", got ", shape_string(probs.shape()));
+  for (std::int64_t h = 0; h < Hkv; ++h)
+    require(length(h) <= probs.extent(1), fn, ": probs.shape[1] must be >= length(", h, ") = ", length(h), ", got ",
+            probs.extent(1));
+  return probs.extent(0) / Hkv;
+}
+
 inline void check_scores(const char* fn, const view<float, 2>& scores, std::int64_t Hkv, std::int64_t L) {
   require(!scores.empty(), fn, ": scores [Hkv, L] must be a non-empty view");
   require_shape(fn, "scores", scores, {Hkv, L}, " [Hkv, L]");
@@ -201,14 +214,9 @@ class scored_slots {
   // step, rows = 1), so ragged heads read a prefix of their row.
   template <class F>
   void for_each_head(const char* fn, view<const float, 2> probs, F&& f) {
-    detail::require(!probs.empty() && probs.extent(0) % num_heads() == 0, fn,
-                    ": probs [Hq, L] must be non-empty with Hq a multiple of Hkv = ", num_heads(), ", got ",
-                    shape_string(probs.shape()));
-    const std::int64_t G = probs.extent(0) / num_heads();
+    const std::int64_t G = detail::check_step_probs(fn, probs, num_heads(), [this](std::int64_t h) { return length(h); });
     for (std::int64_t h = 0; h < num_heads(); ++h) {
       const std::int64_t n = length(h);
-      detail::require(n <= probs.extent(1), fn, ": probs.shape[1] must be >= length(", h, ") = ", n, ", got ",
-                      probs.extent(1));
       group_.assign(static_cast<std::size_t>(n), 0.0f);
       for (std::int64_t g = 0; g < G; ++g) {
         const float* p = probs.ptr(h * G + g, 0);

@@ -177,13 +177,7 @@ class fastgen::decoder {
   void observe(view<const float, 2> probs) {
     constexpr const char* fn = "kvcache::policies::fastgen::decoder::observe";
     const std::int64_t H = num_heads();
-    detail::require(!probs.empty() && probs.extent(0) % H == 0, fn,
-                    ": probs [Hq, L] must be non-empty with Hq a multiple of Hkv = ", H, ", got ",
-                    shape_string(probs.shape()));
-    const std::int64_t G = probs.extent(0) / H;
-    for (std::int64_t h = 0; h < H; ++h)  // validated before anything changes
-      detail::require(length(h) <= probs.extent(1), fn, ": probs.shape[1] must be >= length(", h, ") = ", length(h),
-                      ", got ", probs.extent(1));
+    const std::int64_t G = detail::check_step_probs(fn, probs, H, [this](std::int64_t h) { return length(h); });
     for (std::int64_t h = 0; h < H; ++h) {
       const std::int64_t n = length(h);
       float* s = attn_.row(h).data();

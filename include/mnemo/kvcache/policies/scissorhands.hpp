@@ -75,12 +75,10 @@ struct scissorhands {
     // probs [Hq, >= max length]: this step's probabilities of every query head.
     void observe(view<const float, 2> probs) {
       constexpr const char* fn = "kvcache::policies::scissorhands::decoder::observe";
-      detail::require(!probs.empty() && probs.extent(0) % num_heads() == 0, fn,
-                      ": probs [Hq, L] must be non-empty with Hq a multiple of Hkv = ", num_heads());
-      const std::int64_t G = probs.extent(0) / num_heads();
+      const std::int64_t G =
+          detail::check_step_probs(fn, probs, num_heads(), [this](std::int64_t h) { return length(h); });
       for (std::int64_t h = 0; h < num_heads(); ++h) {
         const std::int64_t n = length(h);
-        detail::require(n <= probs.extent(1), fn, ": probs.shape[1] must be >= length(", h, ") = ", n);
         if (n == 0) continue;
         const float uniform = 1.0f / static_cast<float>(n);
         float* s = mutable_scores(h).data();

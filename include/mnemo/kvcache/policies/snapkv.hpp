@@ -119,14 +119,9 @@ class snapkv::decoder {
   void observe(view<const float, 2> probs) {
     constexpr const char* fn = "kvcache::policies::snapkv::decoder::observe";
     const std::int64_t H = num_heads();
-    detail::require(!probs.empty() && probs.extent(0) % H == 0, fn,
-                    ": probs [Hq, L] must be non-empty with Hq a multiple of Hkv = ", H, ", got ",
-                    shape_string(probs.shape()));
-    const std::int64_t G = probs.extent(0) / H, w = p_.window;
+    const std::int64_t G = detail::check_step_probs(fn, probs, H, [this](std::int64_t h) { return length(h); });
+    const std::int64_t w = p_.window;
     slot_state<float>& oldest = ring_[static_cast<std::size_t>(steps_ % w)];
-    for (std::int64_t h = 0; h < H; ++h)  // validated before anything changes
-      detail::require(length(h) <= probs.extent(1), fn, ": probs.shape[1] must be >= length(", h, ") = ", length(h),
-                      ", got ", probs.extent(1));
     for (std::int64_t h = 0; h < H; ++h) {
       const std::int64_t n = length(h);
       float* r = oldest.row(h).data();
