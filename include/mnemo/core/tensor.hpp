@@ -130,7 +130,7 @@ class view {
     detail::require(start >= 0 && len >= 0 && start + len <= shape_[dim], "view::narrow: range [", start, ", ",
                     start + len, ") out of bounds for extent ", shape_[dim], " of dimension ", dim);
     view out = *this;
-    out.data_ = data_ ? data_ + start * strides_[dim] : data_;  // no arithmetic on a null view's pointer
+    out.data_ = data_ + start * strides_[dim];
     out.shape_[dim] = len;
     return out;
   }
