@@ -160,12 +160,6 @@ tile unit_block(std::int64_t block, bool causal, std::int64_t q0, std::int64_t q
 
 inline constexpr float masked = -std::numeric_limits<float>::infinity();
 
-// The same contract flash.hpp detects (attention::has_mask_tile), for the element mods here.
-template <class M>
-concept has_mask_tile = requires(const M& m, float* s, std::int64_t i) {
-  { m.mask_tile(s, i, i, i, i, i) } -> std::same_as<void>;
-};
-
 // row[i] = -inf for i in [a, b) (nothing when a >= b).
 inline void fill_masked(float* row, std::int64_t a, std::int64_t b) {
   for (std::int64_t i = a; i < b; ++i) row[i] = masked;
@@ -203,7 +197,7 @@ inline void mask_outside_rows(float* s, std::int64_t ld, std::int64_t qn, std::i
 template <class M>
 void mask_tile_of(const M& m, float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
                   std::int64_t kn) {
-  if constexpr (has_mask_tile<M>) {
+  if constexpr (attention::has_mask_tile<M>) {  // the contract flash.hpp detects
     m.mask_tile(s, ld, qp0, qn, k0, kn);
   } else if constexpr (std::is_same_v<M, mods::none>) {
     return;
