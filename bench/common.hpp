@@ -38,6 +38,7 @@
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/simd/dispatch.hpp"
 
 namespace mnemo::bench {
 
@@ -392,17 +393,14 @@ inline std::string cpu_model() {
   return "unknown";
 }
 
-// The instruction set this binary was compiled for (MNEMO_ARCH) and whether SIMD paths are on.
+// The ISA level the dispatching kernels (flash, split-KV and cache decode) run at in this run,
+// after MNEMO_ISA (simd/dispatch.hpp), and the one the binary was compiled for (MNEMO_ARCH), e.g.
+// "avx2 (forced by MNEMO_ISA; compiled for avx512)". Kernels that do not dispatch yet run at the
+// compiled level.
 inline std::string isa_name() {
-#if defined(__AVX512F__)
-  std::string isa = "avx512";
-#elif defined(__AVX2__)
-  std::string isa = "avx2";
-#elif defined(__SSE2__)
-  std::string isa = "sse2";
-#else
-  std::string isa = "generic";
-#endif
+  std::string isa = simd::level_name(simd::active_level());
+  if (simd::env_level() != simd::level::automatic) isa += " (forced by MNEMO_ISA)";
+  isa += std::string("; compiled for ") + simd::level_name(simd::compiled_level);
 #if defined(MNEMO_NO_SIMD)
   isa += " (MNEMO_NO_SIMD: scalar paths)";
 #endif

@@ -27,7 +27,7 @@ if(MNEMO_ARCH STREQUAL "native")
 elseif(MNEMO_ARCH STREQUAL "avx512")
   target_compile_options(mnemo_dev INTERFACE -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512cd -mfma -mf16c)
 elseif(MNEMO_ARCH STREQUAL "avx2")
-  target_compile_options(mnemo_dev INTERFACE -mavx2 -mfma)
+  target_compile_options(mnemo_dev INTERFACE -mavx2 -mfma -mf16c)  # x86-64-v3 has F16C: f16 K/V convert in hardware
 elseif(MNEMO_ARCH STREQUAL "baseline")
   # the compiler's default x86-64 target: SSE2 only
 else()

@@ -2,7 +2,7 @@
 # Builds and runs mnemo's whole test suite (README command (b); .ci/run runs this).
 #
 #   scripts/test.sh               native build (-march=native) + AddressSanitizer/UBSan build + fuzz smoke
-#   scripts/test.sh --all-builds  also the AVX2-only (-mavx2 -mfma) and the no-SIMD builds
+#   scripts/test.sh --all-builds  also the AVX2-only (-mavx2 -mfma -mf16c) and the no-SIMD builds
 #   scripts/test.sh --quick       the native build only
 #
 # Installs missing Debian packages itself (as root or with sudo). Build trees go to build/test-*.

@@ -12,6 +12,7 @@
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/simd/dispatch.hpp"
 
 namespace mnemo::attention {
 
@@ -19,6 +20,7 @@ namespace mnemo::attention {
 struct options {
   float scale = 0;  // 0: 1 / sqrt(D)
   int threads = 0;  // 0: the OpenMP default
+  simd::level isa = simd::level::automatic;  // force an ISA level (simd/dispatch.hpp); automatic: $MNEMO_ISA or the best
 };
 
 // The validated sizes of one call.

@@ -121,7 +121,7 @@ inline void unroll(F&& f) {
 
 // Floats per batch on the path that runs (1 when the scalar path runs).
 template <class Arch>
-inline constexpr std::int64_t lanes = simd::enabled ? simd::width<Arch> : 1;
+inline constexpr std::int64_t lanes = simd::lanes<Arch>;
 
 // ---------------------------------------------------------------------------------------------
 // The merge of one row.
@@ -160,7 +160,7 @@ void merge_row(std::int64_t n, PartOut&& part_out, PartLse&& part_lse, float* w,
   const float inv = 1.0f / sum;  // sum >= 1: the largest part has weight exp(0)
   for (std::int64_t p = 0; p < n; ++p) w[p] *= inv;
   std::int64_t c = 0;
-  if constexpr (simd::enabled) {
+  if constexpr (simd::vectorized<Arch>) {
     using batch = simd::fbatch<Arch>;
     constexpr std::int64_t W = simd::width<Arch>;
     for (; c + W <= Dv; c += W) {
@@ -259,7 +259,7 @@ struct plan {
 template <class Arch, int RowTile, class KV>
 void scores(const plan& pl, const float* qs, const KV* k0, std::int64_t ks, std::int64_t n, float* s) {
   const std::int64_t D = pl.d.D;
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     for (std::int64_t j = 0; j < n; ++j)
       for (std::int64_t r = 0; r < pl.R; ++r) s[r * decode_chunk + j] = simd::dot<Arch>(qs + r * pl.Dpad, k0 + j * ks, D);
   } else {
@@ -335,7 +335,7 @@ void value_tile_pass(const float* p, const KV* v, std::int64_t vs, std::int64_t 
 template <class Arch, class KV>
 void values(const plan& pl, const float* p, const KV* v0, std::int64_t vs, std::int64_t n, float* acc) {
   const std::int64_t Dv = pl.d.Dv;
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     for (std::int64_t j = 0; j < n; ++j)
       for (std::int64_t r = 0; r < pl.R; ++r) simd::axpy<Arch>(p[r * decode_chunk + j], v0 + j * vs, acc + r * pl.Dvpad, Dv);
   } else {
@@ -529,7 +529,7 @@ void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const 
 // Split-KV decode: attention of Lq <= decode_max_rows query rows against Lk keys, the same result
 // as attention::reference (to f32 rounding) and bit-identical for every options.threads.
 // K/V elements may be float, f16 or bf16; any view with a contiguous innermost dimension works.
-template <class KV, class Mod = mods::none, class Arch = simd::default_arch>
+template <class KV, class Mod = mods::none, class TuArch = simd::default_arch>
 void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
             view<const KV, 4> k,      // [B, Hkv, Lk, D]
             view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
@@ -549,13 +549,15 @@ void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
     return;
   }
   const std::int64_t R = d.group() * d.Lq;
-  if (R == 1) decode_detail::run<Arch, 1>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
-  else if (R == 2) decode_detail::run<Arch, 2>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
-  else decode_detail::run<Arch, 4>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
+    if (R == 1) decode_detail::run<Arch, 1>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
+    else if (R == 2) decode_detail::run<Arch, 2>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
+    else decode_detail::run<Arch, 4>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
+  });
 }
 
 // As above, with a workspace of its own (allocated for this call).
-template <class KV, class Mod = mods::none, class Arch = simd::default_arch>
+template <class KV, class Mod = mods::none, class TuArch = simd::default_arch>
 void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
             view<const KV, 4> k,      // [B, Hkv, Lk, D]
             view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
@@ -563,15 +565,15 @@ void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
             view<float, 3> lse = {},  // [B, Hq, Lq] or empty
             const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
   decode_workspace ws;
-  decode<KV, Mod, Arch>(q, k, v, out, lse, mod, opt, ws, cs);
+  decode<KV, Mod, TuArch>(q, k, v, out, lse, mod, opt, ws, cs);
 }
 
 // Convenience: tensors or views of any constness for k and v.
-template <class K, class V, class Mod = mods::none, class Arch = simd::default_arch>
+template <class K, class V, class Mod = mods::none, class TuArch = simd::default_arch>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void decode(view<const float, 4> q, const K& k, const V& v, view<float, 4> out, view<float, 3> lse = {},
             const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
-  decode<element_t<K>, Mod, Arch>(q, cview(k), cview(v), out, lse, mod, opt, cs);
+  decode<element_t<K>, Mod, TuArch>(q, cview(k), cview(v), out, lse, mod, opt, cs);
 }
 
 // Exact merge of two partial results over disjoint key sets (see the header): out and lse may be

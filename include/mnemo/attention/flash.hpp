@@ -259,14 +259,12 @@ void reference_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
 template <class Arch = simd::default_arch>
 struct flash_traits {
   // Queries are the SIMD lanes of a score tile; without SIMD the "vector" is one float.
-  static constexpr std::int64_t lanes = simd::enabled ? simd::width<Arch> : 1;
-  // Queries and keys per tile. 64 x 64: the f32 score tile is 16 KiB and, at D = 128, Q^T and a
-  // K tile are 32 KiB each, so the operands of one tile GEMM stay in L1/L2. Measured on one
-  // AVX-512 core (L = 4096, D in {64, 128}, CPU time): every block_q, block_k in {48 .. 128}
-  // ran within the +-5% noise of 64 x 64; block_q = 32 was 10-15% slower (twice the rescales
-  // and softmax passes per FLOP).
-  static constexpr std::int64_t block_q = 64;
-  static constexpr std::int64_t block_k = 64;
+  static constexpr std::int64_t lanes = simd::isa_traits<Arch>::lanes;
+  // Queries and keys per tile, per ISA family (simd/isa_traits.hpp has the measurements). At 64 x 64
+  // the f32 score tile is 16 KiB and, at D = 128, Q^T and a K tile are 32 KiB each, so the operands
+  // of one tile GEMM stay in L1/L2.
+  static constexpr std::int64_t block_q = simd::isa_traits<Arch>::flash_block_q;
+  static constexpr std::int64_t block_k = simd::isa_traits<Arch>::flash_block_k;
 
   static_assert(block_q % lanes == 0,
                 "flash_traits: block_q must be a multiple of the SIMD width, because the queries of a tile are "
@@ -549,12 +547,32 @@ struct column_sums_plan {
   }
 };
 
+// The forward (and the column sums when wanted) for one Arch, on validated arguments.
+template <class KV, class Mod, class Arch>
+void forward(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
+             view<float, 3> lse, const Mod& mod, const options& opt, const column_sums& cs) {
+  if (!cs.wanted()) {
+    const forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse, mod};
+    run_items(plan.items(), plan.ws.total, opt.threads, [&](std::int64_t item, float* work) { plan.run(item, work); });
+    return;
+  }
+  // The sums need every summed row's lse: the caller's, or one of our own.
+  tensor<float, 3> own_lse(lse.empty() ? shape_t<3>{d.B, d.Hq, d.Lq} : shape_t<3>{0, 0, 0});
+  const view<float, 3> lse_used = lse.empty() ? own_lse.as_view() : lse;
+  const forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse_used, mod};
+  run_items(plan.items(), plan.ws.total, opt.threads, [&](std::int64_t item, float* work) { plan.run(item, work); });
+  const column_sums_plan<KV, Mod, Arch> sums_plan{d, q, k, lse_used, mod, cs.sums, cs.first_row(d.Lq)};
+  run_items(sums_plan.items(), sums_plan.ws.total, opt.threads,
+            [&](std::int64_t item, float* work) { sums_plan.run(item, work); });
+}
+
 }  // namespace flash_detail
 
 // FlashAttention-2 forward. K/V elements may be float, f16 or bf16; out and lse as in
 // attention::reference, to float32 accuracy. `cs`: the optional column sums of the probabilities
-// (reference.hpp); not wanted by default, and then nothing of it runs.
-template <class KV, class Mod = mods::none, class Arch = simd::default_arch>
+// (reference.hpp); not wanted by default, and then nothing of it runs. Runs at the ISA level
+// opt.isa asks for (simd/dispatch.hpp: by default $MNEMO_ISA or the best the CPU has).
+template <class KV, class Mod = mods::none, class TuArch = simd::default_arch>
 void flash(view<const float, 4> q,   // [B, Hq, Lq, D]
            view<const KV, 4> k,      // [B, Hkv, Lk, D]
            view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
@@ -564,29 +582,15 @@ void flash(view<const float, 4> q,   // [B, Hq, Lq, D]
   constexpr const char* fn = "attention::flash";
   const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
   detail::check_column_sums(fn, d, cs);
-  if (!cs.wanted()) {
-    const flash_detail::forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse, mod};
-    flash_detail::run_items(plan.items(), plan.ws.total, opt.threads,
-                            [&](std::int64_t item, float* work) { plan.run(item, work); });
-    return;
-  }
-  // The sums need every summed row's lse: the caller's, or one of our own.
-  tensor<float, 3> own_lse(lse.empty() ? shape_t<3>{d.B, d.Hq, d.Lq} : shape_t<3>{0, 0, 0});
-  const view<float, 3> lse_used = lse.empty() ? own_lse.as_view() : lse;
-  const flash_detail::forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse_used, mod};
-  flash_detail::run_items(plan.items(), plan.ws.total, opt.threads,
-                          [&](std::int64_t item, float* work) { plan.run(item, work); });
-  const flash_detail::column_sums_plan<KV, Mod, Arch> sums_plan{d, q, k, lse_used, mod, cs.sums, cs.first_row(d.Lq)};
-  flash_detail::run_items(sums_plan.items(), sums_plan.ws.total, opt.threads,
-                          [&](std::int64_t item, float* work) { sums_plan.run(item, work); });
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() { flash_detail::forward<KV, Mod, Arch>(d, q, k, v, out, lse, mod, opt, cs); });
 }
 
 // Convenience: tensors or views of any constness for k and v.
-template <class K, class V, class Mod = mods::none>
+template <class K, class V, class Mod = mods::none, class TuArch = simd::default_arch>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void flash(view<const float, 4> q, const K& k, const V& v, view<float, 4> out, view<float, 3> lse = {},
            const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
-  flash<element_t<K>, Mod>(q, cview(k), cview(v), out, lse, mod, opt, cs);
+  flash<element_t<K>, Mod, TuArch>(q, cview(k), cview(v), out, lse, mod, opt, cs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -753,7 +757,7 @@ struct backward_plan {
 // FlashAttention-2 backward: the gradients of sum(out * dout) with respect to q, k and v, from
 // the forward's out and lse (float32 K/V). dk and dv are summed over the query heads of each
 // kv head's group. Every score mod needs a known derivative (see backward_supported).
-template <class Mod = mods::none, class Arch = simd::default_arch>
+template <class Mod = mods::none, class TuArch = simd::default_arch>
 void flash_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
                     view<const float, 4> k,     // [B, Hkv, Lk, D]
                     view<const float, 4> v,     // [B, Hkv, Lk, Dv]
@@ -773,13 +777,15 @@ void flash_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
   mnemo::detail::require_shape(fn, "lse", lse, {d.B, d.Hq, d.Lq}, " [B, Hq, Lq]");
   flash_detail::check_grads(fn, d, dout, dq, dk, dv);
 
-  flash_detail::backward_plan<Mod, Arch> plan{d, q, k, v, out, lse, dout, dq, dk, dv, mod};
-  parallel_for(d.B * d.Hq * plan.n_qt, [&](std::int64_t item) { plan.prepare(item); }, opt.threads);
-  if (!plan.q_direct) parallel_for(d.B * d.Hkv, [&](std::int64_t item) { plan.prepare_k(item); }, opt.threads);
-  flash_detail::run_items(plan.kv_items(), plan.ws_kv.total, opt.threads,
-                          [&](std::int64_t item, float* work) { plan.run_kv(item, work); });
-  flash_detail::run_items(plan.q_items(), plan.ws_q.total, opt.threads,
-                          [&](std::int64_t item, float* work) { plan.run_q(item, work); });
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
+    flash_detail::backward_plan<Mod, Arch> plan{d, q, k, v, out, lse, dout, dq, dk, dv, mod};
+    parallel_for(d.B * d.Hq * plan.n_qt, [&](std::int64_t item) { plan.prepare(item); }, opt.threads);
+    if (!plan.q_direct) parallel_for(d.B * d.Hkv, [&](std::int64_t item) { plan.prepare_k(item); }, opt.threads);
+    flash_detail::run_items(plan.kv_items(), plan.ws_kv.total, opt.threads,
+                            [&](std::int64_t item, float* work) { plan.run_kv(item, work); });
+    flash_detail::run_items(plan.q_items(), plan.ws_q.total, opt.threads,
+                            [&](std::int64_t item, float* work) { plan.run_q(item, work); });
+  });
 }
 
 }  // namespace mnemo::attention

@@ -180,7 +180,7 @@ template <class Arch>
 float page_bound(const float* q, const float* mn, const float* mx, std::int64_t D) {
   std::int64_t c = 0;
   float sum = 0;
-  if constexpr (simd::enabled) {
+  if constexpr (simd::vectorized<Arch>) {
     using batch = simd::fbatch<Arch>;
     constexpr std::int64_t W = simd::width<Arch>;
     batch acc(0.0f);

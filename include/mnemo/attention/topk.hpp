@@ -160,7 +160,7 @@ void top_k_indices(const float* scores, std::int64_t n, std::int64_t k, std::int
     const float t = sample[rank];
     std::int64_t c = 0;
     std::int64_t i = 0;
-    if constexpr (simd::enabled) {
+    if constexpr (simd::vectorized<Arch>) {
       using batch = simd::fbatch<Arch>;
       constexpr std::int64_t w = simd::width<Arch>;
       const batch tb(t);
@@ -450,7 +450,7 @@ void reference_loki_attention(view<const float, 4> q,      // [B, Hq, Lq, D]
 namespace topk_detail {
 
 template <class Arch>
-inline constexpr std::int64_t lanes = simd::enabled ? simd::width<Arch> : 1;
+inline constexpr std::int64_t lanes = simd::lanes<Arch>;
 
 // Lane l of xsimd::haddp(rows) sums rows[haddp_lane_source<Arch>()[l]]: probed, because xsimd 8.1's
 // avx512f haddp permutes its lanes (0, 1, 4, 5, 2, 3, ...) while SSE/AVX keep them in order.
@@ -479,7 +479,7 @@ inline constexpr std::int64_t score_chunk = 512;
 template <class Arch, class KV>
 void score_rows(const float* qs, std::int64_t Dpad, std::int64_t R, const KV* k0, std::int64_t ks, std::int64_t n,
                 std::int64_t D, float* s, std::int64_t lds) {
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     for (std::int64_t r = 0; r < R; ++r)
       for (std::int64_t j = 0; j < n; ++j) s[r * lds + j] = simd::dot<Arch>(qs + r * Dpad, k0 + j * ks, D);
   } else {

@@ -188,13 +188,13 @@ struct item {
 template <class Arch>
 std::int64_t key_pairs(std::int64_t D) {
   constexpr std::int64_t W = lanes<Arch>;
-  return simd::enabled ? D / (2 * W) * (2 * W) : 0;
+  return simd::vectorized<Arch> ? D / (2 * W) * (2 * W) : 0;
 }
 template <class Arch, int Bits>
 std::int64_t value_pairs(std::int64_t Dv, std::int64_t VG) {
   constexpr std::int64_t W = lanes<Arch>, tile = value_tile<Arch>::slices * W;
   static_assert(value_tile<Arch>::slices % 2 == 0, "value_pairs: a value tile must hold whole pairs of batches");
-  if (!simd::enabled || (Bits == 4 && VG % (2 * W) != 0 && VG < Dv)) return 0;
+  if (!simd::vectorized<Arch> || (Bits == 4 && VG % (2 * W) != 0 && VG < Dv)) return 0;
   return Dv / tile * tile;
 }
 
@@ -212,7 +212,7 @@ template <class Arch, int RowTile, int Bits>
 void qscores(const plan& pl, const float* qk, const float* bias, const std::uint8_t* k0, std::int64_t ks,
              std::int64_t n, float* s) {
   const std::int64_t D = pl.d.D;
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     for (std::int64_t j = 0; j < n; ++j)
       for (std::int64_t r = 0; r < pl.R; ++r)
         s[r * decode_chunk + j] = quant::dot_codes<Arch, Bits>(qk + r * pl.Dpad, k0 + j * ks, D) + bias[r];
@@ -312,7 +312,7 @@ template <class Arch, int Bits>
 void qvalues(const plan& pl, const float* coef, std::int64_t NG, std::int64_t VG, const std::uint8_t* v0,
              std::int64_t vs, std::int64_t n, float* acc) {
   const std::int64_t Dv = pl.d.Dv;
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     for (std::int64_t j = 0; j < n; ++j)
       for (std::int64_t r = 0; r < pl.R; ++r)
         for (std::int64_t c = 0; c < Dv; ++c)
@@ -605,9 +605,9 @@ void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q,
 
 // Decode from a cache: q [Hq, Lq] rows (Lq <= attention::decode_max_rows) against every slot of
 // their kv head, in any storage kind; the result agrees with kvcache::reference::decode to f32
-// rounding and is bit-identical for every options.threads. Only options.scale and .threads are read.
+// rounding and is bit-identical for every options.threads. Reads options.scale, .threads and .isa.
 // cs: the optional column sums per cache slot (see the header).
-template <class Arch = simd::default_arch>
+template <class TuArch = simd::default_arch>
 void decode(const layer_cache& c,
             view<const float, 3> q,   // [Hq, Lq, D]
             view<float, 3> out,       // [Hq, Lq, Dv]
@@ -621,13 +621,15 @@ void decode(const layer_cache& c,
     return;
   }
   const std::int64_t R = d.group() * d.Lq;
-  if (R == 1) decode_detail::run<Arch, 1>(d, c, q, out, lse, opt.threads, ws, cs);
-  else if (R == 2) decode_detail::run<Arch, 2>(d, c, q, out, lse, opt.threads, ws, cs);
-  else decode_detail::run<Arch, 4>(d, c, q, out, lse, opt.threads, ws, cs);
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
+    if (R == 1) decode_detail::run<Arch, 1>(d, c, q, out, lse, opt.threads, ws, cs);
+    else if (R == 2) decode_detail::run<Arch, 2>(d, c, q, out, lse, opt.threads, ws, cs);
+    else decode_detail::run<Arch, 4>(d, c, q, out, lse, opt.threads, ws, cs);
+  });
 }
 
 // As above, with a workspace of its own.
-template <class Arch = simd::default_arch>
+template <class TuArch = simd::default_arch>
 void decode(const layer_cache& c,
             view<const float, 3> q,       // [Hq, Lq, D]
             view<float, 3> out,           // [Hq, Lq, Dv]
@@ -635,7 +637,7 @@ void decode(const layer_cache& c,
             const attention::options& opt = {},
             const column_sums& cs = {}) {  // sums [Hq, >= max_length()] or empty
   attention::decode_workspace ws;
-  decode<Arch>(c, q, out, lse, opt, ws, cs);
+  decode<TuArch>(c, q, out, lse, opt, ws, cs);
 }
 
 }  // namespace mnemo::kvcache

@@ -127,7 +127,7 @@ inline void dequantize_channels(const std::uint8_t* codes, std::int64_t D, int b
 namespace detail {
 
 template <class Arch>
-inline constexpr std::int64_t lanes = simd::enabled ? simd::width<Arch> : 1;
+inline constexpr std::int64_t lanes = simd::lanes<Arch>;
 
 // Lane by lane, for any Arch without a hand-written path and for partial batches: codes
 // c .. c + n of `row` as floats, zero after n.
@@ -159,7 +159,7 @@ template <class Arch, int Bits>
 inline simd::fbatch<Arch> load_codes(const std::uint8_t* row, std::int64_t c) {
   static_assert(Bits == 8 || Bits == 4, "load_codes: Bits must be 8 or 4");
 #if XSIMD_WITH_AVX512F
-  if constexpr (simd::enabled && simd::detail::is_avx512<Arch>) {
+  if constexpr (simd::vectorized<Arch> && simd::detail::is_avx512<Arch>) {
     __m128i bytes;
     if constexpr (Bits == 8) bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c));
     else bytes = detail::unpack_nibbles<Arch>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2)));
@@ -168,7 +168,7 @@ inline simd::fbatch<Arch> load_codes(const std::uint8_t* row, std::int64_t c) {
   } else
 #endif
 #if XSIMD_WITH_AVX2
-  if constexpr (simd::enabled && simd::detail::is_avx2<Arch>) {
+  if constexpr (simd::vectorized<Arch> && simd::detail::is_avx2<Arch>) {
     __m128i bytes;
     if constexpr (Bits == 8) {
       bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
@@ -210,7 +210,7 @@ inline void load_code_pair(const std::uint8_t* row, std::int64_t c, simd::fbatch
     second = load_codes<Arch, 8>(row, c + W);
   } else {
 #if XSIMD_WITH_AVX512F
-    if constexpr (simd::enabled && simd::detail::is_avx512<Arch>) {
+    if constexpr (simd::vectorized<Arch> && simd::detail::is_avx512<Arch>) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2));
       const __m128i mask = _mm_set1_epi8(0x0f);
       constexpr int nibble = 4;
@@ -221,7 +221,7 @@ inline void load_code_pair(const std::uint8_t* row, std::int64_t c, simd::fbatch
     }
 #endif
 #if XSIMD_WITH_AVX2
-    if constexpr (simd::enabled && simd::detail::is_avx2<Arch>) {
+    if constexpr (simd::vectorized<Arch> && simd::detail::is_avx2<Arch>) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2));
       const __m128i mask = _mm_set1_epi8(0x0f);
       constexpr int nibble = 4;
@@ -250,7 +250,7 @@ inline simd::fbatch<Arch> load_codes_partial(const std::uint8_t* row, std::int64
 // sum_c a[c] * code_c over c in [0, n).
 template <class Arch, int Bits>
 inline float dot_codes(const float* a, const std::uint8_t* row, std::int64_t n) {
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     float s = 0;
     for (std::int64_t c = 0; c < n; ++c) s += a[c] * static_cast<float>(get_code(row, Bits, c));
     return s;
@@ -278,7 +278,7 @@ inline void dequantize_token(const std::uint8_t* codes, std::int64_t n, std::int
                              const float* min, float* x) {
   constexpr std::int64_t W = detail::lanes<Arch>;
   std::int64_t c = 0;
-  if constexpr (simd::enabled) {
+  if constexpr (simd::vectorized<Arch>) {
     using batch = simd::fbatch<Arch>;
     if (group % W == 0)
       for (; c + W <= n; c += W) {
@@ -300,7 +300,7 @@ inline void quantize_token(const float* x, std::int64_t n, std::int64_t group, s
     const std::int64_t g1 = std::min(n, g0 + group);
     float lo = x[g0], hi = x[g0];
     std::int64_t c = g0;
-    if constexpr (simd::enabled) {
+    if constexpr (simd::vectorized<Arch>) {
       using batch = simd::fbatch<Arch>;
       if (g1 - g0 >= W) {
         batch blo = simd::load<Arch>(x + g0), bhi = blo;
@@ -320,7 +320,7 @@ inline void quantize_token(const float* x, std::int64_t n, std::int64_t group, s
     min[g] = lo;
     scale[g] = fit_scale(lo, hi, Bits);
     c = g0;
-    if constexpr (simd::enabled) {
+    if constexpr (simd::vectorized<Arch>) {
       using batch = simd::fbatch<Arch>;
       alignas(64) float q[batch::size];
       const batch bmin(lo), bscale(scale[g]), top(static_cast<float>(levels(Bits))), zero(0.0f);

@@ -458,7 +458,7 @@ template <class Arch>
 void recurrent_token(float* s, std::int64_t lds, std::int64_t Df, std::int64_t Ds, const float* q, const float* k,
                      const float* v, const float* beta, token_decay decay, float* out) {
   std::int64_t c = 0;
-  if constexpr (simd::enabled) {
+  if constexpr (simd::vectorized<Arch>) {
     constexpr std::int64_t w = simd::width<Arch>;
     for (; c + recurrent_vecs * w <= Ds; c += recurrent_vecs * w)
       recurrent_token_block<recurrent_vecs, Arch>(s, lds, Df, c, q, k, v, beta, decay, out);
@@ -482,7 +482,7 @@ void recurrent_token(float* s, std::int64_t lds, std::int64_t Df, std::int64_t D
 // stay the path otherwise.
 template <class Arch>
 bool simd_chunks(std::int64_t Ds) {
-  return simd::enabled && Ds % simd::width<Arch> == 0;
+  return simd::vectorized<Arch> && Ds % simd::width<Arch> == 0;
 }
 
 // A row-major f32 block: its first element and its row stride.

@@ -113,7 +113,7 @@ inline void multiply(float* x, const float* y, std::int64_t n) {
 //   before = acc; acc += g; e = AddFirst ? acc : before; out = x o exp(Negate ? -e : e)
 template <bool AddFirst, bool Negate, class Arch>
 void decay_row(float* acc, const float* g, const float* x, float* out, std::int64_t n) {
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     for (std::int64_t c = 0; c < n; ++c) {
       const float before = acc[c];
       acc[c] += g[c];
@@ -147,7 +147,7 @@ void decay_row(float* acc, const float* g, const float* x, float* out, std::int6
 // acc += g, then the decayed score sum_c q[c] exp(acc[c]) k[c], fused in one pass.
 template <class Arch>
 float decayed_dot(float* acc, const float* g, const float* q, const float* k, std::int64_t n) {
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     float sum = 0;
     for (std::int64_t c = 0; c < n; ++c) {
       acc[c] += g[c];
@@ -177,7 +177,7 @@ float decayed_dot(float* acc, const float* g, const float* q, const float* k, st
 // out = mult * x o exp(Negate ? -b : b), element-wise over n channels.
 template <bool Negate, class Arch>
 void scaled_exp_row(const float* x, const float* b, float mult, float* out, std::int64_t n) {
-  if constexpr (!simd::enabled) {
+  if constexpr (!simd::vectorized<Arch>) {
     for (std::int64_t c = 0; c < n; ++c) out[c] = mult * x[c] * simd::exp<Arch>(Negate ? -b[c] : b[c]);
   } else {
     using batch = simd::fbatch<Arch>;

@@ -96,7 +96,7 @@ inline double act_derivative(activation a, double x) {
 template <class Arch = simd::default_arch>
 void activate(activation a, const float* z, float* h, float* dh, std::int64_t n) {
   std::int64_t i = 0;
-  if constexpr (simd::enabled) {
+  if constexpr (simd::vectorized<Arch>) {
     using batch = simd::fbatch<Arch>;
     constexpr std::int64_t w = simd::width<Arch>;
     const batch one(1.0f), half(0.5f), c1(static_cast<float>(inv_sqrt_2)), c2(static_cast<float>(inv_sqrt_2pi));
@@ -256,7 +256,7 @@ template <class Arch = simd::default_arch>
 std::int64_t topk(const float* s, std::int64_t n, std::int64_t k, float* values, std::int64_t* indices,
                   topk_workspace& ws) {
   if (k <= 0) return 0;
-  if constexpr (simd::enabled) {
+  if constexpr (simd::vectorized<Arch>) {
     using batch = simd::fbatch<Arch>;
     constexpr std::int64_t w = simd::width<Arch>;
     const std::int64_t runs = (k + w - 1) / w, batches = n / w;
@@ -341,7 +341,7 @@ std::int64_t topk(const float* s, std::int64_t n, std::int64_t k, float* values,
   detail::scored* list = ws.list.data();
   std::int64_t size = 0, i = 0;
   for (; i < n && size < k; ++i) size = detail::insert_top(list, size, k, std::isnan(s[i]) ? detail::minus_inf : s[i], i);
-  if constexpr (simd::enabled) {
+  if constexpr (simd::vectorized<Arch>) {
     using batch = simd::fbatch<Arch>;
     constexpr std::int64_t w = simd::width<Arch>;
     for (; i + w <= n; i += w) {

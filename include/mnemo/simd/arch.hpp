@@ -38,12 +38,46 @@ inline constexpr bool enabled = true;
 
 using default_arch = xsimd::default_arch;
 
+// The scalar level as an architecture tag: a kernel instantiated for it runs its plain loops (the
+// same code a MNEMO_NO_SIMD build runs), so runtime dispatch (dispatch.hpp) can pick it like any
+// ISA. It is not an xsimd arch: no batch type exists for it, and every vector body in mnemo sits
+// behind `if constexpr (vectorized<Arch>)`.
+struct scalar_arch {
+  static constexpr const char* name() { return "scalar"; }
+};
+
+// Whether kernels instantiated for Arch run vector code: false for scalar_arch, and for every arch
+// in a MNEMO_NO_SIMD build.
+template <class Arch>
+inline constexpr bool vectorized = enabled && !std::is_same_v<Arch, scalar_arch>;
+
 template <class Arch = default_arch>
 using fbatch = xsimd::batch<float, Arch>;
 
-// Lanes of a float batch, as the int64 the rest of mnemo counts in.
+namespace detail {
+// True for the tags that have xsimd batch types. Overloads taking a batch carry it as a constraint,
+// so a call with Arch = scalar_arch never names xsimd::batch<float, scalar_arch> (a hard error).
+template <class Arch>
+concept is_batch_arch = !std::is_same_v<Arch, scalar_arch>;
+
+template <class Arch>
+struct batch_width {
+  static constexpr std::int64_t value = static_cast<std::int64_t>(xsimd::batch<float, Arch>::size);
+};
+template <>
+struct batch_width<scalar_arch> {
+  static constexpr std::int64_t value = 1;
+};
+}  // namespace detail
+
+// Lanes of a float batch, as the int64 the rest of mnemo counts in (1 for scalar_arch).
 template <class Arch = default_arch>
-inline constexpr std::int64_t width = static_cast<std::int64_t>(fbatch<Arch>::size);
+inline constexpr std::int64_t width = detail::batch_width<Arch>::value;
+
+// Floats a kernel instantiated for Arch handles per step: the batch width when it runs vector
+// code, 1 when it runs the scalar loops.
+template <class Arch = default_arch>
+inline constexpr std::int64_t lanes = vectorized<Arch> ? width<Arch> : 1;
 
 namespace detail {
 

@@ -57,6 +57,7 @@
 #include <limits>
 
 #include "mnemo/simd/arch.hpp"
+#include "mnemo/simd/isa_traits.hpp"
 #include "mnemo/simd/math.hpp"
 
 namespace mnemo::simd {
@@ -67,17 +68,13 @@ enum class a_order { row_major, col_major };
 inline constexpr float min_normal_exp_arg = -87.33654f;
 enum class c_mode { overwrite, accumulate, rescale };
 
-// Register blocking of the micro-kernel for one architecture: MR rows of C times NV vectors.
+// Register blocking of the micro-kernel for one architecture: MR rows of C times NV vectors
+// (isa_traits.hpp says why each family gets its sizes).
 template <class Arch = default_arch>
 struct gemm_blocking {
-  // AVX-512 has 32 vector registers: 6 x 4 = 24 accumulators + 4 B vectors + 1 broadcast, and
-  // per k 4 loads + 6 broadcasts feed 24 FMAs (0.42 loads per FMA, under the 2 loads/cycle that
-  // keep both FMA ports busy). AVX2 and SSE have 16 registers: 4 x 3 = 12 accumulators.
-  static constexpr int mr = detail::is_avx512<Arch> ? 6 : 4;
-  static constexpr int nv = detail::is_avx512<Arch> ? 4 : 3;
+  static constexpr int mr = isa_traits<Arch>::gemm_mr;
+  static constexpr int nv = isa_traits<Arch>::gemm_nv;
   static_assert(mr >= 1 && nv >= 1, "gemm_blocking: the micro-kernel needs at least one row and one vector");
-  static_assert(mr * nv + nv + 1 <= (detail::is_avx512<Arch> ? 32 : 16),
-                "gemm_blocking: mr * nv accumulators + nv B vectors + 1 broadcast must fit the vector registers");
 };
 
 namespace reference {
@@ -240,7 +237,7 @@ inline void gemm_block(int rows, int vecs, std::int64_t kc, const float* a, std:
 template <a_order AO, class Arch = default_arch, class Blocking = gemm_blocking<Arch>>
 void gemm(std::int64_t m, std::int64_t n, std::int64_t kc, const float* a, std::int64_t lda, const float* b,
           std::int64_t ldb, float* c, std::int64_t ldc, c_mode mode, const float* alpha = nullptr) {
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     reference::gemm<AO>(m, n, kc, a, lda, b, ldb, c, ldc, mode, alpha);
   } else {
     constexpr int mr = Blocking::mr, nv = Blocking::nv;
@@ -265,7 +262,7 @@ void gemm(std::int64_t m, std::int64_t n, std::int64_t kc, const float* a, std::
 template <class Arch = default_arch>
 void online_softmax_columns(float* s, std::int64_t lds, std::int64_t kn, std::int64_t n, float* m, float* l,
                             float* alpha) {
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     reference::online_softmax_columns<Arch>(s, lds, kn, n, m, l, alpha);
   } else {
     using batch = xsimd::batch<float, Arch>;
@@ -302,7 +299,7 @@ void online_softmax_columns(float* s, std::int64_t lds, std::int64_t kn, std::in
 // p = exp(s - lse) in place over a key-major tile (keys j < kn, queries i < n); lse = -inf gives 0.
 template <class Arch = default_arch>
 void probs_from_lse_columns(float* s, std::int64_t lds, std::int64_t kn, std::int64_t n, const float* lse) {
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     reference::probs_from_lse_columns<Arch>(s, lds, kn, n, lse);
   } else {
     using batch = xsimd::batch<float, Arch>;
@@ -325,7 +322,7 @@ void probs_from_lse_columns(float* s, std::int64_t lds, std::int64_t kn, std::in
 template <class Arch = default_arch>
 void softmax_grad_columns(const float* p, float* dp, std::int64_t lds, std::int64_t kn, std::int64_t n,
                           const float* delta, float scale, const float* g = nullptr) {
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     reference::softmax_grad_columns(p, dp, lds, kn, n, delta, scale, g);
   } else {
     using batch = xsimd::batch<float, Arch>;
@@ -346,7 +343,7 @@ void softmax_grad_columns(const float* p, float* dp, std::int64_t lds, std::int6
 // Softcap over a key-major tile: s = cap * tanh(s / cap); g (may be null) *= 1 - tanh^2.
 template <class Arch = default_arch>
 void softcap_columns(float* s, float* g, std::int64_t lds, std::int64_t kn, std::int64_t n, float cap) {
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     reference::softcap_columns(s, g, lds, kn, n, cap);
   } else {
     using batch = xsimd::batch<float, Arch>;
@@ -369,7 +366,7 @@ void softcap_columns(float* s, float* g, std::int64_t lds, std::int64_t kn, std:
 template <class Arch = default_arch>
 void alibi_columns(float* s, std::int64_t lds, std::int64_t kn, std::int64_t n, float slope, std::int64_t qp0,
                    std::int64_t k0) {
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     reference::alibi_columns(s, lds, kn, n, slope, qp0, k0);
   } else {
     using batch = xsimd::batch<float, Arch>;

@@ -56,7 +56,7 @@ enum class cvt_path { avx512, f16c_256, f16c_128, int16, lanes };
 // when the build has no F16C.
 template <class Arch>
 constexpr bool has_int16_path() {
-  if constexpr (!enabled) return false;
+  if constexpr (!vectorized<Arch>) return false;
 #if XSIMD_WITH_AVX512F
   if constexpr (is_avx512<Arch>) return true;
 #endif
@@ -71,7 +71,7 @@ constexpr bool has_int16_path() {
 
 template <class Arch>
 constexpr cvt_path f16_path() {
-  if constexpr (!enabled) return cvt_path::lanes;
+  if constexpr (!vectorized<Arch>) return cvt_path::lanes;
 #if XSIMD_WITH_AVX512F
   if constexpr (is_avx512<Arch>) return cvt_path::avx512;
 #endif
@@ -340,12 +340,12 @@ inline fbatch<Arch> load_partial(const T* p, std::int64_t n) {
   using batch = fbatch<Arch>;
   assert(n >= 0 && n <= static_cast<std::int64_t>(batch::size) && "load_partial: n must be in [0, size]");
 #if XSIMD_WITH_AVX512F
-  if constexpr (enabled && detail::is_avx512<Arch> && std::is_same_v<T, float>) {
+  if constexpr (vectorized<Arch> && detail::is_avx512<Arch> && std::is_same_v<T, float>) {
     return _mm512_maskz_loadu_ps(detail::lane_mask(n), p);
   } else
 #endif
 #if XSIMD_WITH_AVX512BW
-  if constexpr (enabled && detail::is_avx512bw<Arch>) {
+  if constexpr (vectorized<Arch> && detail::is_avx512bw<Arch>) {
     // 16 halves sit in the low 256 bits of a 512-bit masked load; lanes 16..31 are masked off.
     const __m256i h = detail::low_half<Arch>(_mm512_maskz_loadu_epi16(detail::lane_mask(n), p));
     if constexpr (std::is_same_v<T, f16>) {
@@ -410,12 +410,12 @@ inline void store_partial(T* p, xsimd::batch<float, Arch> x, std::int64_t n) {
   using batch = xsimd::batch<float, Arch>;
   assert(n >= 0 && n <= static_cast<std::int64_t>(batch::size) && "store_partial: n must be in [0, size]");
 #if XSIMD_WITH_AVX512F
-  if constexpr (enabled && detail::is_avx512<Arch> && std::is_same_v<T, float>) {
+  if constexpr (vectorized<Arch> && detail::is_avx512<Arch> && std::is_same_v<T, float>) {
     _mm512_mask_storeu_ps(p, detail::lane_mask(n), x);
   } else
 #endif
 #if XSIMD_WITH_AVX512BW
-  if constexpr (enabled && detail::is_avx512bw<Arch>) {
+  if constexpr (vectorized<Arch> && detail::is_avx512bw<Arch>) {
     __m256i h;
     if constexpr (std::is_same_v<T, f16>) {
       h = _mm512_maskz_cvtps_ph(detail::all_lanes, x, detail::round_nearest_even);
@@ -437,7 +437,7 @@ template <class Arch = default_arch, class From, class To>
 inline void convert(const From* src, To* dst, std::int64_t n) {
   static_assert(is_kv_type_v<From> && is_kv_type_v<To>,
                 "convert: From and To must be float, f16 or bf16");
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     for (std::int64_t i = 0; i < n; ++i) dst[i] = from_float<To>(to_float(src[i]));
   } else {
     constexpr std::int64_t w = width<Arch>;

@@ -79,6 +79,7 @@ inline float fmadd(float a, float b, float c) {
 }
 
 template <class Arch>
+  requires is_batch_arch<Arch>
 inline xsimd::batch<float, Arch> fmadd(xsimd::batch<float, Arch> a, xsimd::batch<float, Arch> b,
                                        xsimd::batch<float, Arch> c) {
 #if XSIMD_WITH_AVX512F
@@ -139,10 +140,11 @@ inline float exp(float x) {
 
 // exp of every lane; see the header comment for the algorithm and its accuracy.
 template <class Arch>
+  requires detail::is_batch_arch<Arch>
 inline xsimd::batch<float, Arch> exp(xsimd::batch<float, Arch> x) {
   using batch = xsimd::batch<float, Arch>;
   using c = detail::exp_constants;
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     alignas(Arch::alignment()) float lanes[batch::size];
     x.store_aligned(lanes);
     for (float& v : lanes) v = exp<Arch>(v);

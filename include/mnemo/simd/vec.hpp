@@ -78,7 +78,7 @@ inline float hmax(xsimd::batch<float, Arch> x) {
 template <class Arch = default_arch, class T>
 inline float dot(const float* a, const T* b, std::int64_t n) {
   static_assert(is_kv_type_v<T>, "dot: b must point to float, f16 or bf16");
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     float s = 0;
     for (std::int64_t i = 0; i < n; ++i) s += a[i] * to_float(b[i]);
     return s;
@@ -102,7 +102,7 @@ inline float dot(const float* a, const T* b, std::int64_t n) {
 template <class Arch = default_arch, class T>
 inline void axpy(float alpha, const T* x, float* y, std::int64_t n) {
   static_assert(is_kv_type_v<T>, "axpy: x must point to float, f16 or bf16");
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     for (std::int64_t i = 0; i < n; ++i) y[i] += alpha * to_float(x[i]);
   } else {
     using batch = fbatch<Arch>;
@@ -118,7 +118,7 @@ inline void axpy(float alpha, const T* x, float* y, std::int64_t n) {
 
 template <class Arch = default_arch>
 inline void scale(float alpha, float* y, std::int64_t n) {
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     for (std::int64_t i = 0; i < n; ++i) y[i] *= alpha;
   } else {
     using batch = fbatch<Arch>;
@@ -134,7 +134,7 @@ template <class Arch = default_arch>
 inline float reduce_max(const float* x, std::int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   std::int64_t i = 0;
-  if constexpr (enabled) {
+  if constexpr (vectorized<Arch>) {
     using batch = fbatch<Arch>;
     constexpr std::int64_t w = width<Arch>;
     if (n >= w) {
@@ -155,7 +155,7 @@ inline float reduce_max(const float* x, std::int64_t n) {
 
 template <class Arch = default_arch>
 inline float reduce_sum(const float* x, std::int64_t n) {
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     float s = 0;
     for (std::int64_t i = 0; i < n; ++i) s += x[i];
     return s;
@@ -185,7 +185,7 @@ inline float exp_sum(float* x, std::int64_t n, float shift) {
     std::fill(x, x + n, 0.0f);
     return 0.0f;
   }
-  if constexpr (!enabled) {
+  if constexpr (!vectorized<Arch>) {
     float s = 0;
     for (std::int64_t i = 0; i < n; ++i) {
       x[i] = exp<Arch>(x[i] - shift);
