@@ -89,11 +89,13 @@ def thread_counts(text):
 class Row:
     """One timed row: `call` makes one attention call at the row's thread count (`setup`, if
     given, runs before each repetition, e.g. to set the thread count); `times` (seconds per
-    call) and `iterations` get one entry per repetition."""
+    call) and `iterations` get one entry per repetition. `counters` are numbers bench/plot shows
+    in its counters column."""
 
-    def __init__(self, name, label, flops, bytes_, call, setup=None, note=""):
+    def __init__(self, name, label, flops, bytes_, call, setup=None, note="", counters=None):
         self.name, self.label, self.flops, self.bytes = name, label, flops, bytes_
         self.call, self.setup, self.note = call, setup, note  # note: shown in the log line
+        self.counters = counters or {}  # the row's own figures (e.g. rel_error), in every entry
         self.times, self.iterations = [], []
 
     def repetition(self, min_time):
@@ -141,6 +143,7 @@ def _entry(row, run_type, seconds, iterations, repetition_index=None, aggregate=
         e["repetition_index"] = repetition_index
     e["FLOP/s"] = row.flops / seconds
     e["bytes/s"] = row.bytes / seconds
+    e.update(row.counters)
     return e
 
 
