@@ -13,6 +13,8 @@
    ratio recomputed here), the derived blocks (block-sparse ratios against the target, the linear
    vs flash crossover, the KV policy x budget table, the counters column, the headline ratios:
    each value recomputed here from the rows) and that every figure was written as a PNG.
+4. Checks the busy-machine warning: machine/sgemm rows scaling 1.2x from 1 to 2 threads get one in
+   the table header and the headline, rows scaling 1.9x do not.
 Prints "N passed, M failed" and exits non-zero on any failure.
 """
 
@@ -257,6 +259,7 @@ def main():
     shown = line[end - 12:end].strip()
     check(shown == f"{want:.2f}", f"x openblas of {name} is {want:.2f}, the table shows '{shown}' ({line})")
     check_derived_tables(table, got, plots)
+    check_busy_machine_warning(args.plot, args.work, real["context"])
     for figure in ("fig_a_prefill", "fig_b_decode", "fig_c_kvpolicy", "fig_d_memory", "fig_e_threads",
                    "fig_a_sparse", "fig_b_sparse_decode", "fig_a_linear_vs_flash", "prefill_throughput"):
         path = os.path.join(plots, figure + ".png")
@@ -298,6 +301,22 @@ def check_derived_tables(table, got, plots):
           "headline: the crossover")
     path = os.path.join(plots, "headline.txt")
     check(os.path.exists(path) and "flash vs openblas" in open(path).read(), "headline.txt written")
+
+
+def check_busy_machine_warning(plot, work, context):
+    """bench/plot warns when machine/sgemm at 2 threads is below 1.6x its 1-thread figure, and only then."""
+    for speedup, warns in ((1.2, True), (1.9, False)):
+        rows = [synthetic_entry(f"machine/sgemm/N:2048/threads:{t}/real_time", 100 / (speedup if t == 2 else 1),
+                                **{"FLOP/s": 1e11 * (speedup if t == 2 else 1)}) for t in (1, 2)]
+        path = os.path.join(work, f"sgemm_{speedup}.json")
+        with open(path, "w") as f:
+            json.dump({"context": context, "benchmarks": rows}, f)
+        result = run(["/usr/bin/python3", plot, path, "--no-plots"])
+        header = result.stdout.split("\n== ", 1)[0]  # the run's header, before the first family section
+        warning = f"WARNING: machine/sgemm at 2 threads is {speedup:.2f}x its 1-thread figure (below 1.6x)"
+        check(result.returncode == 0 and (warning in header) == warns and (warning in result.stdout.split("== headline")[-1]) == warns,
+              f"sgemm 2-thread speed-up {speedup}: the busy-machine warning is {'shown' if warns else 'absent'} "
+              f"in the table header and the headline")
 
 
 def finish():
