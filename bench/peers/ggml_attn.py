@@ -280,9 +280,10 @@ def main(argv=None):
             v_bytes, v_stored = quantise(v, kv)
             ref = reference(p, q, k_stored, v_stored)
             for impl in dict.fromkeys(i for i, x, _ in wanted if x == kv):
+                v_input = v_bytes
                 if impl == "ggml_matmul":  # V^T, as llama.cpp's cache holds V without flash attention
-                    v_bytes = quantise(np.ascontiguousarray(v.transpose(0, 2, 1)), kv)[0]
-                graph = Graph(p, impl, kv, k_bytes, v_bytes, q, scores)
+                    v_input = quantise(np.ascontiguousarray(v.transpose(0, 2, 1)), kv)[0]
+                graph = Graph(p, impl, kv, k_bytes, v_input, q, scores)
                 graphs.append(graph)
                 for t in [t for i, x, t in wanted if i == impl and x == kv]:
                     name = p.name(impl, kv, t)
