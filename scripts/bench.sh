@@ -6,10 +6,12 @@
 #                                      pass, the table + headline, the figures fig_a..fig_e + per-family
 #                                      charts (run 2 to 3 min on 2 cores; first build 4 to 5 min)
 #   scripts/bench.sh --full            the standard shapes of DESIGN.md (prefill L 1024 and 4096, decode
-#                                      Lk 4096 and 32768), 5 repetitions of >= 0.1 s, with the PyTorch
-#                                      peer (takes much longer: an hour or more on 2 cores)
-#   scripts/bench.sh --peers           also run the PyTorch SDPA peer (bench/peers/torch_sdpa.sh; the
-#                                      first time it installs torch into build/peer-venv); --no-peers: never
+#                                      Lk 4096 and 32768), 5 repetitions of >= 0.1 s, with the external
+#                                      peers (takes much longer: an hour or more on 2 cores)
+#   scripts/bench.sh --peers           also run the external peers: PyTorch SDPA (bench/peers/torch_sdpa.sh;
+#                                      the first time it installs torch into build/peer-venv) and ggml
+#                                      (bench/peers/ggml_attn.sh; the first time it builds ggml-python into
+#                                      build/peer-venv-ggml); --no-peers: never
 #   scripts/bench.sh --filter REGEX    only rows whose name matches REGEX (Google Benchmark's --benchmark_filter)
 #   scripts/bench.sh --out DIR         results in DIR instead of results/<date>_<time>/
 #   scripts/bench.sh --baseline IMPL   the impl the table compares against (default: openblas)
@@ -20,14 +22,14 @@
 #   scripts/bench.sh ... -- ARGS       pass ARGS to mnemo_bench (e.g. -- --benchmark_repetitions=9)
 #
 # Writes to the results folder (git-ignored): bench.json (Google Benchmark JSON), memory.json
-# (the memory pass), torch_sdpa.json (the peer), table.txt (the table printed at the end),
+# (the memory pass), torch_sdpa.json and ggml_attn.json (the peers), table.txt (the table printed at the end),
 # headline.txt (the headline ratios) and the PNGs. Installs missing Debian packages itself (as
 # root or with sudo). Build tree: build/bench (Release, -march=native). Rows, counters, figures:
 # bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 
 size=small
 filter=""
@@ -122,11 +124,22 @@ if [ "$memory" = 1 ]; then
 fi
 
 if [ "$peers" = 1 ]; then
-  echo "=== mnemo bench: external peer: PyTorch scaled_dot_product_attention -> $out/torch_sdpa.json ==="
-  peer_args=(--size "$size" --repetitions "$reps" --min-time "$min_time" --out "$out/torch_sdpa.json")
-  case "$filter" in -*|"") ;; *) peer_args+=(--filter "$filter") ;; esac  # the peer has no negative filters
-  if bench/peers/torch_sdpa.sh "${peer_args[@]}"; then files+=("$out/torch_sdpa.json")
-  else echo "scripts/bench.sh: the PyTorch peer failed; its rows are left out" >&2; fi
+  # The external peers, each a separate process right after mnemo_bench, at the same size,
+  # repetitions and thread counts (MNEMO_BENCH_THREADS). A peer that fails leaves its rows out; the
+  # ggml peer writes the rows that passed its reference check and exits non-zero if any did not.
+  peer_args=(--size "$size" --repetitions "$reps" --min-time "$min_time")
+  case "$filter" in -*|"") ;; *) peer_args+=(--filter "$filter") ;; esac  # the peers have no negative filters
+  for peer in "torch_sdpa:PyTorch scaled_dot_product_attention" \
+              "ggml_attn:ggml flash_attn_ext and mul_mat-soft_max-mul_mat"; do
+    name=${peer%%:*} what=${peer#*:}
+    echo "=== mnemo bench: external peer: $what -> $out/$name.json ==="
+    rm -f "$out/$name.json"
+    if "bench/peers/$name.sh" "${peer_args[@]}" --out "$out/$name.json"; then files+=("$out/$name.json")
+    elif [ -s "$out/$name.json" ]; then
+      echo "scripts/bench.sh: the $name peer left some rows out (above); the others are in" >&2
+      files+=("$out/$name.json")
+    else echo "scripts/bench.sh: the $name peer failed; its rows are left out" >&2; fi
+  done
 fi
 peers_done=$(date +%s)
 

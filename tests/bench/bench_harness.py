@@ -8,11 +8,13 @@
 2. Runs the peak-memory pass (MNEMO_BENCH_MEMORY=1) on one row and checks that the peak covers
    the row's own inputs and outputs.
 3. Adds synthetic rows of the families this binary does not hold (sparse, linear_vs_flash,
-   decode selection methods, kvpolicy, memory, flash, machine, a oneDNN row) and a synthetic
-   PyTorch peer file, runs bench/plot on everything and checks the table (rows, external marks, a
+   decode selection methods, kvpolicy, memory, flash, machine, a oneDNN row) and synthetic
+   PyTorch and ggml peer files, runs bench/plot on everything and checks the table (rows, external marks, a
    ratio recomputed here), the derived blocks (block-sparse ratios against the target, the linear
    vs flash crossover, the KV policy x budget table, the counters column, the headline ratios:
    each value recomputed here from the rows) and that every figure was written as a PNG.
+4. Checks the busy-machine warning: machine/sgemm rows scaling 1.2x from 1 to 2 threads get one in
+   the table header and the headline, rows scaling 1.9x do not.
 Prints "N passed, M failed" and exits non-zero on any failure.
 """
 
@@ -161,16 +163,18 @@ def synthetic_rows(real):
     return out
 
 
-def synthetic_peer(real):
-    """A torch_sdpa peer file as bench/peers/torch_sdpa.py writes it."""
-    context = dict(real["context"], mnemo_peer="torch_sdpa", torch_version="2.0.0-synthetic")
+def synthetic_peer(real, peer, impls, version_key, version, speedup):
+    """A peer file as bench/peers/<peer>.py writes it: each impl's rows at the openblas rows' shapes,
+    `speedup` times faster."""
+    context = dict(real["context"], mnemo_peer=peer, **{version_key: version})
     rows = []
-    for name, row in medians(real).items():
-        if name.startswith(("prefill/openblas/", "decode/openblas/")):
-            peer = copy.deepcopy(row)
-            peer["name"] = peer["run_name"] = name.replace("/openblas/", "/torch_sdpa/")
-            peer["real_time"] = row["real_time"] / 4
-            rows.append(peer)
+    for impl in impls:
+        for name, row in medians(real).items():
+            if name.startswith(("prefill/openblas/", "decode/openblas/")):
+                entry = copy.deepcopy(row)
+                entry["name"] = entry["run_name"] = name.replace("/openblas/", f"/{impl}/")
+                entry["real_time"] = row["real_time"] / speedup
+                rows.append(entry)
     return {"context": context, "benchmarks": rows}
 
 
@@ -220,21 +224,29 @@ def main():
     combined["context"]["onednn_version"] = "0.0.0-synthetic"
     combined["benchmarks"] += synthetic_rows(real)
     combined_json = os.path.join(args.work, "combined.json")
-    peer_json = os.path.join(args.work, "torch_sdpa.json")
     with open(combined_json, "w") as f:
         json.dump(combined, f)
-    with open(peer_json, "w") as f:
-        json.dump(synthetic_peer(real), f)
+    peers = {"torch_sdpa": synthetic_peer(real, "torch_sdpa", ["torch_sdpa"], "torch_version", "2.0.0-synthetic", 4),
+             "ggml_attn": synthetic_peer(real, "ggml_attn", ["ggml_flash", "ggml_matmul"], "ggml_version",
+                                         "0.15.3-synthetic", 1)}
+    for peer, data in peers.items():
+        with open(os.path.join(args.work, f"{peer}.json"), "w") as f:
+            json.dump(data, f)
     plots = os.path.join(args.work, "plots")
-    result = run(["/usr/bin/python3", args.plot, combined_json, memory_json, peer_json, "--out", plots])
+    result = run(["/usr/bin/python3", args.plot, combined_json, memory_json]
+                 + [os.path.join(args.work, f"{peer}.json") for peer in peers] + ["--out", plots])
     if not check(result.returncode == 0, f"bench/plot ran: {result.stderr[-3000:]}"):
         return finish()
     table = result.stdout
     for family in ("prefill", "decode", "sparse", "linear_vs_flash", "kvpolicy", "memory"):
         check(f"\n== {family} " in table, f"the table has a '{family}' section")
-    check("torch_sdpa *" in table and "onednn *" in table, "external peers are marked with * in the table")
-    check("torch_sdpa 2.0.0-synthetic" in table and "onednn 0.0.0-synthetic" in table,
-          "the table names the external peers' versions")
+    check(all(f"{impl} *" in table for impl in ("torch_sdpa", "onednn", "ggml_flash", "ggml_matmul")),
+          "external peers are marked with * in the table")
+    check("torch_sdpa 2.0.0-synthetic" in table and "onednn 0.0.0-synthetic" in table
+          and "ggml_flash 0.15.3-synthetic" in table, "the table names the external peers' versions")
+    # the ggml rows are as fast as openblas, flash twice as fast: flash vs ggml_flash 2.00x
+    check("prefill flash vs ggml_flash [external: ggml_flash 0.15.3-synthetic], threads 1: 2.00x faster" in table,
+          "headline: flash vs the ggml peer 2.00x")
     check("peak MiB" in table, "the memory pass shows as a 'peak MiB' column")
     # x openblas of the f16 split-KV row = openblas time / its time, recomputed from the JSON
     got = medians(real)
@@ -247,6 +259,7 @@ def main():
     shown = line[end - 12:end].strip()
     check(shown == f"{want:.2f}", f"x openblas of {name} is {want:.2f}, the table shows '{shown}' ({line})")
     check_derived_tables(table, got, plots)
+    check_busy_machine_warning(args.plot, args.work, real["context"])
     for figure in ("fig_a_prefill", "fig_b_decode", "fig_c_kvpolicy", "fig_d_memory", "fig_e_threads",
                    "fig_a_sparse", "fig_b_sparse_decode", "fig_a_linear_vs_flash", "prefill_throughput"):
         path = os.path.join(plots, figure + ".png")
@@ -288,6 +301,22 @@ def check_derived_tables(table, got, plots):
           "headline: the crossover")
     path = os.path.join(plots, "headline.txt")
     check(os.path.exists(path) and "flash vs openblas" in open(path).read(), "headline.txt written")
+
+
+def check_busy_machine_warning(plot, work, context):
+    """bench/plot warns when machine/sgemm at 2 threads is below 1.6x its 1-thread figure, and only then."""
+    for speedup, warns in ((1.2, True), (1.9, False)):
+        rows = [synthetic_entry(f"machine/sgemm/N:2048/threads:{t}/real_time", 100 / (speedup if t == 2 else 1),
+                                **{"FLOP/s": 1e11 * (speedup if t == 2 else 1)}) for t in (1, 2)]
+        path = os.path.join(work, f"sgemm_{speedup}.json")
+        with open(path, "w") as f:
+            json.dump({"context": context, "benchmarks": rows}, f)
+        result = run(["/usr/bin/python3", plot, path, "--no-plots"])
+        header = result.stdout.split("\n== ", 1)[0]  # the run's header, before the first family section
+        warning = f"WARNING: machine/sgemm at 2 threads is {speedup:.2f}x its 1-thread figure (below 1.6x)"
+        check(result.returncode == 0 and (warning in header) == warns and (warning in result.stdout.split("== headline")[-1]) == warns,
+              f"sgemm 2-thread speed-up {speedup}: the busy-machine warning is {'shown' if warns else 'absent'} "
+              f"in the table header and the headline")
 
 
 def finish():
