@@ -22,7 +22,7 @@ if(MODE STREQUAL "find_package")
     message(FATAL_ERROR "install did not produce share/cmake/mnemo/mnemoConfig.cmake")
   endif()
   step("${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${WORK}/consumer-build" ${common}
-       -DMNEMO_CONSUMER_MODE=find_package "-DCMAKE_PREFIX_PATH=${WORK}/prefix")
+       -DMNEMO_CONSUMER_MODE=find_package "-DCMAKE_PREFIX_PATH=${WORK}/prefix" -DMNEMO_CONSUMER_PREBUILT=${PREBUILT})
 elseif(MODE STREQUAL "add_subdirectory")
   step("${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${WORK}/consumer-build" ${common}
        -DMNEMO_CONSUMER_MODE=add_subdirectory "-DMNEMO_SOURCE_DIR=${MNEMO_SOURCE}")
@@ -32,4 +32,7 @@ endif()
 
 step("${CMAKE_COMMAND}" --build "${WORK}/consumer-build")
 step("${WORK}/consumer-build/consumer")
+if(PREBUILT)
+  step("${WORK}/consumer-build/consumer_baseline_isa")
+endif()
 message(STATUS "consumer (${MODE}) built and ran")

@@ -73,6 +73,7 @@
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/prebuilt.hpp"
 #include "mnemo/simd/arch.hpp"
 #include "mnemo/simd/load.hpp"
 #include "mnemo/simd/math.hpp"
@@ -547,6 +548,13 @@ void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
       for (std::int64_t b = 0; b < d.B; ++b)
         for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(cs.sums.ptr(b, h, 0), d.Lk, 0.0f);
     return;
+  }
+  if constexpr (prebuilt::covers<KV, Mod>) {  // a program built below the CPU's level (prebuilt.hpp)
+    const simd::level want = simd::resolve_level(opt.isa);
+    if (prebuilt::above<TuArch>(want))
+      return prebuilt::at_level(want, [&]<class Arch>() {
+        prebuilt::decode<Arch, KV, Mod>(d, q, k, v, out, lse, mod, opt.threads, ws, cs);
+      });
   }
   const std::int64_t R = d.group() * d.Lq;
   simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {

@@ -72,6 +72,7 @@
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/prebuilt.hpp"
 #include "mnemo/simd/arch.hpp"
 #include "mnemo/simd/gemm.hpp"
 #include "mnemo/simd/load.hpp"
@@ -582,6 +583,13 @@ void flash(view<const float, 4> q,   // [B, Hq, Lq, D]
   constexpr const char* fn = "attention::flash";
   const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
   detail::check_column_sums(fn, d, cs);
+  if constexpr (prebuilt::covers<KV, Mod>) {  // a program built below the CPU's level (prebuilt.hpp)
+    const simd::level want = simd::resolve_level(opt.isa);
+    if (prebuilt::above<TuArch>(want))
+      return prebuilt::at_level(want, [&]<class Arch>() {
+        prebuilt::flash_forward<Arch, KV, Mod>(d, q, k, v, out, lse, mod, opt, cs);
+      });
+  }
   simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() { flash_detail::forward<KV, Mod, Arch>(d, q, k, v, out, lse, mod, opt, cs); });
 }
 

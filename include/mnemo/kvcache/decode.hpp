@@ -62,6 +62,7 @@
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/kvcache/cache.hpp"
 #include "mnemo/kvcache/quant.hpp"
+#include "mnemo/prebuilt.hpp"
 #include "mnemo/simd/arch.hpp"
 #include "mnemo/simd/vec.hpp"
 
@@ -619,6 +620,11 @@ void decode(const layer_cache& c,
     if (cs.wanted())
       for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(cs.sums.ptr(h, 0), c.max_length(), 0.0f);
     return;
+  }
+  if constexpr (prebuilt::linked) {  // a program built below the CPU's level (prebuilt.hpp)
+    const simd::level want = simd::resolve_level(opt.isa);
+    if (prebuilt::above<TuArch>(want))
+      return prebuilt::at_level(want, [&]<class Arch>() { prebuilt::cache_decode<Arch>(d, c, q, out, lse, opt.threads, ws, cs); });
   }
   const std::int64_t R = d.group() * d.Lq;
   simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {

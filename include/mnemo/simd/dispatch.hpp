@@ -159,10 +159,18 @@ decltype(auto) dispatch(level requested, F&& f) {
   return detail::dispatch_to(resolve_level(requested), std::forward<F>(f), detail::dispatch_list_for<TuArch>{});
 }
 
-// The level dispatch(requested, ...) runs at in a translation unit compiled for TuArch.
+// The level the dispatching kernels run at when called from a translation unit compiled for
+// TuArch: what dispatch() picks, or, with the mnemo::prebuilt library linked (prebuilt.hpp), the
+// requested level when it is above the TU's own (for the kernels the library covers).
 template <class TuArch = default_arch>
 level active_level(level requested = level::automatic) {
-  return dispatch<TuArch>(requested, []<class Arch>() { return level_of<Arch>(); });
+  const level here = dispatch<TuArch>(requested, []<class Arch>() { return level_of<Arch>(); });
+#if defined(MNEMO_PREBUILT)
+  const level want = resolve_level(requested);
+  if (static_cast<int>(want) > static_cast<int>(here) && static_cast<int>(want) >= static_cast<int>(level::avx2))
+    return want;
+#endif
+  return here;
 }
 
 }  // namespace mnemo::simd
