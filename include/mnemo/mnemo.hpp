@@ -30,6 +30,7 @@
 #include "mnemo/kvcache/cache.hpp"
 #include "mnemo/kvcache/rope.hpp"
 #include "mnemo/kvcache/decode.hpp"
+#include "mnemo/kvcache/paged.hpp"
 #include "mnemo/kvcache/policies.hpp"
 #include "mnemo/memory/neural_memory.hpp"
 #include "mnemo/memory/titans_variants.hpp"
