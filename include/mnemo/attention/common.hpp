@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/core/dtype.hpp"
@@ -21,7 +22,17 @@ struct options {
   float scale = 0;  // 0: 1 / sqrt(D)
   int threads = 0;  // 0: the OpenMP default
   simd::level isa = simd::level::automatic;  // force an ISA level (simd/dispatch.hpp); automatic: $MNEMO_ISA or the best
+  // Attention sinks [Hq] (gpt-oss, flash-attention's learnable_sink): one logit per query head that
+  // joins every row's softmax denominator and carries no value: lse = log(sum_visible exp(s) +
+  // exp(sink)), p = exp(s - lse), so a row's weights sum to less than 1; a row that sees no key
+  // gets out = 0 and lse = sink. Used as given: not scaled, not soft-capped. Empty: no sinks.
+  view<const float, 1> sinks = {};
 };
+
+// The sink of query head h (-inf without sinks: exp(-inf) = 0 joins nothing).
+inline float sink_of(const options& opt, std::int64_t h) {
+  return opt.sinks.empty() ? -std::numeric_limits<float>::infinity() : opt.sinks(h);
+}
 
 // The validated sizes of one call.
 struct dims {
@@ -52,6 +63,7 @@ dims check_args(const char* fn, const view<Q, 4>& q, const view<const KV, 4>& k,
   if (!lse.empty()) mnemo::detail::require_shape(fn, "lse", lse, {B, Hq, Lq}, " [B, Hq, Lq]");
   require(std::isfinite(opt.scale), fn, ": options.scale must be finite, got ", opt.scale);
   require(opt.threads >= 0, fn, ": options.threads must be >= 0, got ", opt.threads);
+  if (!opt.sinks.empty()) mnemo::detail::require_shape(fn, "options.sinks", opt.sinks, {Hq}, " [Hq]");
   mods::validate(mod, fn, Hq, Lq, Lk);
   const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   return {B, Hq, Hkv, Lq, Lk, D, Dv, scale};

@@ -3,6 +3,7 @@
 //   s_ij  = mods(scale * q_i . k_j)            score mods in composition order (softcap, ALiBi, ...)
 //   P_ij  = exp(s_ij - lse_i) over the keys j visible to i, 0 elsewhere
 //   lse_i = log sum_{j visible} exp(s_ij)       natural log, includes ALiBi biases
+//           [+ exp(sink_h)]                     with attention sinks (options.sinks, common.hpp)
 //   out_i = sum_j P_ij v_j
 //
 // Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], out [B, Hq, Lq, Dv],
@@ -63,9 +64,10 @@ namespace reference_detail {
 // One (batch, query head): all Lq rows. `s` is a scratch row of Lk doubles.
 template <class KV, class Mod>
 void heads(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
-           view<float, 3> lse, const Mod& mod, std::int64_t b, std::int64_t h, std::vector<double>& s,
-           const column_sums& cs) {
+           view<float, 3> lse, const Mod& mod, const options& opt, std::int64_t b, std::int64_t h,
+           std::vector<double>& s, const column_sums& cs) {
   const std::int64_t hk = h / d.group();
+  const float sink = sink_of(opt, h);
   std::vector<double> acc(static_cast<std::size_t>(d.Dv));
   std::vector<double> colsum(cs.wanted() ? static_cast<std::size_t>(d.Lk) : 0);
   const std::int64_t first_summed = cs.first_row(d.Lq);
@@ -91,12 +93,13 @@ void heads(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<cons
       if (!lse.empty()) lse(b, h, i) = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
-    if (m == -std::numeric_limits<double>::infinity()) {  // no visible key
+    if (m == -std::numeric_limits<double>::infinity()) {  // no visible key: out 0, lse = the sink (or -inf)
       for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = 0.0f;
-      if (!lse.empty()) lse(b, h, i) = -std::numeric_limits<float>::infinity();
+      if (!lse.empty()) lse(b, h, i) = sink;
       continue;
     }
-    double sum = 0;
+    m = std::max(m, static_cast<double>(sink));  // the sink joins the denominator (exp(-inf) = 0 without one)
+    double sum = std::exp(static_cast<double>(sink) - m);
     std::fill(acc.begin(), acc.end(), 0.0);
     for (std::int64_t j = 0; j < d.Lk; ++j) {
       if (s[j] == -std::numeric_limits<double>::infinity()) continue;
@@ -133,7 +136,7 @@ void reference(view<const float, 4> q,   // [B, Hq, Lq, D]
       d.B * d.Hq,
       [&](std::int64_t bh) {
         std::vector<double> s(static_cast<std::size_t>(d.Lk));
-        reference_detail::heads(d, q, k, v, out, lse, mod, bh / d.Hq, bh % d.Hq, s, cs);
+        reference_detail::heads(d, q, k, v, out, lse, mod, opt, bh / d.Hq, bh % d.Hq, s, cs);
       },
       opt.threads);
 }

@@ -1,0 +1,140 @@
+// mnemo/attention/paged.hpp — attention for a batch of sequences of different lengths whose keys
+// and values live in a paged KV pool (vLLM's / FlashInfer's serving layout), in one call.
+//
+// Layout (../shared/golden's attention_paged):
+//   q            [T, Hq, D]      the query tokens of the B sequences, packed; sequence b owns rows
+//                                cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 (q_len_b of them)
+//   cu_seqlens_q [B + 1]         int64, starts at 0, non-decreasing
+//   k_pages      [num_pages, page_size, Hkv, D]   key j of sequence b is
+//   v_pages      [num_pages, page_size, Hkv, Dv]  k_pages[block_table[b, j / page_size], j % page_size]
+//   block_table  [B, max_pages]  int64 page ids (entries past a sequence's pages are not read)
+//   seq_lens     [B]             int64 keys of each sequence (cached tokens and the new ones)
+//   out          [T, Hq, Dv],  lse [T, Hq] (optional)
+// Any strides with a contiguous innermost dimension: kvcache::paged_cache's pool
+// ([num_pages, Hkv, page_size, D]) is passed as its permute({0, 2, 1, 3}).
+//
+// Semantics: per sequence, attention::reference with Lq = q_len_b and Lk = seq_lens[b]: the queries
+// are the sequence's last q_len_b tokens, so causal masks are bottom-right per sequence (query row
+// i of the sequence sits at key position i + seq_lens[b] - q_len_b), every mod sees the sequence's
+// own positions, and options.sinks join every row's denominator. A sequence with q_len_b = 0 has
+// no rows; one with seq_lens[b] = 0 gives out 0 and lse = sink (or -inf).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "mnemo/attention/common.hpp"
+#include "mnemo/attention/mods.hpp"
+#include "mnemo/attention/reference.hpp"
+#include "mnemo/core/dtype.hpp"
+#include "mnemo/core/error.hpp"
+#include "mnemo/core/parallel.hpp"
+#include "mnemo/core/tensor.hpp"
+
+namespace mnemo::attention {
+
+// The paged keys and values of a batch (see the header).
+template <class KV>
+struct paged_kv {
+  view<const KV, 4> k_pages;                 // [num_pages, page_size, Hkv, D]
+  view<const KV, 4> v_pages;                 // [num_pages, page_size, Hkv, Dv]
+  view<const std::int64_t, 2> block_table;   // [B, max_pages]
+  view<const std::int64_t, 1> seq_lens;      // [B]
+};
+
+// The validated sizes of one paged call.
+struct paged_dims {
+  std::int64_t B, T, Hq, Hkv, D, Dv, num_pages, page_size, max_pages;
+  float scale;
+};
+
+namespace paged_detail {
+
+template <class KV>
+paged_dims check_args(const char* fn, view<const float, 3> q, view<const std::int64_t, 1> cu_seqlens_q,
+                      const paged_kv<KV>& kv, view<float, 3> out, view<float, 2> lse, const options& opt) {
+  static_assert(is_kv_type_v<KV>, "attention::paged: K/V elements must be float, mnemo::f16 or mnemo::bf16");
+  using mnemo::detail::require;
+  using mnemo::detail::require_shape;
+  const std::int64_t T = q.extent(0), Hq = q.extent(1), D = q.extent(2);
+  const std::int64_t num_pages = kv.k_pages.extent(0), page_size = kv.k_pages.extent(1), Hkv = kv.k_pages.extent(2);
+  const std::int64_t Dv = kv.v_pages.extent(3), B = kv.seq_lens.extent(0), max_pages = kv.block_table.extent(1);
+  require(D >= 1 && Dv >= 1, fn, ": head dims must be >= 1, got D=", D, ", Dv=", Dv);
+  require(Hq >= 1 && Hkv >= 1 && Hq % Hkv == 0, fn, ": q.shape[1] (Hq) must be a positive multiple of ",
+          "k_pages.shape[2] (Hkv), got Hq=", Hq, ", Hkv=", Hkv);
+  require(page_size >= 1, fn, ": k_pages.shape[1] (page_size) must be >= 1, got ", page_size);
+  require_shape(fn, "k_pages", kv.k_pages, {num_pages, page_size, Hkv, D}, " [num_pages, page_size, Hkv, D] (D from q)");
+  require_shape(fn, "v_pages", kv.v_pages, {num_pages, page_size, Hkv, Dv}, " [num_pages, page_size, Hkv, Dv]");
+  require_shape(fn, "block_table", kv.block_table, {B, max_pages}, " [B, max_pages] (B from seq_lens)");
+  require_shape(fn, "cu_seqlens_q", cu_seqlens_q, {B + 1}, " [B + 1] (B from seq_lens)");
+  require_shape(fn, "out", out, {T, Hq, Dv}, " [T, Hq, Dv]");
+  if (!lse.empty()) require_shape(fn, "lse", lse, {T, Hq}, " [T, Hq]");
+  require(std::isfinite(opt.scale), fn, ": options.scale must be finite, got ", opt.scale);
+  require(opt.threads >= 0, fn, ": options.threads must be >= 0, got ", opt.threads);
+  if (!opt.sinks.empty()) require_shape(fn, "options.sinks", opt.sinks, {Hq}, " [Hq]");
+  require(cu_seqlens_q(0) == 0, fn, ": cu_seqlens_q[0] must be 0, got ", cu_seqlens_q(0));
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t q0 = cu_seqlens_q(b), q1 = cu_seqlens_q(b + 1), len = kv.seq_lens(b);
+    require(q1 >= q0 && q1 <= T, fn, ": cu_seqlens_q must be non-decreasing and end at most at T = ", T,
+            ", got cu_seqlens_q[", b, "] = ", q0, ", cu_seqlens_q[", b + 1, "] = ", q1);
+    require(len >= 0 && len <= max_pages * page_size, fn, ": seq_lens[", b, "] must be in [0, max_pages * page_size = ",
+            max_pages * page_size, "], got ", len);
+    for (std::int64_t p = 0; p < (len + page_size - 1) / page_size; ++p) {
+      const std::int64_t id = kv.block_table(b, p);
+      require(id >= 0 && id < num_pages, fn, ": block_table[", b, ", ", p, "] must be a page id in [0, ", num_pages,
+              ") (sequence ", b, " has ", len, " keys), got ", id);
+    }
+  }
+  require(cu_seqlens_q(B) == T, fn, ": cu_seqlens_q[B] must be T = q.shape[0] = ", T, ", got ", cu_seqlens_q(B));
+  const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  return {B, T, Hq, Hkv, D, Dv, num_pages, page_size, max_pages, scale};
+}
+
+}  // namespace paged_detail
+
+// The reference: for every sequence, its keys and values gathered from the pages into contiguous
+// f32 tensors and attention::reference on its rows (double precision), with the same mod and
+// options. Short and slow by design; the tests hold the fast path to it.
+template <class KV, class Mod = mods::none>
+void reference_paged(view<const float, 3> q,                   // [T, Hq, D]
+                     view<const std::int64_t, 1> cu_seqlens_q,  // [B + 1]
+                     const paged_kv<KV>& kv,
+                     view<float, 3> out,       // [T, Hq, Dv]
+                     view<float, 2> lse = {},  // [T, Hq] or empty
+                     const Mod& mod = {}, const options& opt = {}) {
+  constexpr const char* fn = "attention::reference_paged";
+  const paged_dims d = paged_detail::check_args(fn, q, cu_seqlens_q, kv, out, lse, opt);
+  options inner = opt;
+  inner.scale = d.scale;
+  for (std::int64_t b = 0; b < d.B; ++b) {
+    const std::int64_t q0 = cu_seqlens_q(b), Lq = cu_seqlens_q(b + 1) - q0, Lk = kv.seq_lens(b);
+    if (Lq == 0) continue;
+    tensor<float, 4> k({1, d.Hkv, Lk, d.D}), v({1, d.Hkv, Lk, d.Dv});
+    for (std::int64_t j = 0; j < Lk; ++j) {
+      const std::int64_t page = kv.block_table(b, j / d.page_size), row = j % d.page_size;
+      for (std::int64_t h = 0; h < d.Hkv; ++h) {
+        for (std::int64_t c = 0; c < d.D; ++c) k(0, h, j, c) = to_float(kv.k_pages(page, row, h, c));
+        for (std::int64_t c = 0; c < d.Dv; ++c) v(0, h, j, c) = to_float(kv.v_pages(page, row, h, c));
+      }
+    }
+    // The sequence's rows of q and out as [1, Hq, Lq, D] views (no copy); lse [1, Hq, Lq] is copied
+    // back (its rows are not contiguous in [T, Hq]).
+    const view<const float, 4> qb(q.ptr(q0), {1, d.Hq, Lq, d.D}, {0, q.stride(1), q.stride(0), 1});
+    const view<float, 4> ob(out.ptr(q0), {1, d.Hq, Lq, d.Dv}, {0, out.stride(1), out.stride(0), 1});
+    tensor<float, 3> lb({1, d.Hq, Lq});
+    if (Lk == 0) {  // no key: out 0, lse = sink (or -inf)
+      for (std::int64_t h = 0; h < d.Hq; ++h)
+        for (std::int64_t i = 0; i < Lq; ++i) {
+          for (std::int64_t c = 0; c < d.Dv; ++c) ob(0, h, i, c) = 0.0f;
+          lb(0, h, i) = sink_of(opt, h);
+        }
+    } else {
+      reference(qb, cview(k), cview(v), ob, lb.as_view(), mod, inner);
+    }
+    if (!lse.empty())
+      for (std::int64_t h = 0; h < d.Hq; ++h)
+        for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + i, h) = lb(0, h, i);
+  }
+}
+
+}  // namespace mnemo::attention

@@ -1,0 +1,238 @@
+// tests/attention/paged_test.cpp — attention/paged.hpp (reference_paged) and attention sinks in the
+// reference, against attention written out in the test (double loops over the paged layout), plus
+// the argument checks.
+#include "mnemo/attention/paged.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "mnemo/kvcache/paged.hpp"
+
+namespace {
+
+using namespace mnemo;
+namespace attn = mnemo::attention;
+
+// A batch in the paged layout with shuffled, shared and partly filled pages.
+struct batch {
+  std::int64_t B, T, Hq, Hkv, D, Dv, S, P, M;
+  std::vector<std::int64_t> q_lens, seq_lens;
+  tensor<float, 3> q;
+  tensor<float, 4> k_pages, v_pages;
+  tensor<std::int64_t, 2> table;
+  tensor<std::int64_t, 1> lens, cu;
+  tensor<float, 1> sinks;
+
+  batch(std::vector<std::int64_t> ql, std::vector<std::int64_t> sl, std::int64_t Hq_, std::int64_t Hkv_,
+        std::int64_t D_, std::int64_t page, std::uint64_t seed)
+      : B(static_cast<std::int64_t>(ql.size())), Hq(Hq_), Hkv(Hkv_), D(D_), Dv(D_ + 8), S(page), q_lens(ql), seq_lens(sl),
+        q({1, 1, 1}), k_pages({1, 1, 1, 1}), v_pages({1, 1, 1, 1}), table({1, 1}), lens({1}), cu({1}), sinks({Hq_}) {
+    std::mt19937_64 gen(seed);
+    std::normal_distribution<float> dist;
+    T = std::accumulate(ql.begin(), ql.end(), std::int64_t{0});
+    M = 1;
+    std::int64_t need = 0;
+    for (std::int64_t len : sl) {
+      M = std::max(M, (len + S - 1) / S);
+      need += (len + S - 1) / S;
+    }
+    P = need + 3;  // pages nobody references hold random values too
+    q = tensor<float, 3>({T, Hq, D});
+    k_pages = tensor<float, 4>({P, S, Hkv, D});
+    v_pages = tensor<float, 4>({P, S, Hkv, Dv});
+    for (auto* t : {&k_pages, &v_pages})
+      for (std::int64_t i = 0; i < t->size(); ++i) t->data()[i] = dist(gen);
+    for (std::int64_t i = 0; i < q.size(); ++i) q.data()[i] = dist(gen);
+    for (std::int64_t h = 0; h < Hq; ++h) sinks(h) = 2.0f * dist(gen);
+    std::vector<std::int64_t> ids(static_cast<std::size_t>(P));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), gen);
+    table = tensor<std::int64_t, 2>({B, M});
+    std::fill(table.data(), table.data() + table.size(), std::int64_t{-1});
+    std::size_t next = 0;
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t p = 0; p < (sl[static_cast<std::size_t>(b)] + S - 1) / S; ++p) table(b, p) = ids[next++];
+    if (B >= 2 && sl[0] >= S && sl[1] >= S) table(1, 0) = table(0, 0);  // a shared first page
+    lens = tensor<std::int64_t, 1>({B});
+    cu = tensor<std::int64_t, 1>({B + 1});
+    cu(0) = 0;
+    for (std::int64_t b = 0; b < B; ++b) {
+      lens(b) = sl[static_cast<std::size_t>(b)];
+      cu(b + 1) = cu(b) + ql[static_cast<std::size_t>(b)];
+    }
+  }
+
+  attn::paged_kv<float> kv() const { return {k_pages.as_view(), v_pages.as_view(), table.as_view(), lens.as_view()}; }
+};
+
+// Attention written out over the paged layout: causal (bottom-right per sequence), optional
+// softcap, optional sinks; double precision.
+void expected(const batch& x, float scale, float cap, bool with_sinks, tensor<float, 3>& out, tensor<float, 2>& lse) {
+  for (std::int64_t b = 0; b < x.B; ++b) {
+    const std::int64_t Lq = x.q_lens[static_cast<std::size_t>(b)], Lk = x.seq_lens[static_cast<std::size_t>(b)];
+    for (std::int64_t i = 0; i < Lq; ++i)
+      for (std::int64_t h = 0; h < x.Hq; ++h) {
+        const std::int64_t t = x.cu(b) + i, hk = h / (x.Hq / x.Hkv), diag = i + Lk - Lq;
+        std::vector<double> s;
+        std::vector<std::int64_t> keys;
+        for (std::int64_t j = 0; j <= diag && j < Lk; ++j) {
+          const std::int64_t page = x.table(b, j / x.S), row = j % x.S;
+          double dot = 0;
+          for (std::int64_t c = 0; c < x.D; ++c) dot += double(x.q(t, h, c)) * x.k_pages(page, row, hk, c);
+          double sc = scale * dot;
+          if (cap > 0) sc = cap * std::tanh(sc / cap);
+          s.push_back(sc);
+          keys.push_back(j);
+        }
+        double m = with_sinks ? double(x.sinks(h)) : -INFINITY;
+        for (double v : s) m = std::max(m, v);
+        double l = with_sinks ? std::exp(double(x.sinks(h)) - m) : 0.0;
+        for (double v : s) l += std::exp(v - m);
+        for (std::int64_t c = 0; c < x.Dv; ++c) {
+          double o = 0;
+          for (std::size_t n = 0; n < s.size(); ++n) {
+            const std::int64_t j = keys[n];
+            o += std::exp(s[n] - m) / l * x.v_pages(x.table(b, j / x.S), j % x.S, hk, c);
+          }
+          out(t, h, c) = static_cast<float>(o);
+        }
+        lse(t, h) = s.empty() && !with_sinks ? -INFINITY : static_cast<float>(m + std::log(l));
+      }
+  }
+}
+
+void expect_close(const float* got, const float* want, std::int64_t n, const char* what) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (std::isinf(want[i])) {
+      ASSERT_EQ(got[i], want[i]) << what << " " << i;
+      continue;
+    }
+    ASSERT_NEAR(got[i], want[i], 2e-6f + 2e-5f * std::abs(want[i])) << what << " " << i;
+  }
+}
+
+TEST(PagedReference, MixedBatchWithSharedShuffledPagesAndSinks) {
+  for (bool with_sinks : {false, true})
+    for (float cap : {0.0f, 5.0f}) {
+      SCOPED_TRACE(std::string("sinks=") + (with_sinks ? "1" : "0") + " softcap=" + std::to_string(cap));
+      // decode, a speculative verify of 4, a chunk of a prefill, a fresh prefill, an empty sequence
+      const batch x({1, 4, 7, 19, 0}, {37, 300, 40, 19, 5}, 8, 2, 40, 16, 3);
+      attn::options opt;
+      opt.scale = 0.2f;
+      if (with_sinks) opt.sinks = x.sinks.as_view();
+      tensor<float, 3> out({x.T, x.Hq, x.Dv}), want({x.T, x.Hq, x.Dv});
+      tensor<float, 2> lse({x.T, x.Hq}), want_lse({x.T, x.Hq});
+      expected(x, opt.scale, cap, with_sinks, want, want_lse);
+      if (cap > 0)
+        attn::reference_paged(cview(x.q), cview(x.cu), x.kv(), out, lse,
+                              attn::mods::all_of(attn::mods::softcap{cap}, attn::mods::causal{}), opt);
+      else
+        attn::reference_paged(cview(x.q), cview(x.cu), x.kv(), out, lse, attn::mods::causal{}, opt);
+      expect_close(out.data(), want.data(), out.size(), "out");
+      expect_close(lse.data(), want_lse.data(), lse.size(), "lse");
+    }
+}
+
+TEST(PagedReference, ReadsAPagedCachePoolThroughAPermutedView) {
+  kvcache::paged_cache c({kvcache::storage::f32, 2, 24, 24, 16, 8});
+  const auto s = c.create();
+  tensor<float, 3> k({2, 45, 24}), v({2, 45, 24});
+  std::mt19937 gen(5);
+  std::normal_distribution<float> dist;
+  for (auto* t : {&k, &v})
+    for (std::int64_t i = 0; i < t->size(); ++i) t->data()[i] = dist(gen);
+  c.append(s, cview(k), cview(v));
+  tensor<std::int64_t, 2> table({1, 3});
+  for (std::int64_t p = 0; p < 3; ++p) table(0, p) = c.block_table(s)[static_cast<std::size_t>(p)];
+  tensor<std::int64_t, 1> lens({1}), cu({2});
+  lens(0) = 45, cu(0) = 0, cu(1) = 2;
+  tensor<float, 3> q({2, 4, 24}), out({2, 4, 24});
+  for (std::int64_t i = 0; i < q.size(); ++i) q.data()[i] = dist(gen);
+  const attn::paged_kv<float> kv{c.keys<float>().permute({0, 2, 1, 3}), c.values<float>().permute({0, 2, 1, 3}),
+                                 table.as_view(), lens.as_view()};
+  attn::reference_paged(cview(q), cview(cu), kv, out, {}, attn::mods::causal{});
+  // The same through attention::reference on contiguous [1, Hkv, 45, D] tensors.
+  tensor<float, 4> q4({1, 4, 2, 24}), k4({1, 2, 45, 24}), v4({1, 2, 45, 24}), o4({1, 4, 2, 24});
+  for (std::int64_t h = 0; h < 4; ++h)
+    for (std::int64_t i = 0; i < 2; ++i)
+      for (std::int64_t e = 0; e < 24; ++e) q4(0, h, i, e) = q(i, h, e);
+  for (std::int64_t h = 0; h < 2; ++h)
+    for (std::int64_t j = 0; j < 45; ++j)
+      for (std::int64_t e = 0; e < 24; ++e) k4(0, h, j, e) = k(h, j, e), v4(0, h, j, e) = v(h, j, e);
+  attn::reference(cview(q4), cview(k4), cview(v4), o4, {}, attn::mods::causal{});
+  for (std::int64_t h = 0; h < 4; ++h)
+    for (std::int64_t i = 0; i < 2; ++i)
+      for (std::int64_t e = 0; e < 24; ++e) ASSERT_EQ(out(i, h, e), o4(0, h, i, e));
+}
+
+TEST(ReferenceSinks, RowsWithoutKeysGetTheSinkAndWeightsSumBelowOne) {
+  // Lq > Lk causal: the first rows see no key.
+  tensor<float, 4> q({1, 2, 5, 8}), k({1, 1, 3, 8}), v({1, 1, 3, 8}), out({1, 2, 5, 8});
+  tensor<float, 3> lse({1, 2, 5});
+  for (std::int64_t i = 0; i < q.size(); ++i) q.data()[i] = 0.1f * static_cast<float>(i % 7);
+  for (std::int64_t i = 0; i < k.size(); ++i) k.data()[i] = 0.2f * static_cast<float>(i % 5);
+  std::fill(v.data(), v.data() + v.size(), 1.0f);  // out = the sum of the row's weights
+  tensor<float, 1> sinks({2});
+  sinks(0) = 1.5f, sinks(1) = -std::numeric_limits<float>::infinity();  // head 1: a sink that is no sink
+  attn::options opt;
+  opt.sinks = sinks.as_view();
+  attn::reference(cview(q), cview(k), cview(v), out, lse, attn::mods::causal{}, opt);
+  tensor<float, 4> plain({1, 2, 5, 8});
+  tensor<float, 3> plain_lse({1, 2, 5});
+  attn::reference(cview(q), cview(k), cview(v), plain, plain_lse, attn::mods::causal{});
+  for (std::int64_t i = 0; i < 2; ++i) {  // rows 0, 1 see nothing
+    EXPECT_EQ(out(0, 0, i, 0), 0.0f);
+    EXPECT_EQ(lse(0, 0, i), 1.5f);
+    EXPECT_EQ(lse(0, 1, i), -std::numeric_limits<float>::infinity());
+  }
+  for (std::int64_t i = 2; i < 5; ++i) {
+    // weights sum to exp(lse_plain - lse) < 1, and lse = log(exp(lse_plain) + exp(sink))
+    const double want_lse = std::log(std::exp(double(plain_lse(0, 0, i))) + std::exp(1.5));
+    EXPECT_NEAR(lse(0, 0, i), want_lse, 1e-6);
+    EXPECT_NEAR(out(0, 0, i, 3), std::exp(double(plain_lse(0, 0, i)) - want_lse), 1e-6);
+    EXPECT_EQ(lse(0, 1, i), plain_lse(0, 1, i));
+    EXPECT_EQ(out(0, 1, i, 3), plain(0, 1, i, 3));
+  }
+}
+
+TEST(PagedReference, ErrorsNameTheArgument) {
+  const batch x({1, 2}, {20, 9}, 4, 2, 16, 16, 9);
+  tensor<float, 3> out({x.T, x.Hq, x.Dv});
+  auto call = [&](attn::paged_kv<float> kv, view<const std::int64_t, 1> cu) {
+    attn::reference_paged(cview(x.q), cu, kv, out, {}, attn::mods::causal{});
+  };
+  auto expect = [](auto&& f, const std::string& needle) {
+    try {
+      f();
+      FAIL() << "expected mnemo::error mentioning " << needle;
+    } catch (const mnemo::error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  tensor<std::int64_t, 1> cu_bad({3});
+  cu_bad(0) = 0, cu_bad(1) = 2, cu_bad(2) = 1;
+  expect([&] { call(x.kv(), cview(cu_bad)); }, "cu_seqlens_q");
+  tensor<std::int64_t, 2> table = x.table;
+  table(0, 1) = x.P;  // a page id past the pool
+  expect([&] { call({x.k_pages.as_view(), x.v_pages.as_view(), table.as_view(), x.lens.as_view()}, cview(x.cu)); },
+         "block_table[0, 1]");
+  tensor<std::int64_t, 1> lens = x.lens;
+  lens(1) = x.M * x.S + 1;
+  expect([&] { call({x.k_pages.as_view(), x.v_pages.as_view(), x.table.as_view(), lens.as_view()}, cview(x.cu)); },
+         "seq_lens[1]");
+  tensor<float, 1> sinks({3});
+  attn::options opt;
+  opt.sinks = sinks.as_view();
+  expect([&] { attn::reference_paged(cview(x.q), cview(x.cu), x.kv(), out, {}, attn::mods::causal{}, opt); },
+         "options.sinks");
+}
+
+}  // namespace
