@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "mnemo/attention/flash.hpp"
 #include "mnemo/kvcache/paged.hpp"
 
 namespace {
@@ -200,6 +201,35 @@ TEST(ReferenceSinks, RowsWithoutKeysGetTheSinkAndWeightsSumBelowOne) {
     EXPECT_NEAR(out(0, 0, i, 3), std::exp(double(plain_lse(0, 0, i)) - want_lse), 1e-6);
     EXPECT_EQ(lse(0, 1, i), plain_lse(0, 1, i));
     EXPECT_EQ(out(0, 1, i, 3), plain(0, 1, i, 3));
+  }
+}
+
+// Flash with sinks against the reference with sinks: awkward sizes, GQA, masked rows, column sums.
+TEST(FlashSinks, MatchTheReferenceWithColumnSums) {
+  struct shape {
+    std::int64_t Hq, Hkv, Lq, Lk, D;
+  };
+  std::mt19937 gen(11);
+  std::normal_distribution<float> dist;
+  for (const shape& sh : {shape{4, 1, 37, 101, 40}, shape{8, 2, 70, 50, 64}, shape{2, 2, 1, 1000, 96}}) {
+    SCOPED_TRACE("Lq=" + std::to_string(sh.Lq) + " Lk=" + std::to_string(sh.Lk));
+    tensor<float, 4> q({1, sh.Hq, sh.Lq, sh.D}), k({1, sh.Hkv, sh.Lk, sh.D}), v({1, sh.Hkv, sh.Lk, sh.D});
+    for (auto* t : {&q, &k, &v})
+      for (std::int64_t i = 0; i < t->size(); ++i) t->data()[i] = dist(gen);
+    tensor<float, 1> sinks({sh.Hq});
+    for (std::int64_t h = 0; h < sh.Hq; ++h) sinks(h) = 3.0f * dist(gen);
+    attn::options opt;
+    opt.sinks = sinks.as_view();
+    tensor<float, 4> out({1, sh.Hq, sh.Lq, sh.D}), ref({1, sh.Hq, sh.Lq, sh.D});
+    tensor<float, 3> lse({1, sh.Hq, sh.Lq}), ref_lse({1, sh.Hq, sh.Lq}), sums({1, sh.Hq, sh.Lk}),
+        ref_sums({1, sh.Hq, sh.Lk});
+    const attn::column_sums cs{sums.as_view(), 0}, ref_cs{ref_sums.as_view(), 0};
+    attn::reference(cview(q), cview(k), cview(v), ref, ref_lse, attn::mods::causal{}, opt, ref_cs);
+    attn::flash(cview(q), cview(k), cview(v), out, lse, attn::mods::causal{}, opt, cs);
+    expect_close(out.data(), ref.data(), out.size(), "out");
+    expect_close(lse.data(), ref_lse.data(), lse.size(), "lse");
+    for (std::int64_t i = 0; i < sums.size(); ++i)
+      ASSERT_NEAR(sums.data()[i], ref_sums.data()[i], 1e-5f + 1e-4f * ref_sums.data()[i]) << i;
   }
 }
 

@@ -8,12 +8,13 @@
 // The mod follows the README's order: softcap, then the mask (a window w > 0 is the causal
 // sliding window of w keys).
 //
-// Registered paths: "reference" for both (attention::reference with options.sinks,
-// attention::reference_paged).
+// Registered paths: attention_sinks through "reference" and "flash" (options.sinks);
+// attention_paged through "reference" (attention::reference_paged).
 #include <cstdint>
 #include <string>
 
 #include "golden/runner.hpp"
+#include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/paged.hpp"
 #include "mnemo/attention/reference.hpp"
@@ -52,7 +53,8 @@ void with_mod(const mod_params& m, Fn&& fn) {
   else with_mask(mods::none{});
 }
 
-golden::results attention_sinks_reference(const golden::golden_case& c) {
+template <bool Flash>
+golden::results attention_sinks(const golden::golden_case& c) {
   const std::int64_t B = c.dim("B"), Hq = c.dim("Hq"), Hkv = c.dim("Hkv"), Lq = c.dim("Lq"), Lk = c.dim("Lk"),
                      D = c.dim("D"), Dv = c.dim("Dv");
   const auto q = c.input<float, 4>("q", {B, Hq, Lq, D});
@@ -64,7 +66,10 @@ golden::results attention_sinks_reference(const golden::golden_case& c) {
   opt.sinks = sinks.as_view();
   tensor<float, 4> out({B, Hq, Lq, Dv});
   tensor<float, 3> lse({B, Hq, Lq});
-  with_mod(load_mod(c), [&](const auto& mod) { attn::reference(q, k, v, out, lse, mod, opt); });
+  with_mod(load_mod(c), [&](const auto& mod) {
+    if constexpr (Flash) attn::flash(mnemo::cview(q), k, v, out, lse, mod, opt);
+    else attn::reference(q, k, v, out, lse, mod, opt);
+  });
   golden::results r;
   r.add("out", out);
   r.add("lse", lse);
@@ -98,7 +103,8 @@ golden::results attention_paged_reference(const golden::golden_case& c) {
 }
 
 [[maybe_unused]] const bool registered =
-    golden::register_op("attention_sinks", "reference", attention_sinks_reference) &&
+    golden::register_op("attention_sinks", "reference", attention_sinks<false>) &&
+    golden::register_op("attention_sinks", "flash", attention_sinks<true>) &&
     golden::register_op("attention_paged", "reference", attention_paged_reference);
 
 }  // namespace

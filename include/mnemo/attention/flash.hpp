@@ -403,6 +403,7 @@ struct forward_plan {
   view<float, 4> out;
   view<float, 3> lse;
   const Mod& mod;
+  view<const float, 1> sinks;  // [Hq] or empty (options.sinks)
 
   std::int64_t G = d.group(), dvp = round_up(d.Dv, w);
   std::int64_t n_qt = (d.Lq + bq - 1) / bq, n_kt = (d.Lk + bk - 1) / bk;
@@ -475,16 +476,26 @@ struct forward_plan {
       const float* o = work + at_o + g * bq * dvp;
       const float* m = work + at_m + g * bq;
       const float* l = work + at_l + g * bq;
+      const float sink = sinks.empty() ? neg_inf : sinks(h);
       for (std::int64_t i = 0; i < qn; ++i) {
         float* oi = out.ptr(b, h, q0 + i);
-        if (l[i] == 0.0f) {  // no visible key
+        if (l[i] == 0.0f) {  // no visible key: out 0, lse = the sink (-inf without one)
           std::fill_n(oi, d.Dv, 0.0f);
-          if (!lse.empty()) lse(b, h, q0 + i) = neg_inf;
+          if (!lse.empty()) lse(b, h, q0 + i) = sink;
           continue;
         }
-        const float inv = 1.0f / l[i];
+        // The sink joins the denominator: with top = max(m, sink), l' = l e^(m - top) + e^(sink - top)
+        // and the accumulator (relative to m) scales by e^(m - top) / l'.
+        float mi = m[i], li = l[i], rescale = 1.0f;
+        if (sink != neg_inf) {
+          const float top = std::max(mi, sink);
+          rescale = std::exp(mi - top);
+          li = li * rescale + std::exp(sink - top);
+          mi = top;
+        }
+        const float inv = rescale / li;
         for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = o[i * dvp + c] * inv;
-        if (!lse.empty()) lse(b, h, q0 + i) = m[i] + std::log(l[i]);
+        if (!lse.empty()) lse(b, h, q0 + i) = mi + std::log(li);
       }
     }
   }
@@ -553,14 +564,14 @@ template <class KV, class Mod, class Arch>
 void forward(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
              view<float, 3> lse, const Mod& mod, const options& opt, const column_sums& cs) {
   if (!cs.wanted()) {
-    const forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse, mod};
+    const forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse, mod, opt.sinks};
     run_items(plan.items(), plan.ws.total, opt.threads, [&](std::int64_t item, float* work) { plan.run(item, work); });
     return;
   }
   // The sums need every summed row's lse: the caller's, or one of our own.
   tensor<float, 3> own_lse(lse.empty() ? shape_t<3>{d.B, d.Hq, d.Lq} : shape_t<3>{0, 0, 0});
   const view<float, 3> lse_used = lse.empty() ? own_lse.as_view() : lse;
-  const forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse_used, mod};
+  const forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse_used, mod, opt.sinks};
   run_items(plan.items(), plan.ws.total, opt.threads, [&](std::int64_t item, float* work) { plan.run(item, work); });
   const column_sums_plan<KV, Mod, Arch> sums_plan{d, q, k, lse_used, mod, cs.sums, cs.first_row(d.Lq)};
   run_items(sums_plan.items(), sums_plan.ws.total, opt.threads,
