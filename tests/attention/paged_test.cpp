@@ -174,6 +174,47 @@ TEST(PagedReference, ReadsAPagedCachePoolThroughAPermutedView) {
       for (std::int64_t e = 0; e < 24; ++e) ASSERT_EQ(out(i, h, e), o4(0, h, i, e));
 }
 
+// A sliding-window layer on a ring of pages (keep_last) gives the attention of the full sequence
+// with the window mask.
+TEST(PagedReference, WindowLayerOnARingOfPagesMatchesTheFullSequence) {
+  constexpr std::int64_t W = 50, L = 333, Hkv = 2, Hq = 4, D = 16;
+  kvcache::paged_cache c({kvcache::storage::f32, Hkv, D, D, 16, 6});
+  const auto s = c.create();
+  tensor<float, 3> k({Hkv, L, D}), v({Hkv, L, D});
+  std::mt19937 gen(3);
+  std::normal_distribution<float> dist;
+  for (auto* t : {&k, &v})
+    for (std::int64_t i = 0; i < t->size(); ++i) t->data()[i] = dist(gen);
+  for (std::int64_t t0 = 0; t0 < L; t0 += 9) {
+    const std::int64_t n = std::min<std::int64_t>(9, L - t0);
+    c.append(s, k.as_view().narrow(1, t0, n), v.as_view().narrow(1, t0, n));
+    c.keep_last(s, W + 2);  // the 3 queries below: the first one's window starts 2 tokens earlier
+  }
+  const auto table_span = c.block_table(s);
+  tensor<std::int64_t, 2> table({1, static_cast<std::int64_t>(table_span.size())});
+  for (std::size_t p = 0; p < table_span.size(); ++p) table(0, static_cast<std::int64_t>(p)) = table_span[p];
+  tensor<std::int64_t, 1> lens({1}), starts({1}), cu({2});
+  lens(0) = W + 2, starts(0) = c.start(s), cu(0) = 0, cu(1) = 3;
+  tensor<float, 3> q({3, Hq, D}), out({3, Hq, D});
+  for (std::int64_t i = 0; i < q.size(); ++i) q.data()[i] = dist(gen);
+  const attn::paged_kv<float> kv{c.keys<float>().permute({0, 2, 1, 3}), c.values<float>().permute({0, 2, 1, 3}),
+                                 table.as_view(), lens.as_view(), starts.as_view()};
+  attn::reference_paged(cview(q), cview(cu), kv, out, {}, attn::mods::sliding_window{W});
+  // The full sequence, the last 3 tokens as queries, window W.
+  tensor<float, 4> q4({1, Hq, 3, D}), k4({1, Hkv, L, D}), v4({1, Hkv, L, D}), o4({1, Hq, 3, D});
+  for (std::int64_t h = 0; h < Hq; ++h)
+    for (std::int64_t i = 0; i < 3; ++i)
+      for (std::int64_t e = 0; e < D; ++e) q4(0, h, i, e) = q(i, h, e);
+  for (std::int64_t h = 0; h < Hkv; ++h)
+    for (std::int64_t j = 0; j < L; ++j)
+      for (std::int64_t e = 0; e < D; ++e) k4(0, h, j, e) = k(h, j, e), v4(0, h, j, e) = v(h, j, e);
+  attn::reference(cview(q4), cview(k4), cview(v4), o4, {}, attn::mods::sliding_window{W});
+  for (std::int64_t h = 0; h < Hq; ++h)
+    for (std::int64_t i = 0; i < 3; ++i)
+      for (std::int64_t e = 0; e < D; ++e) ASSERT_NEAR(out(i, h, e), o4(0, h, i, e), 1e-6f) << h << " " << i;
+  EXPECT_LE(c.num_pages() - c.free_pages(), 5);  // ceil(52 / 16) + 1
+}
+
 TEST(ReferenceSinks, RowsWithoutKeysGetTheSinkAndWeightsSumBelowOne) {
   // Lq > Lk causal: the first rows see no key.
   tensor<float, 4> q({1, 2, 5, 8}), k({1, 1, 3, 8}), v({1, 1, 3, 8}), out({1, 2, 5, 8});

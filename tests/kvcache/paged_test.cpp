@@ -97,7 +97,7 @@ struct harness {
         }
       }
       const auto table = cache.block_table(s);
-      ASSERT_EQ(static_cast<std::int64_t>(table.size()), (longest + cfg.page_size - 1) / cfg.page_size);
+      ASSERT_EQ(static_cast<std::int64_t>(table.size()), (cache.start(s) + longest + cfg.page_size - 1) / cfg.page_size);
       for (std::int32_t p : table) ++refs[static_cast<std::size_t>(p)];
     }
     std::int64_t used = 0;
@@ -259,6 +259,44 @@ TEST(PagedCache, RandomOperationsMatchTheModel) {
       ASSERT_NO_FATAL_FAILURE(t.check()) << "step " << step;
     }
   }
+}
+
+// A sliding-window layer keeps a ring of pages: memory bounded by the window, whatever the length.
+TEST(PagedCache, KeepLastHoldsOnlyTheWindow) {
+  constexpr std::int64_t window = 100, page = 16;
+  harness t({storage::f32, 2, 8, 8, page, 12});
+  const auto a = t.create();
+  std::int64_t most_pages = 0;
+  for (int step = 0; step < 400; ++step) {  // 400 steps of 1..7 tokens: ~1600 tokens through 12 pages
+    t.append(a, 1 + step % 7);
+    t.cache.keep_last(a, window);
+    model_seq& m = t.model.at(a);
+    for (std::size_t h = 0; h < 2; ++h)
+      if (m.k[h].size() > window) {
+        const auto drop = static_cast<std::ptrdiff_t>(m.k[h].size() - window);
+        m.k[h].erase(m.k[h].begin(), m.k[h].begin() + drop);
+        m.v[h].erase(m.v[h].begin(), m.v[h].begin() + drop);
+        m.pos[h].erase(m.pos[h].begin(), m.pos[h].begin() + drop);
+      }
+    most_pages = std::max(most_pages, t.cache.num_pages() - t.cache.free_pages());
+    if (step % 37 == 0) ASSERT_NO_FATAL_FAILURE(t.check());
+  }
+  t.check();
+  EXPECT_GT(t.cache.next_position(a), 1500);
+  EXPECT_LE(most_pages, (window + page - 1) / page + 1);  // 8 pages for a 100-token window
+  // A fork of a windowed sequence shares its ring and slides on its own.
+  const auto b = t.cache.fork(a);
+  t.model[b] = t.model.at(a);
+  t.append(b, 20);
+  t.cache.keep_last(b, window);
+  for (std::size_t h = 0; h < 2; ++h) {
+    model_seq& m = t.model.at(b);
+    const auto drop = static_cast<std::ptrdiff_t>(m.k[h].size() - window);
+    m.k[h].erase(m.k[h].begin(), m.k[h].begin() + drop);
+    m.v[h].erase(m.v[h].begin(), m.v[h].begin() + drop);
+    m.pos[h].erase(m.pos[h].begin(), m.pos[h].begin() + drop);
+  }
+  t.check();
 }
 
 TEST(PagedCache, ErrorsNameTheArgumentAndChangeNothing) {

@@ -40,6 +40,9 @@ struct paged_kv {
   view<const KV, 4> v_pages;                 // [num_pages, page_size, Hkv, Dv]
   view<const std::int64_t, 2> block_table;   // [B, max_pages]
   view<const std::int64_t, 1> seq_lens;      // [B]
+  // [B] or empty (all 0): rows of a sequence's first page before its key 0 (kvcache::paged_cache::
+  // start after keep_last): key j is row (start + j) % page_size of page (start + j) / page_size.
+  view<const std::int64_t, 1> seq_starts = {};
 };
 
 // The validated sizes of one paged call.
@@ -67,6 +70,7 @@ paged_dims check_args(const char* fn, view<const float, 3> q, view<const std::in
   require_shape(fn, "v_pages", kv.v_pages, {num_pages, page_size, Hkv, Dv}, " [num_pages, page_size, Hkv, Dv]");
   require_shape(fn, "block_table", kv.block_table, {B, max_pages}, " [B, max_pages] (B from seq_lens)");
   require_shape(fn, "cu_seqlens_q", cu_seqlens_q, {B + 1}, " [B + 1] (B from seq_lens)");
+  if (!kv.seq_starts.empty()) require_shape(fn, "seq_starts", kv.seq_starts, {B}, " [B] (B from seq_lens)");
   require_shape(fn, "out", out, {T, Hq, Dv}, " [T, Hq, Dv]");
   if (!lse.empty()) require_shape(fn, "lse", lse, {T, Hq}, " [T, Hq]");
   require(std::isfinite(opt.scale), fn, ": options.scale must be finite, got ", opt.scale);
@@ -75,11 +79,14 @@ paged_dims check_args(const char* fn, view<const float, 3> q, view<const std::in
   require(cu_seqlens_q(0) == 0, fn, ": cu_seqlens_q[0] must be 0, got ", cu_seqlens_q(0));
   for (std::int64_t b = 0; b < B; ++b) {
     const std::int64_t q0 = cu_seqlens_q(b), q1 = cu_seqlens_q(b + 1), len = kv.seq_lens(b);
+    const std::int64_t start = kv.seq_starts.empty() ? 0 : kv.seq_starts(b);
     require(q1 >= q0 && q1 <= T, fn, ": cu_seqlens_q must be non-decreasing and end at most at T = ", T,
             ", got cu_seqlens_q[", b, "] = ", q0, ", cu_seqlens_q[", b + 1, "] = ", q1);
-    require(len >= 0 && len <= max_pages * page_size, fn, ": seq_lens[", b, "] must be in [0, max_pages * page_size = ",
-            max_pages * page_size, "], got ", len);
-    for (std::int64_t p = 0; p < (len + page_size - 1) / page_size; ++p) {
+    require(start >= 0 && start < page_size, fn, ": seq_starts[", b, "] must be in [0, page_size = ", page_size,
+            "), got ", start);
+    require(len >= 0 && len <= max_pages * page_size - start, fn, ": seq_lens[", b,
+            "] must be in [0, max_pages * page_size - seq_starts[b] = ", max_pages * page_size - start, "], got ", len);
+    for (std::int64_t p = 0; p < (start + len + page_size - 1) / page_size; ++p) {
       const std::int64_t id = kv.block_table(b, p);
       require(id >= 0 && id < num_pages, fn, ": block_table[", b, ", ", p, "] must be a page id in [0, ", num_pages,
               ") (sequence ", b, " has ", len, " keys), got ", id);
@@ -108,10 +115,11 @@ void reference_paged(view<const float, 3> q,                   // [T, Hq, D]
   inner.scale = d.scale;
   for (std::int64_t b = 0; b < d.B; ++b) {
     const std::int64_t q0 = cu_seqlens_q(b), Lq = cu_seqlens_q(b + 1) - q0, Lk = kv.seq_lens(b);
+    const std::int64_t start = kv.seq_starts.empty() ? 0 : kv.seq_starts(b);
     if (Lq == 0) continue;
     tensor<float, 4> k({1, d.Hkv, Lk, d.D}), v({1, d.Hkv, Lk, d.Dv});
     for (std::int64_t j = 0; j < Lk; ++j) {
-      const std::int64_t page = kv.block_table(b, j / d.page_size), row = j % d.page_size;
+      const std::int64_t page = kv.block_table(b, (start + j) / d.page_size), row = (start + j) % d.page_size;
       for (std::int64_t h = 0; h < d.Hkv; ++h) {
         for (std::int64_t c = 0; c < d.D; ++c) k(0, h, j, c) = to_float(kv.k_pages(page, row, h, c));
         for (std::int64_t c = 0; c < d.Dv; ++c) v(0, h, j, c) = to_float(kv.v_pages(page, row, h, c));

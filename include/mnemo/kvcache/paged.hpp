@@ -12,12 +12,15 @@
 //   c.append(b, k_tok, v_tok);           // b's partly filled last page is copied first (copy on write)
 //   c.truncate(b, 3);                    // rejected speculative tokens: drop b's last 3
 //   c.compact(a, policy_selection);      // keep a policy's slots (kvcache::selection, per kv head)
+//   c.keep_last(w, 4096);                // a sliding-window layer: only the last 4096 tokens stay
 //   c.release(b);                        // b's pages go back to the pool when nobody else holds them
 //
 // Layout. Page p holds, for every kv head h, page_size consecutive slots of K [page_size, D] and
 // V [page_size, Dv] — keys() is [num_pages, Hkv, page_size, D] ("HND": each head's rows of a page
 // are contiguous, so a decode kernel streams page_size * D elements at a time). Slot j of head h
-// of sequence s lives in page block_table(s)[j / page_size], row j % page_size. Every slot also
+// of sequence s lives in page block_table(s)[(start(s) + j) / page_size], row (start(s) + j) %
+// page_size; start(s) is 0 unless keep_last() dropped the oldest tokens of a sliding-window
+// layer (a ring of pages: memory O(window), not O(sequence)). Every slot also
 // keeps the original position of its token (positions [num_pages, Hkv, page_size]), so masks and
 // RoPE stay right after compaction. Heads may hold different numbers of slots (ragged, after a
 // head-adaptive compaction); the block table covers the longest head.
@@ -119,7 +122,10 @@ class paged_cache {
   }
   // Position the next append to s gives its first token (one past the newest appended).
   std::int64_t next_position(sequence s) const { return get("kvcache::paged_cache::next_position", s).next_position; }
-  // Page ids of s's slots [ceil(max_length / page_size)].
+  // Rows of s's first page before its slot 0 (tokens dropped by keep_last): slot j of s is row
+  // (start(s) + j) % page_size of page block_table(s)[(start(s) + j) / page_size].
+  std::int64_t start(sequence s) const { return get("kvcache::paged_cache::start", s).start; }
+  // Page ids of s's slots [ceil((start + max_length) / page_size)].
   std::span<const std::int32_t> block_table(sequence s) const {
     const seq_state& st = get("kvcache::paged_cache::block_table", s);
     return {st.pages.data(), st.pages.size()};
@@ -131,7 +137,7 @@ class paged_cache {
     const std::size_t hi = check_head(fn, h);
     detail::require(j >= 0 && j < st.length[hi], fn, ": slot must be in [0, ", st.length[hi], ") for head ", h, ", got ",
                     j);
-    return pos_(page_of(st, j), h, j % cfg_.page_size);
+    return pos_(page_of(st, j), h, row_of(st, j));
   }
 
   // The pool, for kernels: [num_pages, Hkv, page_size, D] / [..., Dv] of the cache's element type.
@@ -189,7 +195,7 @@ class paged_cache {
     std::int64_t need = 0;
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
       const std::int64_t len = st.length[static_cast<std::size_t>(h)];
-      need = std::max(need, (len + n + S - 1) / S);
+      need = std::max(need, (st.start + len + n + S - 1) / S);
     }
     const std::int64_t have = static_cast<std::int64_t>(st.pages.size());
     std::int64_t copies = 0;
@@ -203,7 +209,7 @@ class paged_cache {
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
       std::int64_t& len = st.length[static_cast<std::size_t>(h)];
       for (std::int64_t t = 0; t < n; ++t, ++len) {
-        const std::int64_t p = page_of(st, len), r = len % S;
+        const std::int64_t p = page_of(st, len), r = row_of(st, len);
         write_row(p, h, r, k.ptr(h, t), v.ptr(h, t));
         pos_(p, h, r) = st.next_position + t;
       }
@@ -224,6 +230,30 @@ class paged_cache {
     shrink(st);
   }
 
+  // A sliding-window layer keeps only its window: drops the oldest tokens of s so that at most
+  // `window` remain in every kv head; whole pages that fall out of the window go back to the pool,
+  // so the sequence holds at most ceil(window / page_size) + 1 pages however long it runs. The
+  // kept slots renumber from 0 (keys keep their original positions; masks and ALiBi depend on
+  // distances only). A step that attends with Lq queries needs window + Lq - 1 tokens (its first
+  // query's window starts Lq - 1 tokens earlier): keep_last(s, window) suffices for decode steps.
+  // Needs every head of s at the same length (no ragged compaction).
+  void keep_last(sequence s, std::int64_t window) {
+    constexpr const char* fn = "kvcache::paged_cache::keep_last";
+    seq_state& st = get(fn, s);
+    detail::require(window >= 1, fn, ": window must be >= 1, got ", window);
+    const std::int64_t len = st.length[0];
+    detail::require(std::all_of(st.length.begin(), st.length.end(), [&](std::int64_t l) { return l == len; }), fn,
+                    ": every kv head of sequence ", s, " must hold the same number of slots (it was compacted per head)");
+    if (len <= window) return;
+    const std::int64_t drop = len - window;
+    st.start += drop;
+    for (std::int64_t& l : st.length) l = window;
+    const std::int64_t gone = st.start / cfg_.page_size;  // leading pages with no kept slot
+    for (std::int64_t i = 0; i < gone; ++i) unref(st.pages[static_cast<std::size_t>(i)]);
+    st.pages.erase(st.pages.begin(), st.pages.begin() + gone);
+    st.start -= gone * cfg_.page_size;
+  }
+
   // Keeps the slots sel.heads[h] of every head h of s, in their order (a KV policy's decision);
   // the kept slots move to the front, their positions with them. Shared pages are copied first.
   void compact(sequence s, const selection& sel) {
@@ -236,7 +266,7 @@ class paged_cache {
       const auto& keep = sel.heads[static_cast<std::size_t>(h)];
       for (std::size_t i = 0; i < keep.size(); ++i)
         if (keep[i] != static_cast<std::int64_t>(i)) {
-          first = std::min<std::int64_t>(first, static_cast<std::int64_t>(i) / cfg_.page_size);
+          first = std::min<std::int64_t>(first, (st.start + static_cast<std::int64_t>(i)) / cfg_.page_size);
           break;
         }
     }
@@ -252,9 +282,9 @@ class paged_cache {
       for (std::size_t i = 0; i < keep.size(); ++i) {  // ascending: a source is never overwritten before it is read
         const std::int64_t from = keep[i], to = static_cast<std::int64_t>(i);
         if (from == to) continue;
-        const std::int64_t pf = page_of(st, from), pt = page_of(st, to);
-        copy_row(pf, h, from % S, pt, h, to % S);
-        pos_(pt, h, to % S) = pos_(pf, h, from % S);
+        const std::int64_t pf = page_of(st, from), pt = page_of(st, to), rf = row_of(st, from), rt = row_of(st, to);
+        copy_row(pf, h, rf, pt, h, rt);
+        pos_(pt, h, rt) = pos_(pf, h, rf);
       }
       st.length[static_cast<std::size_t>(h)] = static_cast<std::int64_t>(keep.size());
     }
@@ -273,7 +303,7 @@ class paged_cache {
     for (std::int64_t i = 0; i < n; ++i) {
       const std::int64_t j = slots[static_cast<std::size_t>(i)];
       detail::require(j >= 0 && j < st.length[hi], fn, ": slots[", i, "] must be in [0, ", st.length[hi], "), got ", j);
-      const std::int64_t p = page_of(st, j), r = j % cfg_.page_size;
+      const std::int64_t p = page_of(st, j), r = row_of(st, j);
       switch (cfg_.kind) {
         case storage::f32: read_row(kf_, vf_, p, h, r, k_out.ptr(i), v_out.ptr(i)); break;
         case storage::f16: read_row(kh_, vh_, p, h, r, k_out.ptr(i), v_out.ptr(i)); break;
@@ -287,6 +317,7 @@ class paged_cache {
     bool alive = false;
     std::vector<std::int32_t> pages;   // block table
     std::vector<std::int64_t> length;  // [Hkv]
+    std::int64_t start = 0;            // rows of the first page before slot 0 (dropped by keep_last)
     std::int64_t next_position = 0;
   };
 
@@ -314,13 +345,16 @@ class paged_cache {
     return static_cast<std::size_t>(h);
   }
 
+  // Page and row of slot `slot` (slots count from the sequence's first kept token, `start` rows
+  // into its first page).
   std::int64_t page_of(const seq_state& st, std::int64_t slot) const {
-    return st.pages[static_cast<std::size_t>(slot / cfg_.page_size)];
+    return st.pages[static_cast<std::size_t>((st.start + slot) / cfg_.page_size)];
   }
+  std::int64_t row_of(const seq_state& st, std::int64_t slot) const { return (st.start + slot) % cfg_.page_size; }
 
   // The first block-table entry an append writes into: the shortest head's current page.
   std::int64_t first_written_page(const seq_state& st) const {
-    return *std::min_element(st.length.begin(), st.length.end()) / cfg_.page_size;
+    return (st.start + *std::min_element(st.length.begin(), st.length.end())) / cfg_.page_size;
   }
 
   std::int32_t take_page() {
@@ -352,7 +386,7 @@ class paged_cache {
   // Returns the block-table entries past the longest head to the pool.
   void shrink(seq_state& st) {
     const std::int64_t longest = *std::max_element(st.length.begin(), st.length.end());
-    const auto keep = static_cast<std::size_t>((longest + cfg_.page_size - 1) / cfg_.page_size);
+    const auto keep = static_cast<std::size_t>((st.start + longest + cfg_.page_size - 1) / cfg_.page_size);
     while (st.pages.size() > keep) {
       unref(st.pages.back());
       st.pages.pop_back();
