@@ -25,6 +25,7 @@
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/npy.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "support/support.hpp"
 
 namespace {
 
@@ -577,17 +578,7 @@ TEST(Golden, MergeCases) {
 // ---------------------------------------------------------------------------------------------
 // bad input
 
-// Runs f, expects mnemo::error whose message contains every one of `parts`.
-template <class F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected mnemo::error mentioning '" << parts.front() << "'";
-  } catch (const mnemo::error& e) {
-    const std::string msg = e.what();
-    for (const auto& part : parts) EXPECT_NE(msg.find(part), std::string::npos) << "'" << part << "' not in: " << msg;
-  }
-}
+using mnemo::test::expect_error;
 
 TEST(Decode, RejectsBadArguments) {
   const problem p{1, 4, 2, 2, 10, 8, 8};

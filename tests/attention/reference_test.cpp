@@ -18,6 +18,7 @@
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "support/support.hpp"
 
 namespace {
 
@@ -506,16 +507,7 @@ TEST(Reference, ThreadCountDoesNotChangeResults) {
 
 // ---- bad input: each check throws mnemo::error naming the argument and both values ----------
 
-template <class Fn>
-void expect_error(Fn&& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected mnemo::error";
-  } catch (const mnemo::error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-  }
-}
+using mnemo::test::expect_error;
 
 struct bad_input : ::testing::Test {
   // A valid call: B=1, Hq=4, Hkv=2, Lq=3, Lk=5, D=8, Dv=6.

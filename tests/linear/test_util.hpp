@@ -23,6 +23,7 @@
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
 #include "mnemo/linear/simple_gla.hpp"
+#include "support/support.hpp"
 
 namespace linear_test {
 
@@ -461,14 +462,9 @@ inline void check_strided(member m) {
 inline void check_golden(const std::string& op) {
   namespace fs = std::filesystem;
   namespace lg = mnemo::linear_golden;
-  const fs::path dir = MNEMO_GOLDEN_DIR;
-  if (!fs::exists(dir / "README.md")) GTEST_SKIP() << "golden cases not found at " << dir;
-  std::vector<fs::path> cases;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.is_directory() && fs::exists(e.path() / "meta.json")) cases.push_back(e.path());
-  std::sort(cases.begin(), cases.end());
+  if (!mnemo::test::golden_available()) GTEST_SKIP() << "golden cases not found at " << mnemo::test::golden_dir();
   int ran = 0;
-  for (const auto& path : cases) {
+  for (const fs::path& path : mnemo::test::golden_cases()) {
     const mnemo::golden::golden_case c(path);
     if (c.op() != op) continue;
     ++ran;
@@ -485,17 +481,7 @@ inline void check_golden(const std::string& op) {
   EXPECT_GT(ran, 0) << "no golden case of op " << op;
 }
 
-// Expects fn() to throw mnemo::error whose message contains every one of `parts`.
-template <class Fn>
-void expect_error(Fn&& fn, std::initializer_list<const char*> parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected mnemo::error mentioning " << *parts.begin();
-  } catch (const mnemo::error& e) {
-    const std::string msg = e.what();
-    for (const char* part : parts) EXPECT_NE(msg.find(part), std::string::npos) << "'" << part << "' not in: " << msg;
-  }
-}
+using mnemo::test::expect_error;
 
 
 
