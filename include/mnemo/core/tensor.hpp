@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -127,8 +128,14 @@ class view {
   // The sub-range [start, start + len) of dimension `dim`.
   view narrow(int dim, std::int64_t start, std::int64_t len) const {
     detail::require(dim >= 0 && dim < R, "view::narrow: dim must be in [0, ", R, "), got ", dim);
-    detail::require(start >= 0 && len >= 0 && start + len <= shape_[dim], "view::narrow: range [", start, ", ",
-                    start + len, ") out of bounds for extent ", shape_[dim], " of dimension ", dim);
+    // len <= extent - start, not start + len <= extent: the sum of two huge values overflows.
+    if (start < 0 || len < 0 || start > shape_[dim] || len > shape_[dim] - start) {
+      if (start >= 0 && len > std::numeric_limits<std::int64_t>::max() - start)
+        detail::fail("view::narrow: range start ", start, " + len ", len, " overflows, out of bounds for extent ",
+                     shape_[dim], " of dimension ", dim);
+      detail::fail("view::narrow: range [", start, ", ", start + len, ") out of bounds for extent ", shape_[dim],
+                   " of dimension ", dim);
+    }
     view out = *this;
     out.data_ = data_ + start * strides_[dim];
     out.shape_[dim] = len;
