@@ -59,6 +59,32 @@ struct qkv {
 const att::path all_paths[] = {att::path::reference, att::path::flash, att::path::decode};
 
 // ------------------------------------------------------------------------------------------------
+// 3. Sizes that overflow, and allocations that fail, throw instead of leaving a null buffer.
+
+TEST(Issue16, D03_OverflowingTensorSizeThrows) {
+  constexpr std::int64_t two31 = std::int64_t{1} << 31, two62 = std::int64_t{1} << 62;
+  expect_error([] { tensor<float, 2> t({two31, two31}); },
+               {"tensor: shape [2147483648, 2147483648] of 4-byte elements", "2^63 bytes"});
+  expect_error([] { tensor<float, 3> t({0, two62, 4}); }, {"tensor: shape [0, 4611686018427387904, 4]"});
+  expect_error([] { kv::layer_cache c({.kind = kv::storage::f32, .Hkv = 1, .capacity = two62, .D = 8}); },
+               {"kvcache::layer_cache: config (Hkv = 1, capacity = 4611686018427387904, D = 8, Dv = 8, f32)",
+                "cannot be allocated"});
+  expect_error([] { kv::layer_cache c({.kind = kv::storage::int4, .Hkv = 2, .capacity = two62, .D = 8}); },
+               {"kvcache::layer_cache", "capacity = 4611686018427387904", "int4"});
+}
+
+TEST(Issue16, D03_FailedAllocationThrows) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer aborts on an allocation this size instead of throwing std::bad_alloc";
+#endif
+  constexpr std::int64_t huge = std::int64_t{1} << 60;  // 1 EiB: more than any address space
+  expect_error([] { tensor<std::uint8_t, 1> t({huge}); },
+               {"tensor: cannot allocate 1152921504606846976 bytes for shape [1152921504606846976]"});
+  expect_error([] { kv::layer_cache c({.kind = kv::storage::f16, .Hkv = 1, .capacity = huge / 64, .D = 16}); },
+               {"kvcache::layer_cache", "cannot be allocated", "tensor: cannot allocate"});
+}
+
+// ------------------------------------------------------------------------------------------------
 // 4. view::narrow with a range whose end overflows.
 
 TEST(Issue16, D04_NarrowOverflowThrows) {

@@ -40,6 +40,28 @@ std::string shape_string(const std::array<std::int64_t, R>& s) {
   return out + "]";
 }
 
+namespace detail {
+
+// Bytes of a row-major array of `shape` with `item`-byte elements; throws mnemo::error naming
+// `what` and the shape if the count does not fit in std::int64_t. The product of the non-zero
+// extents must fit even when another extent is 0: strides multiply the inner extents.
+template <std::size_t R>
+std::int64_t checked_bytes(const char* what, const std::array<std::int64_t, R>& shape, std::size_t item) {
+  std::int64_t n = static_cast<std::int64_t>(item);
+  bool empty = false;
+  for (std::size_t i = 0; i < R; ++i) {
+    if (shape[i] == 0) {
+      empty = true;
+      continue;
+    }
+    if (__builtin_mul_overflow(n, shape[i], &n))
+      fail(what, ": shape ", shape_string(shape), " of ", item, "-byte elements needs more than 2^63 bytes");
+  }
+  return empty ? 0 : n;
+}
+
+}  // namespace detail
+
 // Row-major strides of a contiguous array of this shape.
 template <std::size_t R>
 constexpr std::array<std::int64_t, R> contiguous_strides(const std::array<std::int64_t, R>& shape) {
@@ -223,11 +245,16 @@ class tensor {
   operator view<const T, R>() const { return as_view(); }  // NOLINT(google-explicit-constructor)
 
  private:
+  // Throws mnemo::error (never a null buffer) when the size overflows or the memory is not there.
   void allocate() {
-    const std::size_t n = bytes();
+    const std::int64_t n = detail::checked_bytes("tensor", shape_, sizeof(T));
     if (n == 0) return;
-    const std::size_t rounded = (n + alignment - 1) / alignment * alignment;
-    data_ = static_cast<T*>(::operator new(rounded, std::align_val_t{alignment}));
+    const std::size_t rounded = (static_cast<std::size_t>(n) + alignment - 1) / alignment * alignment;
+    try {
+      data_ = static_cast<T*>(::operator new(rounded, std::align_val_t{alignment}));
+    } catch (const std::bad_alloc&) {
+      detail::fail("tensor: cannot allocate ", rounded, " bytes for shape ", shape_string(shape_));
+    }
     std::memset(static_cast<void*>(data_), 0, rounded);
   }
   void release() {

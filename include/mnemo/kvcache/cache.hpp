@@ -113,39 +113,58 @@ class layer_cache {
     require(cfg_.Hkv >= 1, fn, ": config.Hkv must be >= 1, got ", cfg_.Hkv);
     require(cfg_.capacity >= 1, fn, ": config.capacity must be >= 1, got ", cfg_.capacity);
     require(cfg_.D >= 1 && cfg_.Dv >= 1, fn, ": config.D and config.Dv must be >= 1, got D=", cfg_.D, ", Dv=", cfg_.Dv);
-    const std::int64_t H = cfg_.Hkv, C = cfg_.capacity, D = cfg_.D, Dv = cfg_.Dv;
-    length_.assign(static_cast<std::size_t>(H), 0);
-    qlength_.assign(static_cast<std::size_t>(H), 0);
-    pos_ = tensor<std::int64_t, 2>({H, C});
-    rot_ = tensor<std::int64_t, 2>({H, C});
     switch (cfg_.kind) {
-      case storage::f32: kf_ = tensor<float, 3>({H, C, D}), vf_ = tensor<float, 3>({H, C, Dv}); break;
-      case storage::f16: kh_ = tensor<f16, 3>({H, C, D}), vh_ = tensor<f16, 3>({H, C, Dv}); break;
-      case storage::bf16: kb_ = tensor<bf16, 3>({H, C, D}), vb_ = tensor<bf16, 3>({H, C, Dv}); break;
+      case storage::f32:
+      case storage::f16:
+      case storage::bf16: break;
       case storage::int8:
       case storage::int4: {
         const quant_options& q = cfg_.quant;
         require(q.key_group >= 1, fn, ": config.quant.key_group must be >= 1, got ", q.key_group);
         require(q.residual >= q.key_group, fn, ": config.quant.residual must be >= key_group (", q.key_group,
                 "), got ", q.residual);
-        require(q.value_group >= 1 && (q.value_group % value_group_multiple == 0 || q.value_group >= Dv), fn,
-                ": config.quant.value_group must be a multiple of ", value_group_multiple, " or >= Dv (", Dv,
+        require(q.value_group >= 1 && (q.value_group % value_group_multiple == 0 || q.value_group >= cfg_.Dv), fn,
+                ": config.quant.value_group must be a multiple of ", value_group_multiple, " or >= Dv (", cfg_.Dv,
                 "), got ", q.value_group);
-        const int bits = storage_bits(cfg_.kind);
-        kcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, D)});
-        vcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, Dv)});
-        vscale_ = tensor<float, 3>({H, value_groups(), C});
-        vmin_ = tensor<float, 3>({H, value_groups(), C});
-        rk_ = tensor<float, 3>({H, q.residual, D});
-        rv_ = tensor<float, 3>({H, q.residual, Dv});
-        kscale_.assign(static_cast<std::size_t>(H), {});
-        kmin_.assign(static_cast<std::size_t>(H), {});
-        glen_.assign(static_cast<std::size_t>(H), {});
         break;
       }
       default: detail::fail(fn, ": config.kind is not a storage kind: ", static_cast<int>(cfg_.kind));
     }
+    try {
+      allocate();
+    } catch (const error& e) {  // a size that overflows or memory that is not there (core/tensor.hpp)
+      detail::fail(fn, ": config (Hkv = ", cfg_.Hkv, ", capacity = ", cfg_.capacity, ", D = ", cfg_.D, ", Dv = ", cfg_.Dv,
+                   ", ", storage_name(cfg_.kind), ") cannot be allocated: ", e.what());
+    }
   }
+
+ private:
+  // The buffers of a validated configuration. tensor throws mnemo::error on a size that overflows or
+  // a failed allocation; the per-head vectors are sized after the tensors.
+  void allocate() {
+    const std::int64_t H = cfg_.Hkv, C = cfg_.capacity, D = cfg_.D, Dv = cfg_.Dv;
+    pos_ = tensor<std::int64_t, 2>({H, C});
+    rot_ = tensor<std::int64_t, 2>({H, C});
+    if (cfg_.kind == storage::f32) kf_ = tensor<float, 3>({H, C, D}), vf_ = tensor<float, 3>({H, C, Dv});
+    if (cfg_.kind == storage::f16) kh_ = tensor<f16, 3>({H, C, D}), vh_ = tensor<f16, 3>({H, C, Dv});
+    if (cfg_.kind == storage::bf16) kb_ = tensor<bf16, 3>({H, C, D}), vb_ = tensor<bf16, 3>({H, C, Dv});
+    if (is_quantized(cfg_.kind)) {
+      const int bits = storage_bits(cfg_.kind);
+      kcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, D)});
+      vcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, Dv)});
+      vscale_ = tensor<float, 3>({H, value_groups(), C});
+      vmin_ = tensor<float, 3>({H, value_groups(), C});
+      rk_ = tensor<float, 3>({H, cfg_.quant.residual, D});
+      rv_ = tensor<float, 3>({H, cfg_.quant.residual, Dv});
+      kscale_.assign(static_cast<std::size_t>(H), {});
+      kmin_.assign(static_cast<std::size_t>(H), {});
+      glen_.assign(static_cast<std::size_t>(H), {});
+    }
+    length_.assign(static_cast<std::size_t>(H), 0);
+    qlength_.assign(static_cast<std::size_t>(H), 0);
+  }
+
+ public:
 
   // ---- sizes --------------------------------------------------------------------------------
   storage kind() const { return cfg_.kind; }
