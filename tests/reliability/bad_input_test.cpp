@@ -98,4 +98,23 @@ TEST(Issue16, D04_NarrowOverflowThrows) {
   EXPECT_EQ(v.narrow(0, 4, 0).extent(0), 0);
 }
 
+// ------------------------------------------------------------------------------------------------
+// 13. A thread count far beyond the machine is clamped (it made libgomp exit the process).
+
+TEST(Issue16, D13_HugeThreadCountIsClamped) {
+  EXPECT_LT(resolve_threads(20000), 20000);  // on any machine of fewer than 2500 processors
+  EXPECT_GE(resolve_threads(20000), 1);
+  const tensor<float, 4> oa = random_tensor<float, 4>({2, 4, 8, 16}, 18), ob = random_tensor<float, 4>({2, 4, 8, 16}, 19);
+  const tensor<float, 3> la = random_tensor<float, 3>({2, 4, 8}, 20), lb = random_tensor<float, 3>({2, 4, 8}, 21);
+  tensor<float, 4> one({2, 4, 8, 16}), many({2, 4, 8, 16});
+  att::merge(cview(oa), cview(la), cview(ob), cview(lb), one.as_view(), {}, 1);
+  att::merge(cview(oa), cview(la), cview(ob), cview(lb), many.as_view(), {}, 20000);
+  EXPECT_EQ(mnemo::test::max_abs_diff(one, many), 0.0);
+  const qkv in(1, 2, 2, 70, 70, 16, 16, 22);
+  tensor<float, 4> a(in.out_shape()), b(in.out_shape());
+  att::flash(cview(in.q), in.k, in.v, a.as_view(), {}, att::mods::causal{}, {.threads = 1});
+  att::flash(cview(in.q), in.k, in.v, b.as_view(), {}, att::mods::causal{}, {.threads = 20000});
+  EXPECT_EQ(mnemo::test::max_abs_diff(a, b), 0.0);
+}
+
 }  // namespace
