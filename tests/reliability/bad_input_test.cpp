@@ -117,4 +117,27 @@ TEST(Issue16, D13_HugeThreadCountIsClamped) {
   EXPECT_EQ(mnemo::test::max_abs_diff(a, b), 0.0);
 }
 
+// ------------------------------------------------------------------------------------------------
+// 15. npy headers whose shape is not a tuple.
+
+TEST(Issue16, D15_NpyShapeMustBeATuple) {
+  const mnemo::test::scratch_dir dir("bad_input");
+  auto write = [&](const std::string& dict) {
+    std::string header = dict;
+    header.append((64 - (10 + header.size() + 1) % 64) % 64, ' ');
+    header += '\n';
+    const std::string path = dir.file("a.npy");
+    std::ofstream f(path, std::ios::binary);
+    f << "\x93NUMPY" << '\x01' << '\x00' << static_cast<char>(header.size() & 0xff)
+      << static_cast<char>(header.size() >> 8) << header << std::string(48, '\0');
+    return path;
+  };
+  expect_error([&] { (void)npy::load(write("{'descr': '<f4', 'fortran_order': False, 'shape': 12, }")); },
+               {"npy: ", "header 'shape' must be a tuple such as (2, 3), got 12"});
+  expect_error([&] { (void)npy::load(write("{'descr': '<f4', 'fortran_order': False, 'shape': [12], }")); },
+               {"npy: ", "'shape' must be a tuple", "got [12]"});
+  EXPECT_EQ(npy::load(write("{'descr': '<f4', 'fortran_order': False, 'shape': (12,), }")).shape,
+            (std::vector<std::int64_t>{12}));
+}
+
 }  // namespace
