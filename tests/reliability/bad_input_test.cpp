@@ -99,6 +99,43 @@ TEST(Issue16, D04_NarrowOverflowThrows) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 5. A huge sliding window is no window: every path agrees with causal, also with Lq > Lk (query
+// rows at negative positions).
+
+TEST(Issue16, D05_HugeSlidingWindowIsCausal) {
+  const att::mods::sliding_window huge{int64_max};
+  for (const auto& [Lq, Lk] : {std::pair<std::int64_t, std::int64_t>{12, 8}, {5, 40}, {16, 16}}) {
+    SCOPED_TRACE("Lq=" + std::to_string(Lq) + " Lk=" + std::to_string(Lk));
+    const qkv in(1, 4, 2, Lq, Lk, 16, 8, 5);
+    tensor<float, 4> want(in.out_shape());
+    tensor<float, 3> want_lse(in.lse_shape());
+    att::reference(cview(in.q), in.k, in.v, want.as_view(), want_lse.as_view(), att::mods::causal{});
+    for (att::path p : all_paths) {
+      SCOPED_TRACE(static_cast<int>(p));
+      tensor<float, 4> out(in.out_shape());
+      tensor<float, 3> lse(in.lse_shape());
+      att::attend(cview(in.q), in.k, in.v, out.as_view(), lse.as_view(), huge, {}, p);
+      expect_close(out, want, 1e-5, 1e-4, "out");
+      expect_close(lse, want_lse, 1e-5, 1e-4, "lse");
+    }
+  }
+  // Prefill rows over several tiles (flash), and the sparse kernels' bulk window masker.
+  const std::int64_t L = 150;
+  const qkv in(1, 2, 2, L, L, 16, 16, 6);
+  tensor<float, 4> want(in.out_shape()), out(in.out_shape());
+  tensor<float, 3> want_lse(in.lse_shape()), lse(in.lse_shape());
+  att::reference(cview(in.q), in.k, in.v, want.as_view(), want_lse.as_view(), att::mods::causal{});
+  att::flash(cview(in.q), in.k, in.v, out.as_view(), lse.as_view(), huge);
+  expect_close(out, want, 1e-5, 1e-4, "flash out");
+  const att::sparse::block_layout layout = att::sparse::layout_of(huge, L, 16, 16);
+  att::flash(cview(in.q), in.k, in.v, out.as_view(), lse.as_view(), att::sparse::block_sparse{&layout, huge});
+  expect_close(out, want, 1e-5, 1e-4, "flash, block_sparse window out");
+  expect_close(lse, want_lse, 1e-5, 1e-4, "flash, block_sparse window lse");
+  att::sparse::attention(cview(in.q), in.k, in.v, out.as_view(), lse.as_view(), att::sparse::block_sparse{&layout, huge});
+  expect_close(out, want, 1e-5, 1e-4, "sparse::attention, window out");
+}
+
+// ------------------------------------------------------------------------------------------------
 // 13. A thread count far beyond the machine is clamped (it made libgomp exit the process).
 
 TEST(Issue16, D13_HugeThreadCountIsClamped) {
