@@ -136,6 +136,16 @@ TEST(Issue16, D05_HugeSlidingWindowIsCausal) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 12. attend with a path that is not one.
+
+TEST(Issue16, D12_UnknownPathThrows) {
+  const qkv in(1, 2, 2, 4, 4, 8, 8, 17);
+  tensor<float, 4> out(in.out_shape());
+  expect_error([&] { att::attend(cview(in.q), in.k, in.v, out.as_view(), {}, att::mods::none{}, {}, static_cast<att::path>(7)); },
+               {"attention::attend: p must be path::automatic, reference, flash or decode, got 7"});
+}
+
+// ------------------------------------------------------------------------------------------------
 // 13. A thread count far beyond the machine is clamped (it made libgomp exit the process).
 
 TEST(Issue16, D13_HugeThreadCountIsClamped) {
