@@ -512,7 +512,7 @@ inline void check_bad_common(member m) {
                  {name.c_str(), "options.threads must be >= 0, got -1"});
     expect_error([&] { call(p.q, p.k, p.v, o, state, {.scale = std::numeric_limits<float>::quiet_NaN()}, i); },
                  {name.c_str(), "options.scale must be finite"});
-    expect_error([&] { call(p.q, p.k, p.v, {}, state, {}, i); }, {name.c_str(), "must be non-empty"});
+    expect_error([&] { call(p.q, p.k, p.v, {}, state, {}, i); }, {name, "o must have shape [1, 2, 10, 6] [B, H, L, Dv]"});
     if (m != member::linear_attn) {
       expect_error([&] { call(p.q, p.k, p.v, o, state, {.map = linear::feature_map::relu}, i); },
                    {name.c_str(), "options.map must be identity", "relu"});

@@ -136,6 +136,81 @@ TEST(Issue16, D05_HugeSlidingWindowIsCausal) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 10. Zero-size tensors and zero-size views follow one rule: valid; a null view with elements is
+// rejected naming the argument and its shape.
+
+TEST(Issue16, D10_ZeroSizeAttentionTensorsWork) {
+  for (const shape_t<3> s : {shape_t<3>{0, 4, 6}, shape_t<3>{1, 0, 6}, shape_t<3>{1, 4, 0}}) {  // B, Lq, Lk
+    SCOPED_TRACE("B, Lq, Lk = " + shape_string(s));
+    const qkv in(s[0], 2, 1, s[1], s[2], 8, 8, 14);
+    for (att::path p : all_paths) {
+      tensor<float, 4> out(in.out_shape());
+      tensor<float, 3> lse(in.lse_shape());
+      std::fill(out.begin(), out.end(), 7.0f);
+      att::attend(cview(in.q), in.k, in.v, out.as_view(), lse.as_view(), att::mods::none{}, {}, p);
+      for (float x : out) EXPECT_EQ(x, 0.0f);  // Lk = 0: no key, out = 0 and lse = -inf
+      for (float x : lse) EXPECT_EQ(x, neg_inf);
+    }
+  }
+  // The same shapes as views of memory give the same.
+  std::vector<float> mem(64, 1.0f);
+  const view<const float, 4> q(mem.data(), {1, 2, 4, 8}), kv0(mem.data(), {1, 1, 0, 8});
+  tensor<float, 4> out({1, 2, 4, 8});
+  att::flash(q, kv0, kv0, out.as_view());
+  for (float x : out) EXPECT_EQ(x, 0.0f);
+}
+
+TEST(Issue16, D10_NullViewWithElementsNamesTheArgument) {
+  const qkv in(1, 2, 2, 4, 4, 8, 8, 15);
+  tensor<float, 4> out(in.out_shape());
+  const view<const float, 4> null_k(nullptr, {1, 2, 4, 8});
+  for (att::path p : all_paths)
+    expect_error([&] { att::attend(cview(in.q), null_k, cview(in.v), out.as_view(), {}, att::mods::none{}, {}, p); },
+                 {"attention::", "k [B, Hkv, Lk, D] must be a view of memory, got a null view of shape [1, 2, 4, 8]"});
+  expect_error([&] { lin::linear_attn(cview(in.q), null_k, cview(in.v), out.as_view()); },
+               {"linear::linear_attn: k [B, H, L, Dk] must be a view of memory", "[1, 2, 4, 8]"});
+  kv::layer_cache c({.Hkv = 2, .capacity = 8, .D = 8});
+  expect_error([&] { c.append(view<const float, 3>(nullptr, {2, 1, 8}), tensor<float, 3>({2, 1, 8})); },
+               {"kvcache::layer_cache::append: k [Hkv, n, D] must be a view of memory", "[2, 1, 8]"});
+  // A default-constructed (all-zero shape) view is a zero-size view: the shape check names it.
+  expect_error([&] { att::flash(cview(in.q), in.k, in.v, view<float, 4>{}); },
+               {"attention::flash: out must have shape [1, 2, 4, 8] [B, Hq, Lq, Dv], got [0, 0, 0, 0]"});
+}
+
+TEST(Issue16, D10_ZeroSizeLinearCacheAndMergeTensorsWork) {
+  // linear, L = 0: no output, the state passes through unchanged.
+  const tensor<float, 4> q({1, 2, 0, 8}), k({1, 2, 0, 8}), v({1, 2, 0, 8});
+  tensor<float, 4> o({1, 2, 0, 8});
+  tensor<float, 4> state = random_tensor<float, 4>({1, 2, 8, 8}, 16);
+  const tensor<float, 4> state0 = state;
+  for (lin::form f : {lin::form::chunked, lin::form::recurrent}) {
+    lin::linear_attn(q, k, v, o.as_view(), state.as_view(), {.path = f});
+    lin::simple_gla(q, k, v, tensor<float, 3>({1, 2, 0}), o.as_view(), state.as_view(), {.path = f});
+  }
+  EXPECT_EQ(mnemo::test::max_abs_diff(state, state0), 0.0);
+
+  // append n = 0, gather of no slot.
+  kv::layer_cache c({.Hkv = 2, .capacity = 8, .D = 8});
+  c.append(tensor<float, 3>({2, 0, 8}), tensor<float, 3>({2, 0, 8}));
+  EXPECT_EQ(c.max_length(), 0);
+  c.append(tensor<float, 3>({2, 3, 8}), tensor<float, 3>({2, 3, 8}));
+  tensor<float, 2> none_k({0, 8}), none_v({0, 8});
+  c.gather(1, {}, none_k.as_view(), none_v.as_view());
+  EXPECT_EQ(c.length(1), 3);
+
+  // merge of zero-size parts, two-way and N-way.
+  const tensor<float, 4> oa({0, 2, 1, 8}), ob({0, 2, 1, 8});
+  const tensor<float, 3> la({0, 2, 1}), lb({0, 2, 1});
+  tensor<float, 4> out({0, 2, 1, 8});
+  tensor<float, 3> lse({0, 2, 1});
+  att::merge(cview(oa), cview(la), cview(ob), cview(lb), out.as_view(), lse.as_view());
+  const view<const float, 4> outs[] = {cview(oa), cview(ob)};
+  const view<const float, 3> lses[] = {cview(la), cview(lb)};
+  att::merge(std::span<const view<const float, 4>>(outs), std::span<const view<const float, 3>>(lses), out.as_view(),
+             lse.as_view());
+}
+
+// ------------------------------------------------------------------------------------------------
 // 12. attend with a path that is not one.
 
 TEST(Issue16, D12_UnknownPathThrows) {

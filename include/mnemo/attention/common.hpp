@@ -36,12 +36,18 @@ dims check_args(const char* fn, const view<Q, 4>& q, const view<const KV, 4>& k,
                 const view<O, 4>& out, const view<float, 3>& lse, const Mod& mod, const options& opt) {
   static_assert(is_kv_type_v<KV>, "attention: K/V elements must be float, mnemo::f16 or mnemo::bf16");
   using mnemo::detail::require;
-  require(!q.empty() && !k.empty() && !v.empty() && !out.empty(), fn,
-          ": q, k, v and out must all be non-empty views");
+  // Zero-size arguments are valid (B, Lq or Lk = 0; a zero-size tensor has no buffer); a null view
+  // with elements is not.
+  mnemo::detail::require_data(fn, "q", q, " [B, Hq, Lq, D]");
+  mnemo::detail::require_data(fn, "k", k, " [B, Hkv, Lk, D]");
+  mnemo::detail::require_data(fn, "v", v, " [B, Hkv, Lk, Dv]");
+  mnemo::detail::require_data(fn, "out", out, " [B, Hq, Lq, Dv]");
   const std::int64_t B = q.extent(0), Hq = q.extent(1), Lq = q.extent(2), D = q.extent(3);
   const std::int64_t Hkv = k.extent(1), Lk = k.extent(2), Dv = v.extent(3);
-  require(D >= 1 && Dv >= 1, fn, ": head dims must be >= 1, got D=", D, ", Dv=", Dv);
-  require(Hq >= 1 && Hkv >= 1, fn, ": head counts must be >= 1, got Hq=", Hq, ", Hkv=", Hkv);
+  require(D >= 1 && Dv >= 1, fn, ": head dims q.shape[3] (D) and v.shape[3] (Dv) must be >= 1, got D=", D, ", Dv=", Dv,
+          " (q ", shape_string(q.shape()), ", v ", shape_string(v.shape()), ")");
+  require(Hq >= 1 && Hkv >= 1, fn, ": head counts q.shape[1] (Hq) and k.shape[1] (Hkv) must be >= 1, got Hq=", Hq,
+          ", Hkv=", Hkv);
   mnemo::detail::require_shape(fn, "k", k, {B, Hkv, Lk, D}, " [B, Hkv, Lk, D] (B and D from q)");
   mnemo::detail::require_shape(fn, "v", v, {B, Hkv, Lk, Dv}, " [B, Hkv, Lk, Dv] (B, Hkv, Lk from k)");
   require(Hq % Hkv == 0, fn, ": q.shape[1] (Hq) must be a multiple of k.shape[1] (Hkv), got Hq=", Hq,

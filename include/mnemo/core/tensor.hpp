@@ -293,6 +293,15 @@ using element_t = std::remove_const_t<typename decltype(cview(std::declval<const
 
 namespace detail {
 
+// Boundary check for an argument that must be there: a null view is accepted only when it has no
+// elements (a zero-size tensor owns no buffer), so a zero-size tensor and a zero-size view of some
+// memory follow one rule. `dims` names the dimensions, e.g. " [B, Hq, Lq, D]".
+template <class T, int R>
+void require_data(const char* fn, const char* name, const view<T, R>& v, const char* dims = "") {
+  if (v.empty() && v.size() != 0)
+    fail(fn, ": ", name, dims, " must be a view of memory, got a null view of shape ", shape_string(v.shape()));
+}
+
 // Boundary check used by entry points: `name` has exactly `want` as its shape.
 template <class T, int R>
 void require_shape(const char* fn, const char* name, const view<T, R>& v, const std::type_identity_t<shape_t<R>>& want,

@@ -213,7 +213,9 @@ class layer_cache {
               std::span<const std::int64_t> positions) {  // [n]
     constexpr const char* fn = "kvcache::layer_cache::append";
     using detail::require;
-    require(!k.empty() && !v.empty(), fn, ": k and v must be non-empty views");
+    require(cfg_.capacity >= 1, fn, ": the cache is not configured (default-constructed layer_cache)");
+    detail::require_data(fn, "k", k, " [Hkv, n, D]");
+    detail::require_data(fn, "v", v, " [Hkv, n, Dv]");
     const std::int64_t n = k.extent(1);
     detail::require_shape(fn, "k", k, {cfg_.Hkv, n, cfg_.D}, " [Hkv, n, D] (Hkv, D from the cache)");
     detail::require_shape(fn, "v", v, {cfg_.Hkv, n, cfg_.Dv}, " [Hkv, n, Dv] (n from k)");
@@ -258,7 +260,8 @@ class layer_cache {
     constexpr const char* fn = "kvcache::layer_cache::gather";
     const std::size_t hi = check_head(fn, h);
     const std::int64_t n = static_cast<std::int64_t>(slots.size());
-    detail::require(!k.empty() && !v.empty(), fn, ": k and v must be non-empty views");
+    detail::require_data(fn, "k", k, " [slots.size(), D]");
+    detail::require_data(fn, "v", v, " [slots.size(), Dv]");
     detail::require_shape(fn, "k", k, {n, cfg_.D}, " [slots.size(), D]");
     detail::require_shape(fn, "v", v, {n, cfg_.Dv}, " [slots.size(), Dv]");
     for (std::int64_t i = 0; i < n; ++i)

@@ -84,7 +84,8 @@ inline attention::dims check_args(const char* fn, const layer_cache& c, view<con
                                   view<float, 2> lse, const attention::options& opt, const column_sums& cs) {
   using mnemo::detail::require;
   require(c.capacity() >= 1, fn, ": the cache is not configured (default-constructed layer_cache)");
-  require(!q.empty() && !out.empty(), fn, ": q and out must be non-empty views");
+  mnemo::detail::require_data(fn, "q", q, " [Hq, Lq, D]");
+  mnemo::detail::require_data(fn, "out", out, " [Hq, Lq, Dv]");
   const std::int64_t Hq = q.extent(0), Lq = q.extent(1), Hkv = c.num_heads(), D = c.head_dim(), Dv = c.value_dim();
   require(q.extent(2) == D, fn, ": q.shape[2] must be the cache's D = ", D, ", got ", q.extent(2));
   require(Hq >= 1 && Hq % Hkv == 0, fn, ": q.shape[0] (Hq) must be a positive multiple of the cache's Hkv = ", Hkv,

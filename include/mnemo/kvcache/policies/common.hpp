@@ -102,8 +102,9 @@ inline void check_budget(const char* fn, std::int64_t budget, std::int64_t at_le
 // decoder changes anything; returns the group size G = Hq / Hkv.
 template <class Length>
 std::int64_t check_step_probs(const char* fn, const view<const float, 2>& probs, std::int64_t Hkv, Length&& length) {
-  require(!probs.empty() && probs.extent(0) % Hkv == 0, fn,
-          ": probs [Hq, L] must be non-empty with Hq a multiple of Hkv = ", Hkv, ", got ", shape_string(probs.shape()));
+  mnemo::detail::require_data(fn, "probs", probs, " [Hq, L]");
+  require(probs.extent(0) >= 1 && probs.extent(0) % Hkv == 0, fn, ": probs [Hq, L] must have Hq a positive multiple of Hkv = ",
+          Hkv, ", got ", shape_string(probs.shape()));
   for (std::int64_t h = 0; h < Hkv; ++h)
     require(length(h) <= probs.extent(1), fn, ": probs.shape[1] must be >= length(", h, ") = ", length(h), ", got ",
             probs.extent(1));
