@@ -59,6 +59,36 @@ struct qkv {
 const att::path all_paths[] = {att::path::reference, att::path::flash, att::path::decode};
 
 // ------------------------------------------------------------------------------------------------
+// 2. A kv head with no slot (AdaKV with alpha 0 can make one): empty selections, no assertion.
+
+TEST(Issue16, D02_EmptyKvHeadGivesEmptySelection) {
+  float unused = 0;
+  const kv::selection top = kv::top_budget(view<const float, 2>(&unused, {2, 0}), 3);
+  ASSERT_EQ(top.num_heads(), 2);
+  EXPECT_EQ(top.kept(0), 0);
+  EXPECT_EQ(top.kept(1), 0);
+
+  // h2o: head 0 empty, head 1 with three slots.
+  kv::policies::h2o::decoder h2o(2, 1);
+  for (int j = 0; j < 3; ++j) h2o.append(1);
+  tensor<float, 2> probs({2, 3});
+  probs(1, 0) = 0.5f, probs(1, 1) = 0.2f, probs(1, 2) = 0.3f;
+  h2o.observe(probs);
+  const kv::selection a = h2o.select(2);
+  ASSERT_EQ(a.num_heads(), 2);
+  EXPECT_EQ(a.kept(0), 0);
+  EXPECT_EQ(a.heads[1], (std::vector<std::int64_t>{0, 2}));  // the recent slot 2 and the top score 0
+
+  // tova: every head empty (the same slots in every head is TOVA's rule).
+  kv::policies::tova::decoder tova(2);
+  tova.observe(tensor<float, 2>({2, 0}));
+  const kv::selection b = tova.select(4);
+  ASSERT_EQ(b.num_heads(), 2);
+  EXPECT_EQ(b.kept(0), 0);
+  EXPECT_EQ(b.kept(1), 0);
+}
+
+// ------------------------------------------------------------------------------------------------
 // 3. Sizes that overflow, and allocations that fail, throw instead of leaving a null buffer.
 
 TEST(Issue16, D03_OverflowingTensorSizeThrows) {

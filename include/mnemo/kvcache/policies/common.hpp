@@ -220,7 +220,7 @@ class scored_slots {
       const std::int64_t n = length(h);
       group_.assign(static_cast<std::size_t>(n), 0.0f);
       for (std::int64_t g = 0; g < G; ++g) {
-        const float* p = probs.ptr(h * G + g, 0);
+        const float* p = probs.ptr(h * G + g);  // not ptr(.., 0): every head may hold no slot
         for (std::int64_t j = 0; j < n; ++j) group_[static_cast<std::size_t>(j)] += p[j];
       }
       f(h, group_.data(), n);
