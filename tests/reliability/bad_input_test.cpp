@@ -166,6 +166,77 @@ TEST(Issue16, D05_HugeSlidingWindowIsCausal) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 8. Aliasing: an output overlapping an input it is still reading is rejected; out may be q itself.
+
+TEST(Issue16, D08_AttentionOutOverlappingKOrVThrows) {
+  const qkv in(1, 2, 2, 20, 20, 16, 16, 8);
+  tensor<float, 4> k = in.k, v = in.v;
+  for (att::path p : all_paths) {
+    const std::string fn = p == att::path::reference ? "attention::reference"
+                           : p == att::path::flash   ? "attention::flash"
+                                                     : "attention::decode";
+    const std::int64_t Lq = p == att::path::decode ? 16 : 20;
+    const view<float, 4> out_in_v(v.data() + 16, {1, 2, Lq, 16});  // shifted by one row
+    const view<float, 4> out_in_k(k.data(), {1, 2, Lq, 16});
+    const view<const float, 4> q = cview(in.q).narrow(2, 0, Lq);
+    expect_error([&] { att::attend(q, cview(k), cview(v), out_in_v, {}, att::mods::none{}, {}, p); },
+                 {fn, "out [1, 2, " + std::to_string(Lq) + ", 16] and v [1, 2, 20, 16] must not overlap"});
+    expect_error([&] { att::attend(q, cview(k), cview(v), out_in_k, {}, att::mods::causal{}, {}, p); },
+                 {fn, "out", "and k", "must not overlap"});
+    tensor<float, 4> out({1, 2, Lq, 16});
+    const view<float, 3> lse_in_q(const_cast<float*>(in.q.data()), {1, 2, Lq});
+    expect_error([&] { att::attend(q, cview(k), cview(v), out.as_view(), lse_in_q, att::mods::none{}, {}, p); },
+                 {fn, "lse [1, 2, " + std::to_string(Lq) + "] and q", "must not overlap"});
+  }
+  // out overlapping q other than as q itself.
+  tensor<float, 4> buffer({1, 2, 21, 16});
+  const view<const float, 4> q(buffer.data(), {1, 2, 20, 16}, {2 * 21 * 16, 21 * 16, 16, 1});
+  const view<float, 4> out(buffer.data() + 16, {1, 2, 20, 16}, {2 * 21 * 16, 21 * 16, 16, 1});
+  expect_error([&] { att::flash(q, in.k, in.v, out); }, {"attention::flash", "out", "and q", "may be q itself"});
+}
+
+TEST(Issue16, D08_AttentionInPlaceOverQIsExact) {
+  // out = q (the same view) is allowed: every kernel reads a query row before writing its output row.
+  const qkv in(1, 4, 2, 150, 150, 16, 16, 9);
+  const qkv dec(1, 4, 2, 13, 150, 16, 16, 10);
+  auto in_place = [](const tensor<float, 4>& q0, auto&& run) {
+    tensor<float, 4> separate(q0.shape()), buffer = q0;
+    run(cview(q0), separate.as_view());
+    run(cview(buffer), buffer.as_view());
+    EXPECT_EQ(mnemo::test::max_abs_diff(buffer, separate), 0.0);
+  };
+  for (att::path p : {att::path::reference, att::path::flash})
+    in_place(in.q, [&](auto q, auto out) { att::attend(q, in.k, in.v, out, {}, att::mods::causal{}, {}, p); });
+  in_place(dec.q, [&](auto q, auto out) { att::decode(q, dec.k, dec.v, out, {}, att::mods::causal{}); });
+  in_place(in.q, [&](auto q, auto out) { att::topk_attention(q, in.k, in.v, 8, out); });
+  const att::sparse::block_layout layout = att::sparse::layout_of(att::mods::causal{}, 150, 16, 16);
+  in_place(in.q, [&](auto q, auto out) {
+    att::sparse::attention(q, in.k, in.v, out, {}, att::sparse::block_sparse{&layout, att::mods::causal{}});
+  });
+}
+
+TEST(Issue16, D08_LinearOutputOverlappingAnInputThrows) {
+  const std::int64_t B = 1, H = 2, L = 40, D = 8;
+  const tensor<float, 4> q = random_tensor<float, 4>({B, H, L, D}, 11), k = random_tensor<float, 4>({B, H, L, D}, 12);
+  tensor<float, 4> v = random_tensor<float, 4>({B, H, L, D}, 13);
+  tensor<float, 4> state({B, H, D, D});
+  const tensor<float, 3> g({B, H, L});
+  for (lin::form f : {lin::form::chunked, lin::form::recurrent}) {
+    const lin::options opt{.path = f};
+    expect_error([&] { lin::linear_attn(q, k, cview(v), v.as_view(), {}, opt); },
+                 {"linear::linear_attn: o [1, 2, 40, 8] and v [1, 2, 40, 8] must not overlap"});
+    expect_error([&] { lin::simple_gla(q, k, cview(v), g, v.as_view(), {}, opt); },
+                 {"linear::simple_gla", "o", "and v", "must not overlap"});
+    const view<float, 4> state_in_v(v.data(), {B, H, D, D});
+    tensor<float, 4> o({B, H, L, D});
+    expect_error([&] { lin::linear_attn(q, k, cview(v), o.as_view(), state_in_v, opt); },
+                 {"linear::linear_attn", "state [1, 2, 8, 8] and v", "must not overlap"});
+  }
+  expect_error([&] { lin::reference::simple_gla(q, k, cview(v), g, v.as_view()); },
+               {"linear::reference::simple_gla", "o", "and v"});
+}
+
+// ------------------------------------------------------------------------------------------------
 // 10. Zero-size tensors and zero-size views follow one rule: valid; a null view with elements is
 // rejected naming the argument and its shape.
 

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/core/dtype.hpp"
@@ -30,6 +31,26 @@ struct dims {
 };
 
 namespace detail {
+
+// The aliasing rule of every attention entry point (docs/errors.md): every query row reads all of
+// k and v, so out and lse must not overlap them; out may be q itself, in place (each query row is
+// read before its output row is written), but must not overlap q otherwise; lse overlaps nothing.
+// Views overlap when their memory ranges do (mnemo::overlaps). Only checked when out is an output
+// (the backward passes take the forward's out as a const input).
+template <class Q, class KV, class O>
+void check_aliasing(const char* fn, const view<Q, 4>& q, const view<const KV, 4>& k, const view<const KV, 4>& v,
+                    const view<O, 4>& out, const view<float, 3>& lse) {
+  using mnemo::detail::require_disjoint;
+  if constexpr (!std::is_const_v<O>) {
+    require_disjoint(fn, "out", out, "k", k);
+    require_disjoint(fn, "out", out, "v", v);
+    if (!same_view(out, q)) require_disjoint(fn, "out", out, "q", q, "; out may be q itself (the same view), in place");
+    require_disjoint(fn, "lse", lse, "out", out);
+  }
+  require_disjoint(fn, "lse", lse, "q", q);
+  require_disjoint(fn, "lse", lse, "k", k);
+  require_disjoint(fn, "lse", lse, "v", v);
+}
 
 template <class Q, class KV, class O, class Mod>
 dims check_args(const char* fn, const view<Q, 4>& q, const view<const KV, 4>& k, const view<const KV, 4>& v,
@@ -57,6 +78,7 @@ dims check_args(const char* fn, const view<Q, 4>& q, const view<const KV, 4>& k,
   require(std::isfinite(opt.scale), fn, ": options.scale must be finite, got ", opt.scale);
   require(opt.threads >= 0, fn, ": options.threads must be >= 0, got ", opt.threads);
   mods::validate(mod, fn, Hq, Lq, Lk);
+  check_aliasing(fn, q, k, v, out, lse);
   const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   return {B, Hq, Hkv, Lq, Lk, D, Dv, scale};
 }

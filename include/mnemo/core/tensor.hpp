@@ -7,7 +7,10 @@
 //   tensor<T, R>  owning, row-major, zero-initialised, 64-byte aligned; converts to a view.
 //
 // A default-constructed view is empty (null data): entry points use that for "no such
-// output" (for example an lse that the caller does not want).
+// output" (for example an lse that the caller does not want). A zero-size tensor owns no buffer
+// either, so a required argument with null data is accepted when it has no elements, exactly like
+// a zero-size view of real memory (detail::require_data). overlaps() and same_view() state the
+// aliasing rules of the entry points (docs/errors.md).
 #pragma once
 
 #include <algorithm>
@@ -291,6 +294,30 @@ view<const T, R> cview(const tensor<T, R>& t) {
 template <class X>
 using element_t = std::remove_const_t<typename decltype(cview(std::declval<const X&>()))::value_type>;
 
+// Whether two views share any memory: their byte ranges, from the first element to the end of
+// the last, intersect. A null or zero-size view overlaps nothing. The test is on ranges, so two
+// interleaved views of one buffer (q and k of a packed [B, L, 3, H, D] qkv tensor) overlap.
+template <class A, int RA, class B, int RB>
+bool overlaps(const view<A, RA>& a, const view<B, RB>& b) {
+  auto range = [](const auto& v) -> std::pair<std::uintptr_t, std::uintptr_t> {
+    if (v.data() == nullptr || v.size() == 0) return {0, 0};
+    std::int64_t last = 0;
+    for (int i = 0; i < std::remove_reference_t<decltype(v)>::rank; ++i) last += (v.extent(i) - 1) * v.stride(i);
+    const auto first = reinterpret_cast<std::uintptr_t>(v.data());
+    return {first, first + static_cast<std::uintptr_t>(last + 1) * sizeof(*v.data())};
+  };
+  const auto [a0, a1] = range(a);
+  const auto [b0, b1] = range(b);
+  return a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1;
+}
+
+// Whether two views are the same elements in the same order: one data pointer, shape and strides.
+template <class A, class B, int R>
+bool same_view(const view<A, R>& a, const view<B, R>& b) {
+  return sizeof(A) == sizeof(B) && static_cast<const void*>(a.data()) == static_cast<const void*>(b.data()) &&
+         a.shape() == b.shape() && a.strides() == b.strides();
+}
+
 namespace detail {
 
 // Boundary check for an argument that must be there: a null view is accepted only when it has no
@@ -300,6 +327,16 @@ template <class T, int R>
 void require_data(const char* fn, const char* name, const view<T, R>& v, const char* dims = "") {
   if (v.empty() && v.size() != 0)
     fail(fn, ": ", name, dims, " must be a view of memory, got a null view of shape ", shape_string(v.shape()));
+}
+
+// Boundary check of an aliasing rule: `a` and `b` must not share memory (overlaps() above).
+// `note` may add what is allowed instead, e.g. "; out may be q itself (in place)".
+template <class A, int RA, class B, int RB>
+void require_disjoint(const char* fn, const char* name_a, const view<A, RA>& a, const char* name_b,
+                      const view<B, RB>& b, const char* note = "") {
+  if (overlaps(a, b))
+    fail(fn, ": ", name_a, " ", shape_string(a.shape()), " and ", name_b, " ", shape_string(b.shape()),
+         " must not overlap in memory, got overlapping views", note, " (docs/errors.md, aliasing)");
 }
 
 // Boundary check used by entry points: `name` has exactly `want` as its shape.

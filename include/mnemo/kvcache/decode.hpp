@@ -103,6 +103,14 @@ inline attention::dims check_args(const char* fn, const layer_cache& c, view<con
     require(cs.rows >= 0 && cs.rows <= Lq, fn, ": column_sums.rows must be in [0, Lq = ", Lq, "] (0: all rows), got ",
             cs.rows);
   }
+  // Aliasing (docs/errors.md): no output overlaps q or another output.
+  using mnemo::detail::require_disjoint;
+  require_disjoint(fn, "out", out, "q", q);
+  require_disjoint(fn, "lse", lse, "q", q);
+  require_disjoint(fn, "lse", lse, "out", out);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "q", q);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "out", out);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "lse", lse);
   const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   return {1, Hq, Hkv, Lq, c.max_length(), D, Dv, scale};
 }

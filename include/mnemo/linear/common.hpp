@@ -196,6 +196,17 @@ dims check_common(const char* fn, const view<const T, 4>& q, const view<const T,
   if (!state.empty())
     require_shape(fn, "state", state, {B, H, Df, Ds},
                   opt.normalize ? " [B, H, Df, Dv + 1] (normalize: the last column holds the key sum)" : " [B, H, Dk, Dv]");
+  // Aliasing (docs/errors.md): the chunked form reads a chunk's q, k and v after it has written
+  // rows of o, and form::automatic picks the form by L, so for every form o overlaps no input and
+  // the state (read and written) overlaps neither o nor an input.
+  using mnemo::detail::require_disjoint;
+  require_disjoint(fn, "o", o, "q", q);
+  require_disjoint(fn, "o", o, "k", k);
+  require_disjoint(fn, "o", o, "v", v);
+  require_disjoint(fn, "state", state, "o", o);
+  require_disjoint(fn, "state", state, "q", q);
+  require_disjoint(fn, "state", state, "k", k);
+  require_disjoint(fn, "state", state, "v", v);
   const double default_scale = opt.map == feature_map::taylor2 ? 1.0 : 1.0 / std::sqrt(static_cast<double>(Dk));
   const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(default_scale);
   return {B, H, L, Dk, Dv, Df, Ds, scale, opt.map, opt.use_qk_l2norm, opt.normalize};
