@@ -59,6 +59,27 @@ struct qkv {
 const att::path all_paths[] = {att::path::reference, att::path::flash, att::path::decode};
 
 // ------------------------------------------------------------------------------------------------
+// 1. flash with column sums and out aliasing q: rejected (the sums re-read q after out is written).
+
+TEST(Issue16, D01_ColumnSumsWithOutAliasingQThrows) {
+  const qkv in(1, 2, 2, 12, 12, 16, 16, 1);
+  tensor<float, 4> buffer = in.q;  // q and out in one buffer, in place
+  tensor<float, 3> sums({1, 2, 12});
+  const att::column_sums cs{sums.as_view(), 0};
+  expect_error([&] { att::flash(cview(buffer), in.k, in.v, buffer.as_view(), {}, att::mods::causal{}, {}, cs); },
+               {"attention::flash", "out [1, 2, 12, 16] and q [1, 2, 12, 16] must not overlap", "column_sums"});
+  expect_error([&] { att::reference(cview(buffer), in.k, in.v, buffer.as_view(), {}, att::mods::causal{}, {}, cs); },
+               {"attention::reference", "out", "q", "column_sums"});
+  expect_error([&] { att::decode(cview(buffer), in.k, in.v, buffer.as_view(), {}, att::mods::causal{}, {}, cs); },
+               {"attention::decode", "out", "q", "column_sums"});
+  // The sums themselves overlap nothing either.
+  tensor<float, 4> out(in.out_shape());
+  const view<float, 3> sums_in_out(out.data(), {1, 2, 12});
+  expect_error([&] { att::flash(cview(in.q), in.k, in.v, out.as_view(), {}, att::mods::causal{}, {}, {sums_in_out, 0}); },
+               {"attention::flash", "column_sums.sums [1, 2, 12] and out", "must not overlap"});
+}
+
+// ------------------------------------------------------------------------------------------------
 // 2. A kv head with no slot (AdaKV with alpha 0 can make one): empty selections, no assertion.
 
 TEST(Issue16, D02_EmptyKvHeadGivesEmptySelection) {

@@ -541,7 +541,7 @@ void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
   const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
   mnemo::detail::require(d.Lq <= decode_max_rows, fn, ": q.shape[2] (Lq) must be <= ", decode_max_rows,
                          " (decode_max_rows; use a prefill kernel for more rows), got ", d.Lq);
-  detail::check_column_sums(fn, d, cs);
+  detail::check_column_sums(fn, d, cs, q, k, v, out, lse);
   if (d.B == 0 || d.Lq == 0) {  // no row: nothing attended
     if (cs.wanted() && d.Lk > 0)
       for (std::int64_t b = 0; b < d.B; ++b)

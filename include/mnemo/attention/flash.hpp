@@ -563,7 +563,7 @@ void flash(view<const float, 4> q,   // [B, Hq, Lq, D]
            const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
   constexpr const char* fn = "attention::flash";
   const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
-  detail::check_column_sums(fn, d, cs);
+  detail::check_column_sums(fn, d, cs, q, k, v, out, lse);
   if (!cs.wanted()) {
     const flash_detail::forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse, mod};
     flash_detail::run_items(plan.items(), plan.ws.total, opt.threads,
