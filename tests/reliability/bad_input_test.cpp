@@ -258,6 +258,31 @@ TEST(Issue16, D08_LinearOutputOverlappingAnInputThrows) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 9. A default-constructed layer_cache is a valid empty cache.
+
+TEST(Issue16, D09_DefaultLayerCacheIsEmpty) {
+  const std::vector<kv::layer_cache> caches(2);
+  for (const kv::layer_cache& c : caches) {
+    EXPECT_EQ(c.num_heads(), 1);
+    EXPECT_EQ(c.capacity(), 0);
+    EXPECT_EQ(c.length(0), 0);
+    EXPECT_EQ(c.max_length(), 0);
+    EXPECT_EQ(c.total_length(), 0);
+    EXPECT_TRUE(c.positions(0).empty());
+    EXPECT_EQ(c.bytes(), 0);
+    EXPECT_EQ(c.keys().size(), 0);
+  }
+  kv::layer_cache c;
+  expect_error([&] { c.append(tensor<float, 3>({1, 1, 4}), tensor<float, 3>({1, 1, 4})); },
+               {"kvcache::layer_cache::append", "not configured"});
+  tensor<float, 3> out({1, 1, 4});
+  expect_error([&] { kv::decode(c, tensor<float, 3>({1, 1, 4}), out.as_view()); }, {"kvcache::decode", "not configured"});
+  c = kv::layer_cache({.Hkv = 1, .capacity = 4, .D = 4});  // assigned a configured cache later
+  c.append(tensor<float, 3>({1, 2, 4}), tensor<float, 3>({1, 2, 4}));
+  EXPECT_EQ(c.length(0), 2);
+}
+
+// ------------------------------------------------------------------------------------------------
 // 10. Zero-size tensors and zero-size views follow one rule: valid; a null view with elements is
 // rejected naming the argument and its shape.
 

@@ -104,7 +104,10 @@ class layer_cache {
   // SIMD width the value groups must be a multiple of, so that no batch straddles two groups.
   static constexpr std::int64_t value_group_multiple = 16;
 
-  layer_cache() = default;
+  // A valid empty cache that holds nothing: one kv head of capacity 0 (length(0) = max_length() = 0),
+  // to be assigned a configured cache later (std::vector<layer_cache>(n)). Appending to it and
+  // decoding from it throw mnemo::error ("not configured").
+  layer_cache() : length_(1, 0), qlength_(1, 0) {}
 
   explicit layer_cache(const cache_config& cfg) : cfg_(cfg) {
     constexpr const char* fn = "kvcache::layer_cache";
