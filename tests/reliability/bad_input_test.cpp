@@ -358,6 +358,41 @@ TEST(Issue16, D10_ZeroSizeLinearCacheAndMergeTensorsWork) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 11. Values a quantized cache cannot hold: rejected by name; the largest accepted ones read back
+// finite.
+
+TEST(Issue16, D11_QuantizedCacheRejectsValuesOutsideItsRange) {
+  for (kv::storage kind : {kv::storage::int8, kv::storage::int4}) {
+    SCOPED_TRACE(kv::storage_name(kind));
+    const kv::cache_config cfg{.kind = kind, .Hkv = 1, .capacity = 16, .D = 16, .quant = {4, 16, 4}};
+    kv::layer_cache c(cfg);
+    tensor<float, 3> k({1, 1, 16}), v({1, 1, 16});
+    k(0, 0, 3) = 3e38f;
+    expect_error([&] { c.append(k, v); }, {"kvcache::layer_cache::append: k must be finite with |k| <= ", "got 3e+38",
+                                           "at [0, 0, 3]"});
+    k(0, 0, 3) = 0;
+    v(0, 0, 5) = -3e38f;
+    expect_error([&] { c.append(k, v); }, {"kvcache::layer_cache::append: v must be finite", "got -3e+38"});
+    EXPECT_EQ(c.length(0), 0);
+
+    // +-max_magnitude in one value group and in one key group (4 tokens: one flush) stay finite.
+    const float m = kv::quant::max_magnitude;
+    tensor<float, 3> k4({1, 4, 16}), v4({1, 4, 16});
+    for (std::int64_t t = 0; t < 4; ++t)
+      for (std::int64_t ch = 0; ch < 16; ++ch) {
+        k4(0, t, ch) = (t + ch) % 2 ? m : -m;
+        v4(0, t, ch) = ch % 2 ? m : -m;
+      }
+    c.append(k4, v4);
+    ASSERT_EQ(c.quantized_length(0), 4);
+    for (float x : c.keys()) EXPECT_TRUE(std::isfinite(x)) << x;
+    for (float x : c.values()) EXPECT_TRUE(std::isfinite(x)) << x;
+    expect_close(c.keys(), k4, 0, 1e-6, "keys at +-max_magnitude");
+    expect_close(c.values(), v4, 0, 1e-6, "values at +-max_magnitude");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // 12. attend with a path that is not one.
 
 TEST(Issue16, D12_UnknownPathThrows) {

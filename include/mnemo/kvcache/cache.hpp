@@ -228,7 +228,7 @@ class layer_cache {
       require(length_[static_cast<std::size_t>(h)] + n <= cfg_.capacity, fn, ": kv head ", h, " holds ",
               length_[static_cast<std::size_t>(h)], " tokens; ", n, " more exceed the capacity ", cfg_.capacity,
               " (compact first)");
-    if (is_quantized(cfg_.kind)) require_finite(fn, k, v);
+    if (is_quantized(cfg_.kind)) require_quantizable(fn, k, v);
     if (n == 0) return;
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
       for (std::int64_t t = 0; t < n; ++t) {
@@ -318,8 +318,8 @@ class layer_cache {
     if (is_quantized(cfg_.kind))
       for (std::int64_t j = 0; j < length_[hi]; ++j)
         for (std::int64_t c = 0; c < cfg_.D; ++c)
-          detail::require(std::isfinite(k(j, c)), fn, ": k must be finite for quantized storage, got ", k(j, c),
-                          " at [", j, ", ", c, "]");
+          detail::require(quant::quantizable(k(j, c)), fn, ": k must be finite with |k| <= ", quant::max_magnitude,
+                          " (quant::max_magnitude) for quantized storage, got ", k(j, c), " at [", j, ", ", c, "]");
     for (std::int64_t j = 0; j < length_[hi]; ++j) rot_(h, j) = rotary[static_cast<std::size_t>(j)];
     switch (cfg_.kind) {
       case storage::f32: set_dense_keys<Arch>(kf_, h, k); break;
@@ -440,14 +440,17 @@ class layer_cache {
     return (h * t.extent(1) + slot) * t.extent(2);
   }
 
-  static void require_finite(const char* fn, view<const float, 3> k, view<const float, 3> v) {
+  // Quantized kinds take finite values with |x| <= quant::max_magnitude (quant.hpp: beyond it a
+  // group's range overflows and the codes read back as NaN).
+  static void require_quantizable(const char* fn, view<const float, 3> k, view<const float, 3> v) {
     for (int which = 0; which < 2; ++which) {
       const view<const float, 3>& x = which ? v : k;
       for (std::int64_t h = 0; h < x.extent(0); ++h)
         for (std::int64_t t = 0; t < x.extent(1); ++t)
           for (std::int64_t c = 0; c < x.extent(2); ++c)
-            if (!std::isfinite(x(h, t, c)))
-              detail::fail(fn, ": ", which ? "v" : "k", " must be finite for quantized storage, got ", x(h, t, c),
+            if (!quant::quantizable(x(h, t, c)))
+              detail::fail(fn, ": ", which ? "v" : "k", " must be finite with |", which ? "v" : "k", "| <= ",
+                           quant::max_magnitude, " (quant::max_magnitude) for quantized storage, got ", x(h, t, c),
                            " at [", h, ", ", t, ", ", c, "]");
     }
   }
