@@ -444,4 +444,21 @@ TEST(Issue16, D15_NpyShapeMustBeATuple) {
             (std::vector<std::int64_t>{12}));
 }
 
+// ------------------------------------------------------------------------------------------------
+// 16. Positions at the end of int64.
+
+TEST(Issue16, D16_AppendAtTheLastPositionThrows) {
+  kv::layer_cache c({.Hkv = 1, .capacity = 8, .D = 4});
+  const tensor<float, 3> k({1, 1, 4}), v({1, 1, 4});
+  const std::int64_t last[] = {int64_max};
+  expect_error([&] { c.append(k, v, last); },
+               {"kvcache::layer_cache::append: positions[0] must be < 9223372036854775807", "got 9223372036854775807"});
+  EXPECT_EQ(c.length(0), 0);
+  const std::int64_t before_last[] = {int64_max - 1};
+  c.append(k, v, before_last);
+  EXPECT_EQ(c.next_position(), int64_max);
+  expect_error([&] { c.append(k, v); }, {"kvcache::layer_cache::append: n = 1 tokens at next_position() = 9223372036854775807"});
+  EXPECT_EQ(c.length(0), 1);
+}
+
 }  // namespace

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -186,6 +187,8 @@ class layer_cache {
   }
   // Position the next append without explicit positions gives its first token.
   std::int64_t next_position() const { return next_position_; }
+  // Positions are below this (so next_position() = the largest + 1 fits in std::int64_t).
+  static constexpr std::int64_t max_position = std::numeric_limits<std::int64_t>::max();
 
   // Original positions of head h's slots [length(h)].
   std::span<const std::int64_t> positions(std::int64_t h) const {
@@ -204,7 +207,10 @@ class layer_cache {
   template <class Arch = simd::default_arch>
   void append(view<const float, 3> k,  // [Hkv, n, D]
               view<const float, 3> v) {  // [Hkv, n, Dv]
-    std::vector<std::int64_t> p(static_cast<std::size_t>(k.empty() ? 0 : k.extent(1)));
+    const std::int64_t n = k.extent(1);
+    detail::require(n <= max_position - next_position_, "kvcache::layer_cache::append: n = ", n,
+                    " tokens at next_position() = ", next_position_, " pass the largest position ", max_position);
+    std::vector<std::int64_t> p(static_cast<std::size_t>(std::max<std::int64_t>(n, 0)));
     for (std::size_t i = 0; i < p.size(); ++i) p[i] = next_position_ + static_cast<std::int64_t>(i);
     append<Arch>(k, v, p);
   }
@@ -224,8 +230,11 @@ class layer_cache {
     detail::require_shape(fn, "v", v, {cfg_.Hkv, n, cfg_.Dv}, " [Hkv, n, Dv] (n from k)");
     require(static_cast<std::int64_t>(positions.size()) == n, fn, ": positions must have n = ", n,
             " entries, got ", positions.size());
+    for (std::size_t t = 0; t < positions.size(); ++t)  // next_position() = the largest + 1 must fit
+      require(positions[t] < max_position, fn, ": positions[", t, "] must be < ", max_position,
+              " (next_position() is the largest position + 1), got ", positions[t]);
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h)
-      require(length_[static_cast<std::size_t>(h)] + n <= cfg_.capacity, fn, ": kv head ", h, " holds ",
+      require(n <= cfg_.capacity - length_[static_cast<std::size_t>(h)], fn, ": kv head ", h, " holds ",
               length_[static_cast<std::size_t>(h)], " tokens; ", n, " more exceed the capacity ", cfg_.capacity,
               " (compact first)");
     if (is_quantized(cfg_.kind)) require_quantizable(fn, k, v);
