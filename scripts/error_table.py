@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Generates docs/errors.md: what each public entry point of mnemo checks and the mnemo::error it
-throws, read from the detail::require / detail::fail / require_shape calls in include/mnemo/**.
+throws, read from the detail::require / detail::fail / require_shape / require_data / require_disjoint calls
+in include/mnemo/**, and the rules that hold for every entry point (aliasing, zero sizes, ranges).
 
     /usr/bin/python3 scripts/error_table.py            # rewrites docs/errors.md
     /usr/bin/python3 scripts/error_table.py --check    # exit 1 if docs/errors.md is out of date
@@ -18,13 +19,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 INCLUDE = ROOT / "include" / "mnemo"
 OUT = ROOT / "docs" / "errors.md"
 
-CALL = re.compile(r"(?:mnemo::)?(?:detail::)?\b(require_shape|require|fail)\(")
+CALL = re.compile(r"(?:mnemo::)?(?:detail::)?\b(require_shape|require_data|require_disjoint|require|fail)\(")
 # A function definition opening at the start of a line (after templates/qualifiers), e.g.
 #   void flash(view<const float, 4> q, ...   or   inline dims check_args(const char* fn, ...
 DEF = re.compile(r"^(?:  )?(?:template <[^>]*>\s*)?(?:inline |static |constexpr |\[\[noreturn\]\] )*"
                  r"[\w:<>,\*& ]+?\b([a-z_][a-z0-9_]*)\(")
-KEYWORDS = {"if", "for", "while", "switch", "return", "require", "fail", "require_shape", "static_assert",
-            "sizeof", "decltype", "assert"}
+KEYWORDS = {"if", "for", "while", "switch", "return", "require", "fail", "require_shape", "require_data",
+            "require_disjoint", "static_assert", "sizeof", "decltype", "assert"}
+# Check helpers of core/ that are also keywords above: their definitions (a line that starts with
+# `void`) still open a function.
+HELPER_DEFS = {"require_shape", "require_data", "require_disjoint"}
 
 
 def balanced_args(text, start):
@@ -78,8 +82,11 @@ def enclosing_function(lines, lineno):
         if line.lstrip().startswith("//"):
             continue
         m = DEF.match(line)
-        if m and m.group(1) not in KEYWORDS and not line.startswith("    "):
-            return m.group(1)
+        if m and not line.startswith("    "):
+            if m.group(1) not in KEYWORDS:
+                return m.group(1)
+            if m.group(1) in HELPER_DEFS and re.match(r"\s*void\s", line):
+                return m.group(1)
     return "?"
 
 
@@ -119,6 +126,16 @@ def scan():
                 cond = f"{name}.shape() == {want}"
                 dims = message([args[4]]) if len(args) > 4 else ""
                 msg = "{fn}: " + f"{name} must have shape {want}{dims}, got {{shape}}"
+            elif kind == "require_data" and len(args) >= 3:
+                name = message([args[1]])
+                dims = message([args[3]]) if len(args) > 3 else ""
+                cond = f"{name} has data, or no elements"
+                msg = "{fn}: " + f"{name}{dims} must be a view of memory, got a null view of shape {{shape}}"
+            elif kind == "require_disjoint" and len(args) >= 5:
+                a, b = message([args[1]]), message([args[3]])
+                note = message([args[5]]) if len(args) > 5 else ""
+                cond = f"!overlaps({a}, {b})"
+                msg = "{fn}: " + f"{a} {{shape}} and {b} {{shape}} must not overlap in memory, got overlapping views{note}"
             else:
                 continue
             rows.setdefault(rel, []).append((func, cond, msg))
@@ -149,8 +166,9 @@ the actual value, e.g.
 
     attention::decode: q.shape[2] (Lq) must be <= 16 (decode_max_rows; use a prefill kernel for more rows), got 17
 
-Generated from the `detail::require` / `detail::fail` / `detail::require_shape` calls in
-`include/mnemo/**` by `scripts/error_table.py`; regenerate after changing a check:
+Generated from the `detail::require` / `detail::fail` / `detail::require_shape` /
+`detail::require_data` / `detail::require_disjoint` calls in `include/mnemo/**` by
+`scripts/error_table.py` (the rules below are its header text); regenerate after changing a check:
 
     /usr/bin/python3 scripts/error_table.py            # rewrites this file
     /usr/bin/python3 scripts/error_table.py --check    # fails if it is out of date
@@ -158,6 +176,59 @@ Generated from the `detail::require` / `detail::fail` / `detail::require_shape` 
 Reading the tables: *function* is where the check sits, either the entry point itself or a shared
 helper (`check_args`, `check_common`, ...) that the entry points of the second table call; `fn` is
 the calling entry point's name, which starts every message; `{...}` is a value filled in at run time.
+
+## Aliasing: which arguments may share memory
+
+Two views *overlap* when their memory ranges, from the first element to the end of the last,
+intersect (`mnemo::overlaps`, core/tensor.hpp). The check is on ranges, so two interleaved views of
+one buffer (q and k of a packed `[B, L, 3, H, D]` qkv tensor) overlap even if no element is shared.
+Inputs may overlap each other freely (k and v may be one tensor). For outputs:
+
+- Attention, every entry point that takes `q, k, v, out, lse` (`attention::reference`, `flash`,
+  `decode`, `attend`, `sparse::attention`, `topk_attention`, `loki_attention`, `retrieval_decode`,
+  `quest_decode`, and their `reference_*` forms): `out` and `lse` must not overlap `k` or `v` (every
+  query row reads all of them); `out` may be `q` itself, the same view, in place (each query row is
+  read before its output row is written), but must not overlap `q` in any other way; `lse` overlaps
+  nothing. With `column_sums` wanted (reference, flash, decode) `out` may not be `q` even in place
+  (flash computes the sums from q after out is written) and `column_sums.sums` overlaps nothing.
+  Checked, `attention/common.hpp` `check_aliasing` and `attention/reference.hpp` `check_column_sums`.
+  The backward passes (`flash_backward`, `reference_backward`) take the forward's `out` and
+  `lse` as inputs; their gradients `dq, dk, dv` must overlap each other and every input (not
+  checked).
+- `attention::merge`: `out` and `lse` may be the same views as `out_a`/`lse_a` or `out_b`/`lse_b`
+  (N-way: as one of the parts), in place; no other overlap (not checked: the rows are merged one at
+  a time, so only a partial overlap can go wrong).
+- `kvcache::decode`, `kvcache::reference::decode`: `out`, `lse` and `column_sums.sums` overlap
+  neither `q` nor each other (checked). The cache's own storage cannot alias a view.
+- Linear family (every member, every form, and the `*_step` entry points): `o` overlaps none of
+  `q`, `k`, `v`, and `state` (read and written) overlaps none of `o`, `q`, `k`, `v` (checked,
+  `linear/common.hpp` `check_common`): the chunked form reads a chunk's inputs after writing rows of
+  `o`, and `form::automatic` picks the form from L, so the rule does not depend on the form. Gates
+  (`g`, `beta`, `gamma`) must not overlap `o` or `state` either (not checked).
+- Everything else (memory modules, policies, `kvcache::layer_cache` members, rope): outputs
+  overlap no input, unless the function says "in place" (rope rotates `x` in place).
+
+## Sizes and ranges
+
+- Zero sizes: a zero-size tensor owns no buffer (null data), and is accepted exactly where a
+  zero-size view of real memory is: batch, sequence lengths, `n` of `append`, merge parts. A null
+  view *with* elements is rejected, naming the argument and its shape; a default-constructed view
+  is a zero-size view, so the shape checks name it. Optional outputs (`lse`, `state`, column sums)
+  are "not wanted" when null.
+- Sizes: `tensor` throws `mnemo::error` when the byte count of its shape overflows int64 or the
+  allocation fails (never a null buffer with elements); `kvcache::layer_cache` reports the
+  configuration that could not be allocated. `view::narrow` checks `start + len <= extent` without
+  overflow.
+- Positions: `kvcache::layer_cache::append` takes positions `< INT64_MAX`, so `next_position()` (the
+  largest + 1) always fits.
+- Quantized storage (`int8`, `int4`): every appended (or re-rotated) value must be finite with
+  `|x| <= quant::max_magnitude` (FLT_MAX / 2), so a group's range `max - min` and every dequantized
+  value stay finite floats; the f32, f16 and bf16 kinds store anything.
+- Masks: `sliding_window{size}` works with distances, never `qp - size`, so any positive size is
+  valid and one larger than the sequence is the same as `causal{}`, also with Lq > Lk.
+- Threads: any `threads` request is clamped to `max_threads_per_processor` (8) per processor and to
+  `OMP_THREAD_LIMIT` (`resolve_threads`, core/parallel.hpp); results never depend on the count.
+- `attention::attend` rejects a `path` value that is not one of the enumerators.
 
 ## Numerical behaviour that is not an error
 

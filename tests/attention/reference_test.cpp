@@ -18,6 +18,7 @@
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "support/support.hpp"
 
 namespace {
 
@@ -506,16 +507,7 @@ TEST(Reference, ThreadCountDoesNotChangeResults) {
 
 // ---- bad input: each check throws mnemo::error naming the argument and both values ----------
 
-template <class Fn>
-void expect_error(Fn&& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected mnemo::error";
-  } catch (const mnemo::error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-  }
-}
+using mnemo::test::expect_error;
 
 struct bad_input : ::testing::Test {
   // A valid call: B=1, Hq=4, Hkv=2, Lq=3, Lk=5, D=8, Dv=6.
@@ -557,17 +549,23 @@ TEST_F(bad_input, ShapeMismatches) {
 TEST_F(bad_input, HeadCounts) {
   tensor<float, 4> k3({1, 3, 5, 8}), v3({1, 3, 5, 6});
   expect_error([&] { call(q, k3, v3, out, lse); }, {"Hq", "Hkv", "multiple", "Hq=4", "Hkv=3"});
-  // Zero extents over real memory (a zero-sized tensor has no data, so it is an empty view).
+  // Zero extents: over real memory or as zero-size tensors (no data), the same rule.
   const std::vector<float> buf(1);
   const view<const float, 4> k0(buf.data(), {1, 0, 5, 8}), v0(buf.data(), {1, 0, 5, 6});
   expect_error([&] { attn::reference(q, k0, v0, out, lse); }, {"head counts", "Hkv=0"});
+  expect_error([&] { attn::reference(q, tensor<float, 4>({1, 0, 5, 8}), tensor<float, 4>({1, 0, 5, 6}), out, lse); },
+               {"head counts", "k.shape[1] (Hkv)", "Hkv=0"});
   const view<const float, 4> qd(buf.data(), {1, 4, 3, 0}), kd(buf.data(), {1, 2, 5, 0});
   expect_error([&] { attn::reference(qd, kd, view<const float, 4>(v), out, lse); }, {"head dims", "D=0"});
 }
 
 TEST_F(bad_input, EmptyViewsAndOptions) {
-  expect_error([&] { attn::reference(view<const float, 4>{}, k, v, out.as_view()); }, {"non-empty"});
-  expect_error([&] { attn::reference(q, k, v, view<float, 4>{}); }, {"non-empty"});
+  // A default-constructed view is a zero-size view: the shape checks name it.
+  expect_error([&] { attn::reference(view<const float, 4>{}, k, v, out.as_view()); },
+               {"attention::reference", "q.shape[3] (D)", "D=0"});
+  expect_error([&] { attn::reference(q, k, v, view<float, 4>{}); }, {"out must have shape [1, 4, 3, 6]", "got [0, 0, 0, 0]"});
+  expect_error([&] { attn::reference(view<const float, 4>(nullptr, {1, 4, 3, 8}), k, v, out.as_view()); },
+               {"attention::reference: q [B, Hq, Lq, D] must be a view of memory, got a null view of shape [1, 4, 3, 8]"});
   expect_error([&] { call(q, k, v, out, lse, mods::none{}, {.scale = std::numeric_limits<float>::quiet_NaN()}); },
                {"options.scale", "finite", "nan"});
   expect_error([&] { call(q, k, v, out, lse, mods::none{}, {.scale = std::numeric_limits<float>::infinity()}); },

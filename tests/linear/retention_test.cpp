@@ -52,7 +52,7 @@ TEST(retention, bad_gamma) {
   expect_error([&] { linear::retention(p.q, p.k, p.v, tensor<float, 1>({3}), o); },
                {"linear::retention", "gamma must have shape [2] [H], got [3]"});
   expect_error([&] { linear::retention(p.q, p.k, p.v, view<const float, 1>{}, o); },
-               {"linear::retention", "gamma must be a non-empty view"});
+               {"linear::retention", "gamma must have shape [2] [H], got [0]"});
 }
 
 // gamma = 1 is plain linear attention.

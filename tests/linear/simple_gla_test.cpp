@@ -46,7 +46,7 @@ TEST(simple_gla, bad_gates) {
   expect_error([&] { linear::simple_gla(p.q, p.k, p.v, tensor<float, 3>({1, 2, 9}), o); },
                {"linear::simple_gla", "g must have shape [1, 2, 10] [B, H, L], got [1, 2, 9]"});
   expect_error([&] { linear::simple_gla(p.q, p.k, p.v, view<const float, 3>{}, o); },
-               {"linear::simple_gla", "g must be a non-empty view"});
+               {"linear::simple_gla", "g must have shape [1, 2, 10] [B, H, L], got [0, 0, 0]"});
 }
 
 }  // namespace

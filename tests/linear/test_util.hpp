@@ -23,6 +23,7 @@
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
 #include "mnemo/linear/simple_gla.hpp"
+#include "support/support.hpp"
 
 namespace linear_test {
 
@@ -461,14 +462,9 @@ inline void check_strided(member m) {
 inline void check_golden(const std::string& op) {
   namespace fs = std::filesystem;
   namespace lg = mnemo::linear_golden;
-  const fs::path dir = MNEMO_GOLDEN_DIR;
-  if (!fs::exists(dir / "README.md")) GTEST_SKIP() << "golden cases not found at " << dir;
-  std::vector<fs::path> cases;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.is_directory() && fs::exists(e.path() / "meta.json")) cases.push_back(e.path());
-  std::sort(cases.begin(), cases.end());
+  if (!mnemo::test::golden_available()) GTEST_SKIP() << "golden cases not found at " << mnemo::test::golden_dir();
   int ran = 0;
-  for (const auto& path : cases) {
+  for (const fs::path& path : mnemo::test::golden_cases()) {
     const mnemo::golden::golden_case c(path);
     if (c.op() != op) continue;
     ++ran;
@@ -485,17 +481,7 @@ inline void check_golden(const std::string& op) {
   EXPECT_GT(ran, 0) << "no golden case of op " << op;
 }
 
-// Expects fn() to throw mnemo::error whose message contains every one of `parts`.
-template <class Fn>
-void expect_error(Fn&& fn, std::initializer_list<const char*> parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected mnemo::error mentioning " << *parts.begin();
-  } catch (const mnemo::error& e) {
-    const std::string msg = e.what();
-    for (const char* part : parts) EXPECT_NE(msg.find(part), std::string::npos) << "'" << part << "' not in: " << msg;
-  }
-}
+using mnemo::test::expect_error;
 
 
 
@@ -526,7 +512,7 @@ inline void check_bad_common(member m) {
                  {name.c_str(), "options.threads must be >= 0, got -1"});
     expect_error([&] { call(p.q, p.k, p.v, o, state, {.scale = std::numeric_limits<float>::quiet_NaN()}, i); },
                  {name.c_str(), "options.scale must be finite"});
-    expect_error([&] { call(p.q, p.k, p.v, {}, state, {}, i); }, {name.c_str(), "must be non-empty"});
+    expect_error([&] { call(p.q, p.k, p.v, {}, state, {}, i); }, {name, "o must have shape [1, 2, 10, 6] [B, H, L, Dv]"});
     if (m != member::linear_attn) {
       expect_error([&] { call(p.q, p.k, p.v, o, state, {.map = linear::feature_map::relu}, i); },
                    {name.c_str(), "options.map must be identity", "relu"});

@@ -158,15 +158,15 @@ TEST(compressive, save_load_round_trip) {
   tensor<float, 4> y({2, 2, 12, 6});
   mem::infini_attention(p.q, p.k, p.v, p.beta, st, y, {.segment_len = 4});
   scratch_dir dir("compressive");
-  st.save(dir.prefix("infini_"));
-  const mem::compressive_state back = mem::compressive_state::load(dir.prefix("infini_"));
+  st.save(dir.file("infini_"));
+  const mem::compressive_state back = mem::compressive_state::load(dir.file("infini_"));
   EXPECT_EQ(back.batch(), 2);
   EXPECT_EQ(back.heads(), 2);
   EXPECT_EQ(back.key_dim(), 8);
   EXPECT_EQ(back.value_dim(), 6);
   expect_same_state(back, st, 0, 0, "loaded");
-  mnemo::npy::save(dir.prefix("infini_z.npy"), tensor<float, 3>({2, 2, 7}));
-  expect_error([&] { (void)mem::compressive_state::load(dir.prefix("infini_")); }, {"z.npy", "[2, 2, 8]", "[2, 2, 7]"});
+  mnemo::npy::save(dir.file("infini_z.npy"), tensor<float, 3>({2, 2, 7}));
+  expect_error([&] { (void)mem::compressive_state::load(dir.file("infini_")); }, {"z.npy", "[2, 2, 8]", "[2, 2, 7]"});
 }
 
 TEST(compressive, bad_inputs) {

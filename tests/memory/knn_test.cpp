@@ -186,16 +186,16 @@ TEST(knn, save_load_round_trip) {
   std::mt19937 rng(7);
   const mem::knn_memory m = filled(1, 2, 6, 5, 10, 14, 4, rng);
   scratch_dir dir("knn");
-  m.save(dir.prefix("mem_"));
-  const mem::knn_memory back = mem::knn_memory::load(dir.prefix("mem_"));
+  m.save(dir.file("mem_"));
+  const mem::knn_memory back = mem::knn_memory::load(dir.file("mem_"));
   EXPECT_EQ(back.size(), m.size());
   EXPECT_EQ(back.total_added(), m.total_added());
   EXPECT_EQ(back.capacity(), 10);
   for (std::int64_t s = 0; s < m.size(); ++s) EXPECT_EQ(back.position(s), m.position(s));
   expect_close(back.keys(), m.keys(), 0, 0, "keys");
   expect_close(back.values(), m.values(), 0, 0, "values");
-  mem::detail::save_record(dir.prefix("mem_ring.npy"), {11, 0, 11});
-  expect_error([&] { (void)mem::knn_memory::load(dir.prefix("mem_")); }, {"ring.npy", "inconsistent", "capacity 10"});
+  mem::detail::save_record(dir.file("mem_ring.npy"), {11, 0, 11});
+  expect_error([&] { (void)mem::knn_memory::load(dir.file("mem_")); }, {"ring.npy", "inconsistent", "capacity 10"});
 }
 
 TEST(knn, bad_inputs) {

@@ -252,8 +252,8 @@ TEST(neural_memory, save_load_round_trip) {
   tensor<float, 3> y({2, 11, 6});
   mem::neural_memory(p.q, p.k, p.v, p.theta, p.eta, p.alpha, p.state, y, {.chunk_size = 3});
   scratch_dir dir("titans");
-  p.state.save(dir.prefix("mem_"));
-  mem::neural_memory_state loaded = mem::neural_memory_state::load(dir.prefix("mem_"));
+  p.state.save(dir.file("mem_"));
+  mem::neural_memory_state loaded = mem::neural_memory_state::load(dir.file("mem_"));
   EXPECT_EQ(loaded.batch(), 2);
   EXPECT_EQ(loaded.shape().dim, 6);
   EXPECT_EQ(loaded.shape().hidden, 9);
@@ -272,12 +272,12 @@ TEST(neural_memory, save_load_round_trip) {
 
 TEST(neural_memory, load_rejects_bad_files) {
   scratch_dir dir("titans_bad");
-  expect_error([&] { (void)mem::neural_memory_state::load(dir.prefix("missing_")); }, {"cannot open", "config"});
+  expect_error([&] { (void)mem::neural_memory_state::load(dir.file("missing_")); }, {"cannot open", "config"});
   const mem::mlp_shape s{4, 5, 2, mem::activation::silu, true};
   mem::neural_memory_state st(1, s);
-  st.save(dir.prefix("a_"));
-  mnemo::npy::save(dir.prefix("a_W1.npy"), tensor<float, 3>({1, 4, 4}));
-  expect_error([&] { (void)mem::neural_memory_state::load(dir.prefix("a_")); }, {"W1", "[1, 5, 4]", "[1, 4, 4]"});
+  st.save(dir.file("a_"));
+  mnemo::npy::save(dir.file("a_W1.npy"), tensor<float, 3>({1, 4, 4}));
+  expect_error([&] { (void)mem::neural_memory_state::load(dir.file("a_")); }, {"W1", "[1, 5, 4]", "[1, 4, 4]"});
 }
 
 // ---- bad input ----

@@ -177,13 +177,13 @@ TEST(armt, save_load_round_trip) {
   mem::armt_update(p.k, p.v, p.beta, m);
   mem::armt_update(p.k, p.v, p.beta, m);
   scratch_dir dir("armt");
-  m.save(dir.prefix("layer0_"));
-  const mem::associative_memory back = mem::associative_memory::load(dir.prefix("layer0_"));
+  m.save(dir.file("layer0_"));
+  const mem::associative_memory back = mem::associative_memory::load(dir.file("layer0_"));
   EXPECT_EQ(back.nu(), 2);
   EXPECT_EQ(back.key_dim(), 5);
   expect_same(back, m, 0, 0, "loaded");
-  mem::detail::save_record(dir.prefix("layer0_config.npy"), {5, 3, 2});
-  expect_error([&] { (void)mem::associative_memory::load(dir.prefix("layer0_")); }, {"A.npy", "30", "20"});
+  mem::detail::save_record(dir.file("layer0_config.npy"), {5, 3, 2});
+  expect_error([&] { (void)mem::associative_memory::load(dir.file("layer0_")); }, {"A.npy", "30", "20"});
 }
 
 TEST(armt, bad_inputs) {

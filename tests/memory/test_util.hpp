@@ -1,5 +1,6 @@
-// tests/memory/test_util.hpp — what the tests of include/mnemo/memory/ share: random tensors,
-// tolerance comparisons, error expectations, the golden-case loop and scratch folders.
+// tests/memory/test_util.hpp — what the tests of include/mnemo/memory/ share: random tensors from
+// a generator, the golden-case loop, and (from tests/support/) tolerance comparisons, error
+// expectations and scratch folders.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -17,6 +18,7 @@
 #include "memory/golden_ops.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "support/support.hpp"
 
 namespace memory_test {
 
@@ -32,56 +34,16 @@ tensor<float, R> random_tensor(mnemo::shape_t<R> shape, std::mt19937& rng, float
   return t;
 }
 
-// EXPECT that every element satisfies |got - want| <= atol + rtol |want| (as the golden rule).
-template <class G, class W>
-void expect_close(const G& got, const W& want, double atol, double rtol, const std::string& what) {
-  const auto g = mnemo::cview(got);
-  const auto w = mnemo::cview(want);
-  ASSERT_EQ(g.shape(), w.shape()) << what;
-  ASSERT_TRUE(g.is_contiguous() && w.is_contiguous()) << what;
-  std::int64_t bad = 0, worst = -1;
-  double worst_ratio = 0;
-  for (std::int64_t i = 0; i < g.size(); ++i) {
-    const double a = g.data()[i], b = w.data()[i];
-    const double tol = atol + rtol * std::abs(b);
-    const double err = std::abs(a - b);
-    if (!(err <= tol)) {
-      ++bad;
-      if (!(err / tol <= worst_ratio)) {
-        worst_ratio = err / tol;
-        worst = i;
-      }
-    }
-  }
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << g.size() << " elements differ; worst at flat index " << worst
-                    << ": got " << (worst >= 0 ? g.data()[worst] : 0.0f) << ", want "
-                    << (worst >= 0 ? w.data()[worst] : 0.0f);
-}
-
-// Expects fn() to throw mnemo::error whose message contains every one of `parts`.
-template <class Fn>
-void expect_error(Fn&& fn, std::initializer_list<const char*> parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected mnemo::error mentioning " << *parts.begin();
-  } catch (const mnemo::error& e) {
-    const std::string msg = e.what();
-    for (const char* part : parts) EXPECT_NE(msg.find(part), std::string::npos) << "'" << part << "' not in: " << msg;
-  }
-}
+using mnemo::test::expect_close;  // |got - want| <= atol + rtol |want|, as the golden rule
+using mnemo::test::expect_error;
 
 // Runs every golden case of `op` through both paths and compares by the README's rule.
 inline void check_golden(const std::string& op) {
   namespace fs = std::filesystem;
   namespace mg = mnemo::memory_golden;
-  const fs::path dir = MNEMO_GOLDEN_DIR;
-  if (!fs::exists(dir / "README.md")) GTEST_SKIP() << "golden cases not found at " << dir;
-  std::vector<fs::path> cases;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.is_directory() && fs::exists(e.path() / "meta.json")) cases.push_back(e.path());
-  std::sort(cases.begin(), cases.end());
+  if (!mnemo::test::golden_available()) GTEST_SKIP() << "golden cases not found at " << mnemo::test::golden_dir();
   int ran = 0;
-  for (const auto& path : cases) {
+  for (const fs::path& path : mnemo::test::golden_cases()) {
     const mnemo::golden::golden_case c(path);
     if (c.op() != op) continue;
     ++ran;
@@ -98,19 +60,6 @@ inline void check_golden(const std::string& op) {
   EXPECT_GT(ran, 0) << "no golden case of op " << op;
 }
 
-// A fresh scratch folder under the system temp dir, removed at scope exit.
-struct scratch_dir {
-  std::filesystem::path path;
-  explicit scratch_dir(const std::string& name) {
-    path = std::filesystem::temp_directory_path() /
-           ("mnemo_memory_" + name + "_" + std::to_string(std::random_device{}()));
-    std::filesystem::create_directories(path);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string prefix(const std::string& p) const { return (path / p).string(); }
-};
+using mnemo::test::scratch_dir;
 
 }  // namespace memory_test

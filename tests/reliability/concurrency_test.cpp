@@ -22,6 +22,7 @@
 #include "mnemo/memory/compressive.hpp"
 #include "mnemo/memory/knn.hpp"
 #include "mnemo/memory/product_keys.hpp"
+#include "support/support.hpp"
 
 namespace {
 
@@ -33,12 +34,7 @@ namespace mem = mnemo::memory;
 constexpr int caller_threads = 4;  // std::threads calling at once
 constexpr int calls_per_thread = 3;
 
-template <class T, int R>
-void fill_uniform(tensor<T, R>& t, float lo, float hi, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  for (auto& x : t) x = T(u(rng));
-}
+using mnemo::test::fill_uniform;
 
 template <class T, int R>
 bool bit_identical(const tensor<T, R>& a, const tensor<T, R>& b) {

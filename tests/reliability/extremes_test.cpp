@@ -34,6 +34,7 @@
 #include "mnemo/memory/knn.hpp"
 #include "mnemo/memory/neural_memory.hpp"
 #include "mnemo/memory/product_keys.hpp"
+#include "support/support.hpp"
 
 namespace {
 
@@ -47,12 +48,7 @@ constexpr float nan = std::numeric_limits<float>::quiet_NaN();
 constexpr float denormal = 1e-40f;  // below FLT_MIN = 1.18e-38
 constexpr float f16_max = 65504.0f;
 
-template <class T, int R>
-void fill_uniform(tensor<T, R>& t, float lo, float hi, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  for (auto& x : t) x = T(u(rng));
-}
+using mnemo::test::fill_uniform;
 
 template <int R>
 bool all_finite(const tensor<float, R>& t) {

@@ -23,6 +23,7 @@
 #include "mnemo/attention/attention.hpp"
 #include "mnemo/linear/gated_delta_rule.hpp"
 #include "mnemo/linear/simple_gla.hpp"
+#include "support/support.hpp"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define MNEMO_TEST_ASAN 1
@@ -50,12 +51,7 @@ constexpr bool long_enabled = true;
   GTEST_SKIP() << "1M-token case skipped under AddressSanitizer: minutes of instrumented loops; it runs " \
                   "in the Release builds"
 
-template <class T, int R>
-void fill_uniform(tensor<T, R>& t, float lo, float hi, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  for (auto& x : t) x = T(u(rng));
-}
+using mnemo::test::fill_uniform;
 
 TEST(LongSequence, DecodeOverAMillionCachedTokens) {
   MNEMO_SKIP_LONG_UNDER_ASAN();

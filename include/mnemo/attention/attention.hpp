@@ -19,6 +19,7 @@
 #include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/reference.hpp"
+#include "mnemo/core/error.hpp"
 
 namespace mnemo::attention {
 
@@ -41,6 +42,8 @@ void attend(view<const float, 4> q,   // [B, Hq, Lq, D]
     case path::flash:
     case path::automatic: flash<KV, Mod>(q, k, v, out, lse, mod, opt); return;
   }
+  mnemo::detail::fail("attention::attend: p must be path::automatic, reference, flash or decode, got ",
+                      static_cast<int>(p));
 }
 
 // Convenience: tensors or views of any constness for k and v.

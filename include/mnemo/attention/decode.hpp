@@ -542,7 +542,7 @@ void decode(view<const float, 4> q,   // [B, Hq, Lq, D]
   const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
   mnemo::detail::require(d.Lq <= decode_max_rows, fn, ": q.shape[2] (Lq) must be <= ", decode_max_rows,
                          " (decode_max_rows; use a prefill kernel for more rows), got ", d.Lq);
-  detail::check_column_sums(fn, d, cs);
+  detail::check_column_sums(fn, d, cs, q, k, v, out, lse);
   if (d.B == 0 || d.Lq == 0) {  // no row: nothing attended
     if (cs.wanted() && d.Lk > 0)
       for (std::int64_t b = 0; b < d.B; ++b)
@@ -597,8 +597,11 @@ void merge(view<const float, 4> out_a,  // [B, Hq, Lq, Dv]
            int threads = 0) {
   constexpr const char* fn = "attention::merge";
   using mnemo::detail::require;
-  require(!out_a.empty() && !lse_a.empty() && !out_b.empty() && !lse_b.empty() && !out.empty(), fn,
-          ": out_a, lse_a, out_b, lse_b and out must be non-empty views");
+  mnemo::detail::require_data(fn, "out_a", out_a, " [B, Hq, Lq, Dv]");
+  mnemo::detail::require_data(fn, "lse_a", lse_a, " [B, Hq, Lq]");
+  mnemo::detail::require_data(fn, "out_b", out_b, " [B, Hq, Lq, Dv]");
+  mnemo::detail::require_data(fn, "lse_b", lse_b, " [B, Hq, Lq]");
+  mnemo::detail::require_data(fn, "out", out, " [B, Hq, Lq, Dv]");
   require(threads >= 0, fn, ": threads must be >= 0, got ", threads);
   const shape_t<4> os = out_a.shape();
   const shape_t<3> ls{os[0], os[1], os[2]};
@@ -633,14 +636,17 @@ void merge(std::span<const view<const float, 4>> outs,  // N x [B, Hq, Lq, Dv]
            int threads = 0) {
   constexpr const char* fn = "attention::merge";
   using mnemo::detail::require;
-  require(!out.empty(), fn, ": out must be a non-empty view");
+  mnemo::detail::require_data(fn, "out", out, " [B, Hq, Lq, Dv]");
   require(outs.size() == lses.size(), fn, ": outs and lses must have the same number of parts, got ", outs.size(),
           " and ", lses.size());
   require(threads >= 0, fn, ": threads must be >= 0, got ", threads);
   const shape_t<4> os = out.shape();
   const shape_t<3> ls{os[0], os[1], os[2]};
   for (std::size_t p = 0; p < outs.size(); ++p) {
-    require(!outs[p].empty() && !lses[p].empty(), fn, ": outs[", p, "] and lses[", p, "] must be non-empty views");
+    const bool null_out = outs[p].empty() && outs[p].size() != 0, null_lse = lses[p].empty() && lses[p].size() != 0;
+    if (null_out || null_lse)
+      mnemo::detail::fail(fn, ": ", null_out ? "outs[" : "lses[", p, "] must be a view of memory, got a null view of shape ",
+                          null_out ? shape_string(outs[p].shape()) : shape_string(lses[p].shape()));
     if (outs[p].shape() != os)
       mnemo::detail::fail(fn, ": outs[", p, "] must have shape ", shape_string(os), " [B, Hq, Lq, Dv] (from out), got ",
                           shape_string(outs[p].shape()));

@@ -593,7 +593,7 @@ void flash(view<const float, 4> q,   // [B, Hq, Lq, D]
            const Mod& mod = {}, const options& opt = {}, const column_sums& cs = {}) {
   constexpr const char* fn = "attention::flash";
   const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
-  detail::check_column_sums(fn, d, cs);
+  detail::check_column_sums(fn, d, cs, q, k, v, out, lse);
   if constexpr (prebuilt::covers<KV, Mod>) {  // a program built below the CPU's level (prebuilt.hpp)
     const simd::level want = simd::resolve_level(opt.isa);
     if (prebuilt::above<TuArch>(want))

@@ -97,13 +97,18 @@ struct causal {
 };
 
 // Causal sliding window of `size` keys ending at the diagonal: qp - size < kp <= qp.
+// Written as distances, qp - kp < size, never as qp - size: positions are bounded by the lengths,
+// so a distance cannot overflow, while qp - size does for a huge size and a negative qp (Lq > Lk).
+// A size at least the number of positions is therefore the same as causal{} (no window).
 struct sliding_window {
   std::int64_t size = 0;
 
-  bool visible(std::int64_t qp, std::int64_t kp) const { return kp <= qp && kp > qp - size; }
+  bool visible(std::int64_t qp, std::int64_t kp) const { return kp <= qp && qp - kp < size; }
   tile block(std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1) const {
-    if (k0 > q1 - 1 || k1 - 1 <= q0 - size) return tile::empty;
-    if (k1 - 1 <= q0 && k0 > q1 - 1 - size) return tile::full;
+    // nearest pair (q1 - 1, k0) beyond the diagonal, or farthest pair (q0, k1 - 1) out of the window
+    if (k0 > q1 - 1 || q0 - (k1 - 1) >= size) return tile::empty;
+    // every pair on or below the diagonal, and the farthest (q1 - 1, k0) inside the window
+    if (k1 - 1 <= q0 && (q1 - 1) - k0 < size) return tile::full;
     return tile::partial;
   }
   void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t) const {

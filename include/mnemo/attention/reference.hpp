@@ -49,12 +49,24 @@ struct column_sums {
 
 namespace detail {
 
-// Shape and row count of a wanted side output against the validated dims.
-inline void check_column_sums(const char* fn, const dims& d, const column_sums& cs) {
+// Shape, row count and aliasing of a wanted side output against the validated call. The sums
+// are computed from q after out is written (flash: a second sweep), so with the side output out
+// must not be q, not even in place; the sums overlap no other argument.
+template <class KV>
+void check_column_sums(const char* fn, const dims& d, const column_sums& cs, const view<const float, 4>& q,
+                       const view<const KV, 4>& k, const view<const KV, 4>& v, const view<float, 4>& out,
+                       const view<float, 3>& lse) {
+  using mnemo::detail::require_disjoint;
   if (!cs.wanted()) return;
   mnemo::detail::require_shape(fn, "column_sums.sums", cs.sums, {d.B, d.Hq, d.Lk}, " [B, Hq, Lk]");
   mnemo::detail::require(cs.rows >= 0 && cs.rows <= d.Lq, fn, ": column_sums.rows must be in [0, Lq = ", d.Lq,
                          "] (0: all rows), got ", cs.rows);
+  require_disjoint(fn, "out", out, "q", q, "; with column_sums wanted out may not be q, not even in place");
+  require_disjoint(fn, "column_sums.sums", cs.sums, "q", q);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "k", k);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "v", v);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "out", out);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "lse", lse);
 }
 
 }  // namespace detail
@@ -131,7 +143,7 @@ void reference(view<const float, 4> q,   // [B, Hq, Lq, D]
                const column_sums& cs = {}) {  // optional side output, see the header
   constexpr const char* fn = "attention::reference";
   const dims d = detail::check_args(fn, q, k, v, out, lse, mod, opt);
-  detail::check_column_sums(fn, d, cs);
+  detail::check_column_sums(fn, d, cs, q, k, v, out, lse);
   parallel_for(
       d.B * d.Hq,
       [&](std::int64_t bh) {

@@ -206,7 +206,9 @@ void mask_tile_of(const M& m, float* s, std::int64_t ld, std::int64_t qp0, std::
   } else if constexpr (std::is_same_v<M, mods::sliding_window>) {  // kp <= qp < kp + size
     for (std::int64_t j = 0; j < kn; ++j) {
       float* row = s + j * ld;
-      const std::int64_t a = clamp_to(k0 + j - qp0, 0, qn), b = clamp_to(k0 + j + m.size - qp0, a, qn);
+      // off + size only when it cannot overflow: a window reaching past the tile is no limit
+      const std::int64_t off = k0 + j - qp0, a = clamp_to(off, 0, qn);
+      const std::int64_t b = m.size >= qn - off ? qn : clamp_to(off + m.size, a, qn);
       fill_masked(row, 0, a);
       fill_masked(row, b, qn);
     }

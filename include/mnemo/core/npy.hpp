@@ -98,7 +98,10 @@ inline std::string header_value(const std::string& header, const std::string& ke
   return header.substr(p, e - p);
 }
 
+// The 'shape' entry: a Python tuple of non-negative integers, "()", "(12,)", "(2, 3)".
 inline std::vector<std::int64_t> parse_shape(const std::string& tuple, const std::string& path) {
+  mnemo::detail::require(tuple.size() >= 2 && tuple.front() == '(' && tuple.back() == ')', "npy: ", path,
+                         ": header 'shape' must be a tuple such as (2, 3), got ", tuple);
   std::vector<std::int64_t> shape;
   std::size_t i = 1;  // past '('
   while (i < tuple.size()) {

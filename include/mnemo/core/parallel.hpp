@@ -1,12 +1,13 @@
 // mnemo/core/parallel.hpp — parallel_for over OpenMP when the build has it, serial otherwise.
 //
 // Kernels take an optional thread count (0 = the OpenMP default, i.e. OMP_NUM_THREADS or the
-// number of cores). The body must not throw: entry points validate before they go parallel.
+// number of cores; any count is clamped to what the machine can run, resolve_threads). The body must not throw: entry points validate before they go parallel.
 // Work items are handed out statically in index order, so which thread runs an item never
 // changes a result; kernels that promise thread-count-independent results (split-KV decode)
 // also fix their own reduction order.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(_OPENMP)
@@ -15,10 +16,20 @@
 
 namespace mnemo {
 
-// Threads a kernel will use for `threads` (0 = default).
+// At most this many threads per processor: beyond a few per core, more threads only add switching
+// (results never depend on the thread count), and far more than the machine can run makes the
+// OpenMP runtime fail to create them and exit the process (threads = 20000: issue 16).
+inline constexpr int max_threads_per_processor = 8;
+
+// Threads a kernel will use for `threads` (0 = default): the request, clamped to
+// max_threads_per_processor per processor (or per OpenMP default thread, if that is more) and to
+// OMP_THREAD_LIMIT.
 inline int resolve_threads(int threads) {
 #if defined(_OPENMP)
-  return threads > 0 ? threads : omp_get_max_threads();
+  const int wanted = threads > 0 ? threads : omp_get_max_threads();
+  const long long most = static_cast<long long>(max_threads_per_processor) *
+                         std::max(omp_get_num_procs(), omp_get_max_threads());
+  return static_cast<int>(std::min<long long>({wanted, most, omp_get_thread_limit()}));
 #else
   (void)threads;
   return 1;

@@ -7,7 +7,10 @@
 //   tensor<T, R>  owning, row-major, zero-initialised, 64-byte aligned; converts to a view.
 //
 // A default-constructed view is empty (null data): entry points use that for "no such
-// output" (for example an lse that the caller does not want).
+// output" (for example an lse that the caller does not want). A zero-size tensor owns no buffer
+// either, so a required argument with null data is accepted when it has no elements, exactly like
+// a zero-size view of real memory (detail::require_data). overlaps() and same_view() state the
+// aliasing rules of the entry points (docs/errors.md).
 #pragma once
 
 #include <algorithm>
@@ -16,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -38,6 +42,28 @@ std::string shape_string(const std::array<std::int64_t, R>& s) {
   }
   return out + "]";
 }
+
+namespace detail {
+
+// Bytes of a row-major array of `shape` with `item`-byte elements; throws mnemo::error naming
+// `what` and the shape if the count does not fit in std::int64_t. The product of the non-zero
+// extents must fit even when another extent is 0: strides multiply the inner extents.
+template <std::size_t R>
+std::int64_t checked_bytes(const char* what, const std::array<std::int64_t, R>& shape, std::size_t item) {
+  std::int64_t n = static_cast<std::int64_t>(item);
+  bool empty = false;
+  for (std::size_t i = 0; i < R; ++i) {
+    if (shape[i] == 0) {
+      empty = true;
+      continue;
+    }
+    if (__builtin_mul_overflow(n, shape[i], &n))
+      fail(what, ": shape ", shape_string(shape), " of ", item, "-byte elements needs more than 2^63 bytes");
+  }
+  return empty ? 0 : n;
+}
+
+}  // namespace detail
 
 // Row-major strides of a contiguous array of this shape.
 template <std::size_t R>
@@ -127,8 +153,14 @@ class view {
   // The sub-range [start, start + len) of dimension `dim`.
   view narrow(int dim, std::int64_t start, std::int64_t len) const {
     detail::require(dim >= 0 && dim < R, "view::narrow: dim must be in [0, ", R, "), got ", dim);
-    detail::require(start >= 0 && len >= 0 && start + len <= shape_[dim], "view::narrow: range [", start, ", ",
-                    start + len, ") out of bounds for extent ", shape_[dim], " of dimension ", dim);
+    // len <= extent - start, not start + len <= extent: the sum of two huge values overflows.
+    if (start < 0 || len < 0 || start > shape_[dim] || len > shape_[dim] - start) {
+      if (start >= 0 && len > std::numeric_limits<std::int64_t>::max() - start)
+        detail::fail("view::narrow: range start ", start, " + len ", len, " overflows, out of bounds for extent ",
+                     shape_[dim], " of dimension ", dim);
+      detail::fail("view::narrow: range [", start, ", ", start + len, ") out of bounds for extent ", shape_[dim],
+                   " of dimension ", dim);
+    }
     view out = *this;
     out.data_ = data_ + start * strides_[dim];
     out.shape_[dim] = len;
@@ -216,11 +248,16 @@ class tensor {
   operator view<const T, R>() const { return as_view(); }  // NOLINT(google-explicit-constructor)
 
  private:
+  // Throws mnemo::error (never a null buffer) when the size overflows or the memory is not there.
   void allocate() {
-    const std::size_t n = bytes();
+    const std::int64_t n = detail::checked_bytes("tensor", shape_, sizeof(T));
     if (n == 0) return;
-    const std::size_t rounded = (n + alignment - 1) / alignment * alignment;
-    data_ = static_cast<T*>(::operator new(rounded, std::align_val_t{alignment}));
+    const std::size_t rounded = (static_cast<std::size_t>(n) + alignment - 1) / alignment * alignment;
+    try {
+      data_ = static_cast<T*>(::operator new(rounded, std::align_val_t{alignment}));
+    } catch (const std::bad_alloc&) {
+      detail::fail("tensor: cannot allocate ", rounded, " bytes for shape ", shape_string(shape_));
+    }
     std::memset(static_cast<void*>(data_), 0, rounded);
   }
   void release() {
@@ -257,7 +294,50 @@ view<const T, R> cview(const tensor<T, R>& t) {
 template <class X>
 using element_t = std::remove_const_t<typename decltype(cview(std::declval<const X&>()))::value_type>;
 
+// Whether two views share any memory: their byte ranges, from the first element to the end of
+// the last, intersect. A null or zero-size view overlaps nothing. The test is on ranges, so two
+// interleaved views of one buffer (q and k of a packed [B, L, 3, H, D] qkv tensor) overlap.
+template <class A, int RA, class B, int RB>
+bool overlaps(const view<A, RA>& a, const view<B, RB>& b) {
+  auto range = [](const auto& v) -> std::pair<std::uintptr_t, std::uintptr_t> {
+    if (v.data() == nullptr || v.size() == 0) return {0, 0};
+    std::int64_t last = 0;
+    for (int i = 0; i < std::remove_reference_t<decltype(v)>::rank; ++i) last += (v.extent(i) - 1) * v.stride(i);
+    const auto first = reinterpret_cast<std::uintptr_t>(v.data());
+    return {first, first + static_cast<std::uintptr_t>(last + 1) * sizeof(*v.data())};
+  };
+  const auto [a0, a1] = range(a);
+  const auto [b0, b1] = range(b);
+  return a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1;
+}
+
+// Whether two views are the same elements in the same order: one data pointer, shape and strides.
+template <class A, class B, int R>
+bool same_view(const view<A, R>& a, const view<B, R>& b) {
+  return sizeof(A) == sizeof(B) && static_cast<const void*>(a.data()) == static_cast<const void*>(b.data()) &&
+         a.shape() == b.shape() && a.strides() == b.strides();
+}
+
 namespace detail {
+
+// Boundary check for an argument that must be there: a null view is accepted only when it has no
+// elements (a zero-size tensor owns no buffer), so a zero-size tensor and a zero-size view of some
+// memory follow one rule. `dims` names the dimensions, e.g. " [B, Hq, Lq, D]".
+template <class T, int R>
+void require_data(const char* fn, const char* name, const view<T, R>& v, const char* dims = "") {
+  if (v.empty() && v.size() != 0)
+    fail(fn, ": ", name, dims, " must be a view of memory, got a null view of shape ", shape_string(v.shape()));
+}
+
+// Boundary check of an aliasing rule: `a` and `b` must not share memory (overlaps() above).
+// `note` may add what is allowed instead, e.g. "; out may be q itself (in place)".
+template <class A, int RA, class B, int RB>
+void require_disjoint(const char* fn, const char* name_a, const view<A, RA>& a, const char* name_b,
+                      const view<B, RB>& b, const char* note = "") {
+  if (overlaps(a, b))
+    fail(fn, ": ", name_a, " ", shape_string(a.shape()), " and ", name_b, " ", shape_string(b.shape()),
+         " must not overlap in memory, got overlapping views", note, " (docs/errors.md, aliasing)");
+}
 
 // Boundary check used by entry points: `name` has exactly `want` as its shape.
 template <class T, int R>

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -104,7 +105,10 @@ class layer_cache {
   // SIMD width the value groups must be a multiple of, so that no batch straddles two groups.
   static constexpr std::int64_t value_group_multiple = 16;
 
-  layer_cache() = default;
+  // A valid empty cache that holds nothing: one kv head of capacity 0 (length(0) = max_length() = 0),
+  // to be assigned a configured cache later (std::vector<layer_cache>(n)). Appending to it and
+  // decoding from it throw mnemo::error ("not configured").
+  layer_cache() : length_(1, 0), qlength_(1, 0) {}
 
   explicit layer_cache(const cache_config& cfg) : cfg_(cfg) {
     constexpr const char* fn = "kvcache::layer_cache";
@@ -113,39 +117,58 @@ class layer_cache {
     require(cfg_.Hkv >= 1, fn, ": config.Hkv must be >= 1, got ", cfg_.Hkv);
     require(cfg_.capacity >= 1, fn, ": config.capacity must be >= 1, got ", cfg_.capacity);
     require(cfg_.D >= 1 && cfg_.Dv >= 1, fn, ": config.D and config.Dv must be >= 1, got D=", cfg_.D, ", Dv=", cfg_.Dv);
-    const std::int64_t H = cfg_.Hkv, C = cfg_.capacity, D = cfg_.D, Dv = cfg_.Dv;
-    length_.assign(static_cast<std::size_t>(H), 0);
-    qlength_.assign(static_cast<std::size_t>(H), 0);
-    pos_ = tensor<std::int64_t, 2>({H, C});
-    rot_ = tensor<std::int64_t, 2>({H, C});
     switch (cfg_.kind) {
-      case storage::f32: kf_ = tensor<float, 3>({H, C, D}), vf_ = tensor<float, 3>({H, C, Dv}); break;
-      case storage::f16: kh_ = tensor<f16, 3>({H, C, D}), vh_ = tensor<f16, 3>({H, C, Dv}); break;
-      case storage::bf16: kb_ = tensor<bf16, 3>({H, C, D}), vb_ = tensor<bf16, 3>({H, C, Dv}); break;
+      case storage::f32:
+      case storage::f16:
+      case storage::bf16: break;
       case storage::int8:
       case storage::int4: {
         const quant_options& q = cfg_.quant;
         require(q.key_group >= 1, fn, ": config.quant.key_group must be >= 1, got ", q.key_group);
         require(q.residual >= q.key_group, fn, ": config.quant.residual must be >= key_group (", q.key_group,
                 "), got ", q.residual);
-        require(q.value_group >= 1 && (q.value_group % value_group_multiple == 0 || q.value_group >= Dv), fn,
-                ": config.quant.value_group must be a multiple of ", value_group_multiple, " or >= Dv (", Dv,
+        require(q.value_group >= 1 && (q.value_group % value_group_multiple == 0 || q.value_group >= cfg_.Dv), fn,
+                ": config.quant.value_group must be a multiple of ", value_group_multiple, " or >= Dv (", cfg_.Dv,
                 "), got ", q.value_group);
-        const int bits = storage_bits(cfg_.kind);
-        kcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, D)});
-        vcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, Dv)});
-        vscale_ = tensor<float, 3>({H, value_groups(), C});
-        vmin_ = tensor<float, 3>({H, value_groups(), C});
-        rk_ = tensor<float, 3>({H, q.residual, D});
-        rv_ = tensor<float, 3>({H, q.residual, Dv});
-        kscale_.assign(static_cast<std::size_t>(H), {});
-        kmin_.assign(static_cast<std::size_t>(H), {});
-        glen_.assign(static_cast<std::size_t>(H), {});
         break;
       }
       default: detail::fail(fn, ": config.kind is not a storage kind: ", static_cast<int>(cfg_.kind));
     }
+    try {
+      allocate();
+    } catch (const error& e) {  // a size that overflows or memory that is not there (core/tensor.hpp)
+      detail::fail(fn, ": config (Hkv = ", cfg_.Hkv, ", capacity = ", cfg_.capacity, ", D = ", cfg_.D, ", Dv = ", cfg_.Dv,
+                   ", ", storage_name(cfg_.kind), ") cannot be allocated: ", e.what());
+    }
   }
+
+ private:
+  // The buffers of a validated configuration. tensor throws mnemo::error on a size that overflows or
+  // a failed allocation; the per-head vectors are sized after the tensors.
+  void allocate() {
+    const std::int64_t H = cfg_.Hkv, C = cfg_.capacity, D = cfg_.D, Dv = cfg_.Dv;
+    pos_ = tensor<std::int64_t, 2>({H, C});
+    rot_ = tensor<std::int64_t, 2>({H, C});
+    if (cfg_.kind == storage::f32) kf_ = tensor<float, 3>({H, C, D}), vf_ = tensor<float, 3>({H, C, Dv});
+    if (cfg_.kind == storage::f16) kh_ = tensor<f16, 3>({H, C, D}), vh_ = tensor<f16, 3>({H, C, Dv});
+    if (cfg_.kind == storage::bf16) kb_ = tensor<bf16, 3>({H, C, D}), vb_ = tensor<bf16, 3>({H, C, Dv});
+    if (is_quantized(cfg_.kind)) {
+      const int bits = storage_bits(cfg_.kind);
+      kcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, D)});
+      vcodes_ = tensor<std::uint8_t, 3>({H, C, quant::row_bytes(bits, Dv)});
+      vscale_ = tensor<float, 3>({H, value_groups(), C});
+      vmin_ = tensor<float, 3>({H, value_groups(), C});
+      rk_ = tensor<float, 3>({H, cfg_.quant.residual, D});
+      rv_ = tensor<float, 3>({H, cfg_.quant.residual, Dv});
+      kscale_.assign(static_cast<std::size_t>(H), {});
+      kmin_.assign(static_cast<std::size_t>(H), {});
+      glen_.assign(static_cast<std::size_t>(H), {});
+    }
+    length_.assign(static_cast<std::size_t>(H), 0);
+    qlength_.assign(static_cast<std::size_t>(H), 0);
+  }
+
+ public:
 
   // ---- sizes --------------------------------------------------------------------------------
   storage kind() const { return cfg_.kind; }
@@ -164,6 +187,8 @@ class layer_cache {
   }
   // Position the next append without explicit positions gives its first token.
   std::int64_t next_position() const { return next_position_; }
+  // Positions are below this (so next_position() = the largest + 1 fits in std::int64_t).
+  static constexpr std::int64_t max_position = std::numeric_limits<std::int64_t>::max();
 
   // Original positions of head h's slots [length(h)].
   std::span<const std::int64_t> positions(std::int64_t h) const {
@@ -182,7 +207,10 @@ class layer_cache {
   template <class Arch = simd::default_arch>
   void append(view<const float, 3> k,  // [Hkv, n, D]
               view<const float, 3> v) {  // [Hkv, n, Dv]
-    std::vector<std::int64_t> p(static_cast<std::size_t>(k.empty() ? 0 : k.extent(1)));
+    const std::int64_t n = k.extent(1);
+    detail::require(n <= max_position - next_position_, "kvcache::layer_cache::append: n = ", n,
+                    " tokens at next_position() = ", next_position_, " pass the largest position ", max_position);
+    std::vector<std::int64_t> p(static_cast<std::size_t>(std::max<std::int64_t>(n, 0)));
     for (std::size_t i = 0; i < p.size(); ++i) p[i] = next_position_ + static_cast<std::int64_t>(i);
     append<Arch>(k, v, p);
   }
@@ -194,17 +222,22 @@ class layer_cache {
               std::span<const std::int64_t> positions) {  // [n]
     constexpr const char* fn = "kvcache::layer_cache::append";
     using detail::require;
-    require(!k.empty() && !v.empty(), fn, ": k and v must be non-empty views");
+    require(cfg_.capacity >= 1, fn, ": the cache is not configured (default-constructed layer_cache)");
+    detail::require_data(fn, "k", k, " [Hkv, n, D]");
+    detail::require_data(fn, "v", v, " [Hkv, n, Dv]");
     const std::int64_t n = k.extent(1);
     detail::require_shape(fn, "k", k, {cfg_.Hkv, n, cfg_.D}, " [Hkv, n, D] (Hkv, D from the cache)");
     detail::require_shape(fn, "v", v, {cfg_.Hkv, n, cfg_.Dv}, " [Hkv, n, Dv] (n from k)");
     require(static_cast<std::int64_t>(positions.size()) == n, fn, ": positions must have n = ", n,
             " entries, got ", positions.size());
+    for (std::size_t t = 0; t < positions.size(); ++t)  // next_position() = the largest + 1 must fit
+      require(positions[t] < max_position, fn, ": positions[", t, "] must be < ", max_position,
+              " (next_position() is the largest position + 1), got ", positions[t]);
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h)
-      require(length_[static_cast<std::size_t>(h)] + n <= cfg_.capacity, fn, ": kv head ", h, " holds ",
+      require(n <= cfg_.capacity - length_[static_cast<std::size_t>(h)], fn, ": kv head ", h, " holds ",
               length_[static_cast<std::size_t>(h)], " tokens; ", n, " more exceed the capacity ", cfg_.capacity,
               " (compact first)");
-    if (is_quantized(cfg_.kind)) require_finite(fn, k, v);
+    if (is_quantized(cfg_.kind)) require_quantizable(fn, k, v);
     if (n == 0) return;
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
       for (std::int64_t t = 0; t < n; ++t) {
@@ -239,7 +272,8 @@ class layer_cache {
     constexpr const char* fn = "kvcache::layer_cache::gather";
     const std::size_t hi = check_head(fn, h);
     const std::int64_t n = static_cast<std::int64_t>(slots.size());
-    detail::require(!k.empty() && !v.empty(), fn, ": k and v must be non-empty views");
+    detail::require_data(fn, "k", k, " [slots.size(), D]");
+    detail::require_data(fn, "v", v, " [slots.size(), Dv]");
     detail::require_shape(fn, "k", k, {n, cfg_.D}, " [slots.size(), D]");
     detail::require_shape(fn, "v", v, {n, cfg_.Dv}, " [slots.size(), Dv]");
     for (std::int64_t i = 0; i < n; ++i)
@@ -293,8 +327,8 @@ class layer_cache {
     if (is_quantized(cfg_.kind))
       for (std::int64_t j = 0; j < length_[hi]; ++j)
         for (std::int64_t c = 0; c < cfg_.D; ++c)
-          detail::require(std::isfinite(k(j, c)), fn, ": k must be finite for quantized storage, got ", k(j, c),
-                          " at [", j, ", ", c, "]");
+          detail::require(quant::quantizable(k(j, c)), fn, ": k must be finite with |k| <= ", quant::max_magnitude,
+                          " (quant::max_magnitude) for quantized storage, got ", k(j, c), " at [", j, ", ", c, "]");
     for (std::int64_t j = 0; j < length_[hi]; ++j) rot_(h, j) = rotary[static_cast<std::size_t>(j)];
     switch (cfg_.kind) {
       case storage::f32: set_dense_keys<Arch>(kf_, h, k); break;
@@ -415,14 +449,17 @@ class layer_cache {
     return (h * t.extent(1) + slot) * t.extent(2);
   }
 
-  static void require_finite(const char* fn, view<const float, 3> k, view<const float, 3> v) {
+  // Quantized kinds take finite values with |x| <= quant::max_magnitude (quant.hpp: beyond it a
+  // group's range overflows and the codes read back as NaN).
+  static void require_quantizable(const char* fn, view<const float, 3> k, view<const float, 3> v) {
     for (int which = 0; which < 2; ++which) {
       const view<const float, 3>& x = which ? v : k;
       for (std::int64_t h = 0; h < x.extent(0); ++h)
         for (std::int64_t t = 0; t < x.extent(1); ++t)
           for (std::int64_t c = 0; c < x.extent(2); ++c)
-            if (!std::isfinite(x(h, t, c)))
-              detail::fail(fn, ": ", which ? "v" : "k", " must be finite for quantized storage, got ", x(h, t, c),
+            if (!quant::quantizable(x(h, t, c)))
+              detail::fail(fn, ": ", which ? "v" : "k", " must be finite with |", which ? "v" : "k", "| <= ",
+                           quant::max_magnitude, " (quant::max_magnitude) for quantized storage, got ", x(h, t, c),
                            " at [", h, ", ", t, ", ", c, "]");
     }
   }

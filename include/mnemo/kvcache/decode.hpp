@@ -85,7 +85,8 @@ inline attention::dims check_args(const char* fn, const layer_cache& c, view<con
                                   view<float, 2> lse, const attention::options& opt, const column_sums& cs) {
   using mnemo::detail::require;
   require(c.capacity() >= 1, fn, ": the cache is not configured (default-constructed layer_cache)");
-  require(!q.empty() && !out.empty(), fn, ": q and out must be non-empty views");
+  mnemo::detail::require_data(fn, "q", q, " [Hq, Lq, D]");
+  mnemo::detail::require_data(fn, "out", out, " [Hq, Lq, Dv]");
   const std::int64_t Hq = q.extent(0), Lq = q.extent(1), Hkv = c.num_heads(), D = c.head_dim(), Dv = c.value_dim();
   require(q.extent(2) == D, fn, ": q.shape[2] must be the cache's D = ", D, ", got ", q.extent(2));
   require(Hq >= 1 && Hq % Hkv == 0, fn, ": q.shape[0] (Hq) must be a positive multiple of the cache's Hkv = ", Hkv,
@@ -103,6 +104,14 @@ inline attention::dims check_args(const char* fn, const layer_cache& c, view<con
     require(cs.rows >= 0 && cs.rows <= Lq, fn, ": column_sums.rows must be in [0, Lq = ", Lq, "] (0: all rows), got ",
             cs.rows);
   }
+  // Aliasing (docs/errors.md): no output overlaps q or another output.
+  using mnemo::detail::require_disjoint;
+  require_disjoint(fn, "out", out, "q", q);
+  require_disjoint(fn, "lse", lse, "q", q);
+  require_disjoint(fn, "lse", lse, "out", out);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "q", q);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "out", out);
+  require_disjoint(fn, "column_sums.sums", cs.sums, "lse", lse);
   const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   return {1, Hq, Hkv, Lq, c.max_length(), D, Dv, scale};
 }

@@ -16,8 +16,10 @@
 //
 // The decode kernel never dequantizes to memory: it reads codes as floats (load_codes, below) and
 // folds scale and min into the dot products (kvcache/decode.hpp), so reading int4 K/V moves a
-// quarter of the bytes of f16. Non-finite inputs have no meaningful range: the cache rejects them
-// before quantizing (append), so these functions assume finite x.
+// quarter of the bytes of f16. Non-finite inputs have no meaningful range, and neither has a group
+// whose max - min overflows f32 (then scale = inf and every code reads back as NaN): the cache
+// rejects both before quantizing (append, set_keys), so these functions assume finite x with
+// |x| <= max_magnitude.
 //
 // `reference` holds the readable scalar loops; the SIMD functions below produce bit-identical
 // codes, scales and minimums (the same min/max, the same division and rounding), which the tests
@@ -36,6 +38,13 @@
 #include "mnemo/simd/vec.hpp"
 
 namespace mnemo::kvcache::quant {
+
+// The largest |x| the quantizers take: half of FLT_MAX, so that the range max - min of any group
+// and min + scale * code stay finite floats (3e38 and -3e38 in one group would give scale = inf).
+inline constexpr float max_magnitude = std::numeric_limits<float>::max() / 2;
+
+// Whether x can be quantized: finite and |x| <= max_magnitude (false for NaN).
+inline bool quantizable(float x) { return std::abs(x) <= max_magnitude; }
 
 // The highest code of a b-bit quantizer.
 constexpr int levels(int bits) { return (1 << bits) - 1; }

@@ -64,7 +64,7 @@ inline selection top_budget(view<const float, 2> scores, std::int64_t budget) {
   sel.heads.resize(static_cast<std::size_t>(H));
   std::vector<std::int64_t> order(static_cast<std::size_t>(L));
   for (std::int64_t h = 0; h < H; ++h) {
-    const float* s = &scores(h, 0);
+    const float* s = scores.ptr(h);  // not &scores(h, 0): a head may hold no slot (L = 0)
     std::iota(order.begin(), order.end(), std::int64_t{0});
     // Higher score first; ties to the lower index. NaN scores sort last (never kept before a number).
     auto better = [s](std::int64_t a, std::int64_t b) {

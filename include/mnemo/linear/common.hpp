@@ -170,7 +170,12 @@ dims check_common(const char* fn, const view<const T, 4>& q, const view<const T,
   static_assert(is_input_type_v<T>, "linear: q, k and v elements must be float, mnemo::f16 or mnemo::bf16");
   using mnemo::detail::require;
   using mnemo::detail::require_shape;
-  require(!q.empty() && !k.empty() && !v.empty() && !o.empty(), fn, ": q, k, v and o must be non-empty views");
+  // Zero-size arguments are valid (B, H or L = 0; a zero-size tensor has no buffer); a null view
+  // with elements is not.
+  mnemo::detail::require_data(fn, "q", q, " [B, H, L, Dk]");
+  mnemo::detail::require_data(fn, "k", k, " [B, H, L, Dk]");
+  mnemo::detail::require_data(fn, "v", v, " [B, H, L, Dv]");
+  mnemo::detail::require_data(fn, "o", o, " [B, H, L, Dv]");
   const std::int64_t B = q.extent(0), H = q.extent(1), L = q.extent(2), Dk = q.extent(3), Dv = v.extent(3);
   require(Dk >= 1 && Dv >= 1, fn, ": head dims must be >= 1, got Dk=", Dk, " (q.shape[3]), Dv=", Dv, " (v.shape[3])");
   require_shape(fn, "k", k, {B, H, L, Dk}, " [B, H, L, Dk] (from q)");
@@ -191,6 +196,17 @@ dims check_common(const char* fn, const view<const T, 4>& q, const view<const T,
   if (!state.empty())
     require_shape(fn, "state", state, {B, H, Df, Ds},
                   opt.normalize ? " [B, H, Df, Dv + 1] (normalize: the last column holds the key sum)" : " [B, H, Dk, Dv]");
+  // Aliasing (docs/errors.md): the chunked form reads a chunk's q, k and v after it has written
+  // rows of o, and form::automatic picks the form by L, so for every form o overlaps no input and
+  // the state (read and written) overlaps neither o nor an input.
+  using mnemo::detail::require_disjoint;
+  require_disjoint(fn, "o", o, "q", q);
+  require_disjoint(fn, "o", o, "k", k);
+  require_disjoint(fn, "o", o, "v", v);
+  require_disjoint(fn, "state", state, "o", o);
+  require_disjoint(fn, "state", state, "q", q);
+  require_disjoint(fn, "state", state, "k", k);
+  require_disjoint(fn, "state", state, "v", v);
   const double default_scale = opt.map == feature_map::taylor2 ? 1.0 : 1.0 / std::sqrt(static_cast<double>(Dk));
   const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(default_scale);
   return {B, H, L, Dk, Dv, Df, Ds, scale, opt.map, opt.use_qk_l2norm, opt.normalize};
@@ -212,7 +228,7 @@ inline bool all_nonpositive(const float* x, std::int64_t n) {
 
 // g [B, H, L]: every log-decay <= 0 and not NaN (-inf is allowed: decay 0).
 inline void check_scalar_gate(const char* fn, const view<const float, 3>& g, const dims& d) {
-  mnemo::detail::require(!g.empty(), fn, ": g must be a non-empty view");
+  mnemo::detail::require_data(fn, "g", g, " [B, H, L]");
   mnemo::detail::require_shape(fn, "g", g, {d.B, d.H, d.L}, " [B, H, L]");
   for (std::int64_t b = 0; b < d.B; ++b)
     for (std::int64_t h = 0; h < d.H; ++h) {
@@ -225,7 +241,7 @@ inline void check_scalar_gate(const char* fn, const view<const float, 3>& g, con
 
 // g [B, H, L, Dk]: every log-decay <= 0 and not NaN.
 inline void check_channel_gate(const char* fn, const view<const float, 4>& g, const dims& d) {
-  mnemo::detail::require(!g.empty(), fn, ": g must be a non-empty view");
+  mnemo::detail::require_data(fn, "g", g, " [B, H, L, Dk]");
   mnemo::detail::require_shape(fn, "g", g, {d.B, d.H, d.L, d.Dk}, " [B, H, L, Dk]");
   for (std::int64_t b = 0; b < d.B; ++b)
     for (std::int64_t h = 0; h < d.H; ++h)
@@ -242,7 +258,7 @@ inline void check_channel_gate(const char* fn, const view<const float, 4>& g, co
 inline constexpr float beta_max = 2.0f;
 
 inline void check_beta(const char* fn, const view<const float, 3>& beta, const dims& d) {
-  mnemo::detail::require(!beta.empty(), fn, ": beta must be a non-empty view");
+  mnemo::detail::require_data(fn, "beta", beta, " [B, H, L]");
   mnemo::detail::require_shape(fn, "beta", beta, {d.B, d.H, d.L}, " [B, H, L]");
   for (std::int64_t b = 0; b < d.B; ++b)
     for (std::int64_t h = 0; h < d.H; ++h)
@@ -618,17 +634,16 @@ inline void reference_read(const std::vector<double>& q, const std::vector<doubl
 
 // ---- one-token views for the *_step entry points -------------------------------------------
 
-// [B, H, D] -> [B, H, 1, D]
+// [B, H, D] -> [B, H, 1, D] (a null view keeps its shape: zero-size inputs follow the rule of
+// check_common)
 template <class T>
 view<T, 4> token_view(const view<T, 3>& x) {
-  if (x.empty()) return {};
   return {x.data(), {x.extent(0), x.extent(1), 1, x.extent(2)}, {x.stride(0), x.stride(1), x.extent(2), 1}};
 }
 
 // [B, H] -> [B, H, 1]
 template <class T>
 view<T, 3> token_view(const view<T, 2>& x) {
-  if (x.empty()) return {};
   return {x.data(), {x.extent(0), x.extent(1), 1}, {x.stride(0), x.stride(1), 1}};
 }
 

@@ -31,7 +31,7 @@ inline tensor<float, 1> retnet_gamma(std::int64_t H) {
 namespace detail {
 
 inline void check_gamma(const char* fn, const view<const float, 1>& gamma, const dims& d) {
-  mnemo::detail::require(!gamma.empty(), fn, ": gamma must be a non-empty view");
+  mnemo::detail::require_data(fn, "gamma", gamma, " [H]");
   mnemo::detail::require_shape(fn, "gamma", gamma, {d.H}, " [H]");
   for (std::int64_t h = 0; h < d.H; ++h)
     mnemo::detail::require(gamma(h) > 0.0f && gamma(h) <= 1.0f, fn, ": gamma must be in (0, 1], got gamma[", h,

@@ -43,7 +43,7 @@ struct adakv {
   selection allocate(view<const float, 2> scores, std::int64_t budget) const {
     detail::require(!scores.empty(), "kvcache::policies::adakv::allocate: scores [Hkv, L] must be a non-empty view");
     std::vector<std::vector<float>> rows(static_cast<std::size_t>(scores.extent(0)));
-    for (std::int64_t h = 0; h < scores.extent(0); ++h) rows[static_cast<std::size_t>(h)].assign(scores.ptr(h, 0), scores.ptr(h, 0) + scores.extent(1));
+    for (std::int64_t h = 0; h < scores.extent(0); ++h) rows[static_cast<std::size_t>(h)].assign(scores.ptr(h), scores.ptr(h) + scores.extent(1));
     return allocate_rows(rows, budget);
   }
 

@@ -102,8 +102,9 @@ inline void check_budget(const char* fn, std::int64_t budget, std::int64_t at_le
 // decoder changes anything; returns the group size G = Hq / Hkv.
 template <class Length>
 std::int64_t check_step_probs(const char* fn, const view<const float, 2>& probs, std::int64_t Hkv, Length&& length) {
-  require(!probs.empty() && probs.extent(0) % Hkv == 0, fn,
-          ": probs [Hq, L] must be non-empty with Hq a multiple of Hkv = ", Hkv, ", got ", shape_string(probs.shape()));
+  mnemo::detail::require_data(fn, "probs", probs, " [Hq, L]");
+  require(probs.extent(0) >= 1 && probs.extent(0) % Hkv == 0, fn, ": probs [Hq, L] must have Hq a positive multiple of Hkv = ",
+          Hkv, ", got ", shape_string(probs.shape()));
   for (std::int64_t h = 0; h < Hkv; ++h)
     require(length(h) <= probs.extent(1), fn, ": probs.shape[1] must be >= length(", h, ") = ", length(h), ", got ",
             probs.extent(1));
@@ -219,7 +220,7 @@ class scored_slots {
       const std::int64_t n = length(h);
       group_.assign(static_cast<std::size_t>(n), 0.0f);
       for (std::int64_t g = 0; g < G; ++g) {
-        const float* p = probs.ptr(h * G + g, 0);
+        const float* p = probs.ptr(h * G + g);  // not ptr(.., 0): every head may hold no slot
         for (std::int64_t j = 0; j < n; ++j) group_[static_cast<std::size_t>(j)] += p[j];
       }
       f(h, group_.data(), n);

@@ -50,7 +50,7 @@ struct h2o {
     selection sel;
     std::vector<float> scratch;
     for (std::int64_t h = 0; h < d.Hkv; ++h)
-      sel.heads.push_back(detail::top_row_forced(&s(h, 0), d.L, budget, 0, recent, scratch));
+      sel.heads.push_back(detail::top_row_forced(s.as_view().ptr(h), d.L, budget, 0, recent, scratch));
     return sel;
   }
 

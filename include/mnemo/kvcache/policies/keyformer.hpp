@@ -76,7 +76,7 @@ struct keyformer {
     scores(o, s);
     selection sel;
     std::vector<float> scratch;
-    for (std::int64_t h = 0; h < d.Hkv; ++h) sel.heads.push_back(detail::top_row_forced(&s(h, 0), d.L, budget, 0, recent, scratch));
+    for (std::int64_t h = 0; h < d.Hkv; ++h) sel.heads.push_back(detail::top_row_forced(s.as_view().ptr(h), d.L, budget, 0, recent, scratch));
     return sel;
   }
 
