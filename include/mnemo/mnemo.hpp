@@ -12,6 +12,8 @@
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/attention/flash.hpp"
+#include "mnemo/attention/merge.hpp"
+#include "mnemo/attention/split_kv.hpp"
 #include "mnemo/attention/decode.hpp"
 #include "mnemo/attention/attention.hpp"
 #include "mnemo/attention/sparse.hpp"

@@ -85,14 +85,14 @@ void flash_forward(const attention::dims& d, view<const float, 4> q, view<const 
 // attention::decode's kernel (validated arguments, B and Lq > 0).
 template <class Arch, class KV, class Mod>
 void decode(const attention::dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v,
-            view<float, 4> out, view<float, 3> lse, const Mod& mod, int threads, attention::decode_workspace& ws,
-            const attention::column_sums& cs);
+            view<float, 4> out, view<float, 3> lse, const Mod& mod, const attention::options& opt,
+            attention::decode_workspace& ws, const attention::column_sums& cs);
 
 // kvcache::decode's kernel (validated arguments, Lq > 0).
 template <class Arch>
 void cache_decode(const attention::dims& d, const kvcache::layer_cache& c, view<const float, 3> q,
-                  view<float, 3> out, view<float, 2> lse, int threads, attention::decode_workspace& ws,
-                  const kvcache::column_sums& cs);
+                  view<float, 3> out, view<float, 2> lse, const attention::options& opt,
+                  attention::decode_workspace& ws, const kvcache::column_sums& cs);
 
 // The arch tags of the library's levels.
 using avx2_arch = xsimd::fma3<xsimd::avx2>;

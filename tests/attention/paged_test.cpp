@@ -14,7 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "mnemo/attention/decode.hpp"
 #include "mnemo/attention/flash.hpp"
+#include "mnemo/kvcache/decode.hpp"
 #include "mnemo/kvcache/paged.hpp"
 
 namespace {
@@ -273,6 +275,85 @@ TEST(FlashSinks, MatchTheReferenceWithColumnSums) {
       ASSERT_NEAR(sums.data()[i], ref_sums.data()[i], 1e-5f + 1e-4f * ref_sums.data()[i]) << i;
   }
 }
+
+// Split-KV decode (strided views and the cache) with sinks against the reference with sinks, with
+// column sums, over several chunks.
+TEST(DecodeSinks, MatchTheReferenceWithColumnSums) {
+  std::mt19937 gen(13);
+  std::normal_distribution<float> dist;
+  const std::int64_t Hq = 8, Hkv = 2, Lk = 1300, D = 64;
+  for (std::int64_t Lq : {1, 3}) {
+    SCOPED_TRACE("Lq=" + std::to_string(Lq));
+    tensor<float, 4> q({1, Hq, Lq, D}), k({1, Hkv, Lk, D}), v({1, Hkv, Lk, D});
+    for (auto* t : {&q, &k, &v})
+      for (std::int64_t i = 0; i < t->size(); ++i) t->data()[i] = dist(gen);
+    tensor<float, 1> sinks({Hq});
+    for (std::int64_t h = 0; h < Hq; ++h) sinks(h) = 4.0f * dist(gen);
+    attn::options opt;
+    opt.sinks = sinks.as_view();
+    tensor<float, 4> out({1, Hq, Lq, D}), ref({1, Hq, Lq, D});
+    tensor<float, 3> lse({1, Hq, Lq}), ref_lse({1, Hq, Lq}), sums({1, Hq, Lk}), ref_sums({1, Hq, Lk});
+    attn::reference(cview(q), cview(k), cview(v), ref, ref_lse, attn::mods::causal{}, opt, {ref_sums.as_view(), 0});
+    attn::decode(cview(q), cview(k), cview(v), out, lse, attn::mods::causal{}, opt, {sums.as_view(), 0});
+    expect_close(out.data(), ref.data(), out.size(), "out");
+    expect_close(lse.data(), ref_lse.data(), lse.size(), "lse");
+    for (std::int64_t i = 0; i < sums.size(); ++i)
+      ASSERT_NEAR(sums.data()[i], ref_sums.data()[i], 1e-5f + 1e-4f * ref_sums.data()[i]) << i;
+    if (Lq != 1) continue;
+    // The same keys from an f32 layer_cache: kvcache::decode has no mask; Lq = 1 sees every key.
+    kvcache::cache_config cfg;
+    cfg.Hkv = Hkv, cfg.capacity = Lk, cfg.D = D;
+    kvcache::layer_cache c(cfg);
+    tensor<float, 3> k3({Hkv, Lk, D}), v3({Hkv, Lk, D}), q3({Hq, 1, D}), o3({Hq, 1, D});
+    std::copy_n(k.data(), k.size(), k3.data());
+    std::copy_n(v.data(), v.size(), v3.data());
+    std::copy_n(q.data(), q.size(), q3.data());
+    c.append(cview(k3), cview(v3));
+    tensor<float, 2> l3({Hq, 1});
+    kvcache::decode(c, cview(q3), o3, l3, opt);
+    expect_close(o3.data(), ref.data(), o3.size(), "cache out");
+    expect_close(l3.data(), ref_lse.data(), l3.size(), "cache lse");
+  }
+}
+
+// The fast path against the reference: decode, speculative verify, a prefill chunk longer than
+// decode_max_rows, a fresh prefill and an empty sequence in one batch; f32, f16 and bf16 pages;
+// causal, window + softcap, sinks; bit-identical for 1, 2 and 3 threads.
+template <class KV>
+void check_paged_fast_path(std::uint64_t seed) {
+  const batch x({1, 4, 23, 19, 0, 2}, {37, 300, 70, 19, 5, 700}, 8, 2, 40, 16, seed);
+  tensor<KV, 4> kp({x.P, x.S, x.Hkv, x.D}), vp({x.P, x.S, x.Hkv, x.Dv});
+  for (std::int64_t i = 0; i < kp.size(); ++i) kp.data()[i] = KV(x.k_pages.data()[i]);
+  for (std::int64_t i = 0; i < vp.size(); ++i) vp.data()[i] = KV(x.v_pages.data()[i]);
+  const attn::paged_kv<KV> kv{kp.as_view(), vp.as_view(), x.table.as_view(), x.lens.as_view()};
+  for (int variant = 0; variant < 3; ++variant) {
+    SCOPED_TRACE("variant " + std::to_string(variant));
+    attn::options opt;
+    opt.scale = 0.15f;
+    if (variant == 2) opt.sinks = x.sinks.as_view();
+    tensor<float, 3> out({x.T, x.Hq, x.Dv}), ref({x.T, x.Hq, x.Dv});
+    tensor<float, 2> lse({x.T, x.Hq}), ref_lse({x.T, x.Hq});
+    auto run = [&](auto&& f) {
+      if (variant == 1) f(attn::mods::all_of(attn::mods::softcap{8.0f}, attn::mods::sliding_window{50}));
+      else f(attn::mods::causal{});
+    };
+    run([&](const auto& mod) { attn::reference_paged(cview(x.q), cview(x.cu), kv, ref, ref_lse, mod, opt); });
+    std::vector<float> first;
+    for (int threads : {1, 2, 3}) {
+      opt.threads = threads;
+      run([&](const auto& mod) { attn::paged(cview(x.q), cview(x.cu), kv, out, lse, mod, opt); });
+      expect_close(out.data(), ref.data(), out.size(), "out");
+      expect_close(lse.data(), ref_lse.data(), lse.size(), "lse");
+      if (first.empty()) first.assign(out.data(), out.data() + out.size());
+      else
+        for (std::int64_t i = 0; i < out.size(); ++i) ASSERT_EQ(out.data()[i], first[static_cast<std::size_t>(i)]) << i;
+    }
+  }
+}
+
+TEST(Paged, FastPathMatchesTheReferenceF32) { check_paged_fast_path<float>(21); }
+TEST(Paged, FastPathMatchesTheReferenceF16) { check_paged_fast_path<f16>(22); }
+TEST(Paged, FastPathMatchesTheReferenceBf16) { check_paged_fast_path<bf16>(23); }
 
 TEST(PagedReference, ErrorsNameTheArgument) {
   const batch x({1, 2}, {20, 9}, 4, 2, 16, 16, 9);

@@ -1,6 +1,5 @@
-// Tests for attention/topk.hpp: top_k_indices against the sort-everything reference (ties,
-// -inf, NaN, sorted inputs that defeat a sampled threshold, sizes around the SIMD width and the
-// sampling cut-off); top-k attention and Loki against their double references and against
+// Tests for attention/topk.hpp (the selection primitive itself: tests/simd/select_test.cpp): top-k
+// attention and Loki against their double references and against
 // attention::reference with the equivalent selection as an explicit mask (GQA, Lq != Lk, causal
 // prefill rows, rows that see nothing, f16 K/V); top_k >= visible keys against the dense golden
 // cases; the Loki basis (orthonormal, variance ordered, finds a planted subspace); every check.
@@ -27,8 +26,6 @@
 namespace mnemo::attention {
 namespace {
 
-constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-
 template <class T, int R>
 tensor<T, R> random_tensor(shape_t<R> shape, std::uint32_t seed) {
   tensor<T, R> t(shape);
@@ -36,62 +33,6 @@ tensor<T, R> random_tensor(shape_t<R> shape, std::uint32_t seed) {
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   for (T& x : t) x = T(dist(gen));
   return t;
-}
-
-// ---------------------------------------------------------------------------------------------
-// top_k_indices.
-
-void expect_same_selection(const std::vector<float>& x, std::int64_t k, const std::string& what) {
-  const auto n = static_cast<std::int64_t>(x.size());
-  std::vector<std::int64_t> got(static_cast<std::size_t>(k)), want(static_cast<std::size_t>(k));
-  top_k_indices(x.data(), n, k, got.data());
-  reference_top_k_indices(x.data(), n, k, want.data());
-  EXPECT_EQ(got, want) << what << " n=" << n << " k=" << k;
-}
-
-TEST(TopKIndices, MatchesSortReference) {
-  std::mt19937 gen(1);
-  std::normal_distribution<float> normal;
-  for (std::int64_t n : {1, 7, 16, 37, 1000, 4095, 4096, 5000, 100003}) {
-    std::vector<float> x(static_cast<std::size_t>(n));
-    for (float& e : x) e = normal(gen);
-    for (std::int64_t k : {std::int64_t{1}, std::int64_t{3}, n / 100 + 1, n / 4 + 1, n}) {
-      if (k > n) continue;
-      expect_same_selection(x, k, "normal");
-    }
-    expect_same_selection(x, 0, "k = 0");
-  }
-}
-
-TEST(TopKIndices, TiesInfinitiesNaNAndAdversarialOrder) {
-  const std::int64_t n = 20000;
-  std::mt19937 gen(2);
-  std::uniform_int_distribution<int> digit(0, 9);
-  std::vector<float> ties(n), sorted_up(n), sorted_down(n), equal(n, 0.5f), masked(n), nan(n);
-  for (std::int64_t i = 0; i < n; ++i) {
-    ties[i] = static_cast<float>(digit(gen));  // ties everywhere: the lower index must win
-    sorted_up[i] = static_cast<float>(i);
-    sorted_down[i] = static_cast<float>(n - i);
-    masked[i] = i % 3 == 0 ? static_cast<float>(digit(gen)) : neg_inf;
-    nan[i] = i % 2 == 0 ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(digit(gen));
-  }
-  for (std::int64_t k : {1, 123, 2000, 7000}) {
-    expect_same_selection(ties, k, "ties");
-    expect_same_selection(sorted_up, k, "ascending");
-    expect_same_selection(sorted_down, k, "descending");
-    expect_same_selection(equal, k, "all equal");
-    expect_same_selection(masked, k, "-inf");     // k = 7000 > the 6667 finite scores: -inf ones fill up
-  }
-  expect_same_selection(nan, 500, "NaN");
-  expect_same_selection(nan, 15000, "more than the numbers: NaN last, by index");
-  // The reference's order itself, on a case small enough to write down.
-  const std::vector<float> x{1.0f, 3.0f, 3.0f, neg_inf, std::numeric_limits<float>::quiet_NaN(), 2.0f};
-  std::vector<std::int64_t> got(5);
-  top_k_indices(x.data(), 6, 5, got.data());
-  EXPECT_EQ(got, (std::vector<std::int64_t>{0, 1, 2, 3, 5}));
-  top_k_indices(x.data(), 6, 2, got.data());
-  EXPECT_EQ(got[0], 1);
-  EXPECT_EQ(got[1], 2);
 }
 
 template <class F>
@@ -102,14 +43,6 @@ void expect_error(F&& f, std::initializer_list<const char*> parts) {
   } catch (const mnemo::error& e) {
     for (const char* p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
   }
-}
-
-TEST(TopKIndices, Errors) {
-  std::vector<float> x(10, 1.0f);
-  std::vector<std::int64_t> out(11);
-  expect_error([&] { top_k_indices(x.data(), 10, 11, out.data()); }, {"top_k_indices", "k must be in [0, n] = [0, 10]", "got 11"});
-  expect_error([&] { top_k_indices(x.data(), 10, -1, out.data()); }, {"got -1"});
-  expect_error([&] { top_k_indices(x.data(), -2, 0, out.data()); }, {"n must be >= 0", "got -2"});
 }
 
 // ---------------------------------------------------------------------------------------------

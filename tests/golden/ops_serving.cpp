@@ -53,7 +53,9 @@ void with_mod(const mod_params& m, Fn&& fn) {
   else with_mask(mods::none{});
 }
 
-template <bool Flash>
+enum class sinks_path { reference, flash };
+
+template <sinks_path Path>
 golden::results attention_sinks(const golden::golden_case& c) {
   const std::int64_t B = c.dim("B"), Hq = c.dim("Hq"), Hkv = c.dim("Hkv"), Lq = c.dim("Lq"), Lk = c.dim("Lk"),
                      D = c.dim("D"), Dv = c.dim("Dv");
@@ -67,7 +69,7 @@ golden::results attention_sinks(const golden::golden_case& c) {
   tensor<float, 4> out({B, Hq, Lq, Dv});
   tensor<float, 3> lse({B, Hq, Lq});
   with_mod(load_mod(c), [&](const auto& mod) {
-    if constexpr (Flash) attn::flash(mnemo::cview(q), k, v, out, lse, mod, opt);
+    if constexpr (Path == sinks_path::flash) attn::flash(mnemo::cview(q), k, v, out, lse, mod, opt);
     else attn::reference(q, k, v, out, lse, mod, opt);
   });
   golden::results r;
@@ -103,8 +105,8 @@ golden::results attention_paged_reference(const golden::golden_case& c) {
 }
 
 [[maybe_unused]] const bool registered =
-    golden::register_op("attention_sinks", "reference", attention_sinks<false>) &&
-    golden::register_op("attention_sinks", "flash", attention_sinks<true>) &&
+    golden::register_op("attention_sinks", "reference", attention_sinks<sinks_path::reference>) &&
+    golden::register_op("attention_sinks", "flash", attention_sinks<sinks_path::flash>) &&
     golden::register_op("attention_paged", "reference", attention_paged_reference);
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include <random>
 #include <vector>
 
+#include "mnemo/attention/decode.hpp"
 #include "mnemo/attention/reference.hpp"
 
 namespace {

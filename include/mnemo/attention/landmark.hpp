@@ -18,11 +18,12 @@
 // Inference form (landmark_decode, one step q [B, Hq, 1, D]): a cache of regular keys/values
 // [B, Hkv, Lk, D|Dv] in blocks of `block` tokens and the landmark key of each complete block
 // [B, Hkv, n_blocks, D]. Each query head scores block b by s_b = scale q . lm_b, retrieves the
-// top `blocks` blocks (that start before Lk - window), attends exactly to their regular tokens below
-// Lk - window, attends to the window [Lk - window, Lk) with split-KV decode and merges the two
-// (attention::merge): exact attention over the union of the two key sets, which is what
-// reference_landmark_decode (attention::reference with that key set as the mask) computes. The
-// engine is quest.hpp's selected-block decode, with the landmark score in place of Quest's bound.
+// top `blocks` blocks (that start before Lk - window; simd::top_k_indices, ties to the lower block,
+// NaN last) and attends exactly to their regular tokens below Lk - window together with the window
+// [Lk - window, Lk): exact attention over the union of the two key sets, which is what
+// reference_landmark_decode (attention::reference with that key set as the mask) computes. It is
+// quest.hpp's selected-block decode (selection, then the split-KV engine over the gathered keys),
+// with the landmark score in place of Quest's bound.
 //
 // Shapes: q, k [B, H, L, D], v [B, H, L, Dv], is_mem [L] int64 (0 or 1), out [B, H, L, Dv],
 // weights [B, H, L, L] (optional). Numerics: the reference in double; the fast path computes each
@@ -278,26 +279,15 @@ void reference_landmark_decode(view<const float, 4> q,          // [B, Hq, 1, D]
         for (std::int64_t c = 0; c < d.D; ++c) dot += static_cast<double>(q(b, h, 0, c)) * to_float(landmarks(b, hk, p, c));
         score[static_cast<std::size_t>(p)] = d.scale * dot;
       }
-      std::vector<std::int64_t> order(score.size());
-      std::iota(order.begin(), order.end(), std::int64_t{0});
-      std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t c) {
-        return score[static_cast<std::size_t>(a)] > score[static_cast<std::size_t>(c)];
-      });
-      order.resize(static_cast<std::size_t>(std::min(opt.blocks, bd.n_cand)));
-      std::sort(order.begin(), order.end());
-      if (!selected.empty())
-        for (std::int64_t i = 0; i < opt.blocks; ++i)
-          selected(b, h, i) = i < static_cast<std::int64_t>(order.size()) ? order[static_cast<std::size_t>(i)] : -1;
-      sparse_decode_detail::reference_over_keys(q, k, v, out, lse, b, h, hk,
-                                                sparse_decode_detail::key_set(order, block, bd.limit, d.Lk), d.scale);
+      sparse_decode_detail::reference_blocks(bd, q, k, v, out, lse, selected, opt.blocks, b, h, score);
     }
 }
 
 
 // Landmark decode (see the header): the top `opt.blocks` blocks per query head by their landmark
-// key's score, exact attention over their regular tokens plus the window, merged. `selected`
+// key's score, exact attention over their regular tokens plus the window. `selected`
 // [B, Hq, blocks] (or empty) receives each head's blocks (ascending, -1 padded).
-template <class KV, class Arch = simd::default_arch>
+template <class KV, class TuArch = simd::default_arch>
 void landmark_decode(view<const float, 4> q,          // [B, Hq, 1, D]
                      view<const KV, 4> k,             // [B, Hkv, Lk, D]   regular tokens
                      view<const KV, 4> v,             // [B, Hkv, Lk, Dv]
@@ -312,12 +302,14 @@ void landmark_decode(view<const float, 4> q,          // [B, Hq, 1, D]
   if (!selected.empty())
     mnemo::detail::require_shape(fn, "selected", selected, {bd.d.B, bd.d.Hq, opt.blocks}, " [B, Hq, blocks]");
   const std::int64_t G = bd.d.group(), D = bd.d.D, n = bd.n_cand;
-  sparse_decode_detail::block_decode<Arch>(
-      bd, q, k, v, out, lse, selected, opt.blocks, opt.window, opt.threads,
-      [&](std::int64_t b, std::int64_t hk, const float* qs, float* bs) {
-        for (std::int64_t p = 0; p < n; ++p)
-          for (std::int64_t g = 0; g < G; ++g) bs[g * n + p] = simd::dot<Arch>(qs + g * D, landmarks.ptr(b, hk, p), D);
-      });
+  simd::dispatch<TuArch>(simd::level::automatic, [&]<class Arch>() {
+    sparse_decode_detail::block_decode<Arch>(
+        bd, q, k, v, out, lse, selected, opt.blocks, opt.threads,
+        [&](std::int64_t b, std::int64_t hk, const float* qs, float* bs) {
+          for (std::int64_t p = 0; p < n; ++p)
+            for (std::int64_t g = 0; g < G; ++g) bs[g * n + p] = simd::dot<Arch>(qs + g * D, landmarks.ptr(b, hk, p), D);
+        });
+  });
 }
 
 }  // namespace mnemo::attention

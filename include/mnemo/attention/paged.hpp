@@ -13,6 +13,17 @@
 // Any strides with a contiguous innermost dimension: kvcache::paged_cache's pool
 // ([num_pages, Hkv, page_size, D]) is passed as its permute({0, 2, 1, 3}).
 //
+// How it runs (attention::paged). Each sequence is one call of the split-KV engine
+// (split_kv.hpp) over a paged source, when it has at most decode_max_rows queries (decode steps,
+// speculative verification of a few draft tokens): the source walks the block table and hands the
+// engine's score and value passes runs of consecutive rows inside a page, so the tile loops read
+// the pages where they lie, in any storage type, with every mod, sinks and column sums. A
+// sequence with more queries (a chunk of a prefill) gathers its keys and values once into a
+// contiguous workspace and runs attention::flash on it: one extra pass over its K/V, beside the
+// Lq x Lk work of the prefill itself. Work items of a sequence span its kv heads and key chunks,
+// so both threads stay busy on any sequence longer than a chunk; results are bit-identical for
+// every thread count.
+//
 // Semantics: per sequence, attention::reference with Lq = q_len_b and Lk = seq_lens[b]: the queries
 // are the sequence's last q_len_b tokens, so causal masks are bottom-right per sequence (query row
 // i of the sequence sits at key position i + seq_lens[b] - q_len_b), every mod sees the sequence's
@@ -24,8 +35,10 @@
 #include <vector>
 
 #include "mnemo/attention/common.hpp"
+#include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/reference.hpp"
+#include "mnemo/attention/split_kv.hpp"
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/parallel.hpp"
@@ -143,6 +156,124 @@ void reference_paged(view<const float, 3> q,                   // [T, Hq, D]
       for (std::int64_t h = 0; h < d.Hq; ++h)
         for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + i, h) = lb(0, h, i);
   }
+}
+
+namespace paged_detail {
+
+// The keys and values of one sequence in the pool, read in runs of consecutive rows of a page.
+template <class KV>
+struct paged_source {
+  static constexpr bool per_row_keys = false;
+  static constexpr bool row_tiled = true;
+
+  view<const KV, 4> k_pages;   // [num_pages, page_size, Hkv, D]
+  view<const KV, 4> v_pages;   // [num_pages, page_size, Hkv, Dv]
+  const std::int64_t* table;   // the sequence's block table row
+  std::int64_t start, length;  // rows before key 0 in its first page; keys
+
+  split_kv::key_parts parts(std::int64_t, std::int64_t) const { return {1, {length}}; }
+  std::int64_t scratch_floats(const split_kv::plan&) const { return 0; }
+
+  // f(j, page, row, run) for the runs of keys [j0, j0 + n) inside one page each.
+  template <class F>
+  void runs(std::int64_t j0, std::int64_t n, F&& f) const {
+    const std::int64_t S = k_pages.extent(1);
+    for (std::int64_t j = 0; j < n;) {
+      const std::int64_t slot = start + j0 + j, row = slot % S, run = std::min(S - row, n - j);
+      f(j, table[slot / S], row, run);
+      j += run;
+    }
+  }
+
+  template <class Arch, int RowTile>
+  void scores(const split_kv::plan& pl, const split_kv::key_block& kb, const float* qs, float* s, float*) const {
+    runs(kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
+      const split_kv::element_rows<Arch, KV> rows{k_pages.ptr(page, row, kb.hk), k_pages.stride(1), pl.d.D};
+      split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, qs, pl.Dpad, pl.d.D, rows, run, nullptr, s + j,
+                                          decode_chunk);
+    });
+  }
+  template <class Arch>
+  void values(const split_kv::plan& pl, const split_kv::key_block& kb, const float* p, float* acc, float*) const {
+    runs(kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
+      const split_kv::element_rows<Arch, KV> rows{v_pages.ptr(page, row, kb.hk), v_pages.stride(1), pl.d.Dv};
+      split_kv::value_pass<Arch>(pl.R, p + j, 1, pl.d.Dv, decode_chunk, pl.d.Dv, pl.Dvpad, rows, run, acc);
+    });
+  }
+};
+
+// One sequence at Arch: rows [q0, q0 + Lq) of q / out / lse against its Lk keys.
+template <class Arch, class KV, class Mod>
+void sequence(const paged_dims& pd, view<const float, 3> q, const paged_kv<KV>& kv, std::int64_t b, std::int64_t q0,
+              std::int64_t Lq, view<float, 3> out, view<float, 2> lse, const Mod& mod, const options& opt,
+              decode_workspace& ws) {
+  const std::int64_t Lk = kv.seq_lens(b), start = kv.seq_starts.empty() ? 0 : kv.seq_starts(b);
+  const dims d{1, pd.Hq, pd.Hkv, Lq, Lk, pd.D, pd.Dv, pd.scale};
+  // The sequence's rows of q and out as [1, Hq, Lq, D] views (no copy); lse [1, Hq, Lq] goes through
+  // a small buffer (its rows are not contiguous in [T, Hq]).
+  const view<const float, 4> qb(q.ptr(q0), {1, pd.Hq, Lq, pd.D}, {0, q.stride(1), q.stride(0), 1});
+  const view<float, 4> ob(out.ptr(q0), {1, pd.Hq, Lq, pd.Dv}, {0, out.stride(1), out.stride(0), 1});
+  tensor<float, 3> lb({1, pd.Hq, lse.empty() ? 0 : Lq});
+  if (Lq <= decode_max_rows) {
+    const paged_source<KV> src{kv.k_pages, kv.v_pages, kv.block_table.ptr(b), start, Lk};
+    split_kv::attend<Arch>(d, src, qb, ob, lb.as_view(), mod, opt.threads, ws, {}, opt.sinks);
+  } else {
+    tensor<KV, 4> k({1, pd.Hkv, Lk, pd.D}), v({1, pd.Hkv, Lk, pd.Dv});
+    const paged_source<KV> src{kv.k_pages, kv.v_pages, kv.block_table.ptr(b), start, Lk};
+    parallel_for(
+        pd.Hkv,
+        [&](std::int64_t hk) {
+          src.runs(0, Lk, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
+            for (std::int64_t t = 0; t < run; ++t) {
+              std::copy_n(kv.k_pages.ptr(page, row + t, hk), pd.D, &k(0, hk, j + t, 0));
+              std::copy_n(kv.v_pages.ptr(page, row + t, hk), pd.Dv, &v(0, hk, j + t, 0));
+            }
+          });
+        },
+        opt.threads);
+    options inner = opt;
+    inner.scale = pd.scale;
+    flash_detail::forward<KV, Mod, Arch>(d, qb, cview(k), cview(v), ob, lb.as_view(), mod, inner, {});
+  }
+  if (!lse.empty())
+    for (std::int64_t h = 0; h < pd.Hq; ++h)
+      for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + i, h) = lb(0, h, i);
+}
+
+}  // namespace paged_detail
+
+// Attention of a batch of sequences over a paged KV pool (see the header): the same result as
+// reference_paged to f32 rounding, at the ISA level options.isa asks for.
+template <class KV, class Mod = mods::none, class TuArch = simd::default_arch>
+void paged(view<const float, 3> q,                   // [T, Hq, D]
+           view<const std::int64_t, 1> cu_seqlens_q,  // [B + 1]
+           const paged_kv<KV>& kv,
+           view<float, 3> out,       // [T, Hq, Dv]
+           view<float, 2> lse = {},  // [T, Hq] or empty
+           const Mod& mod = {}, const options& opt = {}, decode_workspace* ws = nullptr) {
+  constexpr const char* fn = "attention::paged";
+  const paged_dims d = paged_detail::check_args(fn, q, cu_seqlens_q, kv, out, lse, opt);
+  for (std::int64_t b = 0; b < d.B; ++b) {
+    const std::int64_t Lq = cu_seqlens_q(b + 1) - cu_seqlens_q(b);
+    mods::validate(mod, fn, d.Hq, Lq, kv.seq_lens(b));
+  }
+  decode_workspace own;
+  decode_workspace& w = ws ? *ws : own;
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
+    for (std::int64_t b = 0; b < d.B; ++b) {
+      const std::int64_t q0 = cu_seqlens_q(b), Lq = cu_seqlens_q(b + 1) - q0;
+      if (Lq == 0) continue;
+      if (kv.seq_lens(b) == 0) {  // no key: out 0, lse = sink (or -inf)
+        for (std::int64_t i = 0; i < Lq; ++i)
+          for (std::int64_t h = 0; h < d.Hq; ++h) {
+            std::fill_n(out.ptr(q0 + i, h), d.Dv, 0.0f);
+            if (!lse.empty()) lse(q0 + i, h) = sink_of(opt, h);
+          }
+        continue;
+      }
+      paged_detail::sequence<Arch>(d, q, kv, b, q0, Lq, out, lse, mod, opt, w);
+    }
+  });
 }
 
 }  // namespace mnemo::attention

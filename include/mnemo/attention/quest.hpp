@@ -8,16 +8,15 @@
 // For a query q the page's upper bound of q . k is
 //   U_p = sum_c max(q_c mn_p[c], q_c mx_p[c])  >=  max_{j in p} q . k_j
 // (each term bounds q_c k_j[c] whatever the sign of q_c). Decode scores every page by U_p (with the
-// scaled query), keeps the `pages` best per query head, attends exactly to their keys plus a local
-// window of the last `window` keys, and combines the two parts with attention::merge:
-//   sel   = top-`pages` candidate pages by U_p (ties: the lower page first)
-//   part1 = attention over { j in a selected page, j < Lk - window }      -> (o1, lse1)
-//   part2 = attention over { Lk - window <= j < Lk } (attention::decode)  -> (o2, lse2)
-//   (out, lse) = merge((o1, lse1), (o2, lse2))
-// which is exactly attention restricted to the union of the two key sets: the reference is
-// attention::reference with that key set as the mask (the tests do that). Candidate pages are the
-// pages that start before Lk - window (a page straddling the window edge contributes only its keys
-// outside the window, so the two parts stay disjoint).
+// scaled query), keeps the `pages` best per query head, and attends exactly to their keys plus a
+// local window of the last `window` keys:
+//   sel  = top-`pages` candidate pages by U_p (simd::top_k_indices: ties to the lower page, NaN last)
+//   keys = { j in a selected page, j < Lk - window } u { Lk - window <= j < Lk }
+//   out  = attention over keys
+// which is exactly attention restricted to that key set: the reference is attention::reference
+// with that key set as the mask (the tests do that). Candidate pages are the pages that start
+// before Lk - window (a page straddling the window edge contributes only its keys outside the
+// window, so no key is listed twice).
 //
 // Shapes: q [B, Hq, 1, D] (one decode step), k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] in f32, f16 or
 // bf16, out [B, Hq, 1, Dv], lse [B, Hq, 1] (optional), selected pages [B, Hq, pages] (ascending,
@@ -25,11 +24,13 @@
 // query head selects its own pages, the G = Hq / Hkv heads of a group share one read of the page
 // metadata (2 D floats per page: at page_size 16 that is 1/8 of the f32 K bytes).
 //
-// Numerics: bounds, scores, softmax and outputs in f32 (simd::exp), bounds of NaN rank as -inf;
+// Numerics: bounds, scores, softmax and outputs in f32 (simd::exp), NaN bounds ranked last;
 // reference_quest_decode computes the page metadata and bounds in double from k itself.
 //
-// The engine (sparse_decode_detail::block_decode) takes any per-block score: Quest's bound here,
-// the landmark key's q . k in landmark.hpp.
+// The selected-block decode (sparse_decode_detail::block_decode) takes any per-block score:
+// Quest's bound here, the landmark key's q . k in landmark.hpp. It selects the blocks and lists
+// each query head's keys; the split-KV engine (split_kv.hpp) attends over them as a gathered
+// source, so the selected keys and the window are one softmax (no merge).
 #pragma once
 
 #include <algorithm>
@@ -41,7 +42,7 @@
 #include <vector>
 
 #include "mnemo/attention/common.hpp"
-#include "mnemo/attention/decode.hpp"
+#include "mnemo/attention/split_kv.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/core/dtype.hpp"
@@ -49,7 +50,9 @@
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/arch.hpp"
+#include "mnemo/simd/dispatch.hpp"
 #include "mnemo/simd/math.hpp"
+#include "mnemo/simd/select.hpp"
 #include "mnemo/simd/vec.hpp"
 
 namespace mnemo::attention {
@@ -144,37 +147,6 @@ class quest_pages {
 
 namespace sparse_decode_detail {
 
-inline constexpr float minus_inf = -std::numeric_limits<float>::infinity();
-
-// The `n` best of score[0 .. m) (larger first, ties: the lower index; NaN must have been mapped to
-// -inf), written ascending to `idx` (resized to min(n, m)).
-inline void select_top(const float* score, std::int64_t m, std::int64_t n, std::vector<std::int64_t>& idx) {
-  idx.resize(static_cast<std::size_t>(m));
-  std::iota(idx.begin(), idx.end(), std::int64_t{0});
-  n = std::min(n, m);
-  auto before = [score](std::int64_t a, std::int64_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); };
-  if (n < m) std::nth_element(idx.begin(), idx.begin() + n, idx.end(), before);
-  idx.resize(static_cast<std::size_t>(n));
-  std::sort(idx.begin(), idx.end());
-}
-
-// Softmax over s[0 .. n) (scaled scores, in place) and out[0 .. Dv) = sum_i p_i v(i); lse = log sum
-// exp(s). n = 0 (or every score -inf): out = 0, lse = -inf.
-template <class Arch, class VRow>
-void softmax_values(float* s, std::int64_t n, VRow&& v_row, std::int64_t Dv, float* out, float& lse) {
-  std::fill(out, out + Dv, 0.0f);
-  const float m = simd::reduce_max<Arch>(s, n);
-  const float l = m == minus_inf ? 0.0f : simd::exp_sum<Arch>(s, n, m);
-  if (!(l > 0)) {
-    lse = minus_inf;
-    return;
-  }
-  for (std::int64_t i = 0; i < n; ++i)
-    if (s[i] != 0) simd::axpy<Arch>(s[i], v_row(i), out, Dv);
-  simd::scale<Arch>(1.0f / l, out, Dv);
-  lse = m + std::log(l);
-}
-
 // Upper bound of q . k over a page: sum_c max(q_c mn_c, q_c mx_c).
 template <class Arch>
 float page_bound(const float* q, const float* mn, const float* mx, std::int64_t D) {
@@ -216,24 +188,34 @@ block_dims check_block_decode(const char* fn, const view<const float, 4>& q, con
   return {d, block, n_cand, limit};
 }
 
-// A decode made of a selected part and a local window: part1(o1, l1) writes the attention of
-// every query head over its selected keys (all below Lk - window) into o1 [B, Hq, 1, Dv] and
-// l1 [B, Hq, 1] (l1 may be empty when window = 0 and lse is not wanted); the window
-// [Lk - window, Lk) is read by split-KV decode (only its chunks are visited) and the two are
-// merged. Without a window part1 writes out / lse directly.
-template <class Arch, class KV, class Part1>
-void with_window(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
-                 view<float, 3> lse, std::int64_t window, int threads, Part1&& part1) {
-  if (window == 0) {
-    part1(out, lse);
-    return;
-  }
-  tensor<float, 4> out1({d.B, d.Hq, 1, d.Dv}), out2({d.B, d.Hq, 1, d.Dv});
-  tensor<float, 3> lse1({d.B, d.Hq, 1}), lse2({d.B, d.Hq, 1});
-  part1(out1.as_view(), lse1.as_view());
-  decode<KV, mods::sliding_window, Arch>(q, k, v, out2.as_view(), lse2.as_view(), mods::sliding_window{window},
-                                         options{d.scale, threads});
-  merge<Arch>(cview(out1), cview(lse1), cview(out2), cview(lse2), out, lse, threads);
+// Each row's keys, for the gathered source: keys [B, Hkv, R, cap] and counts [B, Hkv, R].
+struct key_lists {
+  tensor<std::int64_t, 4> keys;
+  tensor<std::int64_t, 3> counts;
+};
+
+// The window [limit, Lk) appended to every row's list, and the attention over the lists on the
+// split-KV engine (one softmax over the selected keys and the window). scores (optional, [B, Hkv,
+// R, cap]) holds the listed keys' scaled scores; the window's are filled in here.
+template <class Arch, class KV>
+void attend_lists(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
+                  view<float, 3> lse, std::int64_t limit, int threads, key_lists& lists, tensor<float, 4>* scores) {
+  const std::int64_t G = d.group();
+  parallel_for(
+      d.B * d.Hq,
+      [&](std::int64_t bh) {
+        const std::int64_t b = bh / d.Hq, hk = bh % d.Hq / G, r = bh % d.Hq % G;
+        std::int64_t& n = lists.counts(b, hk, r);
+        for (std::int64_t j = limit; j < d.Lk; ++j, ++n) {
+          lists.keys(b, hk, r, n) = j;
+          if (scores) (*scores)(b, hk, r, n) = d.scale * simd::dot<Arch>(q.ptr(b, bh % d.Hq, 0), k.ptr(b, hk, j), d.D);
+        }
+      },
+      threads);
+  decode_workspace ws;
+  const split_kv::gathered_source<KV> src{k, v, cview(lists.keys), cview(lists.counts),
+                                          scores ? cview(*scores) : view<const float, 4>{}};
+  split_kv::attend<Arch>(d, src, q, out, lse, mods::none{}, threads, ws);
 }
 
 // The selected-block decode. score_blocks(b, hk, qs, bs) fills bs[g * n_cand + p] with the score of
@@ -242,47 +224,37 @@ void with_window(const dims& d, view<const float, 4> q, view<const KV, 4> k, vie
 template <class Arch, class KV, class ScoreBlocks>
 void block_decode(const block_dims& bd, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v,
                   view<float, 4> out, view<float, 3> lse, view<std::int64_t, 3> selected, std::int64_t blocks,
-                  std::int64_t window, int threads, ScoreBlocks&& score_blocks) {
+                  int threads, ScoreBlocks&& score_blocks) {
   const dims& d = bd.d;
-  const std::int64_t G = d.group();
-  with_window<Arch>(d, q, k, v, out, lse, window, threads, [&](view<float, 4> o1, view<float, 3> l1) {
-    // Dynamic: on a shared machine a statically assigned thread that starts late holds up the call.
-    parallel_for_dynamic(
-        d.B * d.Hkv,
-        [&](std::int64_t bh) {
-          const std::int64_t b = bh / d.Hkv, hk = bh % d.Hkv;
-          std::vector<float> qs(static_cast<std::size_t>(G * d.D));
-          for (std::int64_t g = 0; g < G; ++g)
-            for (std::int64_t c = 0; c < d.D; ++c) qs[static_cast<std::size_t>(g * d.D + c)] = d.scale * q(b, hk * G + g, 0, c);
-          std::vector<float> bs(static_cast<std::size_t>(G * bd.n_cand));
-          score_blocks(b, hk, qs.data(), bs.data());
-          for (float& x : bs)
-            if (std::isnan(x)) x = minus_inf;
-          std::vector<std::int64_t> sel, idx;
-          std::vector<float> s(static_cast<std::size_t>(std::min(blocks, bd.n_cand) * bd.block));
-          for (std::int64_t g = 0; g < G; ++g) {
-            const std::int64_t h = hk * G + g;
-            select_top(bs.data() + g * bd.n_cand, bd.n_cand, blocks, sel);
-            if (!selected.empty())
-              for (std::int64_t i = 0; i < blocks; ++i)
-                selected(b, h, i) = i < static_cast<std::int64_t>(sel.size()) ? sel[static_cast<std::size_t>(i)] : -1;
-            // The selected blocks' keys below the window, ascending, and their scores.
-            idx.clear();
-            for (std::int64_t p : sel)
-              for (std::int64_t j = p * bd.block; j < std::min(bd.limit, (p + 1) * bd.block); ++j) idx.push_back(j);
-            const std::int64_t n = static_cast<std::int64_t>(idx.size());
-            for (std::int64_t i = 0; i < n; ++i)
-              s[static_cast<std::size_t>(i)] =
-                  simd::dot<Arch>(qs.data() + g * d.D, k.ptr(b, hk, idx[static_cast<std::size_t>(i)]), d.D);
-            float l = 0;
-            softmax_values<Arch>(
-                s.data(), n, [&](std::int64_t i) { return v.ptr(b, hk, idx[static_cast<std::size_t>(i)]); }, d.Dv,
-                o1.ptr(b, h, 0), l);
-            if (!l1.empty()) l1(b, h, 0) = l;
-          }
-        },
-        threads);
-  });
+  const std::int64_t G = d.group(), n_sel = std::min(blocks, bd.n_cand);
+  const std::int64_t cap = std::max<std::int64_t>(1, n_sel * bd.block + d.Lk - bd.limit);
+  key_lists lists{tensor<std::int64_t, 4>({d.B, d.Hkv, G, cap}), tensor<std::int64_t, 3>({d.B, d.Hkv, G})};
+  // Dynamic: on a shared machine a statically assigned thread that starts late holds up the call.
+  parallel_for_dynamic(
+      d.B * d.Hkv,
+      [&](std::int64_t bh) {
+        const std::int64_t b = bh / d.Hkv, hk = bh % d.Hkv;
+        std::vector<float> qs(static_cast<std::size_t>(G * d.D));
+        for (std::int64_t g = 0; g < G; ++g)
+          for (std::int64_t c = 0; c < d.D; ++c) qs[static_cast<std::size_t>(g * d.D + c)] = d.scale * q(b, hk * G + g, 0, c);
+        std::vector<float> bs(static_cast<std::size_t>(G * bd.n_cand));
+        score_blocks(b, hk, qs.data(), bs.data());
+        std::vector<std::int64_t> sel(static_cast<std::size_t>(n_sel));
+        simd::top_k_workspace top;
+        for (std::int64_t g = 0; g < G; ++g) {
+          const std::int64_t h = hk * G + g;
+          simd::top_k_indices<Arch>(bs.data() + g * bd.n_cand, bd.n_cand, n_sel, sel.data(), top);
+          if (!selected.empty())
+            for (std::int64_t i = 0; i < blocks; ++i) selected(b, h, i) = i < n_sel ? sel[static_cast<std::size_t>(i)] : -1;
+          // The selected blocks' keys below the window, ascending.
+          std::int64_t n = 0;
+          for (std::int64_t p : sel)
+            for (std::int64_t j = p * bd.block; j < std::min(bd.limit, (p + 1) * bd.block); ++j) lists.keys(b, hk, g, n++) = j;
+          lists.counts(b, hk, g) = n;
+        }
+      },
+      threads);
+  attend_lists<Arch>(d, q, k, v, out, lse, bd.limit, threads, lists, nullptr);
 }
 
 // The key set of a selected-block decode for one head: keys of the listed blocks below `limit`,
@@ -313,6 +285,21 @@ void reference_over_keys(view<const float, 4> q, view<const KV, 4> k, view<const
   reference<KV, key_mask>(qh, kh, vh, oh, lh, key_mask{&keep}, options{scale, 1});
 }
 
+// The end of a selected-block decode's reference for head h of batch b: the top `blocks` of the
+// blocks' double scores (the fast path's selection rule), written to `selected` (ascending, -1
+// padded; may be empty), then attention::reference over their keys below the window and the window.
+template <class KV>
+void reference_blocks(const block_dims& bd, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v,
+                      view<float, 4> out, view<float, 3> lse, view<std::int64_t, 3> selected, std::int64_t blocks,
+                      std::int64_t b, std::int64_t h, const std::vector<double>& score) {
+  std::vector<std::int64_t> order(static_cast<std::size_t>(std::min(blocks, bd.n_cand)));
+  simd::reference_top_k_indices(score.data(), bd.n_cand, static_cast<std::int64_t>(order.size()), order.data());
+  if (!selected.empty())
+    for (std::int64_t i = 0; i < blocks; ++i)
+      selected(b, h, i) = i < static_cast<std::int64_t>(order.size()) ? order[static_cast<std::size_t>(i)] : -1;
+  reference_over_keys(q, k, v, out, lse, b, h, h / bd.d.group(), key_set(order, bd.block, bd.limit, bd.d.Lk), bd.d.scale);
+}
+
 }  // namespace sparse_decode_detail
 
 namespace detail {
@@ -330,8 +317,8 @@ inline void check_quest_pages(const char* fn, const quest_pages& pages, const di
 }  // namespace detail
 
 // Quest decode in double: page min/max and bounds computed from k itself, top `blocks` pages per
-// query head (ties: the lower page), then attention::reference over the selected keys plus the
-// window. `selected` [B, Hq, blocks] (or empty) receives the pages, as quest_decode's.
+// query head (the fast path's selection rule: ties to the lower page), then attention::reference
+// over the selected keys plus the window. `selected` [B, Hq, blocks] (or empty) receives the pages, as quest_decode's.
 template <class KV>
 void reference_quest_decode(view<const float, 4> q,  // [B, Hq, 1, D]
                   view<const KV, 4> k,     // [B, Hkv, Lk, D]
@@ -362,26 +349,15 @@ void reference_quest_decode(view<const float, 4> q,  // [B, Hq, 1, D]
         }
         bound[static_cast<std::size_t>(p)] = u;
       }
-      std::vector<std::int64_t> order(bound.size());
-      std::iota(order.begin(), order.end(), std::int64_t{0});
-      std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t c) {
-        return bound[static_cast<std::size_t>(a)] > bound[static_cast<std::size_t>(c)];
-      });
-      order.resize(static_cast<std::size_t>(std::min(opt.blocks, bd.n_cand)));
-      std::sort(order.begin(), order.end());
-      if (!selected.empty())
-        for (std::int64_t i = 0; i < opt.blocks; ++i)
-          selected(b, h, i) = i < static_cast<std::int64_t>(order.size()) ? order[static_cast<std::size_t>(i)] : -1;
-      sparse_decode_detail::reference_over_keys(q, k, v, out, lse, b, h, hk,
-                                                sparse_decode_detail::key_set(order, page_size, bd.limit, Lk), d.scale);
+      sparse_decode_detail::reference_blocks(bd, q, k, v, out, lse, selected, opt.blocks, b, h, bound);
     }
 }
 
 
 // Quest decode: top `opt.blocks` pages per query head by their upper bound, exact attention over
-// their keys plus the last `opt.window` keys, merged. `selected` [B, Hq, blocks] (or empty)
+// their keys plus the last `opt.window` keys. Runs at the ISA simd::dispatch picks ($MNEMO_ISA). `selected` [B, Hq, blocks] (or empty)
 // receives each head's pages (ascending, -1 padded).
-template <class KV, class Arch = simd::default_arch>
+template <class KV, class TuArch = simd::default_arch>
 void quest_decode(view<const float, 4> q,  // [B, Hq, 1, D]
                   view<const KV, 4> k,     // [B, Hkv, Lk, D]
                   view<const KV, 4> v,     // [B, Hkv, Lk, Dv]
@@ -395,24 +371,26 @@ void quest_decode(view<const float, 4> q,  // [B, Hq, 1, D]
   if (!selected.empty())
     mnemo::detail::require_shape(fn, "selected", selected, {bd.d.B, bd.d.Hq, opt.blocks}, " [B, Hq, blocks]");
   const std::int64_t G = bd.d.group(), D = bd.d.D, n = bd.n_cand;
-  sparse_decode_detail::block_decode<Arch>(
-      bd, q, k, v, out, lse, selected, opt.blocks, opt.window, opt.threads,
-      [&](std::int64_t b, std::int64_t hk, const float* qs, float* bs) {
-        // Page-major: each page's metadata is read once for the whole group.
-        for (std::int64_t p = 0; p < n; ++p) {
-          const float* mn = pages.min(b, hk, p);
-          const float* mx = pages.max(b, hk, p);
-          for (std::int64_t g = 0; g < G; ++g) bs[g * n + p] = sparse_decode_detail::page_bound<Arch>(qs + g * D, mn, mx, D);
-        }
-      });
+  simd::dispatch<TuArch>(simd::level::automatic, [&]<class Arch>() {
+    sparse_decode_detail::block_decode<Arch>(
+        bd, q, k, v, out, lse, selected, opt.blocks, opt.threads,
+        [&](std::int64_t b, std::int64_t hk, const float* qs, float* bs) {
+          // Page-major: each page's metadata is read once for the whole group.
+          for (std::int64_t p = 0; p < n; ++p) {
+            const float* mn = pages.min(b, hk, p);
+            const float* mx = pages.max(b, hk, p);
+            for (std::int64_t g = 0; g < G; ++g) bs[g * n + p] = sparse_decode_detail::page_bound<Arch>(qs + g * D, mn, mx, D);
+          }
+        });
+  });
 }
 
 // Convenience: tensors or views of any constness for k and v.
-template <class K, class V, class Arch = simd::default_arch>
+template <class K, class V, class TuArch = simd::default_arch>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void quest_decode(view<const float, 4> q, const K& k, const V& v, const quest_pages& pages, view<float, 4> out,
                   view<float, 3> lse = {}, const quest_options& opt = {}, view<std::int64_t, 3> selected = {}) {
-  quest_decode<element_t<K>, Arch>(q, cview(k), cview(v), pages, out, lse, opt, selected);
+  quest_decode<element_t<K>, TuArch>(q, cview(k), cview(v), pages, out, lse, opt, selected);
 }
 
 }  // namespace mnemo::attention

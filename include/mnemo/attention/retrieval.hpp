@@ -12,13 +12,13 @@
 //   add:   new keys get ids size() .. size() + M - 1 and join the list of their nearest centroid.
 //   search(q, n_probe, k): the n_probe lists whose centroids have the largest q . c (the
 //          inner-product coarse quantizer), then the exact q . k of every key in them; the k best
-//          (larger first, ties: the lower id). n_probe = n_lists is exact search.
+//          (larger first, ties: the lower id, NaN last: simd::top_k_indices, the selection every
+//          selecting kernel shares). n_probe = n_lists is exact search.
 //
 // Retrieval decode (one step, q [B, Hq, 1, D]; K/V [B, Hkv, Lk, D|Dv] in f32, f16 or bf16):
-//   part1 = attention over the top_k keys the index returns for the scaled query, restricted to
-//           ids < Lk - window (keys in the window are attended by part 2)     -> (o1, lse1)
-//   part2 = attention over the window [Lk - window, Lk) (attention::decode)   -> (o2, lse2)
-//   (out, lse) = attention::merge((o1, lse1), (o2, lse2))
+//   keys = the top_k keys the index returns for the scaled query, restricted to ids < Lk - window
+//          u the window [Lk - window, Lk)
+//   out  = attention over keys (the split-KV engine over the gathered keys, one softmax)
 // Each query head searches the index of its kv head (retrieval_index keeps one ivf_index per
 // (batch, kv head)). Keys that are neither indexed nor in the window are not attended: add keys
 // to the index at the latest when they leave the window. reference_retrieval_decode does the same
@@ -26,7 +26,8 @@
 // recall is measured against.
 //
 // Numerics: k-means in f32 scores (GEMM) and double centroid sums; search scores in f32 (simd::dot)
-// are the attention scores of part 1 (no second pass over K); softmax in f32 with simd::exp.
+// are the attention scores of the retrieved keys (no second pass over K); softmax in f32 with
+// simd::exp.
 // Results do not depend on the thread count (items are independent, sums in a fixed order).
 #pragma once
 
@@ -43,7 +44,6 @@
 #include <Eigen/Core>
 
 #include "mnemo/attention/common.hpp"
-#include "mnemo/attention/decode.hpp"
 #include "mnemo/attention/quest.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/core/dtype.hpp"
@@ -51,6 +51,8 @@
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/serial_gemm.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/simd/dispatch.hpp"
+#include "mnemo/simd/select.hpp"
 #include "mnemo/simd/vec.hpp"
 
 namespace mnemo::attention {
@@ -67,6 +69,13 @@ struct ivf_hit {
   float score;
 };
 
+// Scratch of ivf_index::search_into, kept by a caller that searches many times.
+struct ivf_search_scratch {
+  std::vector<float> centroid_scores, scores;       // [n_lists], [candidates]
+  std::vector<std::int64_t> lists, ids, picked;     // [n_probe], [candidates], [k]
+  simd::top_k_workspace top;
+};
+
 namespace ivf_detail {
 
 // Keys per GEMM block of the nearest-centroid assignment: [256, D] x [D, n_lists].
@@ -74,19 +83,6 @@ inline constexpr std::int64_t assign_block = 256;
 
 // Relative nudge that splits a centroid in two for an emptied list (faiss's EPS = 1/1024).
 inline constexpr float split_nudge = 1.0f / 1024.0f;
-
-// Larger score first, ties: the lower id.
-inline bool before(const ivf_hit& a, const ivf_hit& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); }
-
-// Keeps the k best of hits (by `before`), sorted.
-inline void keep_best(std::vector<ivf_hit>& hits, std::int64_t k) {
-  const auto n = static_cast<std::int64_t>(hits.size());
-  if (k < n) {
-    std::nth_element(hits.begin(), hits.begin() + k, hits.end(), before);
-    hits.resize(static_cast<std::size_t>(k));
-  }
-  std::sort(hits.begin(), hits.end(), before);
-}
 
 }  // namespace ivf_detail
 
@@ -151,10 +147,9 @@ class ivf_index {
   std::vector<ivf_hit> search(const float* q, std::int64_t n_probe, std::int64_t k,
                               std::int64_t max_id = std::numeric_limits<std::int64_t>::max()) const {
     check_search("ivf_index::search", n_probe, k);
-    std::vector<float> cs(static_cast<std::size_t>(n_lists_));
-    std::vector<std::int64_t> lists;
+    ivf_search_scratch w;
     std::vector<ivf_hit> hits;
-    search_into<Arch>(q, n_probe, k, max_id, cs, lists, hits);
+    search_into<Arch>(q, n_probe, k, max_id, w, hits);
     return hits;
   }
 
@@ -169,28 +164,36 @@ class ivf_index {
     return ids;
   }
 
-  // The search with caller-owned scratch (no allocation once the vectors have grown): cs [n_lists]
-  // centroid scores, lists and hits are overwritten. Arguments must have passed check_search.
+  // The search with caller-owned scratch (no allocation once its vectors have grown); hits is
+  // overwritten. Arguments must have passed check_search.
   template <class Arch = simd::default_arch>
-  void search_into(const float* q, std::int64_t n_probe, std::int64_t k, std::int64_t max_id, std::vector<float>& cs,
-                   std::vector<std::int64_t>& lists, std::vector<ivf_hit>& hits) const {
-    cs.resize(static_cast<std::size_t>(n_lists_));
-    for (std::int64_t l = 0; l < n_lists_; ++l) {
-      const float x = simd::dot<Arch>(q, centroids_.data() + l * D_, D_);
-      cs[static_cast<std::size_t>(l)] = std::isnan(x) ? sparse_decode_detail::minus_inf : x;
-    }
-    sparse_decode_detail::select_top(cs.data(), n_lists_, n_probe, lists);
-    hits.clear();
-    for (std::int64_t l : lists) {
+  void search_into(const float* q, std::int64_t n_probe, std::int64_t k, std::int64_t max_id, ivf_search_scratch& w,
+                   std::vector<ivf_hit>& hits) const {
+    w.centroid_scores.resize(static_cast<std::size_t>(n_lists_));
+    for (std::int64_t l = 0; l < n_lists_; ++l)
+      w.centroid_scores[static_cast<std::size_t>(l)] = simd::dot<Arch>(q, centroids_.data() + l * D_, D_);
+    w.lists.resize(static_cast<std::size_t>(n_probe));
+    simd::top_k_indices<Arch>(w.centroid_scores.data(), n_lists_, n_probe, w.lists.data(), w.top);
+    w.scores.clear();
+    w.ids.clear();
+    for (std::int64_t l : w.lists) {
       const auto& ks = list_keys_[static_cast<std::size_t>(l)];
       const auto& ids = list_ids_[static_cast<std::size_t>(l)];
       for (std::size_t i = 0; i < ids.size(); ++i) {
         if (ids[i] >= max_id) continue;
-        const float s = simd::dot<Arch>(q, ks.data() + static_cast<std::int64_t>(i) * D_, D_);
-        hits.push_back({ids[i], std::isnan(s) ? sparse_decode_detail::minus_inf : s});
+        w.scores.push_back(simd::dot<Arch>(q, ks.data() + static_cast<std::int64_t>(i) * D_, D_));
+        w.ids.push_back(ids[i]);
       }
     }
-    ivf_detail::keep_best(hits, k);
+    const std::int64_t n = std::min(k, static_cast<std::int64_t>(w.ids.size()));
+    w.picked.resize(static_cast<std::size_t>(n));
+    simd::top_k_indices<Arch>(w.scores.data(), static_cast<std::int64_t>(w.ids.size()), n, w.picked.data(), w.top,
+                              simd::top_k_order::best_first, w.ids.data());
+    hits.resize(static_cast<std::size_t>(n));
+    for (std::int64_t i = 0; i < n; ++i) {
+      const auto p = static_cast<std::size_t>(w.picked[static_cast<std::size_t>(i)]);
+      hits[static_cast<std::size_t>(i)] = {w.ids[p], w.scores[p]};
+    }
   }
 
   void check_search(const char* fn, std::int64_t n_probe, std::int64_t k) const {
@@ -371,18 +374,20 @@ struct retrieval_options {
   int threads = 0;             // 0: the OpenMP default
 };
 
-// Exact top-k of q . k_j over keys [N, D] in double (larger first, ties: the lower id), ids < max_id.
+// Exact top-k of q . k_j over keys [N, D] in double (larger first, ties: the lower id, NaN last:
+// the selection rule of every selecting kernel), ids < max_id.
 inline std::vector<std::int64_t> reference_exact_search(view<const float, 2> keys, const float* q, std::int64_t k,
                                               std::int64_t max_id = std::numeric_limits<std::int64_t>::max()) {
-  std::vector<std::pair<double, std::int64_t>> s;
-  for (std::int64_t j = 0; j < std::min(keys.extent(0), max_id); ++j) {
+  const std::int64_t n = std::min(keys.extent(0), max_id);
+  std::vector<double> s(static_cast<std::size_t>(n));
+  for (std::int64_t j = 0; j < n; ++j) {
     double dot = 0;
     for (std::int64_t c = 0; c < keys.extent(1); ++c) dot += static_cast<double>(q[c]) * keys(j, c);
-    s.push_back({-dot, j});
+    s[static_cast<std::size_t>(j)] = dot;
   }
-  std::sort(s.begin(), s.end());
-  std::vector<std::int64_t> ids;
-  for (std::size_t i = 0; i < std::min<std::size_t>(s.size(), static_cast<std::size_t>(k)); ++i) ids.push_back(s[i].second);
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(std::min(k, n)));
+  simd::reference_top_k_indices(s.data(), n, static_cast<std::int64_t>(ids.size()), ids.data(),
+                                simd::top_k_order::best_first);
   return ids;
 }
 
@@ -434,9 +439,9 @@ void reference_retrieval_decode(view<const float, 4> q,  // [B, Hq, 1, D]
 
 
 // Retrieval decode (see the header): per query head, the top_k keys the index returns from
-// n_probe lists (ids < Lk - window), exact attention over them, the window by split-KV decode,
-// merged. `ids` [B, Hq, top_k] (or empty) receives the retrieved keys (score order, -1 padded).
-template <class KV, class Arch = simd::default_arch>
+// n_probe lists (ids < Lk - window) and the window, exact attention over them on the split-KV
+// engine. `ids` [B, Hq, top_k] (or empty) receives the retrieved keys (score order, -1 padded).
+template <class KV, class TuArch = simd::default_arch>
 void retrieval_decode(view<const float, 4> q,  // [B, Hq, 1, D]
                       view<const KV, 4> k,     // [B, Hkv, Lk, D]
                       view<const KV, 4> v,     // [B, Hkv, Lk, Dv]
@@ -457,40 +462,42 @@ void retrieval_decode(view<const float, 4> q,  // [B, Hq, 1, D]
   require(opt.window >= 0, fn, ": options.window must be >= 0, got ", opt.window);
   index.at(0, 0).check_search(fn, opt.n_probe, opt.top_k);
   if (!ids.empty()) mnemo::detail::require_shape(fn, "ids", ids, {d.B, d.Hq, opt.top_k}, " [B, Hq, top_k]");
-  const std::int64_t limit = std::max<std::int64_t>(0, d.Lk - opt.window);
-  sparse_decode_detail::with_window<Arch>(d, q, k, v, out, lse, opt.window, opt.threads,
-                                          [&](view<float, 4> o1, view<float, 3> l1) {
+  const std::int64_t limit = std::max<std::int64_t>(0, d.Lk - opt.window), G = d.group();
+  const std::int64_t cap = std::max<std::int64_t>(1, std::min(opt.top_k, limit) + d.Lk - limit);
+  sparse_decode_detail::key_lists lists{tensor<std::int64_t, 4>({d.B, d.Hkv, G, cap}),
+                                        tensor<std::int64_t, 3>({d.B, d.Hkv, G})};
+  tensor<float, 4> scores({d.B, d.Hkv, G, cap});
+  simd::dispatch<TuArch>(simd::level::automatic, [&]<class Arch>() {
     // Dynamic: on a shared machine a statically assigned thread that starts late holds up the call.
     parallel_for_dynamic(
         d.B * d.Hq,
         [&](std::int64_t bh) {
-          const std::int64_t b = bh / d.Hq, h = bh % d.Hq, hk = h / d.group();
-          std::vector<float> qs(static_cast<std::size_t>(d.D)), cs, s;
+          const std::int64_t b = bh / d.Hq, h = bh % d.Hq, hk = h / G, g = h % G;
+          std::vector<float> qs(static_cast<std::size_t>(d.D));
           for (std::int64_t c = 0; c < d.D; ++c) qs[static_cast<std::size_t>(c)] = d.scale * q(b, h, 0, c);
-          std::vector<std::int64_t> lists;
+          ivf_search_scratch w;
           std::vector<ivf_hit> hits;
-          index.at(b, hk).search_into<Arch>(qs.data(), opt.n_probe, opt.top_k, limit, cs, lists, hits);
+          index.at(b, hk).search_into<Arch>(qs.data(), opt.n_probe, opt.top_k, limit, w, hits);
           const auto n = static_cast<std::int64_t>(hits.size());
           if (!ids.empty())
             for (std::int64_t i = 0; i < opt.top_k; ++i) ids(b, h, i) = i < n ? hits[static_cast<std::size_t>(i)].id : -1;
-          s.resize(static_cast<std::size_t>(n));
-          for (std::int64_t i = 0; i < n; ++i) s[static_cast<std::size_t>(i)] = hits[static_cast<std::size_t>(i)].score;
-          float l = 0;
-          sparse_decode_detail::softmax_values<Arch>(
-              s.data(), n, [&](std::int64_t i) { return v.ptr(b, hk, hits[static_cast<std::size_t>(i)].id); }, d.Dv,
-              o1.ptr(b, h, 0), l);
-          if (!l1.empty()) l1(b, h, 0) = l;
+          for (std::int64_t i = 0; i < n; ++i) {
+            lists.keys(b, hk, g, i) = hits[static_cast<std::size_t>(i)].id;
+            scores(b, hk, g, i) = hits[static_cast<std::size_t>(i)].score;
+          }
+          lists.counts(b, hk, g) = n;
         },
         opt.threads);
+    sparse_decode_detail::attend_lists<Arch>(d, q, k, v, out, lse, limit, opt.threads, lists, &scores);
   });
 }
 
 // Convenience: tensors or views of any constness for k and v.
-template <class K, class V, class Arch = simd::default_arch>
+template <class K, class V, class TuArch = simd::default_arch>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void retrieval_decode(view<const float, 4> q, const K& k, const V& v, const retrieval_index& index, view<float, 4> out,
                       view<float, 3> lse = {}, const retrieval_options& opt = {}, view<std::int64_t, 3> ids = {}) {
-  retrieval_decode<element_t<K>, Arch>(q, cview(k), cview(v), index, out, lse, opt, ids);
+  retrieval_decode<element_t<K>, TuArch>(q, cview(k), cview(v), index, out, lse, opt, ids);
 }
 
 }  // namespace mnemo::attention

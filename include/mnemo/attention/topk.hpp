@@ -1,18 +1,9 @@
 // mnemo/attention/topk.hpp — exact top-k attention and Loki (low-rank keys for top-k selection).
 //
-// Top-k selection (the building block, also used by retrieval attention):
-//
-//   top_k_indices(x, n, k) = the k indices of the largest x[i], ties to the lower index,
-//                            returned sorted by index ascending.
-//
-// Order used everywhere: a before b iff x[a] > x[b], or x[a] == x[b] and a < b; NaN is after
-// every number (a NaN score is selected only when fewer than k scores are numbers). The fast
-// path is a sampled threshold: the (k / n)-quantile of an evenly spaced sample, raised by three
-// standard deviations of its rank, gives a threshold t that about 1.5 k of the scores reach; one
-// SIMD pass collects the indices with x[i] >= t (a whole batch below t costs one compare), and an
-// exact selection (std::nth_element in the order above) over those candidates finishes. If fewer
-// than k scores reach t, t is lowered (the sample rank doubles) and the pass repeats; the last
-// resort takes every index, so the result is always exact. O(n) compares plus O(k) selection.
+// Top-k selection is simd::top_k_indices (simd/select.hpp, re-exported here as
+// attention::top_k_indices): the k indices of the largest scores, ties to the lower index, NaN
+// after every number, returned sorted by index ascending; the same primitive and rule as every
+// other selecting decode.
 //
 // Top-k attention (each query attends exactly to its k highest-scoring visible keys):
 //
@@ -48,6 +39,12 @@
 // r = 32 0.63x, both with recall 1.0 of the true top-256 and 3.7% output error vs dense on the
 // benchmark's synthetic keys; at Lk = 4096, k = 512 the gathers make Loki slower than dense (1.4x).
 //
+// Fast path: per query row, the selection pass streams K (Loki: k_low) once for the G query heads
+// of a kv head with the split-KV engine's score tiles, each head selects its keys, and then the
+// split-KV engine (split_kv.hpp) attends over the selected keys as a gathered source, with the
+// selection's scores (Loki: the exact rotated scores of the selected keys) given, in slices of
+// decode_max_rows query rows.
+//
 // Numerics: f32 scores (FMA dot products), f32 softmax and value sums; the references below are
 // double. The selection is exact for the scores as computed: a near-tie between two keys may be
 // decided differently by the f32 fast path and the double reference, which the tests allow for.
@@ -65,6 +62,7 @@
 
 #include "mnemo/attention/common.hpp"
 #include "mnemo/attention/mods.hpp"
+#include "mnemo/attention/split_kv.hpp"
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/parallel.hpp"
@@ -73,6 +71,7 @@
 #include "mnemo/simd/arch.hpp"
 #include "mnemo/simd/load.hpp"
 #include "mnemo/simd/math.hpp"
+#include "mnemo/simd/select.hpp"
 #include "mnemo/simd/vec.hpp"
 
 // After simd/arch.hpp, which must be the first to include <immintrin.h> (see there).
@@ -81,111 +80,11 @@
 namespace mnemo::attention {
 
 // ---------------------------------------------------------------------------------------------
-// Top-k selection.
+// Top-k selection: one primitive for every selecting kernel (simd/select.hpp).
 
-namespace topk_detail {
-
-// The selection order: larger first, ties to the lower index, NaN last (NaNs by index).
-inline bool before(const float* x, std::int64_t a, std::int64_t b) {
-  const float xa = x[a], xb = x[b];
-  const bool na = std::isnan(xa), nb = std::isnan(xb);
-  if (na || nb) return na == nb ? a < b : nb;
-  return xa > xb || (xa == xb && a < b);
-}
-
-// Keeps the first k of cand[0 .. n) in the selection order and writes them ascending to out.
-inline void finish(const float* x, std::int64_t* cand, std::int64_t n, std::int64_t k, std::int64_t* out) {
-  auto order = [x](std::int64_t a, std::int64_t b) { return before(x, a, b); };
-  if (k < n) std::nth_element(cand, cand + k, cand + n, order);
-  std::sort(cand, cand + k);
-  std::copy_n(cand, k, out);
-}
-
-// Scores above which only a few times k of n elements should lie, from an evenly spaced sample.
-inline constexpr std::int64_t sample_size = 2048;
-// Below this many scores the threshold pass does not pay: select over all of them.
-inline constexpr std::int64_t direct_below = 2 * sample_size;
-
-}  // namespace topk_detail
-
-// Scratch memory of top_k_indices, kept by a caller that selects many times.
-struct top_k_workspace {
-  std::vector<std::int64_t> candidates;
-  std::vector<float> sample;
-};
-
-// The obvious selection: sort every index in the selection order, keep k, sort by index.
-inline void reference_top_k_indices(const float* scores, std::int64_t n, std::int64_t k, std::int64_t* out_indices) {
-  std::vector<std::int64_t> idx(static_cast<std::size_t>(n));
-  std::iota(idx.begin(), idx.end(), std::int64_t{0});
-  std::stable_sort(idx.begin(), idx.end(),
-                   [scores](std::int64_t a, std::int64_t b) { return topk_detail::before(scores, a, b); });
-  std::sort(idx.begin(), idx.begin() + k);
-  std::copy_n(idx.begin(), k, out_indices);
-}
-
-// The indices of the k largest of scores[0 .. n), ties to the lower index, NaN after every
-// number, written to out_indices[0 .. k) sorted ascending. Requires 0 <= k <= n.
-template <class Arch = simd::default_arch>
-void top_k_indices(const float* scores, std::int64_t n, std::int64_t k, std::int64_t* out_indices,
-                   top_k_workspace& ws) {
-  using mnemo::detail::require;
-  require(n >= 0, "attention::top_k_indices: n must be >= 0, got ", n);
-  require(k >= 0 && k <= n, "attention::top_k_indices: k must be in [0, n] = [0, ", n, "], got ", k);
-  if (k == 0) return;
-  ws.candidates.resize(static_cast<std::size_t>(n));
-  std::int64_t* cand = ws.candidates.data();
-  if (n < topk_detail::direct_below || k * 4 > n) {  // a threshold would keep most of them anyway
-    std::iota(cand, cand + n, std::int64_t{0});
-    topk_detail::finish(scores, cand, n, k, out_indices);
-    return;
-  }
-  // Evenly spaced sample, NaN as -inf (only an estimate of the threshold).
-  constexpr std::int64_t m = topk_detail::sample_size;
-  ws.sample.resize(static_cast<std::size_t>(m));
-  float* sample = ws.sample.data();
-  const double expected = static_cast<double>(k) * m / static_cast<double>(n);  // sample rank of the k-th score
-  std::int64_t rank = static_cast<std::int64_t>(std::ceil(expected + 3.0 * std::sqrt(expected) + 2.0));
-  while (true) {
-    if (rank >= m) {  // the threshold would be the sample minimum: take everything
-      std::iota(cand, cand + n, std::int64_t{0});
-      topk_detail::finish(scores, cand, n, k, out_indices);
-      return;
-    }
-    for (std::int64_t s = 0; s < m; ++s) {
-      const float x = scores[s * n / m];
-      sample[s] = std::isnan(x) ? -std::numeric_limits<float>::infinity() : x;
-    }
-    std::nth_element(sample, sample + rank, sample + m, [](float a, float b) { return a > b; });
-    const float t = sample[rank];
-    std::int64_t c = 0;
-    std::int64_t i = 0;
-    if constexpr (simd::vectorized<Arch>) {
-      using batch = simd::fbatch<Arch>;
-      constexpr std::int64_t w = simd::width<Arch>;
-      const batch tb(t);
-      for (; i + w <= n; i += w) {
-        if (!xsimd::any(batch::load_unaligned(scores + i) >= tb)) continue;
-        for (std::int64_t l = 0; l < w; ++l)
-          if (scores[i + l] >= t) cand[c++] = i + l;
-      }
-    }
-    for (; i < n; ++i)
-      if (scores[i] >= t) cand[c++] = i;
-    if (c >= k) {
-      topk_detail::finish(scores, cand, c, k, out_indices);
-      return;
-    }
-    rank *= 2;
-  }
-}
-
-// As above, with scratch memory of its own (allocated for this call).
-template <class Arch = simd::default_arch>
-void top_k_indices(const float* scores, std::int64_t n, std::int64_t k, std::int64_t* out_indices) {
-  top_k_workspace ws;
-  top_k_indices<Arch>(scores, n, k, out_indices, ws);
-}
+using simd::reference_top_k_indices;
+using simd::top_k_indices;
+using simd::top_k_workspace;
 
 // ---------------------------------------------------------------------------------------------
 // Top-k attention and Loki: references (double, written like the equations).
@@ -193,16 +92,12 @@ void top_k_indices(const float* scores, std::int64_t n, std::int64_t k, std::int
 namespace topk_detail {
 
 // The keys a row attends to, in double: the `top_k` best of the visible keys (all of them when
-// fewer), ascending. s[j] = -inf marks an invisible key.
+// fewer), ascending, by the selection rule of the fast path. s[j] = -inf marks an invisible key.
 inline std::vector<std::int64_t> select_double(const std::vector<double>& s, std::int64_t top_k) {
-  std::vector<std::int64_t> idx;
-  for (std::int64_t j = 0; j < static_cast<std::int64_t>(s.size()); ++j)
-    if (s[static_cast<std::size_t>(j)] != -std::numeric_limits<double>::infinity()) idx.push_back(j);
-  std::stable_sort(idx.begin(), idx.end(), [&](std::int64_t a, std::int64_t b) {
-    return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
-  });
-  if (static_cast<std::int64_t>(idx.size()) > top_k) idx.resize(static_cast<std::size_t>(top_k));
-  std::sort(idx.begin(), idx.end());
+  const auto n = static_cast<std::int64_t>(s.size());
+  const auto visible = n - std::count(s.begin(), s.end(), -std::numeric_limits<double>::infinity());
+  std::vector<std::int64_t> idx(static_cast<std::size_t>(std::min<std::int64_t>(top_k, visible)));
+  reference_top_k_indices(s.data(), n, static_cast<std::int64_t>(idx.size()), idx.data());
   return idx;
 }
 
@@ -449,89 +344,19 @@ void reference_loki_attention(view<const float, 4> q,      // [B, Hq, Lq, D]
 
 namespace topk_detail {
 
-template <class Arch>
-inline constexpr std::int64_t lanes = simd::lanes<Arch>;
-
-// Lane l of xsimd::haddp(rows) sums rows[haddp_lane_source<Arch>()[l]]: probed, because xsimd 8.1's
-// avx512f haddp permutes its lanes (0, 1, 4, 5, 2, 3, ...) while SSE/AVX keep them in order.
-template <class Arch>
-const std::array<int, lanes<Arch>>& haddp_lane_source() {
-  static const std::array<int, lanes<Arch>> source = [] {
-    using batch = simd::fbatch<Arch>;
-    constexpr std::int64_t W = simd::width<Arch>;
-    batch rows[W];
-    for (std::int64_t r = 0; r < W; ++r) rows[r] = batch(static_cast<float>(r));
-    alignas(64) float sums[W];
-    xsimd::haddp(rows).store_aligned(sums);
-    std::array<int, lanes<Arch>> src{};
-    for (std::int64_t l = 0; l < W; ++l) src[static_cast<std::size_t>(l)] = static_cast<int>(sums[l]) / static_cast<int>(W);
-    return src;
-  }();
-  return source;
-}
-
-// Keys per chunk of the score pass; chunks are classified by the mod (empty ones are skipped).
-inline constexpr std::int64_t score_chunk = 512;
-
-// s[r * lds + j] = qs_r[0 .. D) . k_j[0 .. D) for rows r < R and keys j < n; qs rows are Dpad
-// floats apart (zero padded). SIMD: W keys at a time (W accumulators, one haddp for W sums), the
-// W key rows staying in L1 while every row of the group uses them.
-template <class Arch, class KV>
-void score_rows(const float* qs, std::int64_t Dpad, std::int64_t R, const KV* k0, std::int64_t ks, std::int64_t n,
-                std::int64_t D, float* s, std::int64_t lds) {
-  if constexpr (!simd::vectorized<Arch>) {
-    for (std::int64_t r = 0; r < R; ++r)
-      for (std::int64_t j = 0; j < n; ++j) s[r * lds + j] = simd::dot<Arch>(qs + r * Dpad, k0 + j * ks, D);
-  } else {
-    using batch = simd::fbatch<Arch>;
-    constexpr std::int64_t W = simd::width<Arch>;
-    const std::int64_t Dfull = D / W * W;
-    const auto& source = haddp_lane_source<Arch>();
-    for (std::int64_t j = 0; j < n; j += W) {
-      const KV* kr[W];
-      for (std::int64_t t = 0; t < W; ++t) kr[t] = k0 + std::min(j + t, n - 1) * ks;  // tail: repeat the last key
-      const std::int64_t valid = std::min(W, n - j);
-      for (std::int64_t r = 0; r < R; ++r) {
-        const float* qr = qs + r * Dpad;
-        batch acc[W];
-        for (auto& a : acc) a = batch(0.0f);
-        std::int64_t c = 0;
-        for (; c < Dfull; c += W) {
-          const batch qb = batch::load_unaligned(qr + c);
-          for (std::int64_t t = 0; t < W; ++t) acc[t] = simd::detail::fmadd(qb, simd::load<Arch>(kr[t] + c), acc[t]);
-        }
-        if (c < D) {
-          const batch qb = batch::load_unaligned(qr + c);  // zero padded to Dpad
-          for (std::int64_t t = 0; t < W; ++t)
-            acc[t] = simd::detail::fmadd(qb, simd::load_partial<Arch>(kr[t] + c, D - c), acc[t]);
-        }
-        alignas(64) float sums[W];
-        xsimd::haddp(acc).store_aligned(sums);
-        for (std::int64_t l = 0; l < W; ++l) {
-          const std::int64_t t = source[static_cast<std::size_t>(l)];
-          if (t < valid) s[r * lds + j + t] = sums[l];
-        }
-      }
-    }
-  }
-}
-
-// Scratch of one worker.
+// Scratch of one selecting worker.
 struct row_scratch {
-  std::vector<float> q;         // [R, Dpad] scaled (and for Loki rotated) queries
-  std::vector<float> s;         // [R, Lk] selection scores
-  std::vector<float> p;         // [top_k] probabilities
-  std::vector<float> acc;       // [Dv]
-  std::vector<std::int64_t> idx;  // [top_k]
-  top_k_workspace top;
+  tensor<float, 1> q;             // [Rpad, Dpad] scaled (and for Loki rotated) queries, 64-byte aligned
+  tensor<float, 1> s;             // [Rpad, Lk] selection scores
+  simd::top_k_workspace top;
 };
 
 // Runs body(item, scratch) over items, one scratch per worker, items from a shared counter.
 template <class Body>
-void run_items(std::int64_t n_items, int threads, Body&& body) {
+void run_items(std::int64_t n_items, int threads, std::vector<row_scratch>& scratch, Body&& body) {
   if (n_items <= 0) return;
   const std::int64_t workers = std::min<std::int64_t>(resolve_threads(threads), n_items);
-  std::vector<row_scratch> scratch(static_cast<std::size_t>(workers));
+  if (static_cast<std::int64_t>(scratch.size()) < workers) scratch.resize(static_cast<std::size_t>(workers));
   std::atomic<std::int64_t> next{0};
   parallel_for(
       workers,
@@ -543,24 +368,27 @@ void run_items(std::int64_t n_items, int threads, Body&& body) {
 }
 
 // Selection scores of the G rows of one (batch, kv head, query row): s = qs . k over the first
-// `Dsel` coordinates for visible keys, -inf elsewhere. Returns the visible keys' count and sets
-// *hi to one past the last key of a non-empty chunk (keys at or after it are all invisible).
-template <class Arch, class KV, class Mod>
+// `Dsel` coordinates for visible keys, -inf elsewhere (rows lds = Lk apart, Rpad of them written).
+// Returns the visible keys' count and sets *hi to one past the last key of a non-empty chunk (keys
+// at or after it are all invisible).
+template <class Arch, int RowTile, class KV, class Mod>
 std::int64_t selection_scores(const float* qs, std::int64_t Dpad, std::int64_t G, view<const KV, 4> k, std::int64_t b,
                               std::int64_t hk, std::int64_t Lk, std::int64_t Dsel, std::int64_t qp, const Mod& mod,
                               float* s, std::int64_t* hi) {
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  const std::int64_t Rpad = split_kv::round_up(G, RowTile);
   std::int64_t visible = 0;
   *hi = 0;
-  for (std::int64_t k0 = 0; k0 < Lk; k0 += score_chunk) {
-    const std::int64_t kn = std::min(score_chunk, Lk - k0);
+  for (std::int64_t k0 = 0; k0 < Lk; k0 += decode_chunk) {
+    const std::int64_t kn = std::min(decode_chunk, Lk - k0);
     const tile t = mods::classify(mod, qp, qp + 1, k0, k0 + kn);
     if (t == tile::empty) {
       for (std::int64_t g = 0; g < G; ++g) std::fill_n(s + g * Lk + k0, kn, neg_inf);
       continue;
     }
     *hi = k0 + kn;
-    score_rows<Arch>(qs, Dpad, G, k.ptr(b, hk, k0), k.stride(2), kn, Dsel, s + k0, Lk);
+    const split_kv::element_rows<Arch, KV> rows{k.ptr(b, hk, k0), k.stride(2), Dsel};
+    split_kv::score_pass<Arch, RowTile>(G, Rpad, qs, Dpad, Dsel, rows, kn, nullptr, s + k0, Lk);
     if (t == tile::full) {
       visible += kn;
       continue;
@@ -576,45 +404,22 @@ std::int64_t selection_scores(const float* qs, std::int64_t Dpad, std::int64_t G
   return visible;
 }
 
-// out = softmax(e) v over the chosen keys idx[0 .. n) with exact scores e[0 .. n) (overwritten
-// by the probabilities); lse and the selected row (padded with -1) when wanted.
-template <class Arch, class KV>
-void attend_selected(const std::int64_t* idx, float* e, std::int64_t n, view<const KV, 4> v, std::int64_t b,
-                     std::int64_t hk, std::int64_t Dv, float* acc, float* out_row, float* lse_at, std::int64_t* sel_row,
-                     std::int64_t top_k) {
-  if (n == 0) {
-    std::fill_n(out_row, Dv, 0.0f);
-    if (lse_at) *lse_at = -std::numeric_limits<float>::infinity();
-  } else {
-    const float m = simd::reduce_max<Arch>(e, n);
-    const float l = simd::exp_sum<Arch>(e, n, m);
-    std::fill_n(acc, Dv, 0.0f);
-    for (std::int64_t t = 0; t < n; ++t) simd::axpy<Arch>(e[t], v.ptr(b, hk, idx[t]), acc, Dv);
-    const float inv = 1.0f / l;
-    for (std::int64_t c = 0; c < Dv; ++c) out_row[c] = acc[c] * inv;
-    if (lse_at) *lse_at = m + std::log(l);
-  }
-  if (sel_row) {
-    std::copy_n(idx, n, sel_row);
-    std::fill(sel_row + n, sel_row + top_k, std::int64_t{-1});
-  }
-}
-
-// The shared driver of top-k attention and Loki. Items are (batch, kv head, query row); the G
-// query heads of the group share one pass over K. Rotate: q is taken into the Loki basis.
-template <class Arch, class KV, class Mod>
-void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> ksel,
-         view<const KV, 4> v, std::int64_t top_k, const loki_basis* basis, view<float, 4> out, view<float, 3> lse,
-         view<std::int64_t, 4> selected, const Mod& mod, int threads) {
-  const std::int64_t G = d.group(), Dpad = (d.D + lanes<Arch> - 1) / lanes<Arch> * lanes<Arch>;
-  run_items(d.B * d.Hkv * d.Lq, threads, [&](std::int64_t item, row_scratch& w) {
-    const std::int64_t i = item % d.Lq, hk = item / d.Lq % d.Hkv, b = item / d.Lq / d.Hkv;
+// The selection of rows [i0, i0 + n_rows) for every (batch, kv head): keys(b, hk, r, :) the chosen
+// keys ascending, given(b, hk, r, :) their exact scores (top-k: the selection scores; Loki: all D
+// rotated coordinates), counts(b, hk, r), with r = g * n_rows + (i - i0); `selected` as documented.
+template <class Arch, int RowTile, class KV, class Mod>
+void select_rows(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> ksel,
+                 std::int64_t top_k, const loki_basis* basis, view<std::int64_t, 4> selected, const Mod& mod,
+                 int threads, std::int64_t i0, std::int64_t n_rows, std::vector<row_scratch>& scratch,
+                 view<std::int64_t, 4> keys, view<float, 4> given, view<std::int64_t, 3> counts) {
+  const std::int64_t G = d.group(), Dpad = split_kv::round_up(d.D, split_kv::lanes<Arch>);
+  const std::int64_t Rpad = split_kv::round_up(G, RowTile);
+  run_items(d.B * d.Hkv * n_rows, threads, scratch, [&](std::int64_t item, row_scratch& w) {
+    const std::int64_t il = item % n_rows, i = i0 + il, hk = item / n_rows % d.Hkv, b = item / n_rows / d.Hkv;
     const std::int64_t qp = i + d.offset();
-    w.q.assign(static_cast<std::size_t>(G * Dpad), 0.0f);
-    w.s.resize(static_cast<std::size_t>(G * d.Lk));
-    w.p.resize(static_cast<std::size_t>(top_k));
-    w.idx.resize(static_cast<std::size_t>(top_k));
-    w.acc.resize(static_cast<std::size_t>(d.Dv));
+    if (w.q.size() < Rpad * Dpad) w.q = tensor<float, 1>({Rpad * Dpad});
+    if (w.s.size() < Rpad * d.Lk) w.s = tensor<float, 1>({Rpad * d.Lk});
+    std::fill_n(w.q.data(), Rpad * Dpad, 0.0f);
     for (std::int64_t g = 0; g < G; ++g) {
       const float* qi = q.ptr(b, hk * G + g, i);
       float* qs = w.q.data() + g * Dpad;
@@ -626,22 +431,58 @@ void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const 
       }
     }
     std::int64_t hi = 0;
-    const std::int64_t visible =
-        selection_scores<Arch>(w.q.data(), Dpad, G, ksel, b, hk, d.Lk, ksel.extent(3), qp, mod, w.s.data(), &hi);
+    const std::int64_t visible = selection_scores<Arch, RowTile>(w.q.data(), Dpad, G, ksel, b, hk, d.Lk,
+                                                                 ksel.extent(3), qp, mod, w.s.data(), &hi);
     const std::int64_t n = std::min(top_k, visible);
     for (std::int64_t g = 0; g < G; ++g) {
-      const std::int64_t h = hk * G + g;
+      const std::int64_t h = hk * G + g, r = g * n_rows + il;
       const float* s = w.s.data() + g * d.Lk;
-      top_k_indices<Arch>(s, hi, n, w.idx.data(), w.top);
+      std::int64_t* idx = keys.ptr(b, hk, r);
+      float* e = given.ptr(b, hk, r);
+      simd::top_k_indices<Arch>(s, hi, n, idx, w.top);
       const float* qs = w.q.data() + g * Dpad;
       for (std::int64_t t = 0; t < n; ++t)  // exact scores (Loki: all D rotated coordinates)
-        w.p[static_cast<std::size_t>(t)] = basis ? simd::dot<Arch>(qs, k.ptr(b, hk, w.idx[static_cast<std::size_t>(t)]), d.D)
-                                                 : s[w.idx[static_cast<std::size_t>(t)]];
-      attend_selected<Arch>(w.idx.data(), w.p.data(), n, v, b, hk, d.Dv, w.acc.data(), out.ptr(b, h, i),
-                            lse.empty() ? nullptr : lse.ptr(b, h, i), selected.empty() ? nullptr : selected.ptr(b, h, i),
-                            top_k);
+        e[t] = basis ? simd::dot<Arch>(qs, k.ptr(b, hk, idx[t]), d.D) : s[idx[t]];
+      counts(b, hk, r) = n;
+      if (!selected.empty()) {
+        std::copy_n(idx, n, selected.ptr(b, h, i));
+        std::fill(selected.ptr(b, h, i) + n, selected.ptr(b, h, i) + top_k, std::int64_t{-1});
+      }
     }
   });
+}
+
+// The shared driver of top-k attention and Loki, per slice of decode_max_rows query rows: select
+// (items (batch, kv head, query row); the G query heads of the group share one pass over K), then
+// attend over the selected keys on the split-KV engine. Rotate: q is taken into the Loki basis.
+template <class Arch, class KV, class Mod>
+void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> ksel, view<const KV, 4> v,
+         std::int64_t top_k, const loki_basis* basis, view<float, 4> out, view<float, 3> lse,
+         view<std::int64_t, 4> selected, const Mod& mod, int threads) {
+  const std::int64_t G = d.group(), rows = std::min(d.Lq, decode_max_rows), cap = std::max<std::int64_t>(1, std::min(top_k, d.Lk));
+  tensor<std::int64_t, 4> keys({d.B, d.Hkv, G * rows, cap});
+  tensor<float, 4> given({d.B, d.Hkv, G * rows, cap});
+  tensor<std::int64_t, 3> counts({d.B, d.Hkv, G * rows});
+  std::vector<row_scratch> scratch;
+  decode_workspace ws;
+  for (std::int64_t i0 = 0; i0 < d.Lq; i0 += rows) {
+    const std::int64_t n_rows = std::min(rows, d.Lq - i0), R = G * n_rows;
+    const auto kv = keys.as_view().narrow(2, 0, R);
+    const auto gv = given.as_view().narrow(2, 0, R);
+    const auto cv = counts.as_view().narrow(2, 0, R);
+    auto select = [&]<int RowTile>() {
+      select_rows<Arch, RowTile>(d, q, k, ksel, top_k, basis, selected, mod, threads, i0, n_rows, scratch, kv, gv, cv);
+    };
+    if (G == 1) select.template operator()<1>();
+    else if (G == 2) select.template operator()<2>();
+    else select.template operator()<4>();
+    // The selection applied the mask: the engine sees only the chosen keys, every one visible.
+    dims ds = d;
+    ds.Lq = n_rows;
+    const split_kv::gathered_source<KV> src{k, v, kv, cv, gv};
+    split_kv::attend<Arch>(ds, src, q.narrow(2, i0, n_rows), out.narrow(2, i0, n_rows),
+                           lse.empty() ? lse : lse.narrow(2, i0, n_rows), mods::none{}, threads, ws);
+  }
 }
 
 }  // namespace topk_detail
@@ -649,7 +490,7 @@ void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const 
 // Exact top-k attention: every query row of every head attends to its top_k highest-scoring
 // visible keys (all of them when fewer are visible). K/V may be float, f16 or bf16. Works for
 // decode (Lq = 1) and prefill rows (any Lq, causal by default).
-template <class KV, class Mod = mods::causal, class Arch = simd::default_arch>
+template <class KV, class Mod = mods::causal, class TuArch = simd::default_arch>
 void topk_attention(view<const float, 4> q,   // [B, Hq, Lq, D]
                     view<const KV, 4> k,      // [B, Hkv, Lk, D]
                     view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
@@ -662,7 +503,9 @@ void topk_attention(view<const float, 4> q,   // [B, Hq, Lq, D]
   constexpr const char* fn = "attention::topk_attention";
   const dims d = attention::detail::check_args(fn, q, k, v, out, lse, mod, opt);
   topk_detail::check_topk(fn, d, top_k, selected);
-  topk_detail::run<Arch>(d, q, k, k, v, top_k, nullptr, out, lse, selected, mod, opt.threads);
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
+    topk_detail::run<Arch>(d, q, k, k, v, top_k, nullptr, out, lse, selected, mod, opt.threads);
+  });
 }
 
 // Convenience: tensors or views of any constness for k and v.
@@ -677,7 +520,7 @@ void topk_attention(view<const float, 4> q, const K& k, const V& v, std::int64_t
 // Loki: select top_k keys by the r = k_low.shape[3] leading rotated coordinates, attend to them
 // exactly. k_rot [B, Hkv, Lk, D] are the keys in the basis and k_low [B, Hkv, Lk, r] their first
 // r coordinates (both from loki_rotate); v as usual.
-template <class Mod = mods::causal, class Arch = simd::default_arch>
+template <class Mod = mods::causal, class TuArch = simd::default_arch>
 void loki_attention(view<const float, 4> q,      // [B, Hq, Lq, D]
                     view<const float, 4> k_rot,  // [B, Hkv, Lk, D]  keys in the basis
                     view<const float, 4> k_low,  // [B, Hkv, Lk, r]  their first r coordinates
@@ -693,7 +536,9 @@ void loki_attention(view<const float, 4> q,      // [B, Hq, Lq, D]
   topk_detail::check_topk(fn, d, top_k, selected);
   topk_detail::check_basis(fn, basis, d.Hkv, d.D);
   topk_detail::check_low(fn, d, k_low);
-  topk_detail::run<Arch>(d, q, k_rot, k_low, v, top_k, &basis, out, lse, selected, mod, opt.threads);
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
+    topk_detail::run<Arch>(d, q, k_rot, k_low, v, top_k, &basis, out, lse, selected, mod, opt.threads);
+  });
 }
 
 }  // namespace mnemo::attention

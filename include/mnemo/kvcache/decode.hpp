@@ -16,11 +16,13 @@
 // so the value pass is an axpy over codes with coefficient p_j b_jg, and the minimum term is one
 // scalar per (row, group) added at the end. The residual window is f32 and read as such.
 //
-// Split over key chunks exactly like attention::decode (attention/decode.hpp, whose tiles and merge
-// this reuses): a work item is (kv head, chunk of attention::decode_chunk slots), with the
-// quantized slots and the residual window in separate chunks; every row's partial results merge in
-// chunk order (attention::decode_detail::merge_row), so the result is bit-identical for every
-// thread count. Chunk boundaries are fixed by the head's lengths, never by the thread count.
+// It runs on the split-KV engine (attention/split_kv.hpp), like attention::decode, through one of
+// two sources: the dense stores are a strided source over [Hkv, capacity, D] with each head's
+// length; the KIVI stores are kivi_source below, whose keys come in two parts (the quantized slots,
+// then the f32 residual window, itself read as a strided source), chunked separately. Work items
+// are (kv head, chunk of attention::decode_chunk slots); every row's partial results merge in
+// chunk order, so the result is bit-identical for every thread count. Chunk boundaries are fixed by
+// the head's lengths, never by the thread count.
 //
 // Memory traffic per step: codes (1 or 1/2 byte per element), per-token value scales and mins,
 // per-group key scales and mins, the residual window in f32: about 0.53 x (int8) and 0.28 x (int4)
@@ -48,15 +50,15 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
+#include <span>
 #include <vector>
 
 #include "mnemo/attention/common.hpp"
-#include "mnemo/attention/decode.hpp"
+#include "mnemo/attention/mods.hpp"
+#include "mnemo/attention/split_kv.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
@@ -97,6 +99,7 @@ inline attention::dims check_args(const char* fn, const layer_cache& c, view<con
   if (!lse.empty()) mnemo::detail::require_shape(fn, "lse", lse, {Hq, Lq}, " [Hq, Lq]");
   require(std::isfinite(opt.scale), fn, ": options.scale must be finite, got ", opt.scale);
   require(opt.threads >= 0, fn, ": options.threads must be >= 0, got ", opt.threads);
+  if (!opt.sinks.empty()) mnemo::detail::require_shape(fn, "options.sinks", opt.sinks, {Hq}, " [Hq]");
   if (cs.wanted()) {
     require(cs.sums.extent(0) == Hq && cs.sums.extent(1) >= c.max_length(), fn,
             ": column_sums.sums must have shape [Hq = ", Hq, ", >= max_length() = ", c.max_length(), "], got ",
@@ -171,25 +174,11 @@ inline void decode(const layer_cache& c, view<const float, 3> q, view<float, 3> 
 namespace decode_detail {
 
 using attention::decode_chunk;
-using attention::decode_detail::haddp_source;
-using attention::decode_detail::lanes;
-using attention::decode_detail::minus_inf;
-using attention::decode_detail::plan;
-using attention::decode_detail::prefetch;
-using attention::decode_detail::prefetch_keys;
-using attention::decode_detail::round_up;
-using attention::decode_detail::score_tile;
-using attention::decode_detail::unroll;
-using attention::decode_detail::value_key_block;
-using attention::decode_detail::value_tile;
-
-// Which part of a head a work item reads.
-enum class part { dense, quantized, residual };
-
-struct item {
-  std::int64_t hk, j0, n;  // kv head, first slot (residual: first residual row), slots
-  part what;
-};
+using attention::split_kv::key_block;
+using attention::split_kv::key_parts;
+using attention::split_kv::lanes;
+using attention::split_kv::plan;
+using attention::split_kv::round_up;
 
 // Where the fused kernels read codes in the pair order of quant::load_code_pair (a permutation
 // inside each block of 2W channels): keys over [0, key_pairs), values over [0, value_pairs); the
@@ -202,6 +191,7 @@ std::int64_t key_pairs(std::int64_t D) {
 }
 template <class Arch, int Bits>
 std::int64_t value_pairs(std::int64_t Dv, std::int64_t VG) {
+  using attention::split_kv::value_tile;
   constexpr std::int64_t W = lanes<Arch>, tile = value_tile<Arch>::slices * W;
   static_assert(value_tile<Arch>::slices % 2 == 0, "value_pairs: a value tile must hold whole pairs of batches");
   if (!simd::vectorized<Arch> || (Bits == 4 && VG % (2 * W) != 0 && VG < Dv)) return 0;
@@ -215,407 +205,213 @@ constexpr std::int64_t pair_slot(std::int64_t i, std::int64_t W) {
   else return i % 2 == 0 ? i / 2 : W + i / 2;
 }
 
-// s[r * decode_chunk + j] = qk_r . code_j + bias_r for rows [0, Rpad) and the n keys whose code
-// rows start at k0 (row stride ks bytes): the tile loop of attention's score pass with codes
-// converted on load; qk is in pair order over [0, key_pairs(D)).
-template <class Arch, int RowTile, int Bits>
-void qscores(const plan& pl, const float* qk, const float* bias, const std::uint8_t* k0, std::int64_t ks,
-             std::int64_t n, float* s) {
-  const std::int64_t D = pl.d.D;
-  if constexpr (!simd::vectorized<Arch>) {
-    for (std::int64_t j = 0; j < n; ++j)
-      for (std::int64_t r = 0; r < pl.R; ++r)
-        s[r * decode_chunk + j] = quant::dot_codes<Arch, Bits>(qk + r * pl.Dpad, k0 + j * ks, D) + bias[r];
-  } else {
-    using batch = simd::fbatch<Arch>;
-    using tile = score_tile<Arch, RowTile>;
-    constexpr int RT = tile::row_tile, KB = tile::key_tile;
-    constexpr std::int64_t W = simd::width<Arch>;
-    const std::int64_t Dfull = D / W * W, P = key_pairs<Arch>(D);
-    const auto& source = haddp_source<Arch>();
-    for (std::int64_t j = 0; j < n; j += KB) {
-      const std::uint8_t* kr[KB];
-      unroll<KB>([&](auto kk) { kr[kk] = k0 + std::min<std::int64_t>(j + kk, n - 1) * ks; });
-      const std::int64_t valid = std::min<std::int64_t>(KB, n - j);
-      for (std::int64_t kk = j + prefetch_keys; kk < std::min(n, j + prefetch_keys + KB); ++kk) prefetch(k0 + kk * ks, ks);
-      for (std::int64_t r0 = 0; r0 < pl.Rpad; r0 += RT) {
-        const float* q0 = qk + r0 * pl.Dpad;
-        batch acc[W];
-        for (auto& a : acc) a = batch(0.0f);
-        std::int64_t c = 0;
-        for (; c < P; c += 2 * W) {
-          batch k1[KB], k2[KB];
-          unroll<KB>([&](auto kk) { quant::load_code_pair<Arch, Bits>(kr[kk], c, k1[kk], k2[kk]); });
-          unroll<RT>([&](auto r) {
-            const batch q1 = batch::load_aligned(q0 + r * pl.Dpad + c), q2 = batch::load_aligned(q0 + r * pl.Dpad + c + W);
-            unroll<KB>([&](auto kk) {
-              acc[r * KB + kk] = simd::detail::fmadd(q2, k2[kk], simd::detail::fmadd(q1, k1[kk], acc[r * KB + kk]));
-            });
-          });
-        }
-        auto step = [&](auto load_k) {
-          batch kb[KB];
-          unroll<KB>([&](auto kk) { kb[kk] = load_k(kr[kk]); });
-          unroll<RT>([&](auto r) {
-            const batch qb = batch::load_aligned(q0 + r * pl.Dpad + c);
-            unroll<KB>([&](auto kk) { acc[r * KB + kk] = simd::detail::fmadd(qb, kb[kk], acc[r * KB + kk]); });
-          });
-        };
-        for (; c < Dfull; c += W) step([&](const std::uint8_t* p) { return quant::load_codes<Arch, Bits>(p, c); });
-        if (c < D) step([&](const std::uint8_t* p) { return quant::load_codes_partial<Arch, Bits>(p, c, D - c); });
-        batch rows[W];  // a copy keeps `acc` in registers (see attention::decode_detail::scores)
-        unroll<W>([&](auto a) { rows[a] = acc[a]; });
-        alignas(64) float sums[W];
-        xsimd::haddp(rows).store_aligned(sums);
-        for (std::int64_t l = 0; l < W; ++l) {
-          const int a = source[l], r = a / KB, kk = a % KB;
-          if (a < tile::accumulators && kk < valid) s[(r0 + r) * decode_chunk + j + kk] = sums[l] + bias[r0 + r];
-        }
-      }
-    }
-  }
-}
-
-// Rows [0, RT) x channels [c, c + U W) of the quantized value pass over keys [0, nk):
-// acc[r * Dvpad + c'] += sum_j coef[(r * NG + g(c')) * decode_chunk + j] code_jc', with g(c') = c' / VG.
-// Pair: codes and acc in pair order (U even). OneGroup: the tile lies in one value group, so one
-// broadcast of the coefficient serves all U batches of a row. Partial: U = 1, `tail` lanes.
-template <class Arch, int RT, int U, bool Partial, bool Pair, bool OneGroup, int Bits>
-void qvalue_tile_pass(const float* coef, std::int64_t NG, std::int64_t VG, const std::uint8_t* v, std::int64_t vs,
-                      std::int64_t c, std::int64_t nk, float* acc, std::int64_t Dvpad, std::int64_t tail) {
-  using batch = simd::fbatch<Arch>;
-  constexpr std::int64_t W = simd::width<Arch>;
-  static_assert(!Partial || U == 1, "qvalue_tile_pass: only a single-batch tile may be partial");
-  static_assert(!Pair || U % 2 == 0, "qvalue_tile_pass: the pair order needs an even number of batches");
-  const float* cp[RT * U];
-  unroll<RT>([&](auto r) {
-    unroll<U>([&](auto u) { cp[r * U + u] = coef + (r * NG + (OneGroup ? c : c + u * W) / VG) * decode_chunk; });
-  });
-  batch a[RT * U];
-  unroll<RT>([&](auto r) { unroll<U>([&](auto u) { a[r * U + u] = batch::load_aligned(acc + r * Dvpad + c + u * W); }); });
-  for (std::int64_t j = 0; j < nk; ++j) {
-    const std::uint8_t* vj = v + j * vs;
-    batch vb[U];
-    if constexpr (Pair) {
-      unroll<U / 2>([&](auto u) { quant::load_code_pair<Arch, Bits>(vj, c + 2 * u * W, vb[2 * u], vb[2 * u + 1]); });
-    } else {
-      unroll<U>([&](auto u) {
-        if constexpr (Partial) vb[u] = quant::load_codes_partial<Arch, Bits>(vj, c, tail);
-        else vb[u] = quant::load_codes<Arch, Bits>(vj, c + u * W);
-      });
-    }
-    unroll<RT>([&](auto r) {
-      if constexpr (OneGroup) {
-        const batch pb(cp[r * U][j]);
-        unroll<U>([&](auto u) { a[r * U + u] = simd::detail::fmadd(pb, vb[u], a[r * U + u]); });
-      } else {
-        unroll<U>([&](auto u) { a[r * U + u] = simd::detail::fmadd(batch(cp[r * U + u][j]), vb[u], a[r * U + u]); });
-      }
-    });
-  }
-  unroll<RT>([&](auto r) { unroll<U>([&](auto u) { a[r * U + u].store_aligned(acc + r * Dvpad + c + u * W); }); });
-}
-
-// acc[r * Dvpad + c] += sum_j coef[(r * NG + c / VG) * decode_chunk + j] code_jc for rows [0, R)
-// and keys [0, n) with code rows at v0 (stride vs bytes); acc in pair order over [0, value_pairs).
+// Rows of int8 / int4 codes (keys or values) for the engine's score and value passes: `stride`
+// bytes apart, `len` channels used, channels [0, pairs) read in pair order.
 template <class Arch, int Bits>
-void qvalues(const plan& pl, const float* coef, std::int64_t NG, std::int64_t VG, const std::uint8_t* v0,
-             std::int64_t vs, std::int64_t n, float* acc) {
-  const std::int64_t Dv = pl.d.Dv;
-  if constexpr (!simd::vectorized<Arch>) {
-    for (std::int64_t j = 0; j < n; ++j)
-      for (std::int64_t r = 0; r < pl.R; ++r)
-        for (std::int64_t c = 0; c < Dv; ++c)
-          acc[r * pl.Dvpad + c] += coef[(r * NG + c / VG) * decode_chunk + j] * static_cast<float>(quant::get_code(v0 + j * vs, Bits, c));
-  } else {
-    constexpr std::int64_t W = simd::width<Arch>;
-    constexpr int RT = value_tile<Arch>::row_tile, U = value_tile<Arch>::slices;
-    const std::int64_t Dvfull = Dv / W * W, P = value_pairs<Arch, Bits>(Dv, VG);
-    auto rows = [&]<int Rows>(std::int64_t r0, std::int64_t j0, std::int64_t nk, std::integral_constant<int, Rows>) {
-      const float* cr = coef + r0 * NG * decode_chunk + j0;
-      const std::uint8_t* vr = v0 + j0 * vs;
-      float* ar = acc + r0 * pl.Dvpad;
-      std::int64_t c = 0;
-      for (; c < P; c += U * W) {
-        if (c / VG == (c + U * W - 1) / VG) qvalue_tile_pass<Arch, Rows, U, false, true, true, Bits>(cr, NG, VG, vr, vs, c, nk, ar, pl.Dvpad, W);
-        else qvalue_tile_pass<Arch, Rows, U, false, true, false, Bits>(cr, NG, VG, vr, vs, c, nk, ar, pl.Dvpad, W);
-      }
-      for (; c < Dvfull; c += W) qvalue_tile_pass<Arch, Rows, 1, false, false, true, Bits>(cr, NG, VG, vr, vs, c, nk, ar, pl.Dvpad, W);
-      if (c < Dv) qvalue_tile_pass<Arch, Rows, 1, true, false, true, Bits>(cr, NG, VG, vr, vs, c, nk, ar, pl.Dvpad, Dv - c);
-    };
-    for (std::int64_t j0 = 0; j0 < n; j0 += value_key_block) {
-      const std::int64_t nk = std::min(value_key_block, n - j0);
-      for (std::int64_t j = j0 + value_key_block; j < std::min(n, j0 + 2 * value_key_block); ++j) prefetch(v0 + j * vs, vs);
-      std::int64_t r0 = 0;
-      for (; r0 + RT <= pl.R; r0 += RT) rows(r0, j0, nk, std::integral_constant<int, RT>{});
-      switch (pl.R - r0) {
-        case 3: rows(r0, j0, nk, std::integral_constant<int, 3>{}); break;
-        case 2: rows(r0, j0, nk, std::integral_constant<int, 2>{}); break;
-        case 1: rows(r0, j0, nk, std::integral_constant<int, 1>{}); break;
-        default: break;
-      }
-    }
-  }
-}
+struct code_rows {
+  using elem = std::uint8_t;
+  const std::uint8_t* base;
+  std::int64_t stride;
+  std::int64_t len;
+  std::int64_t pairs;
 
-// Where an item copies its probabilities for the column sums: pp [R, decode_chunk] (null: not
-// wanted); rows r with r % Lq >= first are the summed ones.
-struct prob_copy {
-  float* pp = nullptr;
-  std::int64_t first = 0;
+  const std::uint8_t* row(std::int64_t j) const { return base + j * stride; }
+  code_rows from(std::int64_t j) const { return {row(j), stride, len, pairs}; }  // rows j, j + 1, ...
+  std::int64_t row_bytes() const { return stride; }
+  std::int64_t pair_end() const { return pairs; }
+  simd::fbatch<Arch> load(const std::uint8_t* p, std::int64_t c) const { return quant::load_codes<Arch, Bits>(p, c); }
+  simd::fbatch<Arch> load_partial(const std::uint8_t* p, std::int64_t c, std::int64_t n) const {
+    return quant::load_codes_partial<Arch, Bits>(p, c, n);
+  }
+  void load_pair(const std::uint8_t* p, std::int64_t c, simd::fbatch<Arch>& first, simd::fbatch<Arch>& second) const {
+    quant::load_code_pair<Arch, Bits>(p, c, first, second);
+  }
+  float dot(const float* q, const std::uint8_t* p, std::int64_t n) const { return quant::dot_codes<Arch, Bits>(q, p, n); }
+  void axpy(float a, const std::uint8_t* p, std::int64_t c0, std::int64_t c1, float* acc) const {
+    for (std::int64_t c = c0; c < c1; ++c) acc[c] += a * static_cast<float>(quant::get_code(p, Bits, c));
+  }
 };
 
-// Softmax of the score rows [0, R) over n keys, in place (p = exp(s - m) / l), lse_at(r) = m + log l;
-// a row with a NaN score gets lse NaN (see the header). The summed rows are copied to cp.pp.
-template <class Arch, class LseAt>
-void softmax_rows(const plan& pl, float* s, std::int64_t n, LseAt&& lse_at, const prob_copy& cp) {
-  for (std::int64_t r = 0; r < pl.R; ++r) {
-    float* sr = s + r * decode_chunk;
-    float m = simd::reduce_max<Arch>(sr, n);
-    // x86 max drops NaN, so m alone cannot tell; a finite m puts every NaN score into the sum of
-    // exps (exp(NaN - m) = NaN). Only m = -inf, where exp_sum would zero the row, needs a look at
-    // the scores (every slot is visible here, so m = -inf means non-finite input anyway).
-    if (m == minus_inf && std::any_of(sr, sr + n, [](float x) { return std::isnan(x); }))
-      m = std::numeric_limits<float>::quiet_NaN();
-    const float l = simd::exp_sum<Arch>(sr, n, m);
-    if (l > 0) {
-      simd::scale<Arch>(1.0f / l, sr, n);
-      lse_at(r) = m + std::log(l);
-    } else if (std::isnan(l)) {  // the merge turns a NaN partial lse into a NaN row (out and lse)
-      lse_at(r) = std::numeric_limits<float>::quiet_NaN();
-    } else {
-      lse_at(r) = minus_inf;
-    }
-    if (cp.pp && r % pl.d.Lq >= cp.first) std::copy_n(sr, n, cp.pp + r * decode_chunk);
-  }
+// A [n0, n1, n2] view as [1, n0, n1, n2] (empty stays empty).
+template <class T>
+view<T, 4> one_batch(view<T, 3> x) {
+  if (x.empty()) return {};
+  return {x.data(), {1, x.extent(0), x.extent(1), x.extent(2)}, {x.extent(0) * x.stride(0), x.stride(0), x.stride(1), 1}};
+}
+template <class T>
+view<T, 3> one_batch(view<T, 2> x) {
+  if (x.empty()) return {};
+  return {x.data(), {1, x.extent(0), x.extent(1)}, {x.extent(0) * x.stride(0), x.stride(0), 1}};
 }
 
-// Per-slot scratch of the quantized items.
-struct qscratch {
-  float* qk;    // [Rpad, Dpad] q * key scale of the current group, pair order (padding stays zero)
-  float* bias;  // [Rpad] q . key min of the current group (padding rows zero)
-  float* coef;  // [R, NG, decode_chunk] p * value scale
-  float* msum;  // [R, NG] sum_j p * value min
-  float* row;   // [Dvpad] one output row while it is put back in channel order
-};
-
-// One quantized item: slots [j0, j0 + n) of head hk (all below quantized_length(hk)).
-template <class Arch, int RowTile, int Bits, class LseAt>
-void qchunk(const plan& pl, const layer_cache& c, const std::vector<std::int64_t>& start, const float* qs,
-            std::int64_t hk, std::int64_t j0, std::int64_t n, float* s, float* po, const qscratch& w, LseAt&& lse_at,
-            const prob_copy& cp) {
-  constexpr std::int64_t W = lanes<Arch>;
-  const std::int64_t D = pl.d.D, Dv = pl.d.Dv, Pk = key_pairs<Arch>(D);
-  const std::uint8_t* kc = c.key_codes().ptr(hk, 0);
-  const std::int64_t ks = c.key_codes().stride(1);
-  const float* kscale = c.key_scales(hk).data();
-  const float* kmin = c.key_mins(hk).data();
-  // Scores, one key group piece at a time: qk = q * scale (pair order), bias = q . min.
-  std::int64_t g = static_cast<std::int64_t>(std::upper_bound(start.begin(), start.end(), j0) - start.begin()) - 1;
-  for (std::int64_t a = j0; a < j0 + n; ++g) {
-    const std::int64_t b = std::min(j0 + n, start[static_cast<std::size_t>(g) + 1]);
-    const float* sc = kscale + g * D;
-    for (std::int64_t r = 0; r < pl.R; ++r) {
-      const float* qr = qs + r * pl.Dpad;
-      float* out = w.qk + r * pl.Dpad;
-      for (std::int64_t e0 = 0; e0 < Pk; e0 += 2 * W)
-        for (std::int64_t i = 0; i < 2 * W; ++i) out[e0 + pair_slot<Bits>(i, W)] = qr[e0 + i] * sc[e0 + i];
-      for (std::int64_t e = Pk; e < D; ++e) out[e] = qr[e] * sc[e];
-      w.bias[r] = simd::dot<Arch>(qr, kmin + g * D, D);
-    }
-    qscores<Arch, RowTile, Bits>(pl, w.qk, w.bias, kc + a * ks, ks, b - a, s + (a - j0));
-    a = b;
-  }
-  softmax_rows<Arch>(pl, s, n, lse_at, cp);
-  // Values: coefficients p * scale and the minimum sums per (row, group), then the axpy over codes.
-  const std::int64_t NG = c.value_groups(), VG = c.config().quant.value_group, Pv = value_pairs<Arch, Bits>(Dv, VG);
-  for (std::int64_t r = 0; r < pl.R; ++r) {
-    const float* p = s + r * decode_chunk;
-    for (std::int64_t gg = 0; gg < NG; ++gg) {
-      const float* vscale = c.value_scales().ptr(hk, gg, j0);
-      float* cr = w.coef + (r * NG + gg) * decode_chunk;
-      for (std::int64_t j = 0; j < n; ++j) cr[j] = p[j] * vscale[j];
-      w.msum[r * NG + gg] = simd::dot<Arch>(p, c.value_mins().ptr(hk, gg, j0), n);
-    }
-  }
-  std::fill(po, po + pl.R * pl.Dvpad, 0.0f);
-  qvalues<Arch, Bits>(pl, w.coef, NG, VG, c.value_codes().ptr(hk, j0), c.value_codes().stride(1), n, po);
-  for (std::int64_t r = 0; r < pl.R; ++r) {
-    float* o = po + r * pl.Dvpad;
-    if (Bits == 4 && Pv > 0) {  // pair order -> channel order
-      std::copy(o, o + Pv, w.row);
-      for (std::int64_t e0 = 0; e0 < Pv; e0 += 2 * W)
-        for (std::int64_t i = 0; i < 2 * W; ++i) o[e0 + i] = w.row[e0 + pair_slot<Bits>(i, W)];
-    }
-    for (std::int64_t e = 0; e < Dv; ++e) o[e] += w.msum[r * NG + e / VG];
-  }
+// The dense store of kind T as a source: [Hkv, capacity, D] viewed as [1, Hkv, capacity, D],
+// each head's length from the cache.
+template <class T>
+attention::split_kv::strided_source<T> dense_source(const layer_cache& c) {
+  return {one_batch(c.dense_keys<T>()), one_batch(c.dense_values<T>()), c.lengths()};
 }
 
-// One dense item (f32 / f16 / bf16 storage, or the f32 residual window): keys at k0, values at v0.
-template <class Arch, int RowTile, class KV, class LseAt>
-void dchunk(const plan& pl, const float* qs, const KV* k0, std::int64_t ks, const KV* v0, std::int64_t vs,
-            std::int64_t n, float* s, float* po, LseAt&& lse_at, const prob_copy& cp) {
-  attention::decode_detail::scores<Arch, RowTile>(pl, qs, k0, ks, n, s);
-  softmax_rows<Arch>(pl, s, n, lse_at, cp);
-  std::fill(po, po + pl.R * pl.Dvpad, 0.0f);
-  attention::decode_detail::values<Arch>(pl, s, v0, vs, n, po);
-}
+}  // namespace decode_detail
 
-template <class Arch, int RowTile>
-void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q, view<float, 3> out,
-         view<float, 2> lse, int threads, attention::decode_workspace& ws, const column_sums& cs) {
-  constexpr std::int64_t W = lanes<Arch>;
-  constexpr std::int64_t align = 64 / sizeof(float);
-  plan pl{d, 0, 0, 0, 0, 0};
-  pl.R = d.group() * d.Lq;
-  pl.Rpad = round_up(pl.R, RowTile);
-  pl.Dpad = round_up(d.D, W);
-  pl.Dvpad = round_up(d.Dv, W);
-  const storage kind = c.kind();
-  const bool quantized = is_quantized(kind);
-  const std::int64_t NG = quantized ? c.value_groups() : 0;
+// The KIVI store of a cache (int8 or int4) as a split-KV source. Part 0 of a head is its quantized
+// slots [0, quantized_length(h)), read as codes and dequantized inside the dot products (see the
+// header); part 1 its f32 residual window, a strided source of its own.
+template <int Bits>
+class kivi_source {
+  using key_block = attention::split_kv::key_block;
+  using key_parts = attention::split_kv::key_parts;
+  using plan = attention::split_kv::plan;
+  static constexpr std::int64_t decode_chunk = attention::decode_chunk;
+  template <class Arch>
+  static constexpr std::int64_t lanes = attention::split_kv::lanes<Arch>;
 
-  // Work items in (head, chunk) order; each head's items are contiguous.
-  std::vector<item> items;
-  std::vector<std::int64_t> base(static_cast<std::size_t>(d.Hkv) + 1, 0);
-  std::vector<std::vector<std::int64_t>> starts(static_cast<std::size_t>(d.Hkv));
-  for (std::int64_t hk = 0; hk < d.Hkv; ++hk) {
-    const std::int64_t len = c.length(hk), nq = quantized ? c.quantized_length(hk) : 0;
-    const part first = quantized ? part::quantized : part::dense;
-    for (std::int64_t j0 = 0; j0 < (quantized ? nq : len); j0 += decode_chunk)
-      items.push_back({hk, j0, std::min(decode_chunk, (quantized ? nq : len) - j0), first});
-    if (quantized) {
-      for (std::int64_t j0 = 0; j0 < len - nq; j0 += decode_chunk)
-        items.push_back({hk, j0, std::min(decode_chunk, len - nq - j0), part::residual});
-      auto& st = starts[static_cast<std::size_t>(hk)];
+ public:
+  static constexpr bool per_row_keys = false;
+  static constexpr bool row_tiled = true;
+
+  explicit kivi_source(const layer_cache& c)
+      : c_(&c),
+        residual_{decode_detail::one_batch(c.residual_keys()), decode_detail::one_batch(c.residual_values()), {}},
+        starts_(static_cast<std::size_t>(c.num_heads())) {
+    for (std::int64_t hk = 0; hk < c.num_heads(); ++hk) {
+      auto& st = starts_[static_cast<std::size_t>(hk)];
       st.assign(1, 0);
       for (std::int64_t l : c.key_group_lengths(hk)) st.push_back(st.back() + l);
     }
-    base[static_cast<std::size_t>(hk) + 1] = static_cast<std::int64_t>(items.size());
   }
-  const std::int64_t n_items = static_cast<std::int64_t>(items.size());
-  auto count = [&](std::int64_t hk) { return base[static_cast<std::size_t>(hk) + 1] - base[static_cast<std::size_t>(hk)]; };
 
-  // Workspace: partial outputs [items, R, Dvpad], partial lse (per head [R, items of head]), and
-  // per thread slot: scaled q [Rpad, Dpad], scores [Rpad, decode_chunk], then for quantized kinds
-  // qk [Rpad, Dpad], bias [Rpad], coef [R, NG, decode_chunk], msum [R, NG], row [Dvpad].
-  const std::int64_t slots = std::clamp<std::int64_t>(resolve_threads(threads), 1, std::max<std::int64_t>(n_items, 1));
-  const std::int64_t po_size = round_up(n_items * pl.R * pl.Dvpad, align);
-  const std::int64_t pl_size = round_up(n_items * pl.R, align);
-  const std::int64_t q_size = round_up(pl.Rpad * pl.Dpad, align);
-  const std::int64_t s_size = round_up(pl.Rpad * decode_chunk, align);
-  const std::int64_t bias_size = round_up(pl.Rpad, align);
-  const std::int64_t coef_size = round_up(pl.R * decode_chunk * NG, align);
-  const std::int64_t msum_size = round_up(pl.R * NG, align);
-  const std::int64_t row_size = round_up(pl.Dvpad, align);
-  const std::int64_t slot_size = q_size + s_size + (quantized ? q_size + bias_size + coef_size + msum_size + row_size : 0);
-  const std::int64_t pp_size = cs.wanted() ? round_up(n_items * pl.R * decode_chunk, align) : 0;  // [items, R, chunk]
-  float* po = ws.reserve(po_size + pl_size + slots * slot_size + pp_size);
-  float* plse = po + po_size;
-  float* scratch = plse + pl_size;
-  float* pp_all = cs.wanted() ? scratch + slots * slot_size : nullptr;
-  const std::int64_t first_summed = cs.first_row(d.Lq), Lmax = c.max_length();
+  key_parts parts(std::int64_t, std::int64_t hk) const {
+    return {2, {c_->quantized_length(hk), c_->residual_length(hk)}};
+  }
 
-  // After merge_row, w[p] holds the merge weight exp(lse_p - lse) of the head's item p, which
-  // turns the item's chunk probabilities into final ones (NaN or -inf when the row is NaN or empty).
-  auto merge_head = [&](std::int64_t hk) {
-    const std::int64_t nh = count(hk), b0 = base[static_cast<std::size_t>(hk)];
-    const std::int64_t nq = quantized ? c.quantized_length(hk) : 0;
-    if (cs.wanted())
-      for (std::int64_t h = hk * d.group(); h < (hk + 1) * d.group(); ++h) std::fill_n(cs.sums.ptr(h, 0), Lmax, 0.0f);
+  // Per-slot scratch: qk [Rpad, Dpad] q * key scale of the current key group in pair order
+  // (padding stays zero), bias [Rpad] q . key min (padding rows zero), coef [R, NG, decode_chunk]
+  // p * value scale, msum [R, NG] sum_j p * value min, row [Dvpad] one output row while it is put
+  // back in channel order.
+  std::int64_t scratch_floats(const plan& pl) const {
+    const sizes z = scratch_sizes(pl);
+    return z.qk + z.bias + z.coef + z.msum + z.row;
+  }
+
+  template <class Arch, int RowTile>
+  void scores(const plan& pl, const key_block& kb, const float* qs, float* s, float* scratch) const {
+    if (kb.part == 1) return residual_.template scores<Arch, RowTile>(pl, kb, qs, s, nullptr);
+    constexpr std::int64_t W = lanes<Arch>;
+    const scratch_rows w = split(pl, scratch);
+    const std::int64_t D = pl.d.D, Pk = decode_detail::key_pairs<Arch>(D), hk = kb.hk;
+    const std::vector<std::int64_t>& start = starts_[static_cast<std::size_t>(hk)];
+    const std::uint8_t* kc = c_->key_codes().ptr(hk, 0);
+    const std::int64_t ks = c_->key_codes().stride(1);
+    const float* kscale = c_->key_scales(hk).data();
+    const float* kmin = c_->key_mins(hk).data();
+    // One key group piece at a time: qk = q * scale (pair order), bias = q . min.
+    std::int64_t g = static_cast<std::int64_t>(std::upper_bound(start.begin(), start.end(), kb.j0) - start.begin()) - 1;
+    for (std::int64_t a = kb.j0; a < kb.j0 + kb.n; ++g) {
+      const std::int64_t b = std::min(kb.j0 + kb.n, start[static_cast<std::size_t>(g) + 1]);
+      const float* sc = kscale + g * D;
+      for (std::int64_t r = 0; r < pl.R; ++r) {
+        const float* qr = qs + r * pl.Dpad;
+        float* out = w.qk + r * pl.Dpad;
+        for (std::int64_t e0 = 0; e0 < Pk; e0 += 2 * W)
+          for (std::int64_t i = 0; i < 2 * W; ++i) out[e0 + decode_detail::pair_slot<Bits>(i, W)] = qr[e0 + i] * sc[e0 + i];
+        for (std::int64_t e = Pk; e < D; ++e) out[e] = qr[e] * sc[e];
+        w.bias[r] = simd::dot<Arch>(qr, kmin + g * D, D);
+      }
+      const decode_detail::code_rows<Arch, Bits> rows{kc + a * ks, ks, D, Pk};
+      attention::split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, w.qk, pl.Dpad, D, rows, b - a, w.bias, s + (a - kb.j0),
+                                                     decode_chunk);
+      a = b;
+    }
+  }
+
+  template <class Arch>
+  void values(const plan& pl, const key_block& kb, const float* p, float* acc, float* scratch) const {
+    if (kb.part == 1) return residual_.template values<Arch>(pl, kb, p, acc, nullptr);
+    constexpr std::int64_t W = lanes<Arch>;
+    const scratch_rows w = split(pl, scratch);
+    const std::int64_t Dv = pl.d.Dv, hk = kb.hk, j0 = kb.j0, n = kb.n;
+    // Coefficients p * scale and the minimum sums per (row, group), then the pass over codes.
+    const std::int64_t NG = c_->value_groups(), VG = c_->config().quant.value_group;
+    const std::int64_t Pv = decode_detail::value_pairs<Arch, Bits>(Dv, VG);
     for (std::int64_t r = 0; r < pl.R; ++r) {
-      const std::int64_t h = hk * d.group() + r / d.Lq, i = r % d.Lq;
-      float* w = plse + b0 * pl.R + r * nh;
-      const float* parts = po + (b0 * pl.R + r) * pl.Dvpad;
-      attention::decode_detail::merge_row<Arch>(
-          nh, [&](std::int64_t p) { return parts + p * pl.R * pl.Dvpad; }, [&](std::int64_t p) { return w[p]; }, w,
-          d.Dv, out.ptr(h, i), lse.empty() ? nullptr : lse.ptr(h, i));
-      if (!cs.wanted() || i < first_summed) continue;
-      for (std::int64_t p = 0; p < nh; ++p) {
-        if (!(w[p] > 0)) continue;
-        const item& x = items[static_cast<std::size_t>(b0 + p)];
-        const std::int64_t slot0 = x.j0 + (x.what == part::residual ? nq : 0);
-        simd::axpy<Arch>(w[p], pp_all + ((b0 + p) * pl.R + r) * decode_chunk, cs.sums.ptr(h, slot0), x.n);
+      const float* pr = p + r * decode_chunk;
+      for (std::int64_t gg = 0; gg < NG; ++gg) {
+        const float* vscale = c_->value_scales().ptr(hk, gg, j0);
+        float* cr = w.coef + (r * NG + gg) * decode_chunk;
+        for (std::int64_t j = 0; j < n; ++j) cr[j] = pr[j] * vscale[j];
+        w.msum[r * NG + gg] = simd::dot<Arch>(pr, c_->value_mins().ptr(hk, gg, j0), n);
       }
     }
+    const decode_detail::code_rows<Arch, Bits> rows{c_->value_codes().ptr(hk, j0), c_->value_codes().stride(1), Dv, Pv};
+    attention::split_kv::value_pass<Arch>(pl.R, w.coef, NG, VG, decode_chunk, Dv, pl.Dvpad, rows, n, acc);
+    for (std::int64_t r = 0; r < pl.R; ++r) {
+      float* o = acc + r * pl.Dvpad;
+      if (Bits == 4 && Pv > 0) {  // pair order -> channel order
+        std::copy(o, o + Pv, w.row);
+        for (std::int64_t e0 = 0; e0 < Pv; e0 += 2 * W)
+          for (std::int64_t i = 0; i < 2 * W; ++i) o[e0 + i] = w.row[e0 + decode_detail::pair_slot<Bits>(i, W)];
+      }
+      for (std::int64_t e = 0; e < Dv; ++e) o[e] += w.msum[r * NG + e / VG];
+    }
+  }
+
+ private:
+  struct sizes {
+    std::int64_t qk, bias, coef, msum, row;
   };
-  for (std::int64_t hk = 0; hk < d.Hkv; ++hk)  // heads without a slot: out = 0, lse = -inf
-    if (count(hk) == 0) merge_head(hk);
-  if (n_items == 0) return;
+  struct scratch_rows {
+    float *qk, *bias, *coef, *msum, *row;
+  };
+  sizes scratch_sizes(const plan& pl) const {
+    using attention::split_kv::round_up;
+    constexpr std::int64_t align = 64 / sizeof(float);
+    const std::int64_t NG = c_->value_groups();
+    return {round_up(pl.Rpad * pl.Dpad, align), round_up(pl.Rpad, align), round_up(pl.R * NG * decode_chunk, align),
+            round_up(pl.R * NG, align), round_up(pl.Dvpad, align)};
+  }
+  scratch_rows split(const plan& pl, float* scratch) const {
+    const sizes z = scratch_sizes(pl);
+    scratch_rows w{scratch, nullptr, nullptr, nullptr, nullptr};
+    w.bias = w.qk + z.qk;
+    w.coef = w.bias + z.bias;
+    w.msum = w.coef + z.coef;
+    w.row = w.msum + z.msum;
+    return w;
+  }
 
-  const std::unique_ptr<std::atomic<std::int64_t>[]> pending(new std::atomic<std::int64_t>[static_cast<std::size_t>(d.Hkv)]);
-  for (std::int64_t hk = 0; hk < d.Hkv; ++hk) pending[hk].store(count(hk), std::memory_order_relaxed);
+  const layer_cache* c_;
+  attention::split_kv::strided_source<float> residual_;  // [1, Hkv, residual, D | Dv]
+  std::vector<std::vector<std::int64_t>> starts_;        // per head: start slot of every key group, then quantized_length
+};
 
-  // Items handed out from a shared counter, the last finisher of a head merges it (as in
-  // attention::decode_detail::run).
-  std::atomic<std::int64_t> next{0};
-  parallel_for(
-      slots,
-      [&](std::int64_t t) {
-        float* qs = scratch + t * slot_size;
-        float* s = qs + q_size;
-        qscratch w{s + s_size, nullptr, nullptr, nullptr, nullptr};
-        if (quantized) {
-          w.bias = w.qk + q_size;
-          w.coef = w.bias + bias_size;
-          w.msum = w.coef + coef_size;
-          w.row = w.msum + msum_size;
-          std::fill(w.qk, w.qk + q_size + bias_size, 0.0f);
-        }
-        std::int64_t loaded = -1;
-        for (std::int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) {
-          const item& x = items[static_cast<std::size_t>(it)];
-          if (x.hk != loaded) {
-            std::fill(qs, qs + pl.Rpad * pl.Dpad, 0.0f);
-            for (std::int64_t r = 0; r < pl.R; ++r) {
-              const float* src = q.ptr(x.hk * d.group() + r / d.Lq, r % d.Lq);
-              for (std::int64_t e = 0; e < d.D; ++e) qs[r * pl.Dpad + e] = d.scale * src[e];
-            }
-            loaded = x.hk;
-          }
-          const std::int64_t b0 = base[static_cast<std::size_t>(x.hk)], nh = count(x.hk), local = it - b0;
-          float* lse_h = plse + b0 * pl.R;
-          auto lse_at = [&](std::int64_t r) -> float& { return lse_h[r * nh + local]; };
-          float* pout = po + it * pl.R * pl.Dvpad;
-          const prob_copy cp{pp_all ? pp_all + it * pl.R * decode_chunk : nullptr, first_summed};
-          switch (kind) {
-            case storage::f32: {
-              const auto k = c.dense_keys<float>(), v = c.dense_values<float>();
-              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at, cp);
-              break;
-            }
-            case storage::f16: {
-              const auto k = c.dense_keys<f16>(), v = c.dense_values<f16>();
-              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at, cp);
-              break;
-            }
-            case storage::bf16: {
-              const auto k = c.dense_keys<bf16>(), v = c.dense_values<bf16>();
-              dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout, lse_at, cp);
-              break;
-            }
-            default:
-              if (x.what == part::residual) {
-                const auto k = c.residual_keys(), v = c.residual_values();
-                dchunk<Arch, RowTile>(pl, qs, k.ptr(x.hk, x.j0), k.stride(1), v.ptr(x.hk, x.j0), v.stride(1), x.n, s, pout,
-                                      lse_at, cp);
-              } else if (kind == storage::int8) {
-                qchunk<Arch, RowTile, 8>(pl, c, starts[static_cast<std::size_t>(x.hk)], qs, x.hk, x.j0, x.n, s, pout, w, lse_at, cp);
-              } else {
-                qchunk<Arch, RowTile, 4>(pl, c, starts[static_cast<std::size_t>(x.hk)], qs, x.hk, x.j0, x.n, s, pout, w, lse_at, cp);
-              }
-          }
-          if (pending[x.hk].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_head(x.hk);
-        }
-      },
-      static_cast<int>(slots));
+namespace decode_detail {
+
+// The engine over the cache's store at one Arch (validated arguments, Lq > 0).
+template <class Arch>
+void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q, view<float, 3> out, view<float, 2> lse,
+         int threads, attention::decode_workspace& ws, const column_sums& cs, view<const float, 1> sinks) {
+  const attention::split_kv::sums_out sums{one_batch(cs.sums), cs.first_row(d.Lq), c.max_length()};
+  const auto q4 = one_batch(q);
+  const auto out4 = one_batch(out);
+  const auto lse3 = one_batch(lse);
+  auto attend = [&](const auto& src) {
+    attention::split_kv::attend<Arch>(d, src, q4, out4, lse3, attention::mods::none{}, threads, ws, sums, sinks);
+  };
+  switch (c.kind()) {
+    case storage::f32: attend(dense_source<float>(c)); break;
+    case storage::f16: attend(dense_source<f16>(c)); break;
+    case storage::bf16: attend(dense_source<bf16>(c)); break;
+    case storage::int8: attend(kivi_source<8>(c)); break;
+    case storage::int4: attend(kivi_source<4>(c)); break;
+  }
 }
 
 }  // namespace decode_detail
 
 // Decode from a cache: q [Hq, Lq] rows (Lq <= attention::decode_max_rows) against every slot of
 // their kv head, in any storage kind; the result agrees with kvcache::reference::decode to f32
-// rounding and is bit-identical for every options.threads. Reads options.scale, .threads and .isa.
+// rounding and is bit-identical for every options.threads. Reads options.scale, .threads, .isa and
+// .sinks.
 // cs: the optional column sums per cache slot (see the header).
 template <class TuArch = simd::default_arch>
 void decode(const layer_cache& c,
@@ -633,14 +429,9 @@ void decode(const layer_cache& c,
   if constexpr (prebuilt::linked) {  // a program built below the CPU's level (prebuilt.hpp)
     const simd::level want = simd::resolve_level(opt.isa);
     if (prebuilt::above<TuArch>(want))
-      return prebuilt::at_level(want, [&]<class Arch>() { prebuilt::cache_decode<Arch>(d, c, q, out, lse, opt.threads, ws, cs); });
+      return prebuilt::at_level(want, [&]<class Arch>() { prebuilt::cache_decode<Arch>(d, c, q, out, lse, opt, ws, cs); });
   }
-  const std::int64_t R = d.group() * d.Lq;
-  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
-    if (R == 1) decode_detail::run<Arch, 1>(d, c, q, out, lse, opt.threads, ws, cs);
-    else if (R == 2) decode_detail::run<Arch, 2>(d, c, q, out, lse, opt.threads, ws, cs);
-    else decode_detail::run<Arch, 4>(d, c, q, out, lse, opt.threads, ws, cs);
-  });
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() { decode_detail::run<Arch>(d, c, q, out, lse, opt.threads, ws, cs, opt.sinks); });
 }
 
 // As above, with a workspace of its own.

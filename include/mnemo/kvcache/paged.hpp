@@ -276,7 +276,6 @@ class paged_cache {
     detail::require(copies <= free_pages(), fn, ": the pool is out of pages: compaction copies ", copies,
                     " shared pages, ", free_pages(), " are free");
     unshare_from(st, first);
-    const std::int64_t S = cfg_.page_size;
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
       const auto& keep = sel.heads[static_cast<std::size_t>(h)];
       for (std::size_t i = 0; i < keep.size(); ++i) {  // ascending: a source is never overwritten before it is read

@@ -124,11 +124,10 @@ void knn_search_ivf(view<const float, 4> q,  // [B, H, Lq, D]
   parallel_for(d.B * d.H, [&](std::int64_t bh) {
     const std::int64_t b = bh / d.H, h = bh % d.H;
     const attention::ivf_index& ivf = index.lists(b, h);
-    std::vector<float> cs;
-    std::vector<std::int64_t> lists;
+    attention::ivf_search_scratch scratch;
     std::vector<attention::ivf_hit> hits;
     for (std::int64_t t = 0; t < d.Lq; ++t) {
-      ivf.search_into<Arch>(q.ptr(b, h, t), n_probe, topk, mem.size(), cs, lists, hits);
+      ivf.search_into<Arch>(q.ptr(b, h, t), n_probe, topk, mem.size(), scratch, hits);
       for (std::int64_t j = 0; j < topk; ++j) {
         const bool have = j < static_cast<std::int64_t>(hits.size());
         indices(b, h, t, j) = have ? hits[static_cast<std::size_t>(j)].id : -1;

@@ -6,6 +6,7 @@
 //   load.hpp   load / load_partial / store / store_partial / convert for float, f16, bf16
 //   vec.hpp    dot, axpy, scale, reduce_max, reduce_sum, exp_sum, hsum, hmax
 //              (vector body + masked tail, f32 accumulation; double references in simd::reference)
+//   select.hpp top_k_indices: the one top-k selection (ties to the lower index, NaN last)
 //
 // Everything is written against xsimd::batch<float, Arch> and templated on Arch; see arch.hpp.
 #pragma once
@@ -13,4 +14,5 @@
 #include "mnemo/simd/arch.hpp"
 #include "mnemo/simd/load.hpp"
 #include "mnemo/simd/math.hpp"
+#include "mnemo/simd/select.hpp"
 #include "mnemo/simd/vec.hpp"
