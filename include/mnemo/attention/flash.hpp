@@ -82,72 +82,15 @@ namespace mnemo::attention {
 // ---------------------------------------------------------------------------------------------
 // Score-mod derivatives (for the backward pass).
 
-// A user score mod opts into the backward pass by giving d score(s) / d s at s.
+// True when the backward pass knows d score / d s for every score mod inside M (mods.hpp:
+// score_derivative).
 template <class M>
-concept has_score_derivative = requires(const M& m, float s, double d, std::int64_t i) {
-  { m.score_derivative(s, i, i, i) } -> std::convertible_to<float>;
-  { m.score_derivative(d, i, i, i) } -> std::convertible_to<double>;
-};
-
-namespace flash_detail {
-
-template <class M>
-struct is_all_of : std::false_type {};
-template <class... M>
-struct is_all_of<mods::all_of_t<M...>> : std::true_type {};
-
-template <class M>
-constexpr bool derivative_known() {
-  if constexpr (!has_score<M> || std::is_same_v<M, mods::softcap> || std::is_same_v<M, mods::alibi> ||
-                has_score_derivative<M>) {
-    return true;
-  } else if constexpr (is_all_of<M>::value) {
-    return []<class... P>(std::type_identity<mods::all_of_t<P...>>) {
-      return (derivative_known<P>() && ...);
-    }(std::type_identity<M>{});
-  } else {
-    return false;
-  }
-}
-
-}  // namespace flash_detail
-
-// True when the backward pass knows d score / d s for every score mod inside M.
-template <class M>
-inline constexpr bool backward_supported = flash_detail::derivative_known<M>();
+inline constexpr bool backward_supported = has_known_derivative<M>;
 
 // {score(s), d score / d s} for one element, through every score mod of m in composition order.
 template <class M, class S>
 std::pair<S, S> score_and_derivative(const M& m, S s, std::int64_t h, std::int64_t qp, std::int64_t kp) {
-  static_assert(backward_supported<M>,
-                "attention backward: a score mod must provide `S score_derivative(S s, int64 h, int64 qp, "
-                "int64 kp) const` (d score / d s) so its gradient can be computed");
-  if constexpr (!has_score<M>) {
-    return {s, S(1)};
-  } else if constexpr (std::is_same_v<M, mods::softcap>) {
-    using std::tanh;
-    const S c = static_cast<S>(m.cap);
-    const S t = tanh(s / c);
-    return {c * t, S(1) - t * t};
-  } else if constexpr (std::is_same_v<M, mods::alibi>) {
-    return {m.score(s, h, qp, kp), S(1)};  // additive bias
-  } else if constexpr (flash_detail::is_all_of<M>::value) {
-    S d = 1;
-    std::apply(
-        [&](const auto&... part) {
-          ((
-               [&] {
-                 const auto [f, df] = score_and_derivative(part, s, h, qp, kp);
-                 s = f;
-                 d *= df;
-               }()),
-           ...);
-        },
-        m.parts);
-    return {s, d};
-  } else {
-    return {m.score(s, h, qp, kp), m.score_derivative(s, h, qp, kp)};
-  }
+  return {mods::score(m, s, h, qp, kp), mods::score_derivative(m, s, h, qp, kp)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,7 +115,7 @@ void backward_group(const dims& d, view<const float, 4> q, view<const float, 4> 
       double m = neg_inf;
       for (std::int64_t j = 0; j < Lk; ++j) {
         s[j] = neg_inf;
-        if (!mods::visible(mod, qp, j)) continue;
+        if (!mods::visible(mod, h, qp, j)) continue;
         double dot = 0;
         for (std::int64_t c = 0; c < D; ++c) dot += static_cast<double>(qi[c]) * static_cast<double>(k(b, hk, j, c));
         std::tie(s[j], ds_dx[j]) = score_and_derivative(mod, static_cast<double>(d.scale) * dot, h, qp, j);
@@ -276,14 +219,6 @@ struct flash_traits {
                 "two tile GEMMs");
 };
 
-// A mask mod that can mask a whole key-major tile at once: s[j * ld + i] = -inf for every key
-// k0 + j (j < kn) the query at qp0 + i (i < qn) may not see, other elements untouched; exactly
-// the elements where visible(qp0 + i, k0 + j) is false.
-template <class M>
-concept has_mask_tile = requires(const M& m, float* s, std::int64_t i) {
-  { m.mask_tile(s, i, i, i, i, i) } -> std::same_as<void>;
-};
-
 namespace flash_detail {
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
@@ -334,58 +269,27 @@ void to_f32(const T* src, float* dst, std::int64_t n) {
   else simd::convert<Arch>(src, dst, n);
 }
 
-// One score mod over a key-major tile s[j * ld + i] (keys k0 + j, query positions qp0 + i of
-// head h), in composition order through all_of; WithDerivative: also g *= d score / d s (the chain
-// rule of the backward pass). softcap and alibi run as whole-tile vector loops over all nq
-// columns (the padding queries [qn, nq) hold finite scores that are never used); any other
-// score mod is called per element for the real queries only.
-template <class Arch, bool WithDerivative, class M>
+// The score mods over a key-major tile s[j * ld + i] (keys k0 + j, query positions qp0 + i of
+// head h), through the mod's score_tile (mods.hpp); g: null in the forward, else g *= d score / d s
+// (the chain rule of the backward pass). softcap and alibi run as whole-tile vector loops over all
+// nq columns (the padding queries [qn, nq) hold finite scores that are never used); a score mod
+// without score_tile is called per element for the real queries only.
+template <class Arch, class M>
 void apply_score(const M& m, float* s, float* g, std::int64_t ld, std::int64_t kn, std::int64_t qn, std::int64_t nq,
                  std::int64_t k0, std::int64_t qp0, std::int64_t h) {
-  if constexpr (!has_score<M>) {
-    return;
-  } else if constexpr (is_all_of<M>::value) {
-    std::apply(
-        [&](const auto&... part) {
-          (apply_score<Arch, WithDerivative>(part, s, g, ld, kn, qn, nq, k0, qp0, h), ...);
-        },
-        m.parts);
-  } else if constexpr (std::is_same_v<M, mods::softcap>) {
-    simd::softcap_columns<Arch>(s, WithDerivative ? g : nullptr, ld, kn, nq, m.cap);
-  } else if constexpr (std::is_same_v<M, mods::alibi>) {
-    simd::alibi_columns<Arch>(s, ld, kn, nq, m.slopes(h), qp0, k0);
-  } else {
-    for (std::int64_t j = 0; j < kn; ++j)
-      for (std::int64_t i = 0; i < qn; ++i) {
-        float& x = s[j * ld + i];
-        if constexpr (WithDerivative) {
-          const auto [f, df] = score_and_derivative(m, x, h, qp0 + i, k0 + j);
-          x = f;
-          g[j * ld + i] *= df;
-        } else {
-          x = mods::score(m, x, h, qp0 + i, k0 + j);
-        }
-      }
-  }
+  mods::score_tile<Arch>(m, s, g, ld, kn, qn, nq, h, qp0, k0);
 }
 
-// The mask over a key-major tile: -inf where a query may not see a key (partial tiles only).
-// A mod with a bulk masker (has_mask_tile, mods.hpp's contract extended by sparse.hpp) writes the
-// -inf runs itself; otherwise visible() is asked per element (measured, Longformer at density
-// 0.13, L = 8192, D = 64: 0.25 - 0.27 x dense flash per element, 0.137 with mask_tile, both with
-// the exp-underflow fix described in sparse.hpp).
+// The mask over a key-major tile of head h: -inf where a query may not see a key (partial tiles
+// only), through the mod's mask_tile (mods.hpp), which writes the -inf runs itself; a mod without
+// one is asked visible() per element (measured, Longformer at density 0.13, L = 8192, D = 64:
+// 0.25 - 0.27 x dense flash per element, 0.137 with mask_tile, both with the exp-underflow fix
+// described in sparse.hpp).
 template <class Mod>
 void apply_mask(float* s, std::int64_t ld, std::int64_t kn, std::int64_t qn, std::int64_t k0, std::int64_t qp0,
-                const Mod& mod, tile t) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+                const Mod& mod, tile t, std::int64_t h) {
   if (t != tile::partial) return;
-  if constexpr (has_mask_tile<Mod>) {
-    mod.mask_tile(s, ld, qp0, qn, k0, kn);
-    return;
-  }
-  for (std::int64_t j = 0; j < kn; ++j)
-    for (std::int64_t i = 0; i < qn; ++i)
-      if (!mods::visible(mod, qp0 + i, k0 + j)) s[j * ld + i] = neg_inf;
+  mods::mask_tile(mod, s, ld, h, qp0, qn, k0, kn);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,8 +365,8 @@ struct forward_plan {
         const std::int64_t h = hk * G + g;
         simd::gemm<simd::a_order::row_major, Arch>(kn, nq, d.D, kp, ldk, work + at_qt + g * d.D * bq, bq, s, bq,
                                                    simd::c_mode::overwrite);
-        apply_score<Arch, false>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
-        apply_mask(s, bq, kn, qn, k0, qp0, mod, t);
+        apply_score<Arch>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
+        apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
         simd::online_softmax_columns<Arch>(s, bq, kn, nq, work + at_m + g * bq, work + at_l + g * bq, alpha);
         simd::gemm<simd::a_order::col_major, Arch>(qn, dvp, kn, s, bq, vp, ldv, work + at_o + g * bq * dvp, dvp,
                                                    simd::c_mode::rescale, alpha);
@@ -538,8 +442,8 @@ struct column_sums_plan {
         pack_transposed(q.ptr(b, h, q0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt, bq);
         simd::gemm<simd::a_order::row_major, Arch>(kn, nq, d.D, kp, ldk, work + at_qt, bq, s, bq,
                                                    simd::c_mode::overwrite);
-        apply_score<Arch, false>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
-        apply_mask(s, bq, kn, qn, k0, qp0, mod, t);
+        apply_score<Arch>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
+        apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
         simd::probs_from_lse_columns<Arch>(s, bq, kn, nq, lse_t);
         for (std::int64_t j = 0; j < kn; ++j) out[j] += simd::reduce_sum<Arch>(s + j * bq, nq);
       }
@@ -688,9 +592,9 @@ struct backward_plan {
                                                qt_all.data() + ti * d.D * bq, bq, s, bq, simd::c_mode::overwrite);
     if constexpr (has_score<Mod>) {
       for (std::int64_t j = 0; j < kn; ++j) std::fill_n(g + j * bq, nq, 1.0f);
-      apply_score<Arch, true>(mod, s, g, bq, kn, qn, nq, k0, qp0, h);
+      apply_score<Arch>(mod, s, g, bq, kn, qn, nq, k0, qp0, h);
     }
-    apply_mask(s, bq, kn, qn, k0, qp0, mod, t);
+    apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
     simd::probs_from_lse_columns<Arch>(s, bq, kn, nq, lse_all.data() + ti * bq);
     simd::gemm<simd::a_order::row_major, Arch>(kn, nq, d.Dv, v.ptr(b, hk, k0), v.stride(2),
                                                dot_all.data() + ti * d.Dv * bq, bq, dpt, bq, simd::c_mode::overwrite);
