@@ -56,7 +56,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -69,6 +68,7 @@
 #include "mnemo/attention/common.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/reference.hpp"
+#include "mnemo/attention/tiles.hpp"
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
@@ -197,103 +197,9 @@ void reference_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile sizes.
-
-template <class Arch = simd::default_arch>
-struct flash_traits {
-  // Queries are the SIMD lanes of a score tile; without SIMD the "vector" is one float.
-  static constexpr std::int64_t lanes = simd::isa_traits<Arch>::lanes;
-  // Queries and keys per tile, per ISA family (simd/isa_traits.hpp has the measurements). At 64 x 64
-  // the f32 score tile is 16 KiB and, at D = 128, Q^T and a K tile are 32 KiB each, so the operands
-  // of one tile GEMM stay in L1/L2.
-  static constexpr std::int64_t block_q = simd::isa_traits<Arch>::flash_block_q;
-  static constexpr std::int64_t block_k = simd::isa_traits<Arch>::flash_block_k;
-
-  static_assert(block_q % lanes == 0,
-                "flash_traits: block_q must be a multiple of the SIMD width, because the queries of a tile are "
-                "the lanes of its score vectors");
-  static_assert(block_k >= 1, "flash_traits: a key tile needs at least one key");
-  static constexpr std::size_t score_tile_budget = 64 * 1024;  // bytes
-  static_assert(block_q * block_k * sizeof(float) <= score_tile_budget,
-                "flash_traits: the Bq x Bk f32 score tile must fit in 64 KiB so it stays in L1/L2 between the "
-                "two tile GEMMs");
-};
+// Forward.
 
 namespace flash_detail {
-
-inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
-
-// Offsets (in floats, 64-byte aligned) of the pieces of one worker's workspace.
-struct workspace_layout {
-  std::int64_t total = 0;
-  std::int64_t take(std::int64_t floats) {
-    const std::int64_t at = total;
-    constexpr std::int64_t aligned_floats = tensor<float, 1>::alignment / sizeof(float);  // 64 bytes
-    total += round_up(floats, aligned_floats);
-    return at;
-  }
-};
-
-// Runs body(item, worker_workspace) for every item in [0, n_items), over up to `threads` workers
-// that each own `per_worker` floats of one zeroed allocation and take items from a shared
-// counter (dynamic balance for uneven causal tiles; no thread-index lookups).
-template <class Body>
-void run_items(std::int64_t n_items, std::int64_t per_worker, int threads, Body&& body) {
-  if (n_items <= 0) return;
-  const std::int64_t workers = std::min<std::int64_t>(resolve_threads(threads), n_items);
-  tensor<float, 1> ws({workers * per_worker});
-  std::atomic<std::int64_t> next{0};
-  parallel_for(
-      workers,
-      [&](std::int64_t w) {
-        float* mine = ws.data() + w * per_worker;
-        for (std::int64_t item = next.fetch_add(1); item < n_items; item = next.fetch_add(1)) body(item, mine);
-      },
-      static_cast<int>(workers));
-}
-
-// Packs rows [0, qn) of a query tile as Q^T: qt[c * ld + i] = scale * q_i[c]; columns [qn, nq) = 0.
-inline void pack_transposed(const float* q, std::int64_t ldq, std::int64_t qn, std::int64_t nq, std::int64_t D,
-                            float scale, float* qt, std::int64_t ld) {
-  for (std::int64_t c = 0; c < D; ++c) {
-    float* row = qt + c * ld;
-    for (std::int64_t i = 0; i < qn; ++i) row[i] = scale * q[i * ldq + c];
-    for (std::int64_t i = qn; i < nq; ++i) row[i] = 0.0f;
-  }
-}
-
-// n contiguous elements of any K/V type to f32.
-template <class Arch, class T>
-void to_f32(const T* src, float* dst, std::int64_t n) {
-  if constexpr (std::is_same_v<T, float>) std::copy_n(src, n, dst);
-  else simd::convert<Arch>(src, dst, n);
-}
-
-// The score mods over a key-major tile s[j * ld + i] (keys k0 + j, query positions qp0 + i of
-// head h), through the mod's score_tile (mods.hpp); g: null in the forward, else g *= d score / d s
-// (the chain rule of the backward pass). softcap and alibi run as whole-tile vector loops over all
-// nq columns (the padding queries [qn, nq) hold finite scores that are never used); a score mod
-// without score_tile is called per element for the real queries only.
-template <class Arch, class M>
-void apply_score(const M& m, float* s, float* g, std::int64_t ld, std::int64_t kn, std::int64_t qn, std::int64_t nq,
-                 std::int64_t k0, std::int64_t qp0, std::int64_t h) {
-  mods::score_tile<Arch>(m, s, g, ld, kn, qn, nq, h, qp0, k0);
-}
-
-// The mask over a key-major tile of head h: -inf where a query may not see a key (partial tiles
-// only), through the mod's mask_tile (mods.hpp), which writes the -inf runs itself; a mod without
-// one is asked visible() per element (measured, Longformer at density 0.13, L = 8192, D = 64:
-// 0.25 - 0.27 x dense flash per element, 0.137 with mask_tile, both with the exp-underflow fix
-// described in sparse.hpp).
-template <class Mod>
-void apply_mask(float* s, std::int64_t ld, std::int64_t kn, std::int64_t qn, std::int64_t k0, std::int64_t qp0,
-                const Mod& mod, tile t, std::int64_t h) {
-  if (t != tile::partial) return;
-  mods::mask_tile(mod, s, ld, h, qp0, qn, k0, kn);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward.
 
 template <class KV, class Mod, class Arch>
 struct forward_plan {
@@ -307,11 +213,11 @@ struct forward_plan {
   view<float, 3> lse;
   const Mod& mod;
 
-  std::int64_t G = d.group(), dvp = round_up(d.Dv, w);
+  std::int64_t G = d.group(), dvp = tiles::round_up(d.Dv, w);
   std::int64_t n_qt = (d.Lq + bq - 1) / bq, n_kt = (d.Lk + bk - 1) / bk;
   // V rows feed whole vectors of B: in place when they are f32 and a multiple of the width.
   bool v_direct = std::is_same_v<KV, float> && d.Dv % w == 0;
-  workspace_layout ws{};
+  tiles::workspace_layout ws{};
   std::int64_t at_qt = ws.take(G * d.D * bq), at_o = ws.take(G * bq * dvp), at_m = ws.take(G * bq),
                at_l = ws.take(G * bq), at_s = ws.take(bk * bq), at_alpha = ws.take(bq),
                at_k = std::is_same_v<KV, float> ? 0 : ws.take(bk * d.D), at_v = v_direct ? 0 : ws.take(bk * dvp);
@@ -322,13 +228,13 @@ struct forward_plan {
   void run(std::int64_t item, float* work) const {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t qt = n_qt - 1 - item % n_qt, hk = item / n_qt % d.Hkv, b = item / n_qt / d.Hkv;
-    const std::int64_t q0 = qt * bq, qn = std::min(bq, d.Lq - q0), nq = round_up(qn, w), qp0 = q0 + d.offset();
+    const std::int64_t q0 = qt * bq, qn = std::min(bq, d.Lq - q0), nq = tiles::round_up(qn, w), qp0 = q0 + d.offset();
     float* s = work + at_s;
     float* alpha = work + at_alpha;
 
     for (std::int64_t g = 0; g < G; ++g) {
       const std::int64_t h = hk * G + g;
-      pack_transposed(q.ptr(b, h, q0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt + g * d.D * bq, bq);
+      tiles::pack_transposed(q.ptr(b, h, q0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt + g * d.D * bq, bq);
       std::fill_n(work + at_o + g * bq * dvp, qn * dvp, 0.0f);
       std::fill_n(work + at_m + g * bq, nq, neg_inf);
       std::fill_n(work + at_l + g * bq, nq, 0.0f);
@@ -345,7 +251,7 @@ struct forward_plan {
         kp = k.ptr(b, hk, k0);
         ldk = k.stride(2);
       } else {
-        for (std::int64_t j = 0; j < kn; ++j) to_f32<Arch>(k.ptr(b, hk, k0 + j), work + at_k + j * d.D, d.D);
+        for (std::int64_t j = 0; j < kn; ++j) tiles::to_f32<Arch>(k.ptr(b, hk, k0 + j), work + at_k + j * d.D, d.D);
         kp = work + at_k;
         ldk = d.D;
       }
@@ -358,15 +264,15 @@ struct forward_plan {
         }
       }
       if (!v_direct) {  // the padding columns [Dv, dvp) stay 0 from the zeroed workspace
-        for (std::int64_t j = 0; j < kn; ++j) to_f32<Arch>(v.ptr(b, hk, k0 + j), work + at_v + j * dvp, d.Dv);
+        for (std::int64_t j = 0; j < kn; ++j) tiles::to_f32<Arch>(v.ptr(b, hk, k0 + j), work + at_v + j * dvp, d.Dv);
       }
 
       for (std::int64_t g = 0; g < G; ++g) {
         const std::int64_t h = hk * G + g;
         simd::gemm<simd::a_order::row_major, Arch>(kn, nq, d.D, kp, ldk, work + at_qt + g * d.D * bq, bq, s, bq,
                                                    simd::c_mode::overwrite);
-        apply_score<Arch>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
-        apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
+        tiles::apply_score<Arch>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
+        tiles::apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
         simd::online_softmax_columns<Arch>(s, bq, kn, nq, work + at_m + g * bq, work + at_l + g * bq, alpha);
         simd::gemm<simd::a_order::col_major, Arch>(qn, dvp, kn, s, bq, vp, ldv, work + at_o + g * bq * dvp, dvp,
                                                    simd::c_mode::rescale, alpha);
@@ -408,7 +314,7 @@ struct column_sums_plan {
   std::int64_t first;   // first summed query row
 
   std::int64_t n_kt = (d.Lk + bk - 1) / bk, qt_first = first / bq, n_qt = (d.Lq + bq - 1) / bq;
-  workspace_layout ws{};
+  tiles::workspace_layout ws{};
   std::int64_t at_qt = ws.take(d.D * bq), at_s = ws.take(bk * bq), at_lse = ws.take(bq),
                at_k = std::is_same_v<KV, float> ? 0 : ws.take(bk * d.D);
 
@@ -424,7 +330,7 @@ struct column_sums_plan {
       kp = k.ptr(b, hk, k0);
       ldk = k.stride(2);
     } else {
-      for (std::int64_t j = 0; j < kn; ++j) to_f32<Arch>(k.ptr(b, hk, k0 + j), work + at_k + j * d.D, d.D);
+      for (std::int64_t j = 0; j < kn; ++j) tiles::to_f32<Arch>(k.ptr(b, hk, k0 + j), work + at_k + j * d.D, d.D);
       kp = work + at_k;
       ldk = d.D;
     }
@@ -434,16 +340,17 @@ struct column_sums_plan {
       float* out = sums.ptr(b, h, k0);
       std::fill_n(out, kn, 0.0f);
       for (std::int64_t qt = qt_first; qt < n_qt; ++qt) {
-        const std::int64_t q0 = qt * bq, qn = std::min(bq, d.Lq - q0), nq = round_up(qn, w), qp0 = q0 + d.offset();
+        const std::int64_t q0 = qt * bq, qn = std::min(bq, d.Lq - q0), nq = tiles::round_up(qn, w);
+        const std::int64_t qp0 = q0 + d.offset();
         const tile t = mods::classify(mod, qp0, qp0 + qn, k0, k0 + kn);
         if (t == tile::empty) continue;
         // Rows before `first` and the padding get lse = -inf, hence p = 0.
         for (std::int64_t i = 0; i < nq; ++i) lse_t[i] = i < qn && q0 + i >= first ? lse(b, h, q0 + i) : neg_inf;
-        pack_transposed(q.ptr(b, h, q0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt, bq);
+        tiles::pack_transposed(q.ptr(b, h, q0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt, bq);
         simd::gemm<simd::a_order::row_major, Arch>(kn, nq, d.D, kp, ldk, work + at_qt, bq, s, bq,
                                                    simd::c_mode::overwrite);
-        apply_score<Arch>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
-        apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
+        tiles::apply_score<Arch>(mod, s, nullptr, bq, kn, qn, nq, k0, qp0, h);
+        tiles::apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
         simd::probs_from_lse_columns<Arch>(s, bq, kn, nq, lse_t);
         for (std::int64_t j = 0; j < kn; ++j) out[j] += simd::reduce_sum<Arch>(s + j * bq, nq);
       }
@@ -457,16 +364,18 @@ void forward(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<co
              view<float, 3> lse, const Mod& mod, const options& opt, const column_sums& cs) {
   if (!cs.wanted()) {
     const forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse, mod};
-    run_items(plan.items(), plan.ws.total, opt.threads, [&](std::int64_t item, float* work) { plan.run(item, work); });
+    tiles::run_items(plan.items(), plan.ws.total, opt.threads,
+                     [&](std::int64_t item, float* work) { plan.run(item, work); });
     return;
   }
   // The sums need every summed row's lse: the caller's, or one of our own.
   tensor<float, 3> own_lse(lse.empty() ? shape_t<3>{d.B, d.Hq, d.Lq} : shape_t<3>{0, 0, 0});
   const view<float, 3> lse_used = lse.empty() ? own_lse.as_view() : lse;
   const forward_plan<KV, Mod, Arch> plan{d, q, k, v, out, lse_used, mod};
-  run_items(plan.items(), plan.ws.total, opt.threads, [&](std::int64_t item, float* work) { plan.run(item, work); });
+  tiles::run_items(plan.items(), plan.ws.total, opt.threads,
+                   [&](std::int64_t item, float* work) { plan.run(item, work); });
   const column_sums_plan<KV, Mod, Arch> sums_plan{d, q, k, lse_used, mod, cs.sums, cs.first_row(d.Lq)};
-  run_items(sums_plan.items(), sums_plan.ws.total, opt.threads,
+  tiles::run_items(sums_plan.items(), sums_plan.ws.total, opt.threads,
             [&](std::int64_t item, float* work) { sums_plan.run(item, work); });
 }
 
@@ -514,7 +423,7 @@ struct backward_plan {
   view<float, 4> dq, dk, dv;
   const Mod& mod;
 
-  std::int64_t G = d.group(), dp = round_up(d.D, w), dvp = round_up(d.Dv, w);
+  std::int64_t G = d.group(), dp = tiles::round_up(d.D, w), dvp = tiles::round_up(d.Dv, w);
   std::int64_t n_qt = (d.Lq + bq - 1) / bq, n_kt = (d.Lk + bk - 1) / bk, lq_pad = n_qt * bq;
   // Rows that feed whole vectors of B (Q and dO for dK/dV, K for dQ) are used in place when
   // their width is a multiple of the SIMD width, else copied once with zero padding.
@@ -527,7 +436,7 @@ struct backward_plan {
   tensor<float, 1> q_rows{{q_direct ? 0 : d.B * d.Hq * d.Lq * dp}}, do_rows{{do_direct ? 0 : d.B * d.Hq * d.Lq * dvp}},
       k_rows{{q_direct ? 0 : d.B * d.Hkv * d.Lk * dp}};
 
-  workspace_layout ws_kv{}, ws_q{};
+  tiles::workspace_layout ws_kv{}, ws_q{};
   // pass over key tiles: dK, dV accumulators and three score-shaped tiles
   std::int64_t kv_dk = ws_kv.take(bk * dp), kv_dv = ws_kv.take(bk * dvp), kv_s = ws_kv.take(bk * bq),
                kv_dp = ws_kv.take(bk * bq), kv_g = ws_kv.take(has_score<Mod> ? bk * bq : 0);
@@ -556,8 +465,8 @@ struct backward_plan {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t qt = item % n_qt, h = item / n_qt % d.Hq, b = item / n_qt / d.Hq;
     const std::int64_t q0 = qt * bq, qn = std::min(bq, d.Lq - q0), ti = tile_index(b, h, qt);
-    pack_transposed(q.ptr(b, h, q0), q.stride(2), qn, bq, d.D, d.scale, qt_all.data() + ti * d.D * bq, bq);
-    pack_transposed(dout.ptr(b, h, q0), dout.stride(2), qn, bq, d.Dv, 1.0f, dot_all.data() + ti * d.Dv * bq, bq);
+    tiles::pack_transposed(q.ptr(b, h, q0), q.stride(2), qn, bq, d.D, d.scale, qt_all.data() + ti * d.D * bq, bq);
+    tiles::pack_transposed(dout.ptr(b, h, q0), dout.stride(2), qn, bq, d.Dv, 1.0f, dot_all.data() + ti * d.Dv * bq, bq);
     float* lse_t = lse_all.data() + ti * bq;
     float* delta_t = delta_all.data() + ti * bq;
     for (std::int64_t i = 0; i < bq; ++i) {
@@ -586,15 +495,15 @@ struct backward_plan {
   // P^T and dp holds dS^T (key-major, leading dimension bq).
   void tile_grads(std::int64_t b, std::int64_t h, std::int64_t hk, std::int64_t qt, std::int64_t k0, std::int64_t kn,
                   tile t, float* s, float* dpt, float* g) const {
-    const std::int64_t q0 = qt * bq, qn = std::min(bq, d.Lq - q0), nq = round_up(qn, w), qp0 = q0 + d.offset();
+    const std::int64_t q0 = qt * bq, qn = std::min(bq, d.Lq - q0), nq = tiles::round_up(qn, w), qp0 = q0 + d.offset();
     const std::int64_t ti = tile_index(b, h, qt);
     simd::gemm<simd::a_order::row_major, Arch>(kn, nq, d.D, k.ptr(b, hk, k0), k.stride(2),
                                                qt_all.data() + ti * d.D * bq, bq, s, bq, simd::c_mode::overwrite);
     if constexpr (has_score<Mod>) {
       for (std::int64_t j = 0; j < kn; ++j) std::fill_n(g + j * bq, nq, 1.0f);
-      apply_score<Arch>(mod, s, g, bq, kn, qn, nq, k0, qp0, h);
+      tiles::apply_score<Arch>(mod, s, g, bq, kn, qn, nq, k0, qp0, h);
     }
-    apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
+    tiles::apply_mask(s, bq, kn, qn, k0, qp0, mod, t, h);
     simd::probs_from_lse_columns<Arch>(s, bq, kn, nq, lse_all.data() + ti * bq);
     simd::gemm<simd::a_order::row_major, Arch>(kn, nq, d.Dv, v.ptr(b, hk, k0), v.stride(2),
                                                dot_all.data() + ti * d.Dv * bq, bq, dpt, bq, simd::c_mode::overwrite);
@@ -685,9 +594,9 @@ void flash_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
     flash_detail::backward_plan<Mod, Arch> plan{d, q, k, v, out, lse, dout, dq, dk, dv, mod};
     parallel_for(d.B * d.Hq * plan.n_qt, [&](std::int64_t item) { plan.prepare(item); }, opt.threads);
     if (!plan.q_direct) parallel_for(d.B * d.Hkv, [&](std::int64_t item) { plan.prepare_k(item); }, opt.threads);
-    flash_detail::run_items(plan.kv_items(), plan.ws_kv.total, opt.threads,
+    tiles::run_items(plan.kv_items(), plan.ws_kv.total, opt.threads,
                             [&](std::int64_t item, float* work) { plan.run_kv(item, work); });
-    flash_detail::run_items(plan.q_items(), plan.ws_q.total, opt.threads,
+    tiles::run_items(plan.q_items(), plan.ws_q.total, opt.threads,
                             [&](std::int64_t item, float* work) { plan.run_q(item, work); });
   });
 }

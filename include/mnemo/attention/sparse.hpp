@@ -76,8 +76,8 @@
 #include <vector>
 
 #include "mnemo/attention/common.hpp"
-#include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/mods.hpp"
+#include "mnemo/attention/tiles.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/gemm.hpp"
@@ -438,12 +438,12 @@ struct layout_plan {
   const block_sparse<Element>& mod;
 
   const block_layout& lay = *mod.layout;
-  std::int64_t G = d.group(), dvp = flash_detail::round_up(d.Dv, w);
-  std::int64_t tile_rows = std::min(lay.block_q(), max_rows), tq = flash_detail::round_up(tile_rows, w);
+  std::int64_t G = d.group(), dvp = tiles::round_up(d.Dv, w);
+  std::int64_t tile_rows = std::min(lay.block_q(), max_rows), tq = tiles::round_up(tile_rows, w);
   std::int64_t subtiles = (lay.block_q() + tile_rows - 1) / tile_rows;
   static constexpr bool k_direct = std::is_same_v<KV, float>;  // K rows are the GEMM's A operand: any stride
   bool v_direct = std::is_same_v<KV, float> && d.Dv % w == 0;    // V rows feed whole vectors of B
-  flash_detail::workspace_layout ws{};
+  tiles::workspace_layout ws{};
   std::int64_t at_qt = ws.take(G * d.D * tq), at_o = ws.take(G * tq * dvp), at_m = ws.take(G * tq),
                at_l = ws.take(G * tq), at_s = ws.take(chunk_keys * tq), at_alpha = ws.take(tq),
                at_k = k_direct ? 0 : ws.take(chunk_keys * d.D), at_v = v_direct ? 0 : ws.take(chunk_keys * dvp);
@@ -461,12 +461,12 @@ struct layout_plan {
     const std::int64_t qp_hi = std::min({qp_lo + tile_rows, (qb + 1) * lay.block_q(), d.Lk});
     const std::int64_t i0 = std::max<std::int64_t>(qp_lo - d.offset(), 0), i1 = qp_hi - d.offset();
     if (i0 >= i1) return;
-    const std::int64_t qn = i1 - i0, nq = flash_detail::round_up(qn, w), qp0 = i0 + d.offset();
+    const std::int64_t qn = i1 - i0, nq = tiles::round_up(qn, w), qp0 = i0 + d.offset();
     float* s = work + at_s;
     float* alpha = work + at_alpha;
     for (std::int64_t g = 0; g < G; ++g) {
       const std::int64_t h = hk * G + g;
-      flash_detail::pack_transposed(q.ptr(b, h, i0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt + g * d.D * tq,
+      tiles::pack_transposed(q.ptr(b, h, i0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt + g * d.D * tq,
                                     tq);
       std::fill_n(work + at_o + g * tq * dvp, qn * dvp, 0.0f);
       std::fill_n(work + at_m + g * tq, nq, neg_inf);
@@ -506,8 +506,8 @@ struct layout_plan {
       for (std::int64_t p = 0; p < n_pieces; ++p) {
         const key_piece& pc = pieces[p];
         for (std::int64_t j = 0; j < pc.kn; ++j) {
-          if (!k_direct) flash_detail::to_f32<Arch>(k.ptr(b, hk, pc.k0 + j), work + at_k + (pc.row + j) * d.D, d.D);
-          if (!v_direct) flash_detail::to_f32<Arch>(v.ptr(b, hk, pc.k0 + j), work + at_v + (pc.row + j) * dvp, d.Dv);
+          if (!k_direct) tiles::to_f32<Arch>(k.ptr(b, hk, pc.k0 + j), work + at_k + (pc.row + j) * d.D, d.D);
+          if (!v_direct) tiles::to_f32<Arch>(v.ptr(b, hk, pc.k0 + j), work + at_v + (pc.row + j) * dvp, d.Dv);
         }
       }
       for (std::int64_t g = 0; g < G; ++g) {
@@ -584,7 +584,7 @@ void attention(view<const float, 4> q,   // [B, Hq, Lq, D]
         if (!lse.empty()) lse(b, h, i) = neg_inf;
       }
   const detail::layout_plan<KV, Element, Arch> plan{d, q, k, v, out, lse, mod};
-  flash_detail::run_items(plan.items(), plan.ws.total, opt.threads,
+  tiles::run_items(plan.items(), plan.ws.total, opt.threads,
                           [&](std::int64_t item, float* work) { plan.run(item, work); });
 }
 
