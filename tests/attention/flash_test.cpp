@@ -1,8 +1,9 @@
-// Tests for attention/flash.hpp (and the tile kernels of simd/gemm.hpp it is built from):
-// flash against attention::reference on shapes around every tile edge, every mod, GQA/MQA,
-// f16/bf16 K/V, strided inputs and fully masked rows; flash_backward against
-// reference_backward, reference_backward against finite differences of the reference forward;
-// the golden forward, decode and backward cases; and every argument check.
+// Tests for attention/flash.hpp and attention/flash_backward.hpp (and the tile kernels of
+// simd/gemm.hpp and attention/tiles.hpp they are built from): flash against attention::reference
+// on shapes around every tile edge, every mod, GQA/MQA, f16/bf16 K/V, strided inputs and fully
+// masked rows; flash_backward against reference_backward, reference_backward against finite
+// differences of the reference forward; a user mod with the tile members against the built-in
+// one; the golden forward, decode and backward cases; and every argument check.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -20,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mnemo/attention/flash.hpp"
+#include "mnemo/attention/flash_backward.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/core/npy.hpp"
 #include "mnemo/simd/gemm.hpp"
