@@ -397,6 +397,12 @@ TEST(FlashForward, EveryMod) {
   check_forward(p, odd_rows_only{});
   check_forward(p, head_window{});
   check_forward(p, mods::all_of(mods::alibi{sl}, head_window{}, mods::causal{}));
+  // Unions of masks: a window plus a shared prefix, a window plus whole documents, old-form parts.
+  check_forward(p, mods::any_of(mods::sliding_window{20}, mods::prefix_lm{30}));
+  check_forward(p, mods::any_of(mods::sliding_window{8}, mods::all_of(mods::document{doc_ids}, mods::causal{})));
+  check_forward(p, mods::all_of(mods::softcap{2.0f}, mods::alibi{sl}, mods::any_of(band{}, dilated_causal{})), 3, {},
+                3.0f);
+  check_forward(p, mods::any_of(head_window{}, mods::prefix_lm{5}));
 }
 
 TEST(FlashForward, FullyMaskedRowsGiveZeroAndMinusInf) {
@@ -581,6 +587,8 @@ TEST(FlashBackward, EveryMod) {
   check_backward(p, quadratic_score{});
   check_backward(p, odd_rows_only{});
   check_backward(p, head_window{});
+  check_backward(p, mods::all_of(mods::softcap{3.0f}, mods::any_of(mods::sliding_window{10}, mods::prefix_lm{25})),
+                 1, 3.0f);
   check_backward(p, mods::all_of(mods::softcap{4.0f}, mods::alibi{sl}, mods::sliding_window{30}), 2, 3.0f);
   static_assert(backward_supported<mods::all_of_t<mods::softcap, mods::alibi, mods::causal>>);
   static_assert(backward_supported<quadratic_score>);

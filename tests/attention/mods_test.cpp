@@ -299,6 +299,60 @@ TEST(ModsTiles, ModsWithoutTheHeadStillWork) {
   check_blocks(mods::all_of(old_causal{}, mods::sliding_window{4}), exactness::sound, "old causal + window");
 }
 
+TEST(ModsTiles, AnyOfIsTheUnion) {
+  const auto ids = doc_patterns()[2];
+  const auto doc = doc_of(ids);
+  for (std::int64_t w : {1, 3}) {
+    for (std::int64_t prefix : {0, 2, 5}) {
+      const auto m = mods::any_of(mods::sliding_window{w}, mods::prefix_lm{prefix});
+      const auto m2 = mods::any_of(mods::all_of(mods::prefix_lm{prefix}, mods::sliding_window{w}), doc);
+      for (std::int64_t q = first_query; q < n_keys; ++q)
+        for (std::int64_t k = 0; k < n_keys; ++k) {
+          const bool window = mods::sliding_window{w}.visible(0, q, k), pre = mods::prefix_lm{prefix}.visible(0, q, k);
+          EXPECT_EQ(m.visible(0, q, k), window || pre) << q << " " << k;
+          EXPECT_EQ(m2.visible(0, q, k), (window && pre) || doc.visible(0, q, k)) << q << " " << k;
+        }
+      check_blocks(m, exactness::elementwise, "window | prefix");
+      check_blocks(m2, exactness::elementwise, "(prefix & window) | doc");
+    }
+    check_blocks(mods::any_of(mods::sliding_window{w}, mods::all_of(doc, mods::causal{})), exactness::elementwise,
+                 "window | (doc & causal)");
+    check_blocks(mods::all_of(mods::any_of(mods::sliding_window{w}, doc), mods::causal{}), exactness::elementwise,
+                 "(window | doc) & causal");
+  }
+  check_blocks(mods::any_of(checkerboard{}, mods::causal{}), exactness::sound, "checkerboard | causal");
+  check_blocks(mods::any_of(old_causal{}, mods::sliding_window{2}), exactness::sound, "old causal | window");
+  // A part without a mask sees everything, and so does the union.
+  EXPECT_TRUE(mods::visible(mods::any_of(mods::causal{}, mods::none{}), 0, 0, 9));
+  EXPECT_EQ(mods::classify(mods::any_of(mods::causal{}, mods::none{}), 0, 4, 5, 9), tile::full);
+  EXPECT_EQ(mods::classify(mods::any_of(mods::causal{}, mods::sliding_window{2}), 0, 4, 5, 9), tile::empty);
+  EXPECT_EQ(mods::classify(mods::any_of(mods::causal{}, mods::prefix_lm{9}), 0, 4, 5, 9), tile::full);
+  // Per-head parts keep their head.
+  for (std::int64_t h = 0; h < 3; ++h)
+    for (std::int64_t q = first_query; q < n_keys; ++q)
+      for (std::int64_t k = 0; k < n_keys; ++k)
+        EXPECT_EQ(mods::visible(mods::any_of(head_window{}, doc), h, q, k),
+                  head_window{}.visible(h, q, k) || doc.visible(h, q, k));
+}
+
+TEST(ModsTiles, AnyOfMaskTileMatchesVisible) {
+  constexpr std::int64_t L = 300;
+  const auto ids = random_docs(L + 80, 4);
+  const auto doc = doc_of(ids);
+  expect_mask_tile(mods::any_of(mods::sliding_window{16}, mods::prefix_lm{40}), L, "window | prefix");
+  expect_mask_tile(mods::any_of(mods::sliding_window{8}, mods::all_of(doc, mods::causal{})), L,
+                   "window | (doc & causal)");
+  expect_mask_tile(mods::all_of(mods::any_of(mods::sliding_window{30}, doc), mods::causal{}), L,
+                   "(window | doc) & causal");
+  expect_mask_tile(mods::any_of(checkerboard{}, mods::causal{}), L, "checkerboard | causal: per element");
+  expect_mask_tile(mods::any_of(old_causal{}, mods::sliding_window{3}), L, "old causal | window");
+  expect_mask_tile(mods::any_of(mods::sliding_window{5}, mods::sliding_window{9}, mods::prefix_lm{3}), L,
+                   "three parts");
+  for (std::int64_t h : {0, 2})
+    expect_mask_tile(mods::any_of(head_window{}, mods::all_of(mods::causal{}, mods::sliding_window{1})), L,
+                     "head window | diagonal, head " + std::to_string(h), h);
+}
+
 TEST(ModsTiles, ScoreDerivatives) {
   const std::vector<float> slopes{0.5f};
   const mods::alibi al{view<const float, 1>(slopes.data(), {1})};

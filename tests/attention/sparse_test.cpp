@@ -328,6 +328,7 @@ TEST(SparseFlash, MatchesReferenceWithElementMask) {
     const auto lf = make_longformer(L, 17, globals, false);
     const auto bb = make_bigbird(L, 16, 3, 1, 2, 9, false);
     const auto dil = dilated_window{8, 2};
+    const auto any = mods::any_of(dil, sts);
     // 24 x 40 does not align with the 64-key chunks; 32 x 128 blocks are cut into 64-key pieces.
     for (auto [bq, bk] : {std::pair<std::int64_t, std::int64_t>{16, 16}, {64, 64}, {128, 64}, {24, 40}, {32, 128}}) {
       const std::string at = " L=" + std::to_string(L) + " Lq=" + std::to_string(s.Lq) + " blocks " +
@@ -337,6 +338,7 @@ TEST(SparseFlash, MatchesReferenceWithElementMask) {
       expect_flash_matches(lf, layout_of(lf, L, bq, bk), s, "longformer" + at, seed++);
       expect_flash_matches(bb, layout_of(bb, L, bq, bk), s, "bigbird" + at, seed++);
       expect_flash_matches(dil, layout_of(dil, L, bq, bk), s, "dilated" + at, seed++);
+      expect_flash_matches(any, layout_of(any, L, bq, bk), s, "dilated | strided" + at, seed++);
     }
     const user_case u = random_user_layout(L, 32, 32, seed);
     const block_sparse user_mod{&u.layout, mods::causal{}};
@@ -421,6 +423,9 @@ TEST(SparseMaskTile, PatternsMatchVisible) {
   expect_mask_tile(fixed{8, 4, 1}, L, "fixed");
   expect_mask_tile(make_bigbird(L, 16, 3, 1, 2, 5, true), L, "bigbird causal");
   expect_mask_tile(make_bigbird(L, 12, 3, 1, 2, 5, false), L, "bigbird");
+  expect_mask_tile(mods::any_of(dilated_window{8, 3}, make_longformer(L, 9, {3, 44, 120}, true)), L,
+                   "dilated | longformer");
+  expect_mask_tile(mods::any_of(strided{16, 3}, fixed{8, 4, 1}, mods::sliding_window{5}), L, "strided | fixed | window");
 }
 
 TEST(SparseMaskTile, BlockSparseMatchesVisible) {

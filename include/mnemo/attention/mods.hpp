@@ -50,7 +50,8 @@
 // composed, then the mask, then softmax. Compose softcap before alibi to follow the
 // flash-attention order the golden cases use: all_of(softcap{30}, alibi{slopes}, causal{}).
 //
-// Compositions: all_of(m...) (visible where every part is, score mods in order).
+// Compositions: all_of(m...) (visible where every part is, score mods in order) and
+// any_of(m...) (visible where any part is; masks only).
 #pragma once
 
 #include <algorithm>
@@ -58,6 +59,7 @@
 #include <concepts>
 #include <cstdint>
 #include <limits>
+#include <cstddef>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -480,6 +482,91 @@ struct all_of_t {
 
 template <class... M>
 all_of_t<M...> all_of(M... m) {
+  return {std::tuple<M...>(std::move(m)...)};
+}
+
+// any_of: visible where any part is visible, the union of masks (a sliding window plus global
+// tokens, a document mask plus a shared prefix, ...). Its parts are masks only: a score mod has no
+// place in a union (compose it outside: all_of(softcap{30}, any_of(...))). A tile is empty if every
+// part says empty, full if any part says full, partial otherwise. mask_tile goes through the
+// parts: on a tile (else on each of its key rows) where one part is full nothing is masked, where
+// every part is empty everything is, and where exactly one part is not empty that part's own
+// mask_tile masks it; only where two or more parts are partial is visible() asked per element.
+template <class... M>
+struct any_of_t {
+  static_assert(sizeof...(M) >= 1, "mods::any_of: needs at least one part");
+  static_assert((!has_score<M> && ...),
+                "mods::any_of: every part must be a mask only (no score()); compose score mods outside: "
+                "mods::all_of(mods::softcap{...}, mods::any_of(...))");
+
+  std::tuple<M...> parts;
+
+  static constexpr bool any_visible = (has_visible<M> || ...);
+
+  bool visible(std::int64_t h, std::int64_t qp, std::int64_t kp) const
+    requires any_visible
+  {
+    return std::apply([&](const auto&... m) { return (mods::visible(m, h, qp, kp) || ...); }, parts);
+  }
+
+  tile block(std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1) const {
+    bool any_full = false, all_empty = true;
+    std::apply(
+        [&](const auto&... m) {
+          ((
+               [&] {
+                 const tile t = mods::classify(m, q0, q1, k0, k1);
+                 any_full = any_full || t == tile::full;
+                 all_empty = all_empty && t == tile::empty;
+               }()),
+           ...);
+        },
+        parts);
+    return any_full ? tile::full : all_empty ? tile::empty : tile::partial;
+  }
+
+  void mask_tile(float* s, std::int64_t ld, std::int64_t h, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
+                 std::int64_t kn) const
+    requires any_visible
+  {
+    if (mask_by_one_part(s, ld, h, qp0, qn, k0, kn)) return;
+    for (std::int64_t j = 0; j < kn; ++j) {
+      float* row = s + j * ld;
+      if (mask_by_one_part(row, ld, h, qp0, qn, k0 + j, 1)) continue;
+      for (std::int64_t i = 0; i < qn; ++i)
+        if (!visible(h, qp0 + i, k0 + j)) row[i] = masked;
+    }
+  }
+
+  void validate(const char* fn, std::int64_t Hq, std::int64_t Lq, std::int64_t Lk) const {
+    std::apply([&](const auto&... m) { (mods::validate(m, fn, Hq, Lq, Lk), ...); }, parts);
+  }
+
+ private:
+  // Masks queries [qp0, qp0 + qn) x keys [k0, k0 + kn) and returns true when the parts' classes
+  // decide it alone (a full part, no part, or exactly one part not empty); false otherwise.
+  bool mask_by_one_part(float* s, std::int64_t ld, std::int64_t h, std::int64_t qp0, std::int64_t qn,
+                        std::int64_t k0, std::int64_t kn) const {
+    return [&]<std::size_t... I>(std::index_sequence<I...>) {
+      const tile t[] = {mods::classify(std::get<I>(parts), qp0, qp0 + qn, k0, k0 + kn)...};
+      std::size_t not_empty = 0, which = 0;
+      for (std::size_t p = 0; p < sizeof...(M); ++p) {
+        if (t[p] == tile::full) return true;
+        if (t[p] != tile::empty) {
+          ++not_empty;
+          which = p;
+        }
+      }
+      if (not_empty == 0) fill_masked_rect(s, ld, 0, qn, 0, kn);
+      else if (not_empty == 1)
+        ((I == which ? mods::mask_tile(std::get<I>(parts), s, ld, h, qp0, qn, k0, kn) : void()), ...);
+      return not_empty <= 1;
+    }(std::index_sequence_for<M...>{});
+  }
+};
+
+template <class... M>
+any_of_t<M...> any_of(M... m) {
   return {std::tuple<M...>(std::move(m)...)};
 }
 
