@@ -55,11 +55,13 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <concepts>
-#include <cstdint>
-#include <limits>
 #include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -397,6 +399,22 @@ inline std::vector<float> alibi_slopes(std::int64_t Hq) {
 // ---------------------------------------------------------------------------------------------
 // Compositions.
 
+// The class of each part of a composition on the tile [q0, q1) x [k0, k1).
+template <class... M>
+std::array<tile, sizeof...(M)> classify_parts(const std::tuple<M...>& parts, std::int64_t q0, std::int64_t q1,
+                                              std::int64_t k0, std::int64_t k1) {
+  return std::apply(
+      [&](const auto&... m) { return std::array<tile, sizeof...(M)>{mods::classify(m, q0, q1, k0, k1)...}; }, parts);
+}
+
+// The class of a composition from its parts' classes: `absorbing` if any part has it, else `unit`
+// if every part has it, else partial (all_of: empty absorbs, full is the unit; any_of: the reverse).
+template <std::size_t N>
+tile combine_classes(const std::array<tile, N>& t, tile absorbing, tile unit) {
+  if (std::ranges::find(t, absorbing) != t.end()) return absorbing;
+  return std::ranges::count(t, unit) == std::ssize(t) ? unit : tile::partial;
+}
+
 // all_of: visible where every part is visible; score mods applied in order (their derivatives
 // by the chain rule); a tile is empty if any part says empty, full if every part says full;
 // mask_tile masks with each part that is partial on the tile.
@@ -443,19 +461,7 @@ struct all_of_t {
   }
 
   tile block(std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1) const {
-    bool all_full = true, any_empty = false;
-    std::apply(
-        [&](const auto&... m) {
-          ((
-               [&] {
-                 const tile t = mods::classify(m, q0, q1, k0, k1);
-                 any_empty = any_empty || t == tile::empty;
-                 all_full = all_full && t == tile::full;
-               }()),
-           ...);
-        },
-        parts);
-    return any_empty ? tile::empty : all_full ? tile::full : tile::partial;
+    return combine_classes(classify_parts(parts, q0, q1, k0, k1), tile::empty, tile::full);
   }
 
   void mask_tile(float* s, std::int64_t ld, std::int64_t h, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
@@ -510,19 +516,7 @@ struct any_of_t {
   }
 
   tile block(std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1) const {
-    bool any_full = false, all_empty = true;
-    std::apply(
-        [&](const auto&... m) {
-          ((
-               [&] {
-                 const tile t = mods::classify(m, q0, q1, k0, k1);
-                 any_full = any_full || t == tile::full;
-                 all_empty = all_empty && t == tile::empty;
-               }()),
-           ...);
-        },
-        parts);
-    return any_full ? tile::full : all_empty ? tile::empty : tile::partial;
+    return combine_classes(classify_parts(parts, q0, q1, k0, k1), tile::full, tile::empty);
   }
 
   void mask_tile(float* s, std::int64_t ld, std::int64_t h, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
@@ -548,7 +542,7 @@ struct any_of_t {
   bool mask_by_one_part(float* s, std::int64_t ld, std::int64_t h, std::int64_t qp0, std::int64_t qn,
                         std::int64_t k0, std::int64_t kn) const {
     return [&]<std::size_t... I>(std::index_sequence<I...>) {
-      const tile t[] = {mods::classify(std::get<I>(parts), qp0, qp0 + qn, k0, k0 + kn)...};
+      const auto t = classify_parts(parts, qp0, qp0 + qn, k0, k0 + kn);
       std::size_t not_empty = 0, which = 0;
       for (std::size_t p = 0; p < sizeof...(M); ++p) {
         if (t[p] == tile::full) return true;
