@@ -41,6 +41,12 @@
 // The built-in mods below (and the sparse patterns of sparse.hpp) use exactly these members, so
 // kernels hold no switch on a mod's type and a user's mod written the same way runs as fast.
 //
+// The head. reference, flash, flash_backward, sparse::attention and the top-k references pass
+// each query head to visible() and mask_tile(). The split-KV decode paths (decode.hpp, the cache
+// decode, quest/landmark/retrieval) and the fast top-k selection still call the head-less
+// mods::visible(mod, qp, kp), which asks head 0: a mask that differs per head is, for now, for
+// the prefill kernels.
+//
 // Positions. Kernels pass query positions on the key axis: query row i of Lq sits at
 // qp = i + (Lk - Lq) (the bottom-right aligned diagonal, DESIGN.md), keys at kp = j. So a mod
 // never needs Lq or Lk, and prefill-with-cache and decode obey the same rule. With Lq > Lk the
