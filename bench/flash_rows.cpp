@@ -18,6 +18,7 @@
 
 #include "common.hpp"
 #include "mnemo/attention/flash.hpp"
+#include "mnemo/attention/flash_backward.hpp"
 #include "mnemo/attention/mods.hpp"
 
 namespace mnemo::bench {

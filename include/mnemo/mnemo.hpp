@@ -12,6 +12,7 @@
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/attention/flash.hpp"
+#include "mnemo/attention/flash_backward.hpp"
 #include "mnemo/attention/merge.hpp"
 #include "mnemo/attention/split_kv.hpp"
 #include "mnemo/attention/decode.hpp"

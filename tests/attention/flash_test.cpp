@@ -1,8 +1,9 @@
-// Tests for attention/flash.hpp (and the tile kernels of simd/gemm.hpp it is built from):
-// flash against attention::reference on shapes around every tile edge, every mod, GQA/MQA,
-// f16/bf16 K/V, strided inputs and fully masked rows; flash_backward against
-// reference_backward, reference_backward against finite differences of the reference forward;
-// the golden forward, decode and backward cases; and every argument check.
+// Tests for attention/flash.hpp and attention/flash_backward.hpp (and the tile kernels of
+// simd/gemm.hpp and attention/tiles.hpp they are built from): flash against attention::reference
+// on shapes around every tile edge, every mod, GQA/MQA, f16/bf16 K/V, strided inputs and fully
+// masked rows; flash_backward against reference_backward, reference_backward against finite
+// differences of the reference forward; a user mod with the tile members against the built-in
+// one; the golden forward, decode and backward cases; and every argument check.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -20,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mnemo/attention/flash.hpp"
+#include "mnemo/attention/flash_backward.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/core/npy.hpp"
 #include "mnemo/simd/gemm.hpp"
@@ -358,6 +360,12 @@ struct odd_rows_only {
   bool visible(std::int64_t qp, std::int64_t kp) const { return qp % 2 != 0 && kp <= qp; }
 };
 
+// A per-head mask (the head-aware visible of mods.hpp): head h sees the 16 (h + 1) keys ending at
+// its diagonal. No block(), so every tile is partial and masked per element for its head.
+struct head_window {
+  bool visible(std::int64_t h, std::int64_t qp, std::int64_t kp) const { return kp <= qp && qp - kp < 16 * (h + 1); }
+};
+
 // Nothing is visible to anyone.
 struct nothing_visible {
   bool visible(std::int64_t, std::int64_t) const { return false; }
@@ -388,6 +396,14 @@ TEST(FlashForward, EveryMod) {
   check_forward(p, mods::all_of(mods::softcap{5.0f}, mods::alibi{sl}, mods::sliding_window{50}), 2, {}, 3.0f);
   check_forward(p, mods::all_of(mods::sliding_window{90}, mods::prefix_lm{30}, band{}, quadratic_score{}));
   check_forward(p, odd_rows_only{});
+  check_forward(p, head_window{});
+  check_forward(p, mods::all_of(mods::alibi{sl}, head_window{}, mods::causal{}));
+  // Unions of masks: a window plus a shared prefix, a window plus whole documents, old-form parts.
+  check_forward(p, mods::any_of(mods::sliding_window{20}, mods::prefix_lm{30}));
+  check_forward(p, mods::any_of(mods::sliding_window{8}, mods::all_of(mods::document{doc_ids}, mods::causal{})));
+  check_forward(p, mods::all_of(mods::softcap{2.0f}, mods::alibi{sl}, mods::any_of(band{}, dilated_causal{})), 3, {},
+                3.0f);
+  check_forward(p, mods::any_of(head_window{}, mods::prefix_lm{5}));
 }
 
 TEST(FlashForward, FullyMaskedRowsGiveZeroAndMinusInf) {
@@ -571,11 +587,75 @@ TEST(FlashBackward, EveryMod) {
   check_backward(p, band{});
   check_backward(p, quadratic_score{});
   check_backward(p, odd_rows_only{});
+  check_backward(p, head_window{});
+  check_backward(p, mods::all_of(mods::softcap{3.0f}, mods::any_of(mods::sliding_window{10}, mods::prefix_lm{25})),
+                 1, 3.0f);
   check_backward(p, mods::all_of(mods::softcap{4.0f}, mods::alibi{sl}, mods::sliding_window{30}), 2, 3.0f);
   static_assert(backward_supported<mods::all_of_t<mods::softcap, mods::alibi, mods::causal>>);
   static_assert(backward_supported<quadratic_score>);
   static_assert(!backward_supported<position_bias>, "a score mod without score_derivative has no backward");
   static_assert(!backward_supported<mods::all_of_t<mods::causal, position_bias>>);
+}
+
+// A user's copy of mods::softcap written to the whole mod contract of mods.hpp: score, its
+// derivative, the tile-level score_tile and validate. Kernels hold no switch on the built-in
+// type, so this copy takes the built-in's vector path: the results agree bit for bit (the
+// per-element fallback, std::tanh per score, would not).
+struct user_softcap {
+  float cap = 0;
+
+  template <class S>
+  S score(S s, std::int64_t, std::int64_t, std::int64_t) const {
+    using std::tanh;
+    return static_cast<S>(cap) * tanh(s / static_cast<S>(cap));
+  }
+  template <class S>
+  S score_derivative(S s, std::int64_t, std::int64_t, std::int64_t) const {
+    using std::tanh;
+    const S t = tanh(s / static_cast<S>(cap));
+    return S(1) - t * t;
+  }
+  template <class Arch>
+  void score_tile(float* s, float* g, std::int64_t ld, std::int64_t kn, std::int64_t, std::int64_t nq, std::int64_t,
+                  std::int64_t, std::int64_t) const {
+    simd::softcap_columns<Arch>(s, g, ld, kn, nq, cap);
+  }
+  void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t) const {
+    mnemo::detail::require(cap > 0, fn, ": user_softcap.cap must be > 0, got ", cap);
+  }
+};
+
+template <class UserMod, class BuiltInMod>
+void expect_same_as_built_in(const problem& p, const UserMod& user, const BuiltInMod& built_in) {
+  SCOPED_TRACE(p.str());
+  static_assert(has_score_tile<UserMod, simd::default_arch> && has_score_derivative<UserMod>);
+  auto q = random_tensor<float, 4>({p.B, p.Hq, p.Lq, p.D}, 110, -3.0f, 3.0f);
+  auto k = random_tensor<float, 4>({p.B, p.Hkv, p.Lk, p.D}, 111, -3.0f, 3.0f);
+  auto v = random_tensor<float, 4>({p.B, p.Hkv, p.Lk, p.Dv}, 112);
+  auto dout = random_tensor<float, 4>({p.B, p.Hq, p.Lq, p.Dv}, 113);
+  tensor<float, 4> out_u({p.B, p.Hq, p.Lq, p.Dv}), out_b({p.B, p.Hq, p.Lq, p.Dv});
+  tensor<float, 3> lse_u({p.B, p.Hq, p.Lq}), lse_b({p.B, p.Hq, p.Lq});
+  flash(q, k, v, out_u, lse_u, user);
+  flash(q, k, v, out_b, lse_b, built_in);
+  EXPECT_EQ(max_abs_diff(out_u, out_b), 0.0) << "forward out";
+  for (std::int64_t i = 0; i < lse_u.size(); ++i) ASSERT_EQ(lse_u.data()[i], lse_b.data()[i]) << "lse " << i;
+  grads gu(p), gb(p);
+  flash_backward(q, k, v, out_b, lse_b, dout, gu.dq, gu.dk, gu.dv, user);
+  flash_backward(q, k, v, out_b, lse_b, dout, gb.dq, gb.dk, gb.dv, built_in);
+  EXPECT_EQ(max_abs_diff(gu.dq, gb.dq), 0.0) << "dq";
+  EXPECT_EQ(max_abs_diff(gu.dk, gb.dk), 0.0) << "dk";
+  EXPECT_EQ(max_abs_diff(gu.dv, gb.dv), 0.0) << "dv";
+  check_forward(p, user, 114, {}, 3.0f);  // and both against the reference
+  check_backward(p, user, 115, 3.0f);
+}
+
+TEST(FlashMods, UserModWithTileMembersRunsTheBuiltInPath) {
+  const problem p{1, 4, 2, 90, 110, 40, 40};
+  const auto slopes = mods::alibi_slopes(p.Hq);
+  const view<const float, 1> sl(slopes.data(), {p.Hq});
+  expect_same_as_built_in(p, user_softcap{2.0f}, mods::softcap{2.0f});
+  expect_same_as_built_in(p, mods::all_of(user_softcap{4.0f}, mods::alibi{sl}, mods::causal{}),
+                          mods::all_of(mods::softcap{4.0f}, mods::alibi{sl}, mods::causal{}));
 }
 
 // sum(out * dout) of the double-precision reference forward (out rounded to float).

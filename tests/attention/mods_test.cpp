@@ -3,6 +3,7 @@
 // visible(): a tile called empty has no visible element, a tile called full has only visible
 // elements (and for the single mods, whose classifiers are exact, a partial tile has both).
 #include "mnemo/attention/mods.hpp"
+#include "support/mask_tile.hpp"
 
 #include <gtest/gtest.h>
 
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <random>
 #include <vector>
 
 namespace {
@@ -18,6 +20,7 @@ namespace {
 namespace mods = mnemo::attention::mods;
 using mnemo::view;
 using mnemo::attention::tile;
+using mnemo::test::expect_mask_tile;
 
 // Positions of the grid: queries may sit left of key 0 (rows of Lq > Lk attention).
 constexpr std::int64_t n_keys = 11;
@@ -41,7 +44,7 @@ void check_blocks(const Mod& mod, exactness ex, const std::string& name) {
           std::int64_t seen = 0, total = 0;
           for (std::int64_t q = q0; q < q1; ++q)
             for (std::int64_t k = k0; k < k1; ++k) {
-              seen += mods::visible(mod, q, k) ? 1 : 0;
+              seen += mods::visible(mod, 0, q, k) ? 1 : 0;
               ++total;
             }
           const tile t = mods::classify(mod, q0, q1, k0, k1);
@@ -78,7 +81,7 @@ mods::document doc_of(const std::vector<std::int64_t>& ids) {
 TEST(Mods, CausalIsBottomRightAligned) {
   const mods::causal m;
   for (std::int64_t q = first_query; q < n_keys; ++q)
-    for (std::int64_t k = 0; k < n_keys; ++k) EXPECT_EQ(m.visible(q, k), k <= q) << q << " " << k;
+    for (std::int64_t k = 0; k < n_keys; ++k) EXPECT_EQ(m.visible(0, q, k), k <= q) << q << " " << k;
   check_blocks(m, exactness::exact, "causal");
 }
 
@@ -88,7 +91,7 @@ TEST(Mods, SlidingWindowSeesTheWKeysEndingAtTheDiagonal) {
     for (std::int64_t q = first_query; q < n_keys; ++q) {
       std::int64_t count = 0;
       for (std::int64_t k = 0; k < n_keys; ++k) {
-        const bool vis = m.visible(q, k);
+        const bool vis = m.visible(0, q, k);
         count += vis;
         if (vis) {
           EXPECT_TRUE(k <= q && q - k < w) << w << " " << q << " " << k;
@@ -105,7 +108,7 @@ TEST(Mods, PrefixLmIsBidirectionalOverThePrefix) {
   for (std::int64_t prefix = 0; prefix <= n_keys + 1; ++prefix) {
     const mods::prefix_lm m{prefix};
     for (std::int64_t q = first_query; q < n_keys; ++q)
-      for (std::int64_t k = 0; k < n_keys; ++k) EXPECT_EQ(m.visible(q, k), k < prefix || k <= q);
+      for (std::int64_t k = 0; k < n_keys; ++k) EXPECT_EQ(m.visible(0, q, k), k < prefix || k <= q);
     check_blocks(m, exactness::exact, "prefix " + std::to_string(prefix));
   }
 }
@@ -115,7 +118,7 @@ TEST(Mods, DocumentSeesItsOwnDocument) {
     const auto m = doc_of(ids);
     for (std::int64_t q = first_query; q < n_keys; ++q)
       for (std::int64_t k = 0; k < n_keys; ++k)
-        EXPECT_EQ(m.visible(q, k), q >= 0 && ids[q] == ids[k]) << q << " " << k;
+        EXPECT_EQ(m.visible(0, q, k), q >= 0 && ids[q] == ids[k]) << q << " " << k;
     check_blocks(m, exactness::exact, "document");
     check_blocks(mods::all_of(m, mods::causal{}), exactness::elementwise, "document + causal");
   }
@@ -166,8 +169,8 @@ TEST(Mods, CompositionsAreSoundAndExactPerElement) {
   const auto m = mods::all_of(mods::prefix_lm{2}, mods::sliding_window{3}, doc);
   for (std::int64_t q = first_query; q < n_keys; ++q)
     for (std::int64_t k = 0; k < n_keys; ++k)
-      EXPECT_EQ(m.visible(q, k), mods::prefix_lm{2}.visible(q, k) && mods::sliding_window{3}.visible(q, k) &&
-                                     doc.visible(q, k));
+      EXPECT_EQ(m.visible(0, q, k), mods::prefix_lm{2}.visible(0, q, k) && mods::sliding_window{3}.visible(0, q, k) &&
+                                     doc.visible(0, q, k));
 }
 
 TEST(Mods, SoftcapScore) {
@@ -219,6 +222,208 @@ TEST(Mods, StandardAlibiSlopes) {
     EXPECT_FLOAT_EQ(s.back(), 1.0f / 256.0f);  // the last head always gets 2^-8
     for (std::size_t h = 1; h < s.size(); ++h) EXPECT_FLOAT_EQ(s[h] / s[h - 1], s[0]);  // geometric, ratio s0
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tile-level members: mask_tile, score_tile, score_derivative; the head index; the old form.
+
+// Document ids over [0, n): runs of 1 to 40 positions.
+std::vector<std::int64_t> random_docs(std::int64_t n, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<std::int64_t> len(1, 40);
+  std::vector<std::int64_t> ids;
+  for (std::int64_t id = 0; static_cast<std::int64_t>(ids.size()) < n; ++id)
+    ids.insert(ids.end(), static_cast<std::size_t>(len(gen)), id);
+  ids.resize(static_cast<std::size_t>(n));
+  return ids;
+}
+
+TEST(ModsTiles, MaskTileMatchesVisible) {
+  constexpr std::int64_t L = 300;
+  expect_mask_tile(mods::causal{}, L, "causal");
+  for (std::int64_t w : {1, 7, 64, 100}) expect_mask_tile(mods::sliding_window{w}, L, "window " + std::to_string(w));
+  for (std::int64_t prefix : {0, 5, 70}) expect_mask_tile(mods::prefix_lm{prefix}, L, "prefix " + std::to_string(prefix));
+  // expect_mask_tile's queries reach L + 67: the ids cover them.
+  const auto ids = random_docs(L + 80, 3);
+  const auto doc = doc_of(ids);
+  expect_mask_tile(doc, L, "document");
+  expect_mask_tile(mods::all_of(doc, mods::causal{}), L, "document + causal");
+  expect_mask_tile(mods::all_of(mods::sliding_window{50}, mods::prefix_lm{20}), L, "window + prefix");
+  expect_mask_tile(mods::all_of(checkerboard{}, mods::causal{}), L, "checkerboard (no mask_tile) + causal");
+  expect_mask_tile(mods::all_of(mods::softcap{2.0f}, mods::sliding_window{9}), L, "softcap + window");
+}
+
+// A per-head mask: head h sees the 3 (h + 1) keys ending at its diagonal.
+struct head_window {
+  bool visible(std::int64_t h, std::int64_t q, std::int64_t k) const { return k <= q && q - k < 3 * (h + 1); }
+};
+
+TEST(ModsTiles, VisibleReceivesTheHead) {
+  const auto m = mods::all_of(head_window{}, mods::prefix_lm{2});
+  for (std::int64_t h = 0; h < 3; ++h) {
+    const mods::sliding_window w{3 * (h + 1)};
+    for (std::int64_t q = first_query; q < n_keys; ++q)
+      for (std::int64_t k = 0; k < n_keys; ++k) {
+        EXPECT_EQ(mods::visible(head_window{}, h, q, k), w.visible(h, q, k)) << h << " " << q << " " << k;
+        EXPECT_EQ(mods::visible(m, h, q, k), w.visible(h, q, k) && k <= q) << h << " " << q << " " << k;
+      }
+    expect_mask_tile(mods::all_of(head_window{}, mods::causal{}), 300, "head window, head " + std::to_string(h), h);
+  }
+  // The head-less free function asks head 0.
+  EXPECT_TRUE(mods::visible(head_window{}, 5, 3));
+  EXPECT_FALSE(mods::visible(head_window{}, 5, 2));
+}
+
+// A mod written against the earlier contract: visible(qp, kp) and mask_tile without the head.
+struct old_causal {
+  bool visible(std::int64_t q, std::int64_t k) const { return k <= q; }
+  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+    mods::causal{}.mask_tile(s, ld, 0, qp0, qn, k0, kn);
+  }
+};
+
+TEST(ModsTiles, ModsWithoutTheHeadStillWork) {
+  static_assert(mnemo::attention::has_visible<old_causal> && !mnemo::attention::has_mask_tile<old_causal>);
+  for (std::int64_t h : {0, 3})
+    for (std::int64_t q = first_query; q < n_keys; ++q)
+      for (std::int64_t k = 0; k < n_keys; ++k) {
+        EXPECT_EQ(mods::visible(old_causal{}, h, q, k), k <= q);
+        EXPECT_EQ(mods::visible(mods::all_of(old_causal{}, mods::none{}), h, q, k), k <= q);
+      }
+  // mods::mask_tile calls the head-less mask_tile; all_of and any_of pass through it.
+  const std::int64_t ld = 20;
+  std::vector<float> got(ld * 9, 1.0f), want(ld * 9, 1.0f);
+  mods::mask_tile(old_causal{}, got.data(), ld, 2, 3, 17, 0, 9);
+  mods::mask_tile(mods::causal{}, want.data(), ld, 2, 3, 17, 0, 9);
+  EXPECT_EQ(got, want);
+  check_blocks(mods::all_of(old_causal{}, mods::sliding_window{4}), exactness::sound, "old causal + window");
+}
+
+TEST(ModsTiles, AnyOfIsTheUnion) {
+  const auto ids = doc_patterns()[2];
+  const auto doc = doc_of(ids);
+  for (std::int64_t w : {1, 3}) {
+    for (std::int64_t prefix : {0, 2, 5}) {
+      const auto m = mods::any_of(mods::sliding_window{w}, mods::prefix_lm{prefix});
+      const auto m2 = mods::any_of(mods::all_of(mods::prefix_lm{prefix}, mods::sliding_window{w}), doc);
+      for (std::int64_t q = first_query; q < n_keys; ++q)
+        for (std::int64_t k = 0; k < n_keys; ++k) {
+          const bool window = mods::sliding_window{w}.visible(0, q, k), pre = mods::prefix_lm{prefix}.visible(0, q, k);
+          EXPECT_EQ(m.visible(0, q, k), window || pre) << q << " " << k;
+          EXPECT_EQ(m2.visible(0, q, k), (window && pre) || doc.visible(0, q, k)) << q << " " << k;
+        }
+      check_blocks(m, exactness::elementwise, "window | prefix");
+      check_blocks(m2, exactness::elementwise, "(prefix & window) | doc");
+    }
+    check_blocks(mods::any_of(mods::sliding_window{w}, mods::all_of(doc, mods::causal{})), exactness::elementwise,
+                 "window | (doc & causal)");
+    check_blocks(mods::all_of(mods::any_of(mods::sliding_window{w}, doc), mods::causal{}), exactness::elementwise,
+                 "(window | doc) & causal");
+  }
+  check_blocks(mods::any_of(checkerboard{}, mods::causal{}), exactness::sound, "checkerboard | causal");
+  check_blocks(mods::any_of(old_causal{}, mods::sliding_window{2}), exactness::sound, "old causal | window");
+  // A part without a mask sees everything, and so does the union.
+  EXPECT_TRUE(mods::visible(mods::any_of(mods::causal{}, mods::none{}), 0, 0, 9));
+  EXPECT_EQ(mods::classify(mods::any_of(mods::causal{}, mods::none{}), 0, 4, 5, 9), tile::full);
+  EXPECT_EQ(mods::classify(mods::any_of(mods::causal{}, mods::sliding_window{2}), 0, 4, 5, 9), tile::empty);
+  EXPECT_EQ(mods::classify(mods::any_of(mods::causal{}, mods::prefix_lm{9}), 0, 4, 5, 9), tile::full);
+  // Per-head parts keep their head.
+  for (std::int64_t h = 0; h < 3; ++h)
+    for (std::int64_t q = first_query; q < n_keys; ++q)
+      for (std::int64_t k = 0; k < n_keys; ++k)
+        EXPECT_EQ(mods::visible(mods::any_of(head_window{}, doc), h, q, k),
+                  head_window{}.visible(h, q, k) || doc.visible(h, q, k));
+}
+
+TEST(ModsTiles, AnyOfMaskTileMatchesVisible) {
+  constexpr std::int64_t L = 300;
+  const auto ids = random_docs(L + 80, 4);
+  const auto doc = doc_of(ids);
+  expect_mask_tile(mods::any_of(mods::sliding_window{16}, mods::prefix_lm{40}), L, "window | prefix");
+  expect_mask_tile(mods::any_of(mods::sliding_window{8}, mods::all_of(doc, mods::causal{})), L,
+                   "window | (doc & causal)");
+  expect_mask_tile(mods::all_of(mods::any_of(mods::sliding_window{30}, doc), mods::causal{}), L,
+                   "(window | doc) & causal");
+  expect_mask_tile(mods::any_of(checkerboard{}, mods::causal{}), L, "checkerboard | causal: per element");
+  expect_mask_tile(mods::any_of(old_causal{}, mods::sliding_window{3}), L, "old causal | window");
+  expect_mask_tile(mods::any_of(mods::sliding_window{5}, mods::sliding_window{9}, mods::prefix_lm{3}), L,
+                   "three parts");
+  for (std::int64_t h : {0, 2})
+    expect_mask_tile(mods::any_of(head_window{}, mods::all_of(mods::causal{}, mods::sliding_window{1})), L,
+                     "head window | diagonal, head " + std::to_string(h), h);
+}
+
+TEST(ModsTiles, ScoreDerivatives) {
+  const std::vector<float> slopes{0.5f};
+  const mods::alibi al{view<const float, 1>(slopes.data(), {1})};
+  const mods::softcap cap{2.0f};
+  const std::int64_t q = 7, k = 1;  // distance 6: bias -3
+  for (double s : {-30.0, -1.0, 0.0, 0.5, 4.0}) {
+    const double t = std::tanh(s / 2.0), t3 = std::tanh((s - 3.0) / 2.0);
+    EXPECT_DOUBLE_EQ(mods::score_derivative(cap, s, 0, q, k), 1.0 - t * t);
+    EXPECT_DOUBLE_EQ(mods::score_derivative(al, s, 0, q, k), 1.0);
+    EXPECT_DOUBLE_EQ(mods::score_derivative(mods::causal{}, s, 0, q, k), 1.0);  // no score: identity
+    EXPECT_DOUBLE_EQ(mods::score_derivative(mods::all_of(cap, al), s, 0, q, k), 1.0 - t * t);
+    EXPECT_DOUBLE_EQ(mods::score_derivative(mods::all_of(al, cap, mods::causal{}), s, 0, q, k), 1.0 - t3 * t3);
+    EXPECT_DOUBLE_EQ(mods::score_derivative(mods::all_of(cap, cap), s, 0, q, k),
+                     (1.0 - std::tanh(2.0 * t / 2.0) * std::tanh(2.0 * t / 2.0)) * (1.0 - t * t));
+  }
+}
+
+// A score mod without score_tile: the per-element fallback.
+struct shifted {
+  template <class S>
+  S score(S s, std::int64_t h, std::int64_t q, std::int64_t k) const {
+    return s * S(0.5) + static_cast<S>(h + q - 2 * k);
+  }
+  template <class S>
+  S score_derivative(S, std::int64_t, std::int64_t, std::int64_t) const {
+    return S(0.5);
+  }
+};
+
+// score_tile of m over a key-major tile against score() and score_derivative() per element, at
+// the scalar level and at the build's best.
+template <class Arch, class M>
+void expect_score_tile(const M& m, const std::string& what) {
+  SCOPED_TRACE(what);
+  constexpr std::int64_t kn = 5, qn = 13, nq = 16, ld = 19, h = 1, qp0 = 40, k0 = 37;
+  std::vector<float> s(kn * ld), g(kn * ld, 1.0f);
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> dist(-6.0f, 6.0f);
+  for (float& x : s) x = dist(gen);
+  const std::vector<float> s0 = s;
+  std::vector<float> s_fwd = s;
+  mods::score_tile<Arch>(m, s_fwd.data(), nullptr, ld, kn, qn, nq, h, qp0, k0);
+  mods::score_tile<Arch>(m, s.data(), g.data(), ld, kn, qn, nq, h, qp0, k0);
+  for (std::int64_t j = 0; j < kn; ++j)
+    for (std::int64_t i = 0; i < qn; ++i) {
+      const std::int64_t x = j * ld + i;
+      const double want = mods::score(m, static_cast<double>(s0[x]), h, qp0 + i, k0 + j);
+      const double dwant = mods::score_derivative(m, static_cast<double>(s0[x]), h, qp0 + i, k0 + j);
+      EXPECT_NEAR(s[x], want, 1e-5 * (1 + std::abs(want))) << j << " " << i;
+      EXPECT_EQ(s[x], s_fwd[x]) << "the derivative must not change the scores";
+      EXPECT_NEAR(g[x], dwant, 1e-5) << j << " " << i;
+    }
+  for (std::int64_t j = 0; j < kn; ++j)  // columns past the tile's width are never touched
+    for (std::int64_t i = nq; i < ld; ++i) EXPECT_EQ(s[j * ld + i], s0[j * ld + i]);
+}
+
+TEST(ModsTiles, ScoreTileMatchesScore) {
+  const std::vector<float> slopes{0.5f, 0.125f};
+  const mods::alibi al{view<const float, 1>(slopes.data(), {2})};
+  const auto run = [&]<class Arch>() {
+    expect_score_tile<Arch>(mods::softcap{3.0f}, "softcap");
+    expect_score_tile<Arch>(al, "alibi");
+    expect_score_tile<Arch>(shifted{}, "user mod, per element");
+    expect_score_tile<Arch>(mods::all_of(mods::softcap{3.0f}, al, mods::causal{}), "softcap, alibi, causal");
+    expect_score_tile<Arch>(mods::all_of(al, shifted{}, mods::softcap{2.0f}), "alibi, user mod, softcap");
+  };
+  run.template operator()<mnemo::simd::scalar_arch>();
+  run.template operator()<mnemo::simd::default_arch>();
+  static_assert(mnemo::attention::has_score_tile<mods::softcap, mnemo::simd::scalar_arch>);
+  static_assert(!mnemo::attention::has_score_tile<shifted, mnemo::simd::scalar_arch>);
+  static_assert(!mnemo::attention::has_score_tile<mods::all_of_t<mods::causal>, mnemo::simd::scalar_arch>);
 }
 
 template <class Fn>

@@ -26,6 +26,7 @@
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/attention/sparse.hpp"
 #include "mnemo/core/npy.hpp"
+#include "support/mask_tile.hpp"
 
 namespace mnemo::attention::sparse {
 namespace {
@@ -47,8 +48,8 @@ void expect_mask(const Mask& m, std::int64_t L, const paper_mask& want, const st
   std::int64_t bad = 0;
   for (std::int64_t i = 0; i < L; ++i)
     for (std::int64_t j = 0; j < L; ++j)
-      if (mods::visible(m, i, j) != want(i, j) && bad++ < 5)
-        ADD_FAILURE() << what << ": visible(" << i << ", " << j << ") = " << mods::visible(m, i, j) << ", want "
+      if (mods::visible(m, 0, i, j) != want(i, j) && bad++ < 5)
+        ADD_FAILURE() << what << ": visible(" << i << ", " << j << ") = " << mods::visible(m, 0, i, j) << ", want "
                       << want(i, j);
   EXPECT_EQ(bad, 0) << what;
 }
@@ -61,7 +62,7 @@ void expect_sound_tile(const Mask& m, std::int64_t q0, std::int64_t q1, std::int
   bool any = false, all = true;
   for (std::int64_t i = q0; i < q1; ++i)
     for (std::int64_t j = k0; j < k1; ++j) {
-      const bool vis = mods::visible(m, i, j);
+      const bool vis = mods::visible(m, 0, i, j);
       any = any || vis;
       all = all && vis;
     }
@@ -104,7 +105,7 @@ void expect_layouts(const Mask& m, std::int64_t L, const std::string& what) {
     const block_layout layout = layout_of(m, L, bq, bk);
     const block_sparse mod{&layout, m};
     const std::string name = what + " layout " + std::to_string(bq) + "x" + std::to_string(bk);
-    expect_mask(mod, L, [&](std::int64_t i, std::int64_t j) { return m.visible(i, j); }, name);
+    expect_mask(mod, L, [&](std::int64_t i, std::int64_t j) { return m.visible(0, i, j); }, name);
     expect_sound_tiles(mod, L, name);
     EXPECT_GT(layout.density(), 0.0) << name;
     EXPECT_LE(layout.density(), 1.0) << name;
@@ -255,10 +256,10 @@ TEST(SparseLayout, UserSuppliedCsr) {
   // No flags: every listed block full; element mods::none by default.
   const block_layout all(64, 32, 32, {0, 1, 2}, {0, 1});
   const block_sparse<> mod{&all};
-  EXPECT_TRUE(mod.visible(0, 31));
-  EXPECT_FALSE(mod.visible(0, 32));
-  EXPECT_TRUE(mod.visible(40, 63));
-  EXPECT_FALSE(mod.visible(40, 0));
+  EXPECT_TRUE(mod.visible(0, 0, 31));
+  EXPECT_FALSE(mod.visible(0, 0, 32));
+  EXPECT_TRUE(mod.visible(0, 40, 63));
+  EXPECT_FALSE(mod.visible(0, 40, 0));
   EXPECT_DOUBLE_EQ(all.density(), 0.5);
 }
 
@@ -267,8 +268,8 @@ TEST(SparseLayout, ElementMaskIsTheDenseForm) {
   const strided m{4, 3};
   const tensor<std::uint8_t, 2> mask = element_mask(m, L);
   const dense_mask dm{mask.as_view()};
-  expect_mask(dm, L, [&](std::int64_t i, std::int64_t j) { return m.visible(i, j); }, "dense_mask");
-  EXPECT_FALSE(dm.visible(-1, 0));
+  expect_mask(dm, L, [&](std::int64_t i, std::int64_t j) { return m.visible(0, i, j); }, "dense_mask");
+  EXPECT_FALSE(dm.visible(0, -1, 0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,6 +328,7 @@ TEST(SparseFlash, MatchesReferenceWithElementMask) {
     const auto lf = make_longformer(L, 17, globals, false);
     const auto bb = make_bigbird(L, 16, 3, 1, 2, 9, false);
     const auto dil = dilated_window{8, 2};
+    const auto any = mods::any_of(dil, sts);
     // 24 x 40 does not align with the 64-key chunks; 32 x 128 blocks are cut into 64-key pieces.
     for (auto [bq, bk] : {std::pair<std::int64_t, std::int64_t>{16, 16}, {64, 64}, {128, 64}, {24, 40}, {32, 128}}) {
       const std::string at = " L=" + std::to_string(L) + " Lq=" + std::to_string(s.Lq) + " blocks " +
@@ -336,6 +338,7 @@ TEST(SparseFlash, MatchesReferenceWithElementMask) {
       expect_flash_matches(lf, layout_of(lf, L, bq, bk), s, "longformer" + at, seed++);
       expect_flash_matches(bb, layout_of(bb, L, bq, bk), s, "bigbird" + at, seed++);
       expect_flash_matches(dil, layout_of(dil, L, bq, bk), s, "dilated" + at, seed++);
+      expect_flash_matches(any, layout_of(any, L, bq, bk), s, "dilated | strided" + at, seed++);
     }
     const user_case u = random_user_layout(L, 32, 32, seed);
     const block_sparse user_mod{&u.layout, mods::causal{}};
@@ -403,49 +406,10 @@ TEST(SparseGolden, CausalAndWindowAsLayouts) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mask_tile (the bulk masker flash calls on partial tiles) against visible(), element by element.
+// mask_tile (the bulk masker flash calls on partial tiles) against visible(), element by element
+// (tests/support/mask_tile.hpp).
 
-// Tiles at offsets that straddle unit / layout block edges, rows at qp < 0 and qp >= L, sizes that
-// are not multiples of 16 (qn, kn in {1, 5, 17, 37, 64, 70}); each tile sits in a buffer with a
-// padded leading dimension and guard rows, which must stay untouched.
-template <class Mask>
-void expect_mask_tile(const Mask& m, std::int64_t L, const std::string& what) {
-  static_assert(has_mask_tile<Mask>, "the mod under test must provide mask_tile");
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  constexpr std::int64_t pad = 3, guard = 2;
-  const std::int64_t sizes[] = {1, 5, 17, 37, 64, 70};
-  const std::int64_t q_starts[] = {-21, -1, 0, 7, 16, 45, L - 40, L - 3};
-  const std::int64_t k_starts[] = {0, 3, 16, 33, L - 37};
-  std::int64_t tiles = 0, bad = 0, checked_masked = 0;
-  for (std::int64_t qp0 : q_starts)
-    for (std::int64_t k0 : k_starts)
-      for (std::int64_t qn : sizes)
-        for (std::int64_t kn : sizes) {
-          if (k0 < 0 || k0 + kn > L) continue;  // keys are positions of the cache
-          const std::int64_t ld = qn + pad;
-          std::vector<float> buf(static_cast<std::size_t>((kn + 2 * guard) * ld));
-          for (std::size_t x = 0; x < buf.size(); ++x) buf[x] = static_cast<float>(x % 1000) + 0.5f;
-          const std::vector<float> before = buf;
-          m.mask_tile(buf.data() + guard * ld, ld, qp0, qn, k0, kn);
-          ++tiles;
-          for (std::int64_t r = 0; r < kn + 2 * guard; ++r)
-            for (std::int64_t i = 0; i < ld; ++i) {
-              const std::size_t x = static_cast<std::size_t>(r * ld + i);
-              const std::int64_t j = r - guard;
-              const bool inside = j >= 0 && j < kn && i < qn;
-              const bool want_masked = inside && !mods::visible(m, qp0 + i, k0 + j);
-              checked_masked += want_masked;
-              const float want = want_masked ? neg_inf : before[x];
-              if (buf[x] != want && bad++ < 5)
-                ADD_FAILURE() << what << ": tile qp0=" << qp0 << " qn=" << qn << " k0=" << k0 << " kn=" << kn
-                              << ": element (key row " << j << ", query " << i << ") = " << buf[x] << ", want "
-                              << want;
-            }
-        }
-  EXPECT_EQ(bad, 0) << what;
-  EXPECT_GT(tiles, 100) << what;
-  EXPECT_GT(checked_masked, 0) << what << ": no tile had a masked element";
-}
+using mnemo::test::expect_mask_tile;
 
 TEST(SparseMaskTile, PatternsMatchVisible) {
   const std::int64_t L = 300;
@@ -459,6 +423,9 @@ TEST(SparseMaskTile, PatternsMatchVisible) {
   expect_mask_tile(fixed{8, 4, 1}, L, "fixed");
   expect_mask_tile(make_bigbird(L, 16, 3, 1, 2, 5, true), L, "bigbird causal");
   expect_mask_tile(make_bigbird(L, 12, 3, 1, 2, 5, false), L, "bigbird");
+  expect_mask_tile(mods::any_of(dilated_window{8, 3}, make_longformer(L, 9, {3, 44, 120}, true)), L,
+                   "dilated | longformer");
+  expect_mask_tile(mods::any_of(strided{16, 3}, fixed{8, 4, 1}, mods::sliding_window{5}), L, "strided | fixed | window");
 }
 
 TEST(SparseMaskTile, BlockSparseMatchesVisible) {

@@ -17,6 +17,7 @@
 #include "mnemo/attention/attention.hpp"
 #include "mnemo/attention/decode.hpp"
 #include "mnemo/attention/flash.hpp"
+#include "mnemo/attention/flash_backward.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/reference.hpp"
 

@@ -88,7 +88,7 @@ void heads(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<cons
     const float* qi = q.ptr(b, h, i);
     double m = -std::numeric_limits<double>::infinity();
     for (std::int64_t j = 0; j < d.Lk; ++j) {
-      if (!mods::visible(mod, qp, j)) {
+      if (!mods::visible(mod, h, qp, j)) {
         s[j] = -std::numeric_limits<double>::infinity();
         continue;
       }

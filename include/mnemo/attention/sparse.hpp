@@ -3,7 +3,7 @@
 //
 // A sparse pattern is a mask over (query position qp, key position kp), both on the key axis
 // (mods.hpp: query row i sits at qp = i + Lk - Lq). The patterns here are mods with an exact
-// `visible(qp, kp)` (the paper's definition: the explicit element mask) and a `block()`
+// `visible(h, qp, kp)` (the paper's definition: the explicit element mask) and a `block()`
 // classifier, so they can be passed to any kernel directly. For speed, a pattern is compiled once
 // into a block_layout:
 //
@@ -49,9 +49,9 @@
 //       block (cut to <= 64 rows) it visits exactly the listed key blocks, gathered in chunks of up
 //       to 64 keys, so it costs about the density also for 16 x 16 blocks.
 //
-// mask_tile(s, ld, qp0, qn, k0, kn): every mod here masks a whole key-major tile in runs (per key
-// row the visible queries are an interval or a few, computed arithmetically) instead of qn * kn
-// visible() calls; flash_detail::apply_mask calls it when a mod has one (has_mask_tile).
+// mask_tile(s, ld, h, qp0, qn, k0, kn) (the contract of mods.hpp): every mod here masks a whole
+// key-major tile in runs (per key row the visible queries are an interval or a few, computed
+// arithmetically) instead of qn * kn visible() calls; the tiled kernels call it on partial tiles.
 //
 // Cost (bench/sparse_rows.cpp, L = 8192, D = 64, 1 thread, AVX-512, time / dense flash time in
 // one run, target d + 0.1). Layouts of whole 64 x 64 blocks track d through flash: random 0.056 /
@@ -76,8 +76,8 @@
 #include <vector>
 
 #include "mnemo/attention/common.hpp"
-#include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/mods.hpp"
+#include "mnemo/attention/tiles.hpp"
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/gemm.hpp"
@@ -152,71 +152,30 @@ tile unit_block(std::int64_t block, bool causal, std::int64_t q0, std::int64_t q
   return acc.result();
 }
 
-// ---- Bulk tile masking (mask_tile). Tiles are key-major, as flash computes them (S^T = K Q^T):
-// s[j * ld + i] holds key k0 + j against the query at qp0 + i. mask_tile writes -inf exactly where
-// visible(qp0 + i, k0 + j) is false and touches nothing else, in runs along i: per key row the
-// visible queries form one interval (window, causal, a layout block) or a short list of them, so
-// a row costs a few fills instead of qn visible() calls.
-
-inline constexpr float masked = -std::numeric_limits<float>::infinity();
-
-// row[i] = -inf for i in [a, b) (nothing when a >= b).
-inline void fill_masked(float* row, std::int64_t a, std::int64_t b) {
-  for (std::int64_t i = a; i < b; ++i) row[i] = masked;
-}
-
-// The rectangle of queries [i0, i1) x keys [j0, j1) of a key-major tile.
-inline void fill_masked_rect(float* s, std::int64_t ld, std::int64_t i0, std::int64_t i1, std::int64_t j0,
-                             std::int64_t j1) {
-  for (std::int64_t j = j0; j < j1; ++j) fill_masked(s + j * ld, i0, i1);
-}
+// ---- Bulk tile masking (mask_tile, mods.hpp). Tiles are key-major, as flash computes them
+// (S^T = K Q^T): s[j * ld + i] holds key k0 + j against the query at qp0 + i. mask_tile writes
+// -inf exactly where visible(h, qp0 + i, k0 + j) is false and touches nothing else, in runs along
+// i: per key row the visible queries form one interval (window, causal, a layout block) or a short
+// list of them, so a row costs a few fills (mods::fill_masked) instead of qn visible() calls.
 
 // The length of patterns defined on every position >= 0 (strided, fixed); rows_in computes
 // length - qp0, which must not overflow.
 inline constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 2;
 
-inline std::int64_t clamp_to(std::int64_t x, std::int64_t lo, std::int64_t hi) { return std::min(std::max(x, lo), hi); }
 
 // The rows of a tile whose query position lies in [0, length): [lo, hi) of [0, qn).
 struct row_range {
   std::int64_t lo, hi;
 };
 inline row_range rows_in(std::int64_t qp0, std::int64_t qn, std::int64_t length) {
-  const std::int64_t lo = clamp_to(-qp0, 0, qn);
-  return {lo, clamp_to(length - qp0, lo, qn)};
+  const std::int64_t lo = mods::clamp_to(-qp0, 0, qn);
+  return {lo, mods::clamp_to(length - qp0, lo, qn)};
 }
 
 // Masks the rows outside [r.lo, r.hi) over all kn keys.
 inline void mask_outside_rows(float* s, std::int64_t ld, std::int64_t qn, std::int64_t kn, row_range r) {
-  fill_masked_rect(s, ld, 0, r.lo, 0, kn);
-  fill_masked_rect(s, ld, r.hi, qn, 0, kn);
-}
-
-// Any mask mod over a tile: its own mask_tile, the arithmetic runs of the causal and sliding-window
-// masks of mods.hpp, nothing for mods::none, else visible() per element.
-template <class M>
-void mask_tile_of(const M& m, float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
-                  std::int64_t kn) {
-  if constexpr (attention::has_mask_tile<M>) {  // the contract flash.hpp detects
-    m.mask_tile(s, ld, qp0, qn, k0, kn);
-  } else if constexpr (std::is_same_v<M, mods::none>) {
-    return;
-  } else if constexpr (std::is_same_v<M, mods::causal>) {  // visible iff qp >= kp
-    for (std::int64_t j = 0; j < kn; ++j) fill_masked(s + j * ld, 0, clamp_to(k0 + j - qp0, 0, qn));
-  } else if constexpr (std::is_same_v<M, mods::sliding_window>) {  // kp <= qp < kp + size
-    for (std::int64_t j = 0; j < kn; ++j) {
-      float* row = s + j * ld;
-      // off + size only when it cannot overflow: a window reaching past the tile is no limit
-      const std::int64_t off = k0 + j - qp0, a = clamp_to(off, 0, qn);
-      const std::int64_t b = m.size >= qn - off ? qn : clamp_to(off + m.size, a, qn);
-      fill_masked(row, 0, a);
-      fill_masked(row, b, qn);
-    }
-  } else {
-    for (std::int64_t j = 0; j < kn; ++j)
-      for (std::int64_t i = 0; i < qn; ++i)
-        if (!mods::visible(m, qp0 + i, k0 + j)) s[j * ld + i] = masked;
-  }
+  mods::fill_masked_rect(s, ld, 0, r.lo, 0, kn);
+  mods::fill_masked_rect(s, ld, r.hi, qn, 0, kn);
 }
 
 // mask_tile of a pattern on units of `unit` positions (visible iff unit_visible(u(qp), u(kp)),
@@ -231,12 +190,12 @@ void unit_mask_tile(std::int64_t unit, bool causal, std::int64_t length, float* 
     const std::int64_t kp = k0 + j, J = unit_of(kp, unit);
     std::int64_t i = r.lo;
     if (causal) {
-      i = clamp_to(kp - qp0, r.lo, r.hi);
-      fill_masked(row, r.lo, i);
+      i = mods::clamp_to(kp - qp0, r.lo, r.hi);
+      mods::fill_masked(row, r.lo, i);
     }
     while (i < r.hi) {
       const std::int64_t I = unit_of(qp0 + i, unit), end = std::min(r.hi, (I + 1) * unit - qp0);
-      if (!unit_visible(I, J)) fill_masked(row, i, end);
+      if (!unit_visible(I, J)) mods::fill_masked(row, i, end);
       i = end;
     }
   }
@@ -373,11 +332,11 @@ struct block_sparse {
   const block_layout* layout = nullptr;
   Element element{};
 
-  bool visible(std::int64_t qp, std::int64_t kp) const {
+  bool visible(std::int64_t h, std::int64_t qp, std::int64_t kp) const {
     if (qp < 0 || qp >= layout->length()) return false;
     switch (layout->state(layout->q_block_of(qp), layout->k_block_of(kp))) {
       case block_state::full: return true;
-      case block_state::partial: return mods::visible(element, qp, kp);
+      case block_state::partial: return mods::visible(element, h, qp, kp);
       default: return false;
     }
   }
@@ -405,10 +364,11 @@ struct block_sparse {
     return acc.result();
   }
 
-  // -inf over a key-major tile where visible() is false (flash_detail::apply_mask): one rectangle
+  // -inf over a key-major tile where visible() is false (mods.hpp's mask_tile): one rectangle
   // per layout block the tile overlaps — nothing for a full block, a fill for an empty one, the
   // element's own mask for a partial one. A 64 x 64 tile over 16 x 16 blocks is 16 rectangles.
-  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+  void mask_tile(float* s, std::int64_t ld, std::int64_t h, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
+                 std::int64_t kn) const {
     const detail::row_range r = detail::rows_in(qp0, qn, layout->length());
     detail::mask_outside_rows(s, ld, qn, kn, r);
     const std::int64_t bq = layout->block_q(), bk = layout->block_k();
@@ -421,9 +381,9 @@ struct block_sparse {
         switch (layout->state(qb, kb)) {
           case block_state::full: break;
           case block_state::partial:
-            detail::mask_tile_of(element, s + j0 * ld + i0, ld, qp0 + i0, i1 - i0, k0 + j0, j1 - j0);
+            mods::mask_tile(element, s + j0 * ld + i0, ld, h, qp0 + i0, i1 - i0, k0 + j0, j1 - j0);
             break;
-          default: detail::fill_masked_rect(s, ld, i0, i1, j0, j1);
+          default: mods::fill_masked_rect(s, ld, i0, i1, j0, j1);
         }
       }
     }
@@ -478,12 +438,12 @@ struct layout_plan {
   const block_sparse<Element>& mod;
 
   const block_layout& lay = *mod.layout;
-  std::int64_t G = d.group(), dvp = flash_detail::round_up(d.Dv, w);
-  std::int64_t tile_rows = std::min(lay.block_q(), max_rows), tq = flash_detail::round_up(tile_rows, w);
+  std::int64_t G = d.group(), dvp = tiles::round_up(d.Dv, w);
+  std::int64_t tile_rows = std::min(lay.block_q(), max_rows), tq = tiles::round_up(tile_rows, w);
   std::int64_t subtiles = (lay.block_q() + tile_rows - 1) / tile_rows;
   static constexpr bool k_direct = std::is_same_v<KV, float>;  // K rows are the GEMM's A operand: any stride
   bool v_direct = std::is_same_v<KV, float> && d.Dv % w == 0;    // V rows feed whole vectors of B
-  flash_detail::workspace_layout ws{};
+  tiles::workspace_layout ws{};
   std::int64_t at_qt = ws.take(G * d.D * tq), at_o = ws.take(G * tq * dvp), at_m = ws.take(G * tq),
                at_l = ws.take(G * tq), at_s = ws.take(chunk_keys * tq), at_alpha = ws.take(tq),
                at_k = k_direct ? 0 : ws.take(chunk_keys * d.D), at_v = v_direct ? 0 : ws.take(chunk_keys * dvp);
@@ -501,12 +461,12 @@ struct layout_plan {
     const std::int64_t qp_hi = std::min({qp_lo + tile_rows, (qb + 1) * lay.block_q(), d.Lk});
     const std::int64_t i0 = std::max<std::int64_t>(qp_lo - d.offset(), 0), i1 = qp_hi - d.offset();
     if (i0 >= i1) return;
-    const std::int64_t qn = i1 - i0, nq = flash_detail::round_up(qn, w), qp0 = i0 + d.offset();
+    const std::int64_t qn = i1 - i0, nq = tiles::round_up(qn, w), qp0 = i0 + d.offset();
     float* s = work + at_s;
     float* alpha = work + at_alpha;
     for (std::int64_t g = 0; g < G; ++g) {
       const std::int64_t h = hk * G + g;
-      flash_detail::pack_transposed(q.ptr(b, h, i0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt + g * d.D * tq,
+      tiles::pack_transposed(q.ptr(b, h, i0), q.stride(2), qn, nq, d.D, d.scale, work + at_qt + g * d.D * tq,
                                     tq);
       std::fill_n(work + at_o + g * tq * dvp, qn * dvp, 0.0f);
       std::fill_n(work + at_m + g * tq, nq, neg_inf);
@@ -546,11 +506,12 @@ struct layout_plan {
       for (std::int64_t p = 0; p < n_pieces; ++p) {
         const key_piece& pc = pieces[p];
         for (std::int64_t j = 0; j < pc.kn; ++j) {
-          if (!k_direct) flash_detail::to_f32<Arch>(k.ptr(b, hk, pc.k0 + j), work + at_k + (pc.row + j) * d.D, d.D);
-          if (!v_direct) flash_detail::to_f32<Arch>(v.ptr(b, hk, pc.k0 + j), work + at_v + (pc.row + j) * dvp, d.Dv);
+          if (!k_direct) tiles::to_f32<Arch>(k.ptr(b, hk, pc.k0 + j), work + at_k + (pc.row + j) * d.D, d.D);
+          if (!v_direct) tiles::to_f32<Arch>(v.ptr(b, hk, pc.k0 + j), work + at_v + (pc.row + j) * dvp, d.Dv);
         }
       }
       for (std::int64_t g = 0; g < G; ++g) {
+        const std::int64_t h = hk * G + g;
         const float* qt = work + at_qt + g * d.D * tq;
         float* o = work + at_o + g * tq * dvp;
         for (std::int64_t p = 0; p < n_pieces; ++p) {
@@ -562,7 +523,7 @@ struct layout_plan {
           else
             simd::gemm<simd::a_order::row_major, Arch>(pc.kn, nq, d.D, kp, ldk, qt, tq, s + pc.row * tq, tq,
                                                        simd::c_mode::overwrite);
-          if (pc.partial) mask_tile_of(mod.element, s + pc.row * tq, tq, qp0, qn, pc.k0, pc.kn);
+          if (pc.partial) mods::mask_tile(mod.element, s + pc.row * tq, tq, h, qp0, qn, pc.k0, pc.kn);
         }
         simd::online_softmax_columns<Arch>(s, tq, rows, nq, work + at_m + g * tq, work + at_l + g * tq, alpha);
         for (std::int64_t p = 0; p < n_pieces; ++p) {
@@ -623,7 +584,7 @@ void attention(view<const float, 4> q,   // [B, Hq, Lq, D]
         if (!lse.empty()) lse(b, h, i) = neg_inf;
       }
   const detail::layout_plan<KV, Element, Arch> plan{d, q, k, v, out, lse, mod};
-  flash_detail::run_items(plan.items(), plan.ws.total, opt.threads,
+  tiles::run_items(plan.items(), plan.ws.total, opt.threads,
                           [&](std::int64_t item, float* work) { plan.run(item, work); });
 }
 
@@ -647,7 +608,7 @@ struct strided {
     const std::int64_t d = I - J;
     return d < stride || detail::mod_of(d, stride) == 0;
   }
-  bool visible(std::int64_t qp, std::int64_t kp) const {
+  bool visible(std::int64_t, std::int64_t qp, std::int64_t kp) const {
     return kp <= qp && unit_visible(detail::unit_of(qp, unit), detail::unit_of(kp, unit));
   }
   tile block(std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1) const {
@@ -655,7 +616,8 @@ struct strided {
       return unit_visible(I, J);
     });
   }
-  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+  void mask_tile(float* s, std::int64_t ld, std::int64_t, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
+                 std::int64_t kn) const {
     detail::unit_mask_tile(unit, true, detail::unbounded, s, ld, qp0, qn, k0, kn,
                            [this](std::int64_t I, std::int64_t J) { return unit_visible(I, J); });
   }
@@ -675,7 +637,7 @@ struct fixed {
   bool unit_visible(std::int64_t I, std::int64_t J) const {
     return I / stride == J / stride || J % stride >= stride - summary;
   }
-  bool visible(std::int64_t qp, std::int64_t kp) const {
+  bool visible(std::int64_t, std::int64_t qp, std::int64_t kp) const {
     return kp <= qp && unit_visible(detail::unit_of(qp, unit), detail::unit_of(kp, unit));
   }
   tile block(std::int64_t q0, std::int64_t q1, std::int64_t k0, std::int64_t k1) const {
@@ -683,7 +645,8 @@ struct fixed {
       return unit_visible(I, J);
     });
   }
-  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+  void mask_tile(float* s, std::int64_t ld, std::int64_t, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
+                 std::int64_t kn) const {
     detail::unit_mask_tile(unit, true, detail::unbounded, s, ld, qp0, qn, k0, kn,
                            [this](std::int64_t I, std::int64_t J) { return unit_visible(I, J); });
   }
@@ -712,7 +675,7 @@ struct longformer {
   std::int64_t diff_lo() const { return causal ? 0 : -(window / 2); }
   std::int64_t diff_hi() const { return causal ? window - 1 : window / 2; }
 
-  bool visible(std::int64_t qp, std::int64_t kp) const {
+  bool visible(std::int64_t, std::int64_t qp, std::int64_t kp) const {
     if (qp < 0 || qp >= length || (causal && kp > qp)) return false;
     const std::int64_t d = qp - kp;
     return (d >= diff_lo() && d <= diff_hi()) || global(qp) || global(kp);
@@ -733,7 +696,8 @@ struct longformer {
   // Per key row kp: rows above the diagonal (causal) masked; a global key is seen by the rest; else
   // the band i in [kp + diff_lo, kp + diff_hi] - qp0 stays and the two runs beside it are masked
   // except at global queries (the tile's few global rows, found once per tile).
-  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+  void mask_tile(float* s, std::int64_t ld, std::int64_t, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
+                 std::int64_t kn) const {
     const detail::row_range r = detail::rows_in(qp0, qn, length);
     detail::mask_outside_rows(s, ld, qn, kn, r);
     const auto g0 = std::lower_bound(global_positions.begin(), global_positions.end(), qp0 + r.lo);
@@ -744,19 +708,19 @@ struct longformer {
         const std::int64_t gi = *g - qp0;
         if (gi < a) continue;
         if (gi >= b) break;
-        detail::fill_masked(row, a, gi);
+        mods::fill_masked(row, a, gi);
         a = gi + 1;
       }
-      detail::fill_masked(row, a, b);
+      mods::fill_masked(row, a, b);
     };
     for (std::int64_t j = 0; j < kn; ++j) {
       float* row = s + j * ld;
       const std::int64_t kp = k0 + j;
-      const std::int64_t c = causal ? detail::clamp_to(kp - qp0, r.lo, r.hi) : r.lo;
-      detail::fill_masked(row, r.lo, c);
+      const std::int64_t c = causal ? mods::clamp_to(kp - qp0, r.lo, r.hi) : r.lo;
+      mods::fill_masked(row, r.lo, c);
       if (global(kp)) continue;
-      const std::int64_t b0 = detail::clamp_to(kp + diff_lo() - qp0, c, r.hi);
-      const std::int64_t b1 = detail::clamp_to(kp + diff_hi() + 1 - qp0, b0, r.hi);
+      const std::int64_t b0 = mods::clamp_to(kp + diff_lo() - qp0, c, r.hi);
+      const std::int64_t b1 = mods::clamp_to(kp + diff_hi() + 1 - qp0, b0, r.hi);
       fill_non_global(row, c, b0);
       fill_non_global(row, b1, r.hi);
     }
@@ -803,7 +767,7 @@ struct bigbird {
     const auto e = random_cols.begin() + random_ptr[static_cast<std::size_t>(I) + 1];
     return std::binary_search(b, e, J);
   }
-  bool visible(std::int64_t qp, std::int64_t kp) const {
+  bool visible(std::int64_t, std::int64_t qp, std::int64_t kp) const {
     if (qp < 0 || qp >= length || (causal && kp > qp)) return false;
     return unit_visible(detail::unit_of(qp, unit), detail::unit_of(kp, unit));
   }
@@ -814,7 +778,8 @@ struct bigbird {
                                       [this](std::int64_t I, std::int64_t J) { return unit_visible(I, J); });
     return c.clipped && t == tile::full ? tile::partial : t;
   }
-  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+  void mask_tile(float* s, std::int64_t ld, std::int64_t, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
+                 std::int64_t kn) const {
     detail::unit_mask_tile(unit, causal, length, s, ld, qp0, qn, k0, kn,
                            [this](std::int64_t I, std::int64_t J) { return unit_visible(I, J); });
   }
@@ -863,7 +828,7 @@ struct dilated_window {
   std::int64_t window = 1;
   std::int64_t dilation = 1;
 
-  bool visible(std::int64_t qp, std::int64_t kp) const {
+  bool visible(std::int64_t, std::int64_t qp, std::int64_t kp) const {
     const std::int64_t d = qp - kp;
     return d >= 0 && d <= (window - 1) * dilation && detail::mod_of(d, dilation) == 0;
   }
@@ -878,18 +843,19 @@ struct dilated_window {
   }
   // Per key row kp the visible queries are qp = kp + t * dilation, t < window: outside
   // [kp, kp + span] - qp0 everything is masked, inside the dilation - 1 rows between two visible ones.
-  void mask_tile(float* s, std::int64_t ld, std::int64_t qp0, std::int64_t qn, std::int64_t k0, std::int64_t kn) const {
+  void mask_tile(float* s, std::int64_t ld, std::int64_t, std::int64_t qp0, std::int64_t qn, std::int64_t k0,
+                 std::int64_t kn) const {
     const std::int64_t span = (window - 1) * dilation;
     for (std::int64_t j = 0; j < kn; ++j) {
       float* row = s + j * ld;
       const std::int64_t a = k0 + j - qp0;  // row of qp = kp
-      const std::int64_t first = detail::clamp_to(a, 0, qn), last = detail::clamp_to(a + span + 1, first, qn);
-      detail::fill_masked(row, 0, first);
-      detail::fill_masked(row, last, qn);
+      const std::int64_t first = mods::clamp_to(a, 0, qn), last = mods::clamp_to(a + span + 1, first, qn);
+      mods::fill_masked(row, 0, first);
+      mods::fill_masked(row, last, qn);
       if (dilation == 1) continue;
       std::int64_t i = a + (first - a + dilation - 1) / dilation * dilation;  // first visible row >= first
-      detail::fill_masked(row, first, std::min(i, last));
-      for (; i < last; i += dilation) detail::fill_masked(row, i + 1, std::min(i + dilation, last));
+      mods::fill_masked(row, first, std::min(i, last));
+      for (; i < last; i += dilation) mods::fill_masked(row, i + 1, std::min(i + dilation, last));
     }
   }
   void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t) const {
@@ -901,14 +867,14 @@ struct dilated_window {
 // ---------------------------------------------------------------------------------------------
 // Explicit element masks.
 
-// mask(qp, kp) = 1 where `m` makes key kp visible to the query at position qp, for qp, kp in
-// [0, length): the pattern as a dense [length, length] byte matrix.
+// mask(qp, kp) = 1 where `m` makes key kp visible to the query at position qp of head h, for
+// qp, kp in [0, length): the pattern as a dense [length, length] byte matrix.
 template <class Mask>
-tensor<std::uint8_t, 2> element_mask(const Mask& m, std::int64_t length) {
+tensor<std::uint8_t, 2> element_mask(const Mask& m, std::int64_t length, std::int64_t h = 0) {
   mnemo::detail::require(length >= 1, "sparse::element_mask: length must be >= 1, got ", length);
   tensor<std::uint8_t, 2> out({length, length});
   for (std::int64_t qp = 0; qp < length; ++qp)
-    for (std::int64_t kp = 0; kp < length; ++kp) out(qp, kp) = mods::visible(m, qp, kp) ? 1 : 0;
+    for (std::int64_t kp = 0; kp < length; ++kp) out(qp, kp) = mods::visible(m, h, qp, kp) ? 1 : 0;
   return out;
 }
 
@@ -917,7 +883,7 @@ tensor<std::uint8_t, 2> element_mask(const Mask& m, std::int64_t length) {
 struct dense_mask {
   view<const std::uint8_t, 2> mask;  // [Lk, Lk]
 
-  bool visible(std::int64_t qp, std::int64_t kp) const { return qp >= 0 && mask(qp, kp) != 0; }
+  bool visible(std::int64_t, std::int64_t qp, std::int64_t kp) const { return qp >= 0 && mask(qp, kp) != 0; }
   void validate(const char* fn, std::int64_t, std::int64_t, std::int64_t Lk) const {
     mnemo::detail::require(!mask.empty() && mask.extent(0) == Lk && mask.extent(1) == Lk, fn,
                            ": dense_mask.mask must have shape [Lk, Lk] = [", Lk, ", ", Lk, "], got [", mask.extent(0),

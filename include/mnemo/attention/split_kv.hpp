@@ -463,7 +463,7 @@ void softmax_rows(const plan& pl, const Source& src, const key_block& kb, tile c
       for (std::int64_t j = 0; j < n; ++j) sr[j] = mods::score(mod, sr[j], h, qp, pos(j));
     if (cls == tile::partial)
       for (std::int64_t j = 0; j < n; ++j)
-        if (!mods::visible(mod, qp, pos(j))) sr[j] = minus_inf;
+        if (!mods::visible(mod, h, qp, pos(j))) sr[j] = minus_inf;
     float m = simd::reduce_max<Arch>(sr, kb.n);
     // NaN scores (NaN in q, k or a score mod) must make the row NaN, never fully masked. x86 max
     // drops NaN, so m alone cannot tell; but a finite m puts every NaN score into the sum of exps

@@ -163,7 +163,7 @@ void reference_topk_attention(view<const float, 4> q,   // [B, Hq, Lq, D]
             double dot = 0;
             for (std::int64_t c = 0; c < d.D; ++c)
               dot += static_cast<double>(q(b, h, i, c)) * static_cast<double>(to_float(k(b, hk, j, c)));
-            s[static_cast<std::size_t>(j)] = mods::visible(mod, qp, j) ? static_cast<double>(d.scale) * dot
+            s[static_cast<std::size_t>(j)] = mods::visible(mod, h, qp, j) ? static_cast<double>(d.scale) * dot
                                                                       : -std::numeric_limits<double>::infinity();
           }
           topk_detail::finish_row_double(topk_detail::select_double(s, top_k), s, v, b, hk, out.ptr(b, h, i), d.Dv,
@@ -327,7 +327,7 @@ void reference_loki_attention(view<const float, 4> q,      // [B, Hq, Lq, D]
               all += qr[static_cast<std::size_t>(c)] * static_cast<double>(k_rot(b, hk, j, c));
               if (c < rank) lo += qr[static_cast<std::size_t>(c)] * static_cast<double>(k_low(b, hk, j, c));
             }
-            const bool vis = mods::visible(mod, qp, j);
+            const bool vis = mods::visible(mod, h, qp, j);
             approx[static_cast<std::size_t>(j)] = vis ? lo : -std::numeric_limits<double>::infinity();
             exact[static_cast<std::size_t>(j)] = all;
           }
