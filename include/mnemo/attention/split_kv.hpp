@@ -115,10 +115,13 @@ inline std::int64_t round_up(std::int64_t n, std::int64_t m) { return (n + m - 1
 
 // Calls f(std::integral_constant<int, I>{}) for I = 0 .. N-1, unrolled at compile time, so that
 // small arrays of batches indexed by I stay in registers.
+template <class F, int... I>
+[[gnu::always_inline]] inline void unroll_each(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
 template <int N, class F>
-inline void unroll(F&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) { (f(std::integral_constant<int, I>{}), ...); }(
-      std::make_integer_sequence<int, N>{});
+[[gnu::always_inline]] inline void unroll(F&& f) {
+  unroll_each(f, std::make_integer_sequence<int, N>{});
 }
 
 // Floats per batch on the path that runs (1 when the scalar path runs).
@@ -238,6 +241,7 @@ inline void prefetch(const void* p, std::int64_t n) {
 template <class Arch, class T>
 struct element_rows {
   using elem = T;
+  static constexpr bool has_pairs = false;  // no pair order: pair_end() is 0, load_pair never runs
   const T* base;
   std::int64_t stride;
   std::int64_t len;
@@ -257,29 +261,23 @@ struct element_rows {
   }
 };
 
-// One row tile's FMAs of a D slice: acc[r * KB + kk] += q[r * qstride] * kb[kk] (q at the slice).
-template <class Arch, int RT, int KB>
-inline void fma_tile(const simd::fbatch<Arch> (&kb)[KB], const float* q, std::int64_t qstride, simd::fbatch<Arch>* acc) {
-  using batch = simd::fbatch<Arch>;
-  unroll<RT>([&](auto r) {
-    const batch qb = batch::load_aligned(q + r * qstride);
-    unroll<KB>([&](auto kk) { acc[r * KB + kk] = simd::detail::fmadd(qb, kb[kk], acc[r * KB + kk]); });
-  });
-}
-
-// The score pass: s[r * lds + j] = qs_r . key_j (+ bias[r] when bias is not null) for rows
+// The score pass: s[r * lds + j] = qs_r . key_j (+ bias[r], unless bias is nullptr) for rows
 // [0, Rpad) (R real ones: the scalar path computes only those) and keys j in [0, n) of `keys`
 // (element_rows, or code rows in kvcache/decode.hpp: channels [0, pair_end()) are read two batches
 // at a time in the loader's pair order, which qs must follow there). qs rows are qstride floats
-// apart, 64-byte aligned and zero padded to whole batches.
-template <class Arch, int RowTile, class Rows>
+// apart, 64-byte aligned and zero padded to whole batches. Whether there is a bias is a
+// compile-time fact: with a run-time test in the store loop below, the f32 decode at the standard
+// shape (1 thread) took 1.35x as long (the loop of 16 stores per tile no longer vectorized).
+template <class Arch, int RowTile, class Rows, class Bias = std::nullptr_t>
 void score_pass(std::int64_t R, std::int64_t Rpad, const float* qs, std::int64_t qstride, std::int64_t D,
-                const Rows& keys, std::int64_t n, const float* bias, float* s, std::int64_t lds) {
+                const Rows& keys, std::int64_t n, Bias bias, float* s, std::int64_t lds) {
+  constexpr bool biased = !std::is_same_v<Bias, std::nullptr_t>;
   using elem = typename Rows::elem;
   if constexpr (!simd::vectorized<Arch>) {
     for (std::int64_t j = 0; j < n; ++j)
       for (std::int64_t r = 0; r < R; ++r)
-        s[r * lds + j] = keys.dot(qs + r * qstride, keys.row(j), D) + (bias ? bias[r] : 0.0f);
+        if constexpr (biased) s[r * lds + j] = keys.dot(qs + r * qstride, keys.row(j), D) + bias[r];
+        else s[r * lds + j] = keys.dot(qs + r * qstride, keys.row(j), D);
   } else {
     using batch = simd::fbatch<Arch>;
     using tile = score_tile<Arch, RowTile>;
@@ -297,23 +295,30 @@ void score_pass(std::int64_t R, std::int64_t Rpad, const float* qs, std::int64_t
         const float* q0 = qs + r0 * qstride;
         batch acc[W];
         for (auto& a : acc) a = batch(0.0f);
+        // One D slice of the tile: acc[r * KB + kk] += q_r . k_kk over [c, c + W).
+        auto step = [&](std::int64_t c, auto load_k) {
+          batch kb[KB];
+          unroll<KB>([&](auto kk) { kb[kk] = load_k(kr[kk]); });
+          unroll<RT>([&](auto r) {
+            const batch qb = batch::load_aligned(q0 + r * qstride + c);
+            unroll<KB>([&](auto kk) { acc[r * KB + kk] = simd::detail::fmadd(qb, kb[kk], acc[r * KB + kk]); });
+          });
+        };
         std::int64_t c = 0;
-        for (; c < P; c += 2 * W) {
-          batch k1[KB], k2[KB];
-          unroll<KB>([&](auto kk) { keys.load_pair(kr[kk], c, k1[kk], k2[kk]); });
-          fma_tile<Arch, RT, KB>(k1, q0 + c, qstride, acc);
-          fma_tile<Arch, RT, KB>(k2, q0 + c + W, qstride, acc);
+        if constexpr (Rows::has_pairs) {
+          for (; c < P; c += 2 * W) {  // two batches of channels per load, in the loader's pair order
+            batch k1[KB], k2[KB];
+            unroll<KB>([&](auto kk) { keys.load_pair(kr[kk], c, k1[kk], k2[kk]); });
+            unroll<RT>([&](auto r) {
+              const batch q1 = batch::load_aligned(q0 + r * qstride + c), q2 = batch::load_aligned(q0 + r * qstride + c + W);
+              unroll<KB>([&](auto kk) {
+                acc[r * KB + kk] = simd::detail::fmadd(q2, k2[kk], simd::detail::fmadd(q1, k1[kk], acc[r * KB + kk]));
+              });
+            });
+          }
         }
-        for (; c < Dfull; c += W) {
-          batch kb[KB];
-          unroll<KB>([&](auto kk) { kb[kk] = keys.load(kr[kk], c); });
-          fma_tile<Arch, RT, KB>(kb, q0 + c, qstride, acc);
-        }
-        if (c < D) {
-          batch kb[KB];
-          unroll<KB>([&](auto kk) { kb[kk] = keys.load_partial(kr[kk], c, D - c); });
-          fma_tile<Arch, RT, KB>(kb, q0 + c, qstride, acc);
-        }
+        for (; c < Dfull; c += W) step(c, [&](const elem* p) { return keys.load(p, c); });
+        if (c < D) step(c, [&](const elem* p) { return keys.load_partial(p, c, D - c); });
         // haddp takes the batches through a pointer: handing it a copy keeps `acc` itself in
         // registers through the D loop (with acc passed directly, GCC 12 kept every accumulator in
         // memory and a K-only decode ran 1.5x slower in cache).
@@ -323,8 +328,11 @@ void score_pass(std::int64_t R, std::int64_t Rpad, const float* qs, std::int64_t
         xsimd::haddp(rows).store_aligned(sums);
         for (std::int64_t l = 0; l < W; ++l) {
           const int a = source[l], r = a / KB, kk = a % KB;
-          if (a < tile::accumulators && kk < valid)
-            s[(r0 + r) * lds + j + kk] = bias ? sums[l] + bias[r0 + r] : sums[l];
+          if constexpr (biased) {
+            if (a < tile::accumulators && kk < valid) s[(r0 + r) * lds + j + kk] = sums[l] + bias[r0 + r];
+          } else {
+            if (a < tile::accumulators && kk < valid) s[(r0 + r) * lds + j + kk] = sums[l];
+          }
         }
       }
     }
@@ -337,15 +345,18 @@ void score_pass(std::int64_t R, std::int64_t Rpad, const float* qs, std::int64_t
 // group, so one broadcast of the coefficient serves all U batches of a row. Partial: U = 1 and
 // only `tail` lanes of v are read.
 template <class Arch, int RT, int U, bool Partial, bool Pair, bool OneGroup, class Rows>
-void value_tile_pass(const float* coef, std::int64_t NG, std::int64_t VG, std::int64_t lds, const Rows& v,
+[[gnu::flatten]] void value_tile_pass(const float* coef, std::int64_t NG, std::int64_t VG, std::int64_t lds, const Rows& v,
                      std::int64_t c, std::int64_t nk, float* acc, std::int64_t Dvpad, std::int64_t tail) {
   using batch = simd::fbatch<Arch>;
   constexpr std::int64_t W = simd::width<Arch>;
   static_assert(!Partial || U == 1, "value_tile_pass: only a single-batch tile may be partial");
   static_assert(!Pair || U % 2 == 0, "value_tile_pass: the pair order needs an even number of batches");
+  // The group of channel c; one group (plain attention) needs no division (AVX2 f32 decode: the two
+  // divisions per tile cost 8% at the standard shape).
+  auto group = [&](std::int64_t ch) { return NG == 1 ? 0 : ch / VG; };
   const float* cp[RT * U];
   unroll<RT>([&](auto r) {
-    unroll<U>([&](auto u) { cp[r * U + u] = coef + (r * NG + (OneGroup ? c : c + u * W) / VG) * lds; });
+    unroll<U>([&](auto u) { cp[r * U + u] = coef + (r * NG + group(OneGroup ? c : c + u * W)) * lds; });
   });
   batch a[RT * U];
   unroll<RT>([&](auto r) { unroll<U>([&](auto u) { a[r * U + u] = batch::load_aligned(acc + r * Dvpad + c + u * W); }); });
@@ -395,7 +406,7 @@ void value_pass(std::int64_t R, const float* coef, std::int64_t NG, std::int64_t
       float* ar = acc + r0 * Dvpad;
       std::int64_t c = 0;
       auto wide = [&]<bool Pair>(std::bool_constant<Pair>) {
-        if (c / VG == (c + U * W - 1) / VG) value_tile_pass<Arch, N, U, false, Pair, true>(cr, NG, VG, lds, vr, c, nk, ar, Dvpad, W);
+        if (NG == 1 || c / VG == (c + U * W - 1) / VG) value_tile_pass<Arch, N, U, false, Pair, true>(cr, NG, VG, lds, vr, c, nk, ar, Dvpad, W);
         else value_tile_pass<Arch, N, U, false, Pair, false>(cr, NG, VG, lds, vr, c, nk, ar, Dvpad, W);
       };
       for (; c < P; c += U * W) wide(std::true_type{});

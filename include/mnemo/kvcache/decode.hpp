@@ -210,6 +210,7 @@ constexpr std::int64_t pair_slot(std::int64_t i, std::int64_t W) {
 template <class Arch, int Bits>
 struct code_rows {
   using elem = std::uint8_t;
+  static constexpr bool has_pairs = true;
   const std::uint8_t* base;
   std::int64_t stride;
   std::int64_t len;

@@ -62,8 +62,8 @@ void finish(std::int64_t* cand, std::int64_t n, std::int64_t k, std::int64_t* ou
 }
 
 inline void check(std::int64_t n, std::int64_t k) {
-  mnemo::detail::require(n >= 0, "top_k_indices: n must be >= 0, got ", n);
-  mnemo::detail::require(k >= 0 && k <= n, "top_k_indices: k must be in [0, n] = [0, ", n, "], got ", k);
+  mnemo::detail::require(n >= 0, "simd::top_k_indices: n must be >= 0, got ", n);
+  mnemo::detail::require(k >= 0 && k <= n, "simd::top_k_indices: k must be in [0, n] = [0, ", n, "], got ", k);
 }
 
 }  // namespace select_detail
