@@ -9,7 +9,7 @@
 // sliding window of w keys).
 //
 // Registered paths: attention_sinks through "reference" and "flash" (options.sinks);
-// attention_paged through "reference" (attention::reference_paged).
+// attention_paged through "reference" (attention::reference_paged) and "paged" (attention::paged).
 #include <cstdint>
 #include <string>
 
@@ -78,7 +78,8 @@ golden::results attention_sinks(const golden::golden_case& c) {
   return r;
 }
 
-golden::results attention_paged_reference(const golden::golden_case& c) {
+template <bool Fast>
+golden::results attention_paged(const golden::golden_case& c) {
   const std::int64_t B = c.dim("B"), T = c.dim("T"), Hq = c.dim("Hq"), Hkv = c.dim("Hkv"), D = c.dim("D"),
                      Dv = c.dim("Dv"), P = c.dim("num_pages"), S = c.dim("page_size"), M = c.dim("max_pages");
   const auto q = c.input<float, 3>("q", {T, Hq, D});
@@ -97,7 +98,10 @@ golden::results attention_paged_reference(const golden::golden_case& c) {
   const attn::paged_kv<float> kv{k_pages.as_view(), v_pages.as_view(), block_table.as_view(), seq_lens.as_view()};
   tensor<float, 3> out({T, Hq, Dv});
   tensor<float, 2> lse({T, Hq});
-  with_mod(load_mod(c), [&](const auto& mod) { attn::reference_paged(q.as_view(), cu.as_view(), kv, out, lse, mod, opt); });
+  with_mod(load_mod(c), [&](const auto& mod) {
+    if constexpr (Fast) attn::paged(q.as_view(), cu.as_view(), kv, out, lse, mod, opt);
+    else attn::reference_paged(q.as_view(), cu.as_view(), kv, out, lse, mod, opt);
+  });
   golden::results r;
   r.add("out", out);
   r.add("lse", lse);
@@ -107,6 +111,7 @@ golden::results attention_paged_reference(const golden::golden_case& c) {
 [[maybe_unused]] const bool registered =
     golden::register_op("attention_sinks", "reference", attention_sinks<sinks_path::reference>) &&
     golden::register_op("attention_sinks", "flash", attention_sinks<sinks_path::flash>) &&
-    golden::register_op("attention_paged", "reference", attention_paged_reference);
+    golden::register_op("attention_paged", "reference", attention_paged<false>) &&
+    golden::register_op("attention_paged", "paged", attention_paged<true>);
 
 }  // namespace

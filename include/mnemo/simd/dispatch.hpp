@@ -19,6 +19,11 @@
 //
 // Cost: one switch per call; each dispatching kernel is compiled once per level in
 // dispatch_arches (three in a native AVX-512 build).
+//
+// MNEMO_DISPATCH_NATIVE_ONLY (defined for a whole target, never for one TU of it) compiles the
+// translation unit's own arch only: every call runs it, whatever the requested level. The test
+// suite builds the executables that do not compare ISA paths this way (a third less compile time
+// for a kernel-heavy test on AVX-512); a library user has no reason to.
 #pragma once
 
 #include <cstdint>
@@ -104,6 +109,10 @@ namespace detail {
 template <class... A>
 struct arch_list {};
 
+#if defined(MNEMO_DISPATCH_NATIVE_ONLY)
+template <class Best>
+using dispatch_list_for = arch_list<Best>;
+#else
 template <class Best>
 using dispatch_list_for = std::conditional_t<
     !enabled || std::is_same_v<Best, scalar_arch>, arch_list<scalar_arch>,
@@ -114,6 +123,7 @@ using dispatch_list_for = std::conditional_t<
         false, arch_list<Best, scalar_arch>,
 #endif
         arch_list<Best, scalar_arch>>>;
+#endif
 
 }  // namespace detail
 

@@ -78,10 +78,12 @@ inline float fmadd(float a, float b, float c) {
   }
 }
 
-template <class Arch>
-  requires is_batch_arch<Arch>
-inline xsimd::batch<float, Arch> fmadd(xsimd::batch<float, Arch> a, xsimd::batch<float, Arch> b,
-                                       xsimd::batch<float, Arch> c) {
+// The batch form deduces its batch type B, never takes Arch explicitly: fmadd<scalar_arch>(float...)
+// then never names batch<float, scalar_arch> (see exp below).
+template <class B>
+  requires is_batch_arch<typename B::arch_type> && std::is_same_v<typename B::value_type, float>
+inline B fmadd(B a, B b, B c) {
+  using Arch = typename B::arch_type;
 #if XSIMD_WITH_AVX512F
   if constexpr (is_avx512<Arch>) {
     return _mm512_fmadd_ps(a, b, c);  // xsimd 8.1 has no avx512f fma kernel (it would mul + add)
@@ -138,10 +140,29 @@ inline float exp(float x) {
   return p * s1 * s2;
 }
 
-// exp of every lane; see the header comment for the algorithm and its accuracy.
+// exp of every lane; see the header comment for the algorithm and its accuracy. Called as
+// exp(batch) or exp<Arch>(batch): the lane arch is always deduced from the argument, so that
+// exp<scalar_arch>(float) never names batch<float, scalar_arch> (clang 14 checks an argument's
+// conversion to a parameter type fixed by explicit template arguments before the constraints).
 template <class Arch>
   requires detail::is_batch_arch<Arch>
-inline xsimd::batch<float, Arch> exp(xsimd::batch<float, Arch> x) {
+inline xsimd::batch<float, Arch> exp_batch(xsimd::batch<float, Arch> x);
+
+template <class B>
+  requires detail::is_batch_arch<typename B::arch_type> && std::is_same_v<typename B::value_type, float>
+inline B exp(B x) {
+  return exp_batch<typename B::arch_type>(x);
+}
+
+template <class Arch, class A>
+  requires(detail::is_batch_arch<Arch> && std::is_same_v<A, Arch>)
+inline xsimd::batch<float, Arch> exp(xsimd::batch<float, A> x) {
+  return exp_batch<Arch>(x);
+}
+
+template <class Arch>
+  requires detail::is_batch_arch<Arch>
+inline xsimd::batch<float, Arch> exp_batch(xsimd::batch<float, Arch> x) {
   using batch = xsimd::batch<float, Arch>;
   using c = detail::exp_constants;
   if constexpr (!vectorized<Arch>) {
