@@ -237,7 +237,16 @@ Checked by `tests/reliability/extremes_test.cpp`:
 - A row with no visible key (masks, `-inf` score biases, an empty kNN memory) gives out = 0 and
   lse = -inf, never NaN. Gates of `-inf` (decay 0) and `0` (no decay) are exact.
 - Finite inputs of extreme size (logits near +-1e4, scales from 1e-30 to 1e6, denormals, f16
-  storage up to 65504) give the reference's answer. `inf` stored in V (an f16 overflow) reaches
+  storage up to 65504) give the reference's answer.
+- Finite inputs whose scores are finite give finite results on every attention path, even when
+  f32 arithmetic overflows on the way (tests/reliability/bad_input_test.cpp, defects 6 and 7):
+  flash computes a row whose f32 out or lse is not finite again in double (the reference's row),
+  and the split-KV engine (decode, kvcache::decode, paged) scores a chunk whose partial lse is NaN
+  again from q scaled by 2^-64 (then 2^-128). A score is accurate to f32 rounding of its products,
+  about 6e-8 * sum_c |q_c k_c|: q = 1e19 against k = +-3e19 (true score 0) gives an lse off by
+  about 1e31 while out stays exact. V up to FLT_MAX is fine (flash's unnormalised accumulator is
+  recomputed in double when it overflows). The chunk merge sums in double, so a decode over 2M
+  keys of constant v gives v to 1 ulp (defect 14). `inf` stored in V (an f16 overflow) reaches
   exactly the outputs that read it.
 - NaN in a data input (q, k, v, keys, queries) never crashes and propagates to the outputs that
   depend on it. NaN in a gate, beta, gamma, learning rate or scale is rejected (tables below).

@@ -187,6 +187,92 @@ TEST(Issue16, D05_HugeSlidingWindowIsCausal) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 6. Finite inputs whose scores are finite but whose f32 dot products overflow on the way.
+
+// Whether every element of t is finite.
+template <class T>
+bool all_finite(const T& t) {
+  return std::all_of(t.data(), t.data() + t.size(), [](float x) { return std::isfinite(x); });
+}
+
+TEST(Issue16, D06_OverflowingDotProductsGiveFiniteResults) {
+  // q = 1e19 everywhere, every key the same +-3e19 pattern: each product is 3e38 (finite), the
+  // true scores are all 0 (out = mean of v, lse = ln Lk), but an f32 partial sum of two like
+  // terms is inf (NaN after the cancelling half).
+  for (const std::int64_t D : {64, 128}) {
+    for (const bool halves : {true, false}) {
+      SCOPED_TRACE("D=" + std::to_string(D) + (halves ? " +halves" : " +-alternating"));
+      qkv in(1, 2, 1, 3, 37, D, 16, 30);
+      std::fill_n(in.q.data(), in.q.size(), 1e19f);
+      for (std::int64_t j = 0; j < 37; ++j)
+        for (std::int64_t c = 0; c < D; ++c) in.k(0, 0, j, c) = (halves ? c >= D / 2 : c % 2 == 1) ? -3e19f : 3e19f;
+      tensor<float, 4> want(in.out_shape());
+      tensor<float, 3> want_lse(in.lse_shape());
+      att::reference(cview(in.q), in.k, in.v, want.as_view(), want_lse.as_view());
+      EXPECT_NEAR(want_lse(0, 0, 0), std::log(37.0), 1e-6);
+      for (att::path p : all_paths) {
+        SCOPED_TRACE(static_cast<int>(p));
+        const std::int64_t Lq = p == att::path::decode ? 1 : 3;
+        const view<const float, 4> q = cview(in.q).narrow(2, 0, Lq);
+        tensor<float, 4> out({1, 2, Lq, 16});
+        tensor<float, 3> lse({1, 2, Lq});
+        att::attend(q, in.k, in.v, out.as_view(), lse.as_view(), att::mods::none{}, {}, p);
+        EXPECT_TRUE(all_finite(out));
+        EXPECT_TRUE(all_finite(lse));
+        // Every key has the same score (the same products in the same order), so out is exact;
+        // lse carries the f32 error of the score, eps * sum |q_c k_c| = 2e31 here.
+        expect_close(out, cview(want).narrow(2, 0, Lq), 1e-6, 1e-5, "out");
+      }
+    }
+  }
+  // Scores of 1e20 to 1e28, from products and partial sums that stay in range: one key wins.
+  for (const float mag : {1e10f, 1e12f, 1e14f}) {
+    SCOPED_TRACE(mag);
+    qkv in(1, 4, 2, 5, 50, 32, 8, 31);
+    for (float& x : std::span(in.q.data(), in.q.size())) x *= mag;
+    for (float& x : std::span(in.k.data(), in.k.size())) x *= mag;
+    tensor<float, 4> want(in.out_shape());
+    tensor<float, 3> want_lse(in.lse_shape());
+    att::reference(cview(in.q), in.k, in.v, want.as_view(), want_lse.as_view(), att::mods::causal{});
+    for (att::path p : all_paths) {
+      SCOPED_TRACE(static_cast<int>(p));
+      tensor<float, 4> out(in.out_shape());
+      tensor<float, 3> lse(in.lse_shape());
+      att::attend(cview(in.q), in.k, in.v, out.as_view(), lse.as_view(), att::mods::causal{}, {}, p);
+      expect_close(out, want, 1e-6, 1e-5, "out");
+      expect_close(lse, want_lse, 0, 1e-5, "lse");
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 7. Values near FLT_MAX: the unnormalised f32 accumulator of flash overflowed.
+
+TEST(Issue16, D07_ValuesNearFloatMaxStayFinite) {
+  for (const std::int64_t Lq : {1, 2, 70}) {
+    SCOPED_TRACE("Lq=" + std::to_string(Lq));
+    qkv in(1, 2, 2, Lq, 90, 8, 8, 32);
+    for (std::int64_t j = 0; j < 90; ++j)
+      for (std::int64_t c = 0; c < 8; ++c) in.v(0, 0, j, c) = (j + c) % 2 ? 3e38f : 2.9e38f;
+    for (std::int64_t j = 0; j < 90; ++j)
+      for (std::int64_t c = 0; c < 8; ++c) in.v(0, 1, j, c) = (j + c) % 2 ? -3.3e38f : 3.3e38f;
+    tensor<float, 4> want(in.out_shape());
+    tensor<float, 3> want_lse(in.lse_shape());
+    att::reference(cview(in.q), in.k, in.v, want.as_view(), want_lse.as_view(), att::mods::causal{});
+    ASSERT_TRUE(all_finite(want));
+    for (att::path p : all_paths) {
+      if (p == att::path::decode && Lq > 16) continue;
+      SCOPED_TRACE(static_cast<int>(p));
+      tensor<float, 4> out(in.out_shape());
+      tensor<float, 3> lse(in.lse_shape());
+      att::attend(cview(in.q), in.k, in.v, out.as_view(), lse.as_view(), att::mods::causal{}, {}, p);
+      expect_close(out, want, 0, 1e-5, "out");
+      expect_close(lse, want_lse, 1e-5, 1e-5, "lse");
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // 8. Aliasing: an output overlapping an input it is still reading is rejected; out may be q itself.
 
 TEST(Issue16, D08_AttentionOutOverlappingKOrVThrows) {
@@ -419,6 +505,29 @@ TEST(Issue16, D13_HugeThreadCountIsClamped) {
   att::flash(cview(in.q), in.k, in.v, a.as_view(), {}, att::mods::causal{}, {.threads = 1});
   att::flash(cview(in.q), in.k, in.v, b.as_view(), {}, att::mods::causal{}, {.threads = 20000});
   EXPECT_EQ(mnemo::test::max_abs_diff(a, b), 0.0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 14. Decode over 2M keys: the merge of 4000 chunk partials must not lose precision with their count.
+
+TEST(Issue16, D14_DecodeOverTwoMillionKeysMergesExactly) {
+  const std::int64_t Lk = 2'048'000, D = 4;
+  const tensor<float, 4> q = random_tensor<float, 4>({1, 2, 1, D}, 40);
+  const tensor<float, 4> k = random_tensor<float, 4>({1, 1, Lk, D}, 41);
+  tensor<float, 4> ones({1, 1, Lk, 2});
+  std::fill_n(ones.data(), ones.size(), 1.0f);
+  tensor<float, 4> out({1, 2, 1, 2});
+  tensor<float, 3> lse({1, 2, 1});
+  att::decode(cview(q), cview(k), cview(ones), out.as_view(), lse.as_view());
+  for (std::int64_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out.data()[i], 1.0f, 1e-6) << i;  // was 0.9999731
+  // Random values against the double-precision reference.
+  const tensor<float, 4> v = random_tensor<float, 4>({1, 1, Lk, 2}, 42);
+  tensor<float, 4> want({1, 2, 1, 2});
+  tensor<float, 3> want_lse({1, 2, 1});
+  att::reference(cview(q), cview(k), cview(v), want.as_view(), want_lse.as_view());
+  att::decode(cview(q), cview(k), cview(v), out.as_view(), lse.as_view());
+  expect_close(out, want, 1e-7, 1e-5, "out");
+  expect_close(lse, want_lse, 1e-6, 1e-6, "lse");
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "mnemo/attention/common.hpp"
 #include "mnemo/attention/mods.hpp"
@@ -93,6 +94,14 @@ struct forward_plan {
                at_k = std::is_same_v<KV, float> ? 0 : ws.take(bk * d.D), at_v = v_direct ? 0 : ws.take(bk * dvp);
 
   std::int64_t items() const { return d.B * d.Hkv * n_qt; }
+
+  // Row i of head h in double (the reference's row), for rows whose f32 result is not finite.
+  void exact_row(std::int64_t b, std::int64_t h, std::int64_t i, float sink) const {
+    std::vector<double> s(static_cast<std::size_t>(d.Lk)), acc(static_cast<std::size_t>(d.Dv));
+    std::vector<float> qi(q.ptr(b, h, i), q.ptr(b, h, i) + d.D);  // out may alias q
+    reference_detail::row(d, qi.data(), k, v, mod, sink, b, h, i, s.data(), acc.data(), out.ptr(b, h, i),
+                          lse.empty() ? nullptr : lse.ptr(b, h, i));
+  }
 
   // Item -> (b, kv head, query tile), the last query tile first.
   void run(std::int64_t item, float* work) const {
@@ -172,8 +181,17 @@ struct forward_plan {
           mi = top;
         }
         const float inv = rescale / li;
-        for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = o[i * dvp + c] * inv;
+        bool finite = std::isfinite(mi) && std::isfinite(li);
+        for (std::int64_t c = 0; c < d.Dv; ++c) {
+          oi[c] = o[i * dvp + c] * inv;
+          finite = finite && std::isfinite(oi[c]);
+        }
         if (!lse.empty()) lse(b, h, q0 + i) = mi + std::log(li);
+        // f32 overflow: a score's partial sums (|q| |k| near FLT_MAX, the score itself finite) or
+        // the accumulator (|v| near FLT_MAX times up to Lk weights of <= 1). The row is computed
+        // again in double (reference.hpp), which also gives NaN inputs their reference result.
+        // q row i is still intact when out aliases q: only row i's out is written so far.
+        if (!finite) exact_row(b, h, q0 + i, sink);
       }
     }
   }
@@ -257,6 +275,18 @@ void forward(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<co
   const column_sums_plan<KV, Mod, Arch> sums_plan{d, q, k, lse_used, mod, cs.sums, cs.first_row(d.Lq)};
   tiles::run_items(sums_plan.items(), sums_plan.ws.total, opt.threads,
             [&](std::int64_t item, float* work) { sums_plan.run(item, work); });
+  // A head whose sums overflowed in f32 (the forward's exact_row case) gets them in double: the
+  // reference's head, which writes the same out and lse again (out is not q here).
+  parallel_for(
+      d.B * d.Hq,
+      [&](std::int64_t bh) {
+        const std::int64_t b = bh / d.Hq, h = bh % d.Hq;
+        const float* sums = cs.sums.ptr(b, h, 0);
+        if (std::all_of(sums, sums + d.Lk, [](float x) { return std::isfinite(x); })) return;
+        std::vector<double> s(static_cast<std::size_t>(d.Lk));
+        reference_detail::heads(d, q, k, v, out, lse_used, mod, opt, b, h, s, cs);
+      },
+      opt.threads);
 }
 
 }  // namespace flash_detail

@@ -61,32 +61,31 @@ void merge_row(std::int64_t n, PartOut&& part_out, PartLse&& part_lse, float* w,
     if (lse) *lse = minus_inf;
     return;
   }
-  float sum = 0;
+  // The weights, their sum and the weighted outputs in double, divided once at the end: the
+  // rounding error does not grow with the number of parts (a decode over 2M keys merges 4000
+  // chunks; an f32 sum of their weights lost 2.7e-5), and parts of equal out give exactly it.
+  double sum = 0;
   for (std::int64_t p = 0; p < n; ++p) {
     const float l = part_lse(p);
     w[p] = l == minus_inf ? 0.0f : simd::exp<Arch>(l - m);
     sum += w[p];
   }
-  const float inv = 1.0f / sum;  // sum >= 1: the largest part has weight exp(0)
-  for (std::int64_t p = 0; p < n; ++p) w[p] *= inv;
-  std::int64_t c = 0;
-  if constexpr (simd::vectorized<Arch>) {
-    using batch = simd::fbatch<Arch>;
-    constexpr std::int64_t W = simd::width<Arch>;
-    for (; c + W <= Dv; c += W) {
-      batch acc(0.0f);
-      for (std::int64_t p = 0; p < n; ++p)
-        if (w[p] != 0) acc = simd::detail::fmadd(batch(w[p]), batch::load_unaligned(part_out(p) + c), acc);
-      acc.store_unaligned(out + c);
+  const double inv = 1.0 / sum;  // sum >= 1: the largest part has weight exp(0)
+  constexpr std::int64_t block = 64;
+  double acc[block];
+  for (std::int64_t c0 = 0; c0 < Dv; c0 += block) {
+    const std::int64_t nc = std::min(block, Dv - c0);
+    std::fill_n(acc, nc, 0.0);
+    for (std::int64_t p = 0; p < n; ++p) {
+      if (w[p] == 0) continue;
+      const double wp = w[p];
+      const float* o = part_out(p) + c0;
+      for (std::int64_t c = 0; c < nc; ++c) acc[c] += wp * static_cast<double>(o[c]);
     }
+    for (std::int64_t c = 0; c < nc; ++c) out[c0 + c] = static_cast<float>(acc[c] * inv);
   }
-  for (; c < Dv; ++c) {
-    float acc = 0;
-    for (std::int64_t p = 0; p < n; ++p)
-      if (w[p] != 0) acc = simd::detail::fmadd<Arch>(w[p], part_out(p)[c], acc);
-    out[c] = acc;
-  }
-  if (lse) *lse = m + std::log(sum);
+  for (std::int64_t p = 0; p < n; ++p) w[p] = static_cast<float>(w[p] * inv);
+  if (lse) *lse = m + static_cast<float>(std::log(sum));
 }
 
 // Exact merge of two partial results over disjoint key sets (see the header): out and lse may be

@@ -25,6 +25,7 @@
 // row at a time). Use it to check a surprising result: swap `flash` for `reference`.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -73,58 +74,74 @@ void check_column_sums(const char* fn, const dims& d, const column_sums& cs, con
 
 namespace reference_detail {
 
-// One (batch, query head): all Lq rows. `s` is a scratch row of Lk doubles.
+// One query row i of head h (b, h, i): scores, softmax and output in double, out/lse written
+// (lse may be null). `s` is a scratch row of Lk doubles, `acc` one of Dv; on return s holds the
+// row's scores (-inf where masked). Returns the row's shift m and normaliser sum (exp(s_j - m) /
+// sum is P_ij), with sum = 0 for a NaN or empty row. flash (flash.hpp) recomputes here a row whose
+// f32 result overflowed.
+struct row_result {
+  double m, sum;
+};
+
+template <class KV, class Mod>
+row_result row(const dims& d, const float* qi, view<const KV, 4> k, view<const KV, 4> v, const Mod& mod, float sink,
+               std::int64_t b, std::int64_t h, std::int64_t i, double* s, double* acc, float* oi, float* lse_i) {
+  constexpr double minus_inf = -std::numeric_limits<double>::infinity();
+  const std::int64_t hk = h / d.group(), qp = i + d.offset();
+  double m = minus_inf;
+  for (std::int64_t j = 0; j < d.Lk; ++j) {
+    if (!mods::visible(mod, h, qp, j)) {
+      s[j] = minus_inf;
+      continue;
+    }
+    const KV* kj = k.ptr(b, hk, j);
+    double dot = 0;
+    for (std::int64_t c = 0; c < d.D; ++c) dot += static_cast<double>(qi[c]) * static_cast<double>(to_float(kj[c]));
+    s[j] = mods::score(mod, static_cast<double>(d.scale) * dot, h, qp, j);
+    m = std::max(m, s[j]);
+    if (std::isnan(s[j])) m = s[j];  // std::max drops NaN; a NaN score makes the row NaN
+  }
+  if (std::isnan(m)) {  // NaN in q, k or a mod: propagate (never a clean-looking row)
+    for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = std::numeric_limits<float>::quiet_NaN();
+    if (lse_i) *lse_i = std::numeric_limits<float>::quiet_NaN();
+    return {m, 0.0};
+  }
+  if (m == minus_inf) {  // no visible key: out 0, lse = the sink (or -inf)
+    for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = 0.0f;
+    if (lse_i) *lse_i = sink;
+    return {m, 0.0};
+  }
+  m = std::max(m, static_cast<double>(sink));  // the sink joins the denominator (exp(-inf) = 0 without one)
+  double sum = std::exp(static_cast<double>(sink) - m);
+  std::fill(acc, acc + d.Dv, 0.0);
+  for (std::int64_t j = 0; j < d.Lk; ++j) {
+    if (s[j] == minus_inf) continue;
+    const double p = std::exp(s[j] - m);
+    sum += p;
+    const KV* vj = v.ptr(b, hk, j);
+    for (std::int64_t c = 0; c < d.Dv; ++c) acc[c] += p * static_cast<double>(to_float(vj[c]));
+  }
+  for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = static_cast<float>(acc[c] / sum);
+  if (lse_i) *lse_i = static_cast<float>(m + std::log(sum));
+  return {m, sum};
+}
+
+// One (batch, query head): all Lq rows, and the head's column sums when wanted. `s` is a scratch
+// row of Lk doubles.
 template <class KV, class Mod>
 void heads(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const KV, 4> v, view<float, 4> out,
            view<float, 3> lse, const Mod& mod, const options& opt, std::int64_t b, std::int64_t h,
            std::vector<double>& s, const column_sums& cs) {
-  const std::int64_t hk = h / d.group();
   const float sink = sink_of(opt, h);
   std::vector<double> acc(static_cast<std::size_t>(d.Dv));
   std::vector<double> colsum(cs.wanted() ? static_cast<std::size_t>(d.Lk) : 0);
   const std::int64_t first_summed = cs.first_row(d.Lq);
   for (std::int64_t i = 0; i < d.Lq; ++i) {
-    const std::int64_t qp = i + d.offset();
-    const float* qi = q.ptr(b, h, i);
-    double m = -std::numeric_limits<double>::infinity();
-    for (std::int64_t j = 0; j < d.Lk; ++j) {
-      if (!mods::visible(mod, h, qp, j)) {
-        s[j] = -std::numeric_limits<double>::infinity();
-        continue;
-      }
-      const KV* kj = k.ptr(b, hk, j);
-      double dot = 0;
-      for (std::int64_t c = 0; c < d.D; ++c) dot += static_cast<double>(qi[c]) * static_cast<double>(to_float(kj[c]));
-      s[j] = mods::score(mod, static_cast<double>(d.scale) * dot, h, qp, j);
-      m = std::max(m, s[j]);
-      if (std::isnan(s[j])) m = s[j];  // std::max drops NaN; a NaN score makes the row NaN
-    }
-    float* oi = out.ptr(b, h, i);
-    if (std::isnan(m)) {  // NaN in q, k or a mod: propagate (never a clean-looking row)
-      for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = std::numeric_limits<float>::quiet_NaN();
-      if (!lse.empty()) lse(b, h, i) = std::numeric_limits<float>::quiet_NaN();
-      continue;
-    }
-    if (m == -std::numeric_limits<double>::infinity()) {  // no visible key: out 0, lse = the sink (or -inf)
-      for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = 0.0f;
-      if (!lse.empty()) lse(b, h, i) = sink;
-      continue;
-    }
-    m = std::max(m, static_cast<double>(sink));  // the sink joins the denominator (exp(-inf) = 0 without one)
-    double sum = std::exp(static_cast<double>(sink) - m);
-    std::fill(acc.begin(), acc.end(), 0.0);
-    for (std::int64_t j = 0; j < d.Lk; ++j) {
-      if (s[j] == -std::numeric_limits<double>::infinity()) continue;
-      const double p = std::exp(s[j] - m);
-      sum += p;
-      const KV* vj = v.ptr(b, hk, j);
-      for (std::int64_t c = 0; c < d.Dv; ++c) acc[c] += p * static_cast<double>(to_float(vj[c]));
-    }
-    for (std::int64_t c = 0; c < d.Dv; ++c) oi[c] = static_cast<float>(acc[c] / sum);
-    if (!lse.empty()) lse(b, h, i) = static_cast<float>(m + std::log(sum));
-    if (cs.wanted() && i >= first_summed)
+    const row_result r = row(d, q.ptr(b, h, i), k, v, mod, sink, b, h, i, s.data(), acc.data(), out.ptr(b, h, i),
+                             lse.empty() ? nullptr : lse.ptr(b, h, i));
+    if (cs.wanted() && i >= first_summed && r.sum > 0)
       for (std::int64_t j = 0; j < d.Lk; ++j)
-        if (s[j] != -std::numeric_limits<double>::infinity()) colsum[j] += std::exp(s[j] - m) / sum;
+        if (s[j] != -std::numeric_limits<double>::infinity()) colsum[j] += std::exp(s[j] - r.m) / r.sum;
   }
   if (cs.wanted())
     for (std::int64_t j = 0; j < d.Lk; ++j) cs.sums(b, h, j) = static_cast<float>(colsum[j]);

@@ -497,6 +497,14 @@ void softmax_rows(const plan& pl, const Source& src, const key_block& kb, tile c
   }
 }
 
+// Whether any of the R partial lse values lse_at(r) is NaN.
+template <class LseAt>
+bool any_nan(std::int64_t R, LseAt&& lse_at) {
+  for (std::int64_t r = 0; r < R; ++r)
+    if (std::isnan(lse_at(r))) return true;
+  return false;
+}
+
 }  // namespace detail
 
 // The engine for one row tile (see the header): q [B, Hq, Lq, D] (only the rows of the call),
@@ -636,10 +644,26 @@ void run(const dims& d, const Source& src, view<const float, 4> q, view<float, 4
           float* lse_g = plse + b0 * pl.R;
           float* pout = po + it * pl.R * pl.Dvpad;
           const key_block kb{b, hk, x.part, x.j0, x.n, x.pos0};
+          auto lse_at = [&](std::int64_t r) -> float& { return lse_g[r * nh + local]; };
+          float* pp = pp_all ? pp_all + it * pl.R * decode_chunk : nullptr;
           src.template scores<Arch, RowTile>(pl, kb, qs, s, own);
-          detail::softmax_rows<Arch>(
-              pl, src, kb, x.cls, mod, s, [&](std::int64_t r) -> float& { return lse_g[r * nh + local]; },
-              pp_all ? pp_all + it * pl.R * decode_chunk : nullptr, first_summed);
+          detail::softmax_rows<Arch>(pl, src, kb, x.cls, mod, s, lse_at, pp, first_summed);
+          // A NaN partial lse is NaN in q, k or a mod, or an f32 overflow inside a dot product
+          // whose score is finite (|q| |k| near FLT_MAX with cancelling terms): the chunk's scores
+          // are computed again from q scaled by 2^-64, then 2^-128 (exact powers of two), and
+          // scaled back. A NaN input stays NaN; finite inputs with finite scores come out finite.
+          for (int e = 64; e <= 128 && detail::any_nan(pl.R, lse_at); e += 64) {
+            const float down = std::ldexp(1.0f, -e), up = std::ldexp(1.0f, e / 2);
+            for (std::int64_t r = 0; r < pl.R; ++r) {
+              const float* src_q = q.ptr(b, hk * G + r / d.Lq, r % d.Lq);
+              for (std::int64_t c = 0; c < d.D; ++c) qs[r * pl.Dpad + c] = d.scale * src_q[c] * down;
+            }
+            src.template scores<Arch, RowTile>(pl, kb, qs, s, own);
+            for (std::int64_t r = 0; r < pl.R; ++r)
+              for (std::int64_t j = 0; j < kb.n; ++j) s[r * decode_chunk + j] = s[r * decode_chunk + j] * up * up;
+            detail::softmax_rows<Arch>(pl, src, kb, x.cls, mod, s, lse_at, pp, first_summed);
+            loaded = -1;  // qs holds scaled queries now
+          }
           std::fill(pout, pout + pl.R * pl.Dvpad, 0.0f);
           src.template values<Arch>(pl, kb, s, pout, own);
           if (pending[x.g].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_group(x.g);
