@@ -316,12 +316,15 @@ TEST(DecodeSinks, MatchTheReferenceWithColumnSums) {
   }
 }
 
-// The fast path against the reference: decode, speculative verify, a prefill chunk longer than
-// decode_max_rows, a fresh prefill and an empty sequence in one batch; f32, f16 and bf16 pages;
-// causal, window + softcap, sinks; bit-identical for 1, 2 and 3 threads.
+// The fast path against the reference: decode steps, speculative verifies, a prefill chunk longer
+// than decode_max_rows, a fresh prefill, a sequence without queries and one without keys in one
+// batch, runs of consecutive sequences with as many queries (one engine call each, their
+// lengths from 2 to 700) among them; f32, f16 and bf16 pages; causal, window + softcap, sinks;
+// bit-identical for 1, 2 and 3 threads.
 template <class KV>
 void check_paged_fast_path(std::uint64_t seed) {
-  const batch x({1, 4, 23, 19, 0, 2}, {37, 300, 70, 19, 5, 700}, 8, 2, 40, 16, seed);
+  const batch x({1, 1, 4, 4, 23, 19, 0, 1, 1, 1, 2, 2}, {37, 600, 300, 4, 70, 19, 5, 700, 0, 17, 2, 33}, 8, 2, 40,
+                16, seed);
   tensor<KV, 4> kp({x.P, x.S, x.Hkv, x.D}), vp({x.P, x.S, x.Hkv, x.Dv});
   for (std::int64_t i = 0; i < kp.size(); ++i) kp.data()[i] = KV(x.k_pages.data()[i]);
   for (std::int64_t i = 0; i < vp.size(); ++i) vp.data()[i] = KV(x.v_pages.data()[i]);
@@ -333,17 +336,21 @@ void check_paged_fast_path(std::uint64_t seed) {
     if (variant == 2) opt.sinks = x.sinks.as_view();
     tensor<float, 3> out({x.T, x.Hq, x.Dv}), ref({x.T, x.Hq, x.Dv});
     tensor<float, 2> lse({x.T, x.Hq}), ref_lse({x.T, x.Hq});
+    const std::int64_t keys = std::accumulate(x.seq_lens.begin(), x.seq_lens.end(), std::int64_t{0});
+    tensor<float, 2> sums({x.Hq, keys}), ref_sums({x.Hq, keys});
     auto run = [&](auto&& f) {
       if (variant == 1) f(attn::mods::all_of(attn::mods::softcap{8.0f}, attn::mods::sliding_window{50}));
       else f(attn::mods::causal{});
     };
-    run([&](const auto& mod) { attn::reference_paged(cview(x.q), cview(x.cu), kv, ref, ref_lse, mod, opt); });
+    run([&](const auto& mod) { attn::reference_paged(cview(x.q), cview(x.cu), kv, ref, ref_lse, mod, opt, ref_sums); });
     std::vector<float> first;
     for (int threads : {1, 2, 3}) {
       opt.threads = threads;
-      run([&](const auto& mod) { attn::paged(cview(x.q), cview(x.cu), kv, out, lse, mod, opt); });
+      std::fill_n(sums.data(), sums.size(), -1.0f);  // every column is written
+      run([&](const auto& mod) { attn::paged(cview(x.q), cview(x.cu), kv, out, lse, mod, opt, sums); });
       expect_close(out.data(), ref.data(), out.size(), "out");
       expect_close(lse.data(), ref_lse.data(), lse.size(), "lse");
+      expect_close(sums.data(), ref_sums.data(), sums.size(), "column sums");
       if (first.empty()) first.assign(out.data(), out.data() + out.size());
       else
         for (std::int64_t i = 0; i < out.size(); ++i) ASSERT_EQ(out.data()[i], first[static_cast<std::size_t>(i)]) << i;

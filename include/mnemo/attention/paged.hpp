@@ -10,19 +10,24 @@
 //   block_table  [B, max_pages]  int64 page ids (entries past a sequence's pages are not read)
 //   seq_lens     [B]             int64 keys of each sequence (cached tokens and the new ones)
 //   out          [T, Hq, Dv],  lse [T, Hq] (optional)
+//   sums         [Hq, sum_b seq_lens[b]] (optional): column sums of the probabilities for the
+//                decode-time KV policies (H2O, TOVA trackers): sums[h, k0_b + j] = sum over the
+//                query rows i of sequence b of P[i, j], with k0_b = seq_lens[0] + .. + seq_lens[b-1]
+//                (keys packed in sequence order; a sequence without queries gets 0)
 // Any strides with a contiguous innermost dimension: kvcache::paged_cache's pool
 // ([num_pages, Hkv, page_size, D]) is passed as its permute({0, 2, 1, 3}).
 //
-// How it runs (attention::paged). Each sequence is one call of the split-KV engine
-// (split_kv.hpp) over a paged source, when it has at most decode_max_rows queries (decode steps,
-// speculative verification of a few draft tokens): the source walks the block table and hands the
-// engine's score and value passes runs of consecutive rows inside a page, so the tile loops read
-// the pages where they lie, in any storage type, with every mod, sinks and column sums. A
-// sequence with more queries (a chunk of a prefill) gathers its keys and values once into a
-// contiguous workspace and runs attention::flash on it: one extra pass over its K/V, beside the
-// Lq x Lk work of the prefill itself. Work items of a sequence span its kv heads and key chunks,
-// so both threads stay busy on any sequence longer than a chunk; results are bit-identical for
-// every thread count.
+// How it runs (attention::paged). Consecutive sequences with the same number of queries, at most
+// decode_max_rows (a batch of decode steps, or of speculative verifications of k draft tokens),
+// are one call of the split-KV engine (split_kv.hpp) over a paged source: the source walks each
+// sequence's block table and hands the engine's score and value passes runs of consecutive rows
+// inside a page, so the tile loops read the pages where they lie, in any storage type, with every
+// mod and sinks; each sequence's queries sit at its own last positions (the source's
+// query_offset). Work items span (sequence, kv head, key chunk), so a batch that mixes a 100-token
+// and a 100,000-token sequence keeps both threads busy. A sequence with more queries (a chunk of a
+// prefill) gathers its keys and values once into a contiguous workspace and runs attention::flash
+// on it: one extra pass over its K/V, beside the Lq x Lk work of the prefill itself. Results are
+// bit-identical for every thread count.
 //
 // Semantics: per sequence, attention::reference with Lq = q_len_b and Lk = seq_lens[b]: the queries
 // are the sequence's last q_len_b tokens, so causal masks are bottom-right per sequence (query row
@@ -31,6 +36,7 @@
 // no rows; one with seq_lens[b] = 0 gives out 0 and lse = sink (or -inf).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -68,7 +74,8 @@ namespace paged_detail {
 
 template <class KV>
 paged_dims check_args(const char* fn, view<const float, 3> q, view<const std::int64_t, 1> cu_seqlens_q,
-                      const paged_kv<KV>& kv, view<float, 3> out, view<float, 2> lse, const options& opt) {
+                      const paged_kv<KV>& kv, view<float, 3> out, view<float, 2> lse, const options& opt,
+                      view<float, 2> sums = {}) {
   static_assert(is_kv_type_v<KV>, "attention::paged: K/V elements must be float, mnemo::f16 or mnemo::bf16");
   using mnemo::detail::require;
   using mnemo::detail::require_shape;
@@ -106,6 +113,17 @@ paged_dims check_args(const char* fn, view<const float, 3> q, view<const std::in
     }
   }
   require(cu_seqlens_q(B) == T, fn, ": cu_seqlens_q[B] must be T = q.shape[0] = ", T, ", got ", cu_seqlens_q(B));
+  if (!sums.empty()) {
+    std::int64_t keys = 0;
+    for (std::int64_t b = 0; b < B; ++b) keys += kv.seq_lens(b);
+    require_shape(fn, "sums", sums, {Hq, keys}, " [Hq, sum of seq_lens]");
+    mnemo::detail::require_disjoint(fn, "sums", sums, "out", out);
+    mnemo::detail::require_disjoint(fn, "sums", sums, "lse", lse);
+    mnemo::detail::require_disjoint(fn, "sums", sums, "q", q);
+    mnemo::detail::require_disjoint(fn, "out", out, "q", q, "; with sums wanted out may not be q, not even in place");
+    mnemo::detail::require_disjoint(fn, "sums", sums, "k_pages", kv.k_pages);
+    mnemo::detail::require_disjoint(fn, "sums", sums, "v_pages", kv.v_pages);
+  }
   const float scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   return {B, T, Hq, Hkv, D, Dv, num_pages, page_size, max_pages, scale};
 }
@@ -121,12 +139,16 @@ void reference_paged(view<const float, 3> q,                   // [T, Hq, D]
                      const paged_kv<KV>& kv,
                      view<float, 3> out,       // [T, Hq, Dv]
                      view<float, 2> lse = {},  // [T, Hq] or empty
-                     const Mod& mod = {}, const options& opt = {}) {
+                     const Mod& mod = {}, const options& opt = {},
+                     view<float, 2> sums = {}) {  // [Hq, sum of seq_lens] or empty
   constexpr const char* fn = "attention::reference_paged";
-  const paged_dims d = paged_detail::check_args(fn, q, cu_seqlens_q, kv, out, lse, opt);
+  const paged_dims d = paged_detail::check_args(fn, q, cu_seqlens_q, kv, out, lse, opt, sums);
   options inner = opt;
   inner.scale = d.scale;
-  for (std::int64_t b = 0; b < d.B; ++b) {
+  if (!sums.empty())
+    for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(sums.ptr(h, 0), sums.extent(1), 0.0f);
+  std::int64_t k0 = 0;  // the sequence's first column of sums
+  for (std::int64_t b = 0; b < d.B; k0 += kv.seq_lens(b), ++b) {
     const std::int64_t q0 = cu_seqlens_q(b), Lq = cu_seqlens_q(b + 1) - q0, Lk = kv.seq_lens(b);
     const std::int64_t start = kv.seq_starts.empty() ? 0 : kv.seq_starts(b);
     if (Lq == 0) continue;
@@ -150,7 +172,10 @@ void reference_paged(view<const float, 3> q,                   // [T, Hq, D]
           lb(0, h, i) = sink_of(opt, h);
         }
     } else {
-      reference(qb, cview(k), cview(v), ob, lb.as_view(), mod, inner);
+      tensor<float, 3> cs({1, d.Hq, sums.empty() ? 0 : Lk});
+      reference(qb, cview(k), cview(v), ob, lb.as_view(), mod, inner, column_sums{cs.as_view(), 0});
+      if (!sums.empty())
+        for (std::int64_t h = 0; h < d.Hq; ++h) std::copy_n(cs.as_view().ptr(0, h, 0), Lk, sums.ptr(h, k0));
     }
     if (!lse.empty())
       for (std::int64_t h = 0; h < d.Hq; ++h)
@@ -160,26 +185,32 @@ void reference_paged(view<const float, 3> q,                   // [T, Hq, D]
 
 namespace paged_detail {
 
-// The keys and values of one sequence in the pool, read in runs of consecutive rows of a page.
+// The keys and values of the sequences [b0, b0 + B) of a batch in the pool, read in runs of
+// consecutive rows of a page. The engine's batch entry b is sequence b0 + b, whose Lq queries sit
+// at its last positions (query_offset).
 template <class KV>
 struct paged_source {
   static constexpr bool per_row_keys = false;
   static constexpr bool row_tiled = true;
 
-  view<const KV, 4> k_pages;   // [num_pages, page_size, Hkv, D]
-  view<const KV, 4> v_pages;   // [num_pages, page_size, Hkv, Dv]
-  const std::int64_t* table;   // the sequence's block table row
-  std::int64_t start, length;  // rows before key 0 in its first page; keys
+  view<const KV, 4> k_pages;  // [num_pages, page_size, Hkv, D]
+  view<const KV, 4> v_pages;  // [num_pages, page_size, Hkv, Dv]
+  const paged_kv<KV>* kv;     // block tables, lengths and starts
+  std::int64_t b0, Lq;        // first sequence; queries per sequence
 
-  split_kv::key_parts parts(std::int64_t, std::int64_t) const { return {1, {length}}; }
+  std::int64_t length(std::int64_t b) const { return kv->seq_lens(b0 + b); }
+  std::int64_t start(std::int64_t b) const { return kv->seq_starts.empty() ? 0 : kv->seq_starts(b0 + b); }
+  std::int64_t query_offset(std::int64_t b) const { return length(b) - Lq; }
+  split_kv::key_parts parts(std::int64_t b, std::int64_t) const { return {1, {length(b)}}; }
   std::int64_t scratch_floats(const split_kv::plan&) const { return 0; }
 
-  // f(j, page, row, run) for the runs of keys [j0, j0 + n) inside one page each.
+  // f(j, page, row, run) for the runs of keys [j0, j0 + n) of entry b inside one page each.
   template <class F>
-  void runs(std::int64_t j0, std::int64_t n, F&& f) const {
-    const std::int64_t S = k_pages.extent(1);
+  void runs(std::int64_t b, std::int64_t j0, std::int64_t n, F&& f) const {
+    const std::int64_t S = k_pages.extent(1), first = start(b);
+    const std::int64_t* table = kv->block_table.ptr(b0 + b);
     for (std::int64_t j = 0; j < n;) {
-      const std::int64_t slot = start + j0 + j, row = slot % S, run = std::min(S - row, n - j);
+      const std::int64_t slot = first + j0 + j, row = slot % S, run = std::min(S - row, n - j);
       f(j, table[slot / S], row, run);
       j += run;
     }
@@ -187,7 +218,7 @@ struct paged_source {
 
   template <class Arch, int RowTile>
   void scores(const split_kv::plan& pl, const split_kv::key_block& kb, const float* qs, float* s, float*) const {
-    runs(kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
+    runs(kb.b, kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
       const split_kv::element_rows<Arch, KV> rows{k_pages.ptr(page, row, kb.hk), k_pages.stride(1), pl.d.D};
       split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, qs, pl.Dpad, pl.d.D, rows, run, nullptr, s + j,
                                           decode_chunk);
@@ -195,49 +226,76 @@ struct paged_source {
   }
   template <class Arch>
   void values(const split_kv::plan& pl, const split_kv::key_block& kb, const float* p, float* acc, float*) const {
-    runs(kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
+    runs(kb.b, kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
       const split_kv::element_rows<Arch, KV> rows{v_pages.ptr(page, row, kb.hk), v_pages.stride(1), pl.d.Dv};
       split_kv::value_pass<Arch>(pl.R, p + j, 1, pl.d.Dv, decode_chunk, pl.d.Dv, pl.Dvpad, rows, run, acc);
     });
   }
 };
 
-// One sequence at Arch: rows [q0, q0 + Lq) of q / out / lse against its Lk keys.
+// Sequences [b0, b0 + n) at Arch, each with Lq <= decode_max_rows queries and at least one key,
+// their rows consecutive from q0: one engine call, whose work items span (sequence, kv head, key
+// chunk), so a long sequence beside short ones keeps every thread busy.
 template <class Arch, class KV, class Mod>
-void sequence(const paged_dims& pd, view<const float, 3> q, const paged_kv<KV>& kv, std::int64_t b, std::int64_t q0,
-              std::int64_t Lq, view<float, 3> out, view<float, 2> lse, const Mod& mod, const options& opt,
-              decode_workspace& ws) {
-  const std::int64_t Lk = kv.seq_lens(b), start = kv.seq_starts.empty() ? 0 : kv.seq_starts(b);
+void decode_run(const paged_dims& pd, view<const float, 3> q, const paged_kv<KV>& kv, std::int64_t b0, std::int64_t n,
+                std::int64_t q0, std::int64_t Lq, view<float, 3> out, view<float, 2> lse, const Mod& mod,
+                const options& opt, decode_workspace& ws, view<float, 2> sums, std::int64_t k0) {
+  std::int64_t Lk = 0;  // the longest sequence: the engine's dims (each entry has its own offset)
+  for (std::int64_t b = b0; b < b0 + n; ++b) Lk = std::max(Lk, kv.seq_lens(b));
+  const dims d{n, pd.Hq, pd.Hkv, Lq, Lk, pd.D, pd.Dv, pd.scale};
+  // The rows of q and out as [n, Hq, Lq, D] views (no copy); lse [n, Hq, Lq] goes through a small
+  // buffer (its rows are not contiguous in [T, Hq]).
+  const view<const float, 4> qb(q.ptr(q0), {n, pd.Hq, Lq, pd.D}, {Lq * q.stride(0), q.stride(1), q.stride(0), 1});
+  const view<float, 4> ob(out.ptr(q0), {n, pd.Hq, Lq, pd.Dv}, {Lq * out.stride(0), out.stride(1), out.stride(0), 1});
+  tensor<float, 3> lb({n, pd.Hq, lse.empty() ? 0 : Lq});
+  const paged_source<KV> src{kv.k_pages, kv.v_pages, &kv, b0, Lq};
+  // Column sums: the engine's [n, Hq, Lk] (each entry's keys at their index), copied out packed.
+  tensor<float, 3> cs({n, pd.Hq, sums.empty() ? 0 : Lk});
+  const split_kv::sums_out so{cs.as_view(), 0, sums.empty() ? 0 : Lk};
+  split_kv::attend<Arch>(d, src, qb, ob, lb.as_view(), mod, opt.threads, ws, so, opt.sinks);
+  if (!lse.empty())
+    for (std::int64_t b = 0; b < n; ++b)
+      for (std::int64_t h = 0; h < pd.Hq; ++h)
+        for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + b * Lq + i, h) = lb(b, h, i);
+  if (!sums.empty())
+    for (std::int64_t b = 0; b < n; k0 += src.length(b), ++b)
+      for (std::int64_t h = 0; h < pd.Hq; ++h) std::copy_n(cs.as_view().ptr(b, h, 0), src.length(b), sums.ptr(h, k0));
+}
+
+// One sequence with more than decode_max_rows queries (a prefill chunk): its keys and values
+// gathered once into a contiguous copy, then attention::flash.
+template <class Arch, class KV, class Mod>
+void prefill(const paged_dims& pd, view<const float, 3> q, const paged_kv<KV>& kv, std::int64_t b, std::int64_t q0,
+             std::int64_t Lq, view<float, 3> out, view<float, 2> lse, const Mod& mod, const options& opt,
+             view<float, 2> sums, std::int64_t k0) {
+  const std::int64_t Lk = kv.seq_lens(b);
   const dims d{1, pd.Hq, pd.Hkv, Lq, Lk, pd.D, pd.Dv, pd.scale};
-  // The sequence's rows of q and out as [1, Hq, Lq, D] views (no copy); lse [1, Hq, Lq] goes through
-  // a small buffer (its rows are not contiguous in [T, Hq]).
   const view<const float, 4> qb(q.ptr(q0), {1, pd.Hq, Lq, pd.D}, {0, q.stride(1), q.stride(0), 1});
   const view<float, 4> ob(out.ptr(q0), {1, pd.Hq, Lq, pd.Dv}, {0, out.stride(1), out.stride(0), 1});
   tensor<float, 3> lb({1, pd.Hq, lse.empty() ? 0 : Lq});
-  if (Lq <= decode_max_rows) {
-    const paged_source<KV> src{kv.k_pages, kv.v_pages, kv.block_table.ptr(b), start, Lk};
-    split_kv::attend<Arch>(d, src, qb, ob, lb.as_view(), mod, opt.threads, ws, {}, opt.sinks);
-  } else {
-    tensor<KV, 4> k({1, pd.Hkv, Lk, pd.D}), v({1, pd.Hkv, Lk, pd.Dv});
-    const paged_source<KV> src{kv.k_pages, kv.v_pages, kv.block_table.ptr(b), start, Lk};
-    parallel_for(
-        pd.Hkv,
-        [&](std::int64_t hk) {
-          src.runs(0, Lk, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
-            for (std::int64_t t = 0; t < run; ++t) {
-              std::copy_n(kv.k_pages.ptr(page, row + t, hk), pd.D, &k(0, hk, j + t, 0));
-              std::copy_n(kv.v_pages.ptr(page, row + t, hk), pd.Dv, &v(0, hk, j + t, 0));
-            }
-          });
-        },
-        opt.threads);
-    options inner = opt;
-    inner.scale = pd.scale;
-    flash_detail::forward<KV, Mod, Arch>(d, qb, cview(k), cview(v), ob, lb.as_view(), mod, inner, {});
-  }
+  tensor<KV, 4> k({1, pd.Hkv, Lk, pd.D}), v({1, pd.Hkv, Lk, pd.Dv});
+  const paged_source<KV> src{kv.k_pages, kv.v_pages, &kv, b, Lq};
+  parallel_for(
+      pd.Hkv,
+      [&](std::int64_t hk) {
+        src.runs(0, 0, Lk, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
+          for (std::int64_t t = 0; t < run; ++t) {
+            std::copy_n(kv.k_pages.ptr(page, row + t, hk), pd.D, &k(0, hk, j + t, 0));
+            std::copy_n(kv.v_pages.ptr(page, row + t, hk), pd.Dv, &v(0, hk, j + t, 0));
+          }
+        });
+      },
+      opt.threads);
+  options inner = opt;
+  inner.scale = pd.scale;
+  tensor<float, 3> cs({1, pd.Hq, sums.empty() ? 0 : Lk});
+  flash_detail::forward<KV, Mod, Arch>(d, qb, cview(k), cview(v), ob, lb.as_view(), mod, inner,
+                                       column_sums{cs.as_view(), 0});
   if (!lse.empty())
     for (std::int64_t h = 0; h < pd.Hq; ++h)
       for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + i, h) = lb(0, h, i);
+  if (!sums.empty())
+    for (std::int64_t h = 0; h < pd.Hq; ++h) std::copy_n(cs.as_view().ptr(0, h, 0), Lk, sums.ptr(h, k0));
 }
 
 }  // namespace paged_detail
@@ -250,28 +308,47 @@ void paged(view<const float, 3> q,                   // [T, Hq, D]
            const paged_kv<KV>& kv,
            view<float, 3> out,       // [T, Hq, Dv]
            view<float, 2> lse = {},  // [T, Hq] or empty
-           const Mod& mod = {}, const options& opt = {}, decode_workspace* ws = nullptr) {
+           const Mod& mod = {}, const options& opt = {},
+           view<float, 2> sums = {},  // [Hq, sum of seq_lens] or empty: column sums (see the header)
+           decode_workspace* ws = nullptr) {
   constexpr const char* fn = "attention::paged";
-  const paged_dims d = paged_detail::check_args(fn, q, cu_seqlens_q, kv, out, lse, opt);
+  const paged_dims d = paged_detail::check_args(fn, q, cu_seqlens_q, kv, out, lse, opt, sums);
   for (std::int64_t b = 0; b < d.B; ++b) {
     const std::int64_t Lq = cu_seqlens_q(b + 1) - cu_seqlens_q(b);
     mods::validate(mod, fn, d.Hq, Lq, kv.seq_lens(b));
   }
   decode_workspace own;
   decode_workspace& w = ws ? *ws : own;
+  if (!sums.empty())
+    for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(sums.ptr(h, 0), sums.extent(1), 0.0f);
+  std::vector<std::int64_t> k0(static_cast<std::size_t>(d.B) + 1, 0);  // each sequence's first column of sums
+  for (std::int64_t b = 0; b < d.B; ++b) k0[static_cast<std::size_t>(b) + 1] = k0[static_cast<std::size_t>(b)] + kv.seq_lens(b);
   simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
-    for (std::int64_t b = 0; b < d.B; ++b) {
-      const std::int64_t q0 = cu_seqlens_q(b), Lq = cu_seqlens_q(b + 1) - q0;
-      if (Lq == 0) continue;
+    for (std::int64_t b = 0; b < d.B;) {
+      const std::int64_t q0 = cu_seqlens_q(b), Lq = cu_seqlens_q(b + 1) - q0, kb = k0[static_cast<std::size_t>(b)];
+      if (Lq == 0) {
+        ++b;
+        continue;
+      }
       if (kv.seq_lens(b) == 0) {  // no key: out 0, lse = sink (or -inf)
         for (std::int64_t i = 0; i < Lq; ++i)
           for (std::int64_t h = 0; h < d.Hq; ++h) {
             std::fill_n(out.ptr(q0 + i, h), d.Dv, 0.0f);
             if (!lse.empty()) lse(q0 + i, h) = sink_of(opt, h);
           }
+        ++b;
         continue;
       }
-      paged_detail::sequence<Arch>(d, q, kv, b, q0, Lq, out, lse, mod, opt, w);
+      if (Lq > decode_max_rows) {
+        paged_detail::prefill<Arch>(d, q, kv, b, q0, Lq, out, lse, mod, opt, sums, kb);
+        ++b;
+        continue;
+      }
+      // The run of following sequences with as many queries and some keys: one engine call.
+      std::int64_t n = 1;
+      while (b + n < d.B && cu_seqlens_q(b + n + 1) - cu_seqlens_q(b + n) == Lq && kv.seq_lens(b + n) > 0) ++n;
+      paged_detail::decode_run<Arch>(d, q, kv, b, n, q0, Lq, out, lse, mod, opt, w, sums, kb);
+      b += n;
     }
   });
 }

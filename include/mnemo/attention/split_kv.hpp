@@ -30,6 +30,8 @@
 //                            once per slot (thread) before its first item.
 //   s.scores<Arch, RowTile>(plan, block, qs, s, scratch)   step 1 for a key_block;
 //   s.values<Arch>(plan, block, p, acc, scratch)           step 3 (acc starts at 0).
+//   s.query_offset(b)        optional: the position of query row 0 of batch entry b, when the
+//                            entries have different key counts (default d.Lk - d.Lq for all).
 // Scores are written as s[r * decode_chunk + j]; qs holds the scaled queries [Rpad, Dpad], zero
 // padded; acc is [R, Dvpad]. A per-row source writes only the first row_keys(...).size() - j0
 // entries of row r; the engine masks the rest. The tile loops a source needs (score_pass,
@@ -170,6 +172,15 @@ concept kv_source = requires(const S& s, const plan& pl, const key_block& kb, co
 } && (!S::per_row_keys || requires(const S& s, std::int64_t i) {
   { s.row_keys(i, i, i) } -> std::same_as<std::span<const std::int64_t>>;
 });
+
+// The position of query row 0 of batch entry b: d.offset() = Lk - Lq for every b, unless the source
+// has its own (s.query_offset(b): a batch of sequences of different lengths in one call, each
+// with its queries at its own end, as attention::paged runs them).
+template <class S>
+std::int64_t query_offset(const S& s, const dims& d, std::int64_t b) {
+  if constexpr (requires { { s.query_offset(b) } -> std::convertible_to<std::int64_t>; }) return s.query_offset(b);
+  else return d.offset();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tiles of the score and value passes.
@@ -460,7 +471,7 @@ void softmax_rows(const plan& pl, const Source& src, const key_block& kb, tile c
   const dims& d = pl.d;
   for (std::int64_t r = 0; r < pl.R; ++r) {
     float* sr = s + r * decode_chunk;
-    const std::int64_t h = kb.hk * d.group() + r / d.Lq, qp = r % d.Lq + d.offset();
+    const std::int64_t h = kb.hk * d.group() + r / d.Lq, qp = r % d.Lq + query_offset(src, d, kb.b);
     std::int64_t n = kb.n;
     const std::int64_t* keys = nullptr;  // per-row sources: row r's key positions from j0
     if constexpr (Source::per_row_keys) {
@@ -523,13 +534,14 @@ void run(const dims& d, const Source& src, view<const float, 4> q, view<float, 4
   std::vector<std::int64_t> base(static_cast<std::size_t>(groups) + 1, 0);
   for (std::int64_t g = 0; g < groups; ++g) {
     const key_parts parts = src.parts(g / d.Hkv, g % d.Hkv);
+    const std::int64_t q_pos = query_offset(src, d, g / d.Hkv);
     std::int64_t pos = 0;
     for (int p = 0; p < parts.count; ++p) {
       const std::int64_t len = parts.length[static_cast<std::size_t>(p)];
       for (std::int64_t j0 = 0; j0 < len; j0 += decode_chunk) {
         const std::int64_t n = std::min(decode_chunk, len - j0);
-        const tile t = Source::per_row_keys ? mods::classify(mod, d.offset(), d.offset() + d.Lq, 0, d.Lk)
-                                            : mods::classify(mod, d.offset(), d.offset() + d.Lq, pos + j0, pos + j0 + n);
+        const tile t = Source::per_row_keys ? mods::classify(mod, q_pos, q_pos + d.Lq, 0, d.Lk)
+                                            : mods::classify(mod, q_pos, q_pos + d.Lq, pos + j0, pos + j0 + n);
         if (t != tile::empty) items.push_back({g, j0, n, pos + j0, p, t});
       }
       pos += len;
