@@ -3,7 +3,8 @@
 //   serving/paged_batch/B:16/tokens:<N>/page:<S>/kv:{f32,f16}/threads:..
 //       one decode step (Lq = 1 per sequence) of 16 sequences whose lengths are spread
 //       geometrically from 512 to 32768 (133,640 tokens; small size: 64 to 4096), Hq = 32,
-//       Hkv = 8, D = 128, pages of S tokens at shuffled ids: one attention::paged call.
+//       Hkv = 8, D = 128, pages of S tokens at shuffled ids in kvcache::paged_cache's layout
+//       ([num_pages, Hkv, S, D]: each head's rows of a page contiguous): one attention::paged call.
 //   serving/paged_single/Lk:<Lk>/page:<S>/kv:..      one sequence of Lk keys in pages, to hold
 //       against decode/split_kv at the same Lk (the same kernel over contiguous K/V).
 //
@@ -30,7 +31,7 @@ constexpr std::int64_t Hq = 32, Hkv = 8, D = 128;
 template <class KV>
 struct paged_batch {
   std::int64_t S, B, tokens = 0;
-  tensor<KV, 4> k_pages, v_pages;  // [P, S, Hkv, D]
+  tensor<KV, 4> k_pages, v_pages;  // [P, Hkv, S, D], as kvcache::paged_cache holds them
   tensor<std::int64_t, 2> table;   // [B, max_pages]
   tensor<std::int64_t, 1> lens, cu;
   tensor<float, 3> q, out;  // [B, Hq, D]
@@ -45,8 +46,8 @@ struct paged_batch {
       pages += (len + S - 1) / S;
       max_pages = std::max(max_pages, (len + S - 1) / S);
     }
-    k_pages = tensor<KV, 4>({pages, S, Hkv, D});
-    v_pages = tensor<KV, 4>({pages, S, Hkv, D});
+    k_pages = tensor<KV, 4>({pages, Hkv, S, D});
+    v_pages = tensor<KV, 4>({pages, Hkv, S, D});
     fill_random(k_pages, 11);
     fill_random(v_pages, 12);
     fill_random(q, 13);
@@ -63,7 +64,9 @@ struct paged_batch {
       for (std::int64_t p = 0; p < (lens(b) + S - 1) / S; ++p) table(b, p) = ids[next++];
     }
   }
-  attention::paged_kv<KV> kv() const { return {cview(k_pages), cview(v_pages), cview(table), cview(lens)}; }
+  attention::paged_kv<KV> kv() const {
+    return {cview(k_pages).permute({0, 2, 1, 3}), cview(v_pages).permute({0, 2, 1, 3}), cview(table), cview(lens)};
+  }
   double bytes() const {
     return static_cast<double>(tokens * Hkv * 2 * D) * sizeof(KV) + static_cast<double>(B * Hq * 2 * D) * sizeof(float);
   }

@@ -202,7 +202,10 @@ struct paged_source {
   std::int64_t start(std::int64_t b) const { return kv->seq_starts.empty() ? 0 : kv->seq_starts(b0 + b); }
   std::int64_t query_offset(std::int64_t b) const { return length(b) - Lq; }
   split_kv::key_parts parts(std::int64_t b, std::int64_t) const { return {1, {length(b)}}; }
-  std::int64_t scratch_floats(const split_kv::plan&) const { return 0; }
+  // A table of decode_chunk row pointers (2 floats each): the chunk's rows, wherever their pages are.
+  std::int64_t scratch_floats(const split_kv::plan&) const {
+    return decode_chunk * static_cast<std::int64_t>(sizeof(const KV*) / sizeof(float));
+  }
 
   // f(j, page, row, run) for the runs of keys [j0, j0 + n) of entry b inside one page each.
   template <class F>
@@ -216,20 +219,25 @@ struct paged_source {
     }
   }
 
-  template <class Arch, int RowTile>
-  void scores(const split_kv::plan& pl, const split_kv::key_block& kb, const float* qs, float* s, float*) const {
+  // The rows of keys [j0, j0 + n) of entry b of `pool` (k_pages or v_pages), into the table.
+  const KV* const* row_table(const view<const KV, 4>& pool, const split_kv::key_block& kb, float* scratch) const {
+    const KV** table = reinterpret_cast<const KV**>(scratch);  // 64-byte aligned, decode_chunk entries
     runs(kb.b, kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
-      const split_kv::element_rows<Arch, KV> rows{k_pages.ptr(page, row, kb.hk), k_pages.stride(1), pl.d.D};
-      split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, qs, pl.Dpad, pl.d.D, rows, run, nullptr, s + j,
-                                          decode_chunk);
+      const KV* first = pool.ptr(page, row, kb.hk);
+      for (std::int64_t t = 0; t < run; ++t) table[j + t] = first + t * pool.stride(1);
     });
+    return table;
+  }
+
+  template <class Arch, int RowTile>
+  void scores(const split_kv::plan& pl, const split_kv::key_block& kb, const float* qs, float* s, float* scratch) const {
+    const split_kv::pointer_rows<Arch, KV> rows(row_table(k_pages, kb, scratch), pl.d.D);
+    split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, qs, pl.Dpad, pl.d.D, rows, kb.n, nullptr, s, decode_chunk);
   }
   template <class Arch>
-  void values(const split_kv::plan& pl, const split_kv::key_block& kb, const float* p, float* acc, float*) const {
-    runs(kb.b, kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
-      const split_kv::element_rows<Arch, KV> rows{v_pages.ptr(page, row, kb.hk), v_pages.stride(1), pl.d.Dv};
-      split_kv::value_pass<Arch>(pl.R, p + j, 1, pl.d.Dv, decode_chunk, pl.d.Dv, pl.Dvpad, rows, run, acc);
-    });
+  void values(const split_kv::plan& pl, const split_kv::key_block& kb, const float* p, float* acc, float* scratch) const {
+    const split_kv::pointer_rows<Arch, KV> rows(row_table(v_pages, kb, scratch), pl.d.Dv);
+    split_kv::value_pass<Arch>(pl.R, p, 1, pl.d.Dv, decode_chunk, pl.d.Dv, pl.Dvpad, rows, kb.n, acc);
   }
 };
 

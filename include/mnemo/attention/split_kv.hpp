@@ -272,6 +272,18 @@ struct element_rows {
   }
 };
 
+// Rows of f32 / f16 / bf16 elements found through a table of row pointers (rows[j]: row j), for
+// sources whose rows are not evenly spaced (the pages of attention::paged): the tile loops run over
+// a whole chunk at once instead of once per run of rows in one page.
+template <class Arch, class T>
+struct pointer_rows : element_rows<Arch, T> {
+  const T* const* rows;
+
+  pointer_rows(const T* const* rows_, std::int64_t len_) : element_rows<Arch, T>{nullptr, 0, len_}, rows(rows_) {}
+  const T* row(std::int64_t j) const { return rows[j]; }
+  pointer_rows from(std::int64_t j) const { return {rows + j, this->len}; }
+};
+
 // The score pass: s[r * lds + j] = qs_r . key_j (+ bias[r], unless bias is nullptr) for rows
 // [0, Rpad) (R real ones: the scalar path computes only those) and keys j in [0, n) of `keys`
 // (element_rows, or code rows in kvcache/decode.hpp: channels [0, pair_end()) are read two batches
