@@ -713,6 +713,67 @@ TEST(FlashBackward, ReferenceMatchesFiniteDifferences) {
   check_finite_differences(p, quadratic_score{}, 2.0f);
 }
 
+// Attention sinks (options.sinks) in the backward: flash_backward (from the forward's lse, which
+// includes the sinks) against reference_backward, dsinks included; the reference's gradients
+// (q, k, v and the sinks) against central differences of the reference forward with sinks.
+TEST(FlashBackward, SinksMatchTheReferenceAndFiniteDifferences) {
+  for (const problem& p : {problem{2, 4, 2, 70, 130, 40, 24}, problem{1, 2, 1, 5, 7, 4, 3}}) {
+    SCOPED_TRACE(p.str());
+    auto q = random_tensor<float, 4>({p.B, p.Hq, p.Lq, p.D}, 110), k = random_tensor<float, 4>({p.B, p.Hkv, p.Lk, p.D}, 111);
+    auto v = random_tensor<float, 4>({p.B, p.Hkv, p.Lk, p.Dv}, 112), dout = random_tensor<float, 4>({p.B, p.Hq, p.Lq, p.Dv}, 113);
+    tensor<float, 1> sinks = random_tensor<float, 1>({p.Hq}, 114, -1.0f, 2.0f);
+    options opt;
+    opt.sinks = sinks.as_view();
+    // Window 4, Lq > Lk - 4 somewhere: some rows see few keys, so the sink weighs in.
+    const auto mod = mods::sliding_window{4};
+    tensor<float, 4> out({p.B, p.Hq, p.Lq, p.Dv});
+    tensor<float, 3> lse({p.B, p.Hq, p.Lq});
+    flash(q, k, v, out, lse, mod, opt);
+    grads fast(p), ref(p);
+    tensor<float, 1> ds_fast({p.Hq}), ds_ref({p.Hq});
+    flash_backward(q, k, v, out, lse, dout, fast.dq, fast.dk, fast.dv, mod, opt, ds_fast.as_view());
+    reference_backward(q, k, v, dout, ref.dq, ref.dk, ref.dv, mod, opt, ds_ref.as_view());
+    expect_close(fast.dq, ref.dq, bwd_atol, bwd_rtol, "dq");
+    expect_close(fast.dk, ref.dk, bwd_atol, bwd_rtol, "dk");
+    expect_close(fast.dv, ref.dv, bwd_atol, bwd_rtol, "dv");
+    expect_close(ds_fast, ds_ref, bwd_atol, bwd_rtol, "dsinks");
+    // Without the sinks the gradients differ (the test would not see a backward that ignores them).
+    grads plain(p);
+    reference_backward(q, k, v, dout, plain.dq, plain.dk, plain.dv, mod);
+    EXPECT_GT(max_abs_diff(plain.dq, ref.dq), 1e-3);
+    if (p.Lq > 5) continue;
+    const std::function<double()> f = [&] {
+      tensor<float, 4> o(dout.shape());
+      reference(q, k, v, o, {}, mod, opt);
+      double sum = 0;
+      for (std::int64_t i = 0; i < o.size(); ++i) sum += double(o.data()[i]) * double(dout.data()[i]);
+      return sum;
+    };
+    constexpr double atol = 2e-4, rtol = 2e-3;
+    for (auto [x, g, name] : {std::tuple{&q, &ref.dq, "dq"}, std::tuple{&k, &ref.dk, "dk"}, std::tuple{&v, &ref.dv, "dv"}})
+      for (std::int64_t i = 0; i < x->size(); i += 3)
+        EXPECT_NEAR(g->data()[i], central_difference(*x, i, f), atol + rtol * std::abs(g->data()[i])) << name << "[" << i << "]";
+    for (std::int64_t h = 0; h < p.Hq; ++h) {
+      constexpr float step = 1.0f / 64;
+      const float s0 = sinks(h);
+      sinks(h) = s0 + step;
+      const double up = f();
+      sinks(h) = s0 - step;
+      const double down = f();
+      sinks(h) = s0;
+      const double fd = (up - down) / (2.0 * step);
+      EXPECT_NEAR(ds_ref(h), fd, atol + rtol * std::abs(fd)) << "dsinks[" << h << "]";
+    }
+  }
+  // dsinks without options.sinks is an error naming the argument.
+  const problem p{1, 2, 1, 3, 5, 4, 4};
+  auto q = random_tensor<float, 4>({p.B, p.Hq, p.Lq, p.D}, 1), k = random_tensor<float, 4>({p.B, p.Hkv, p.Lk, p.D}, 2);
+  auto v = random_tensor<float, 4>({p.B, p.Hkv, p.Lk, p.Dv}, 3), dout = random_tensor<float, 4>({p.B, p.Hq, p.Lq, p.Dv}, 4);
+  grads g(p);
+  tensor<float, 1> ds({p.Hq});
+  EXPECT_THROW(reference_backward(q, k, v, dout, g.dq, g.dk, g.dv, mods::none{}, {}, ds.as_view()), mnemo::error);
+}
+
 TEST(FlashBackward, ResultDoesNotDependOnThreadCount) {
   const problem p{1, 4, 2, 100, 130, 40, 40};
   auto q = random_tensor<float, 4>({p.B, p.Hq, p.Lq, p.D}, 95);

@@ -12,6 +12,12 @@
 // score mod provides `S score_derivative(S s, int64 h, int64 qp, int64 kp) const`, and its
 // tile-level score_tile multiplies the derivative into g when given one.
 //
+// Attention sinks (options.sinks, common.hpp): the sink joins the denominator, so with the
+// forward's lse (which includes it) P is already right and the formulas above hold as they are;
+// the sink's own gradient, when wanted (dsinks [Hq]), is
+//
+//   dsink_h = -sum_{b, i} exp(sink_h - lse_i) D_i          (a logit whose value is 0)
+//
 // Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], out [B, Hq, Lq, Dv],
 // lse [B, Hq, Lq]; dq like q, dk like k, dv like v (summed over the query heads of a group).
 // Any outer strides ([B, L, H, D] buffers through view::permute) are read in place.
@@ -65,7 +71,7 @@ namespace reference_detail {
 template <class Mod>
 void backward_group(const dims& d, view<const float, 4> q, view<const float, 4> k, view<const float, 4> v,
                     view<const float, 4> dout, view<float, 4> dq, view<float, 4> dk, view<float, 4> dv,
-                    const Mod& mod, std::int64_t b, std::int64_t hk) {
+                    const Mod& mod, const options& opt, std::int64_t b, std::int64_t hk, double* dsinks) {
   constexpr double neg_inf = -std::numeric_limits<double>::infinity();
   const std::int64_t Lk = d.Lk, D = d.D, Dv = d.Dv;
   std::vector<double> s(Lk), ds_dx(Lk), p(Lk), dp(Lk), dq_row(D);
@@ -85,8 +91,14 @@ void backward_group(const dims& d, view<const float, 4> q, view<const float, 4> 
         std::tie(s[j], ds_dx[j]) = score_and_derivative(mod, static_cast<double>(d.scale) * dot, h, qp, j);
         m = std::max(m, s[j]);
       }
-      if (m == neg_inf) continue;  // no visible key: out = 0, no gradient
-      double sum = 0;
+      if (m == neg_inf) {  // no visible key: out = 0, no gradient
+        for (std::int64_t c = 0; c < D; ++c) dq(b, h, i, c) = 0.0f;
+        continue;
+      }
+      const double sink = sink_of(opt, h);
+      m = std::max(m, sink);
+      double sum = std::exp(sink - m);  // the sink joins the denominator (0 without one)
+      const double sink_term = sum;
       for (std::int64_t j = 0; j < Lk; ++j) sum += p[j] = s[j] == neg_inf ? 0.0 : std::exp(s[j] - m);
       // P_j, dP_j = dO_i . v_j, D_i = sum_j P_j dP_j (= dO_i . out_i)
       double delta = 0;
@@ -97,6 +109,7 @@ void backward_group(const dims& d, view<const float, 4> q, view<const float, 4> 
         for (std::int64_t c = 0; c < Dv; ++c) dp[j] += static_cast<double>(gi[c]) * static_cast<double>(v(b, hk, j, c));
         delta += p[j] * dp[j];
       }
+      if (dsinks) dsinks[h - hk * d.group()] -= sink_term / sum * delta;
       std::fill(dq_row.begin(), dq_row.end(), 0.0);
       for (std::int64_t j = 0; j < Lk; ++j) {
         if (p[j] == 0) continue;
@@ -133,6 +146,13 @@ inline void check_grads(const char* fn, const dims& d, const view<const float, 4
   require_shape(fn, "dv", dv, {d.B, d.Hkv, d.Lk, d.Dv}, " [B, Hkv, Lk, Dv]");
 }
 
+// dsinks [Hq], wanted only with options.sinks.
+inline void check_dsinks(const char* fn, const dims& d, const options& opt, const view<float, 1>& dsinks) {
+  if (dsinks.empty()) return;
+  mnemo::detail::require(!opt.sinks.empty(), fn, ": dsinks is the gradient of options.sinks, which is empty");
+  mnemo::detail::require_shape(fn, "dsinks", dsinks, {d.Hq}, " [Hq]");
+}
+
 }  // namespace flash_backward_detail
 
 // Gradients of sum(out * dout) for out = attention(q, k, v) (lse is not differentiated), in
@@ -145,19 +165,31 @@ void reference_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
                         view<float, 4> dq,          // [B, Hq, Lq, D]
                         view<float, 4> dk,          // [B, Hkv, Lk, D]
                         view<float, 4> dv,          // [B, Hkv, Lk, Dv]
-                        const Mod& mod = {}, const options& opt = {}) {
+                        const Mod& mod = {}, const options& opt = {},
+                        view<float, 1> dsinks = {}) {  // [Hq] or empty: the gradient of options.sinks
   static_assert(backward_supported<Mod>,
                 "attention::reference_backward: every score mod needs a derivative: softcap, alibi, all_of of "
                 "them, or a mod with `S score_derivative(S s, int64 h, int64 qp, int64 kp) const`");
   constexpr const char* fn = "attention::reference_backward";
   const dims d = detail::check_args(fn, q, k, v, dout, view<float, 3>{}, mod, opt);
   flash_backward_detail::check_grads(fn, d, dout, dq, dk, dv);
+  flash_backward_detail::check_dsinks(fn, d, opt, dsinks);
+  // Per (batch, kv head) the sink gradients of its query heads, summed over the batch in order.
+  std::vector<double> ds(static_cast<std::size_t>(d.B * d.Hq), 0.0);
   parallel_for(
       d.B * d.Hkv,
       [&](std::int64_t bh) {
-        reference_detail::backward_group(d, q, k, v, dout, dq, dk, dv, mod, bh / d.Hkv, bh % d.Hkv);
+        const std::int64_t b = bh / d.Hkv, hk = bh % d.Hkv;
+        reference_detail::backward_group(d, q, k, v, dout, dq, dk, dv, mod, opt, b, hk,
+                                         dsinks.empty() ? nullptr : ds.data() + b * d.Hq + hk * d.group());
       },
       opt.threads);
+  if (dsinks.empty()) return;
+  for (std::int64_t h = 0; h < d.Hq; ++h) {
+    double acc = 0;
+    for (std::int64_t b = 0; b < d.B; ++b) acc += ds[static_cast<std::size_t>(b * d.Hq + h)];
+    dsinks(h) = static_cast<float>(acc);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,7 +366,8 @@ void flash_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
                     view<float, 4> dq,          // [B, Hq, Lq, D]
                     view<float, 4> dk,          // [B, Hkv, Lk, D]
                     view<float, 4> dv,          // [B, Hkv, Lk, Dv]
-                    const Mod& mod = {}, const options& opt = {}) {
+                    const Mod& mod = {}, const options& opt = {},
+                    view<float, 1> dsinks = {}) {  // [Hq] or empty: the gradient of options.sinks
   static_assert(backward_supported<Mod>,
                 "attention::flash_backward: every score mod needs a derivative: softcap, alibi, all_of of them, "
                 "or a mod with `S score_derivative(S s, int64 h, int64 qp, int64 kp) const`");
@@ -343,6 +376,24 @@ void flash_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
   mnemo::detail::require(!lse.empty(), fn, ": lse must be the forward's lse [B, Hq, Lq], got an empty view");
   mnemo::detail::require_shape(fn, "lse", lse, {d.B, d.Hq, d.Lq}, " [B, Hq, Lq]");
   flash_backward_detail::check_grads(fn, d, dout, dq, dk, dv);
+  flash_backward_detail::check_dsinks(fn, d, opt, dsinks);
+  if (!dsinks.empty()) {  // -sum over (b, i) of exp(sink - lse) (dO . O), per head, in a fixed order
+    parallel_for(
+        d.Hq,
+        [&](std::int64_t h) {
+          double acc = 0;
+          const double sink = opt.sinks(h);
+          for (std::int64_t b = 0; b < d.B; ++b)
+            for (std::int64_t i = 0; i < d.Lq; ++i) {
+              double delta = 0;
+              for (std::int64_t c = 0; c < d.Dv; ++c)
+                delta += static_cast<double>(dout(b, h, i, c)) * static_cast<double>(out(b, h, i, c));
+              if (lse(b, h, i) != -std::numeric_limits<float>::infinity()) acc -= std::exp(sink - lse(b, h, i)) * delta;
+            }
+          dsinks(h) = static_cast<float>(acc);
+        },
+        opt.threads);
+  }
 
   simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
     flash_backward_detail::backward_plan<Mod, Arch> plan{d, q, k, v, out, lse, dout, dq, dk, dv, mod};

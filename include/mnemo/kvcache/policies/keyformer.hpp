@@ -98,9 +98,11 @@ class keyformer::decoder : public scored_slots {
   }
   void append(std::int64_t h, float initial = 0.0f) { mutable_scores(h).push_back(initial); }
   void observe(view<const float, 2> probs) {
+    constexpr const char* fn = "kvcache::policies::keyformer::decoder::observe";
+    detail::check_step_probs(fn, probs, num_heads(), [this](std::int64_t h) { return length(h); });  // before step_ moves
     ++step_;
     const std::uint64_t mix = static_cast<std::uint64_t>(step_) * 0x9e3779b97f4a7c15ull;
-    for_each_head("kvcache::policies::keyformer::decoder::observe", probs, [&](std::int64_t h, float* p, std::int64_t n) {
+    for_each_head(fn, probs, [&](std::int64_t h, float* p, std::int64_t n) {
       const std::uint64_t head_mix = mix ^ (static_cast<std::uint64_t>(h) * 0xbf58476d1ce4e5b9ull);
       double sum = 0;
       for (std::int64_t j = 0; j < n; ++j) {

@@ -58,6 +58,9 @@ struct tova {
       for (std::int64_t h = 1; h < num_heads(); ++h)
         detail::require(length(h) == L, fn, ": every kv head must hold the same number of slots, head 0 has ", L,
                         ", head ", h, " has ", length(h));
+      // Checked before any score changes: a rejected call leaves the tracker as it was (the old
+      // order zeroed the scores first; fuzz/trackers_fuzz.cpp found it).
+      detail::check_step_probs(fn, probs, num_heads(), [this](std::int64_t h) { return length(h); });
       std::fill(mutable_scores(0).begin(), mutable_scores(0).end(), 0.0f);
       const float inv = 1.0f / static_cast<float>(probs.extent(0));
       for_each_head(fn, probs, [&](std::int64_t, const float* p, std::int64_t n) {
