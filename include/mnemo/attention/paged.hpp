@@ -202,10 +202,10 @@ struct paged_source {
   std::int64_t start(std::int64_t b) const { return kv->seq_starts.empty() ? 0 : kv->seq_starts(b0 + b); }
   std::int64_t query_offset(std::int64_t b) const { return length(b) - Lq; }
   split_kv::key_parts parts(std::int64_t b, std::int64_t) const { return {1, {length(b)}}; }
-  // A table of decode_chunk row pointers (2 floats each): the chunk's rows, wherever their pages are.
-  std::int64_t scratch_floats(const split_kv::plan&) const {
-    return decode_chunk * static_cast<std::int64_t>(sizeof(const KV*) / sizeof(float));
-  }
+  // Two tables of decode_chunk row pointers (2 floats each): the chunk's K and V rows, wherever
+  // their pages are.
+  static constexpr std::int64_t table_floats = decode_chunk * static_cast<std::int64_t>(sizeof(const KV*) / sizeof(float));
+  std::int64_t scratch_floats(const split_kv::plan&) const { return 2 * table_floats; }
 
   // f(j, page, row, run) for the runs of keys [j0, j0 + n) of entry b inside one page each.
   template <class F>
@@ -232,11 +232,12 @@ struct paged_source {
   template <class Arch, int RowTile>
   void scores(const split_kv::plan& pl, const split_kv::key_block& kb, const float* qs, float* s, float* scratch) const {
     const split_kv::pointer_rows<Arch, KV> rows(row_table(k_pages, kb, scratch), pl.d.D);
-    split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, qs, pl.Dpad, pl.d.D, rows, kb.n, nullptr, s, decode_chunk);
+    const split_kv::pointer_rows<Arch, KV> next(row_table(v_pages, kb, scratch + table_floats), pl.d.Dv);  // prefetched beside K
+    split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, qs, pl.Dpad, pl.d.D, rows, kb.n, nullptr, s, decode_chunk, next);
   }
   template <class Arch>
   void values(const split_kv::plan& pl, const split_kv::key_block& kb, const float* p, float* acc, float* scratch) const {
-    const split_kv::pointer_rows<Arch, KV> rows(row_table(v_pages, kb, scratch), pl.d.Dv);
+    const split_kv::pointer_rows<Arch, KV> rows(row_table(v_pages, kb, scratch + table_floats), pl.d.Dv);
     split_kv::value_pass<Arch>(pl.R, p, 1, pl.d.Dv, decode_chunk, pl.d.Dv, pl.Dvpad, rows, kb.n, acc);
   }
 };

@@ -303,6 +303,8 @@ class kivi_source {
     const std::vector<std::int64_t>& start = starts_[static_cast<std::size_t>(hk)];
     const std::uint8_t* kc = c_->key_codes().ptr(hk, 0);
     const std::int64_t ks = c_->key_codes().stride(1);
+    const std::uint8_t* vc = c_->value_codes().ptr(hk, 0);
+    const std::int64_t vs = c_->value_codes().stride(1);
     const float* kscale = c_->key_scales(hk).data();
     const float* kmin = c_->key_mins(hk).data();
     // One key group piece at a time: qk = q * scale (pair order), bias = q . min.
@@ -319,8 +321,9 @@ class kivi_source {
         w.bias[r] = simd::dot<Arch>(qr, kmin + g * D, D);
       }
       const decode_detail::code_rows<Arch, Bits> rows{kc + a * ks, ks, D, Pk};
+      const decode_detail::code_rows<Arch, Bits> next{vc + a * vs, vs, pl.d.Dv, 0};  // value codes, prefetched beside K
       attention::split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, w.qk, pl.Dpad, D, rows, b - a, w.bias, s + (a - kb.j0),
-                                                     decode_chunk);
+                                                     decode_chunk, next);
       a = b;
     }
   }
