@@ -12,6 +12,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mnemo/attention/decode.hpp"
@@ -319,8 +320,8 @@ TEST(DecodeSinks, MatchTheReferenceWithColumnSums) {
 // The fast path against the reference: decode steps, speculative verifies, a prefill chunk longer
 // than decode_max_rows, a fresh prefill, a sequence without queries and one without keys in one
 // batch, runs of consecutive sequences with as many queries (one engine call each, their
-// lengths from 2 to 700) among them; f32, f16 and bf16 pages; causal, window + softcap, sinks;
-// bit-identical for 1, 2 and 3 threads.
+// lengths from 2 to 700) among them; f32, f16 and bf16 pages; causal, window + softcap (f32),
+// sinks; bit-identical for 1, 2 and 3 threads.
 template <class KV>
 void check_paged_fast_path(std::uint64_t seed) {
   const batch x({1, 1, 4, 4, 23, 19, 0, 1, 1, 1, 2, 2}, {37, 600, 300, 4, 70, 19, 5, 700, 0, 17, 2, 33}, 8, 2, 40,
@@ -330,6 +331,9 @@ void check_paged_fast_path(std::uint64_t seed) {
   for (std::int64_t i = 0; i < vp.size(); ++i) vp.data()[i] = KV(x.v_pages.data()[i]);
   const attn::paged_kv<KV> kv{kp.as_view(), vp.as_view(), x.table.as_view(), x.lens.as_view()};
   for (int variant = 0; variant < 3; ++variant) {
+    // The window + softcap variant runs on f32 pages only: a mod acts on scores, whatever the
+    // storage, and each (type, mod) pair is three more instantiations of the engine and flash.
+    if (variant == 1 && !std::is_same_v<KV, float>) continue;
     SCOPED_TRACE("variant " + std::to_string(variant));
     attn::options opt;
     opt.scale = 0.15f;
@@ -339,8 +343,9 @@ void check_paged_fast_path(std::uint64_t seed) {
     const std::int64_t keys = std::accumulate(x.seq_lens.begin(), x.seq_lens.end(), std::int64_t{0});
     tensor<float, 2> sums({x.Hq, keys}), ref_sums({x.Hq, keys});
     auto run = [&](auto&& f) {
-      if (variant == 1) f(attn::mods::all_of(attn::mods::softcap{8.0f}, attn::mods::sliding_window{50}));
-      else f(attn::mods::causal{});
+      if constexpr (std::is_same_v<KV, float>)
+        if (variant == 1) return f(attn::mods::all_of(attn::mods::softcap{8.0f}, attn::mods::sliding_window{50}));
+      f(attn::mods::causal{});
     };
     run([&](const auto& mod) { attn::reference_paged(cview(x.q), cview(x.cu), kv, ref, ref_lse, mod, opt, ref_sums); });
     std::vector<float> first;

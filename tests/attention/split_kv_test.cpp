@@ -288,4 +288,15 @@ static_assert(skv::kv_source<skv::gathered_source<f16>>);
 static_assert(skv::kv_source<kv::kivi_source<4>>);
 static_assert(!skv::kv_source<int>);
 
+// The score pass stores haddp's sums by the compile-time table haddp_order; it must be the order
+// xsimd's haddp really has at the level this run dispatches to ($MNEMO_ISA).
+TEST(SplitKvEngine, HaddpOrderTableIsXsimdsOrder) {
+  mnemo::simd::dispatch(mnemo::simd::level::automatic, [&]<class Arch>() {
+    if constexpr (mnemo::simd::vectorized<Arch>) {
+      const auto probed = skv::haddp_order_probed<Arch>();
+      for (std::size_t l = 0; l < probed.size(); ++l) EXPECT_EQ(skv::haddp_order<Arch>[l], probed[l]) << "lane " << l;
+    }
+  });
+}
+
 }  // namespace

@@ -246,6 +246,20 @@ struct backward_plan {
     return {k_rows.data() + ((b * d.Hkv + hk) * d.Lk + j) * dp, dp};
   }
 
+  // The gradient of head h's sink, after prepare: -sum over (b, i) of exp(sink - lse) D_i, in a
+  // fixed order (D_i = dO . O of the row; a row that saw nothing has lse = -inf and adds 0).
+  float sink_gradient(std::int64_t h, float sink) const {
+    double acc = 0;
+    for (std::int64_t b = 0; b < d.B; ++b)
+      for (std::int64_t i = 0; i < d.Lq; ++i) {
+        const std::int64_t at = tile_index(b, h, i / bq) * bq + i % bq;
+        const float l = lse_all.data()[at];
+        if (l != -std::numeric_limits<float>::infinity())
+          acc -= std::exp(static_cast<double>(sink) - l) * static_cast<double>(delta_all.data()[at]);
+      }
+    return static_cast<float>(acc);
+  }
+
   // Preparation, one (b, h, query tile) per item.
   void prepare(std::int64_t item) {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
@@ -377,27 +391,10 @@ void flash_backward(view<const float, 4> q,     // [B, Hq, Lq, D]
   mnemo::detail::require_shape(fn, "lse", lse, {d.B, d.Hq, d.Lq}, " [B, Hq, Lq]");
   flash_backward_detail::check_grads(fn, d, dout, dq, dk, dv);
   flash_backward_detail::check_dsinks(fn, d, opt, dsinks);
-  if (!dsinks.empty()) {  // -sum over (b, i) of exp(sink - lse) (dO . O), per head, in a fixed order
-    parallel_for(
-        d.Hq,
-        [&](std::int64_t h) {
-          double acc = 0;
-          const double sink = opt.sinks(h);
-          for (std::int64_t b = 0; b < d.B; ++b)
-            for (std::int64_t i = 0; i < d.Lq; ++i) {
-              double delta = 0;
-              for (std::int64_t c = 0; c < d.Dv; ++c)
-                delta += static_cast<double>(dout(b, h, i, c)) * static_cast<double>(out(b, h, i, c));
-              if (lse(b, h, i) != -std::numeric_limits<float>::infinity()) acc -= std::exp(sink - lse(b, h, i)) * delta;
-            }
-          dsinks(h) = static_cast<float>(acc);
-        },
-        opt.threads);
-  }
-
   simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
     flash_backward_detail::backward_plan<Mod, Arch> plan{d, q, k, v, out, lse, dout, dq, dk, dv, mod};
     parallel_for(d.B * d.Hq * plan.n_qt, [&](std::int64_t item) { plan.prepare(item); }, opt.threads);
+    if (!dsinks.empty()) parallel_for(d.Hq, [&](std::int64_t h) { dsinks(h) = plan.sink_gradient(h, opt.sinks(h)); }, opt.threads);
     if (!plan.q_direct) parallel_for(d.B * d.Hkv, [&](std::int64_t item) { plan.prepare_k(item); }, opt.threads);
     tiles::run_items(plan.kv_items(), plan.ws_kv.total, opt.threads,
                             [&](std::int64_t item, float* work) { plan.run_kv(item, work); });

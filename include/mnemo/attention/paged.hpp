@@ -128,6 +128,27 @@ paged_dims check_args(const char* fn, view<const float, 3> q, view<const std::in
   return {B, T, Hq, Hkv, D, Dv, num_pages, page_size, max_pages, scale};
 }
 
+// Rows [q0, q0 + n Lq) of a [T, H, D] tensor as [n, H, Lq, D] (n sequences of Lq rows each; no
+// copy): how each kernel below sees q and out.
+template <class T>
+view<T, 4> rows_of(view<T, 3> x, std::int64_t q0, std::int64_t n, std::int64_t Lq) {
+  return {x.ptr(q0), {n, x.extent(1), Lq, x.extent(2)}, {Lq * x.stride(0), x.stride(1), x.stride(0), 1}};
+}
+
+// The lse of n sequences of Lq rows each from row q0, computed as [n, H, Lq] (a view's innermost
+// dimension is contiguous, which these rows of [T, H] are not), into lse [T, H]: a buffer of the
+// right size (empty when lse is), and the copy back.
+inline tensor<float, 3> lse_buffer(view<float, 2> lse, std::int64_t n, std::int64_t Lq) {
+  return tensor<float, 3>({n, lse.empty() ? 0 : lse.extent(1), lse.empty() ? 0 : Lq});
+}
+inline void put_lse(const tensor<float, 3>& buffer, view<float, 2> lse, std::int64_t q0) {
+  if (lse.empty()) return;
+  const std::int64_t Lq = buffer.extent(2);
+  for (std::int64_t b = 0; b < buffer.extent(0); ++b)
+    for (std::int64_t h = 0; h < buffer.extent(1); ++h)
+      for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + b * Lq + i, h) = buffer(b, h, i);
+}
+
 }  // namespace paged_detail
 
 // The reference: for every sequence, its keys and values gathered from the pages into contiguous
@@ -160,16 +181,14 @@ void reference_paged(view<const float, 3> q,                   // [T, Hq, D]
         for (std::int64_t c = 0; c < d.Dv; ++c) v(0, h, j, c) = to_float(kv.v_pages(page, row, h, c));
       }
     }
-    // The sequence's rows of q and out as [1, Hq, Lq, D] views (no copy); lse [1, Hq, Lq] is copied
-    // back (its rows are not contiguous in [T, Hq]).
-    const view<const float, 4> qb(q.ptr(q0), {1, d.Hq, Lq, d.D}, {0, q.stride(1), q.stride(0), 1});
-    const view<float, 4> ob(out.ptr(q0), {1, d.Hq, Lq, d.Dv}, {0, out.stride(1), out.stride(0), 1});
-    tensor<float, 3> lb({1, d.Hq, Lq});
+    const view<const float, 4> qb = paged_detail::rows_of(q, q0, 1, Lq);
+    const view<float, 4> ob = paged_detail::rows_of(out, q0, 1, Lq);
+    tensor<float, 3> lb = paged_detail::lse_buffer(lse, 1, Lq);
     if (Lk == 0) {  // no key: out 0, lse = sink (or -inf)
       for (std::int64_t h = 0; h < d.Hq; ++h)
         for (std::int64_t i = 0; i < Lq; ++i) {
           for (std::int64_t c = 0; c < d.Dv; ++c) ob(0, h, i, c) = 0.0f;
-          lb(0, h, i) = sink_of(opt, h);
+          if (!lse.empty()) lb(0, h, i) = sink_of(opt, h);
         }
     } else {
       tensor<float, 3> cs({1, d.Hq, sums.empty() ? 0 : Lk});
@@ -177,9 +196,7 @@ void reference_paged(view<const float, 3> q,                   // [T, Hq, D]
       if (!sums.empty())
         for (std::int64_t h = 0; h < d.Hq; ++h) std::copy_n(cs.as_view().ptr(0, h, 0), Lk, sums.ptr(h, k0));
     }
-    if (!lse.empty())
-      for (std::int64_t h = 0; h < d.Hq; ++h)
-        for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + i, h) = lb(0, h, i);
+    paged_detail::put_lse(lb, lse, q0);
   }
 }
 
@@ -252,20 +269,14 @@ void decode_run(const paged_dims& pd, view<const float, 3> q, const paged_kv<KV>
   std::int64_t Lk = 0;  // the longest sequence: the engine's dims (each entry has its own offset)
   for (std::int64_t b = b0; b < b0 + n; ++b) Lk = std::max(Lk, kv.seq_lens(b));
   const dims d{n, pd.Hq, pd.Hkv, Lq, Lk, pd.D, pd.Dv, pd.scale};
-  // The rows of q and out as [n, Hq, Lq, D] views (no copy); lse [n, Hq, Lq] goes through a small
-  // buffer (its rows are not contiguous in [T, Hq]).
-  const view<const float, 4> qb(q.ptr(q0), {n, pd.Hq, Lq, pd.D}, {Lq * q.stride(0), q.stride(1), q.stride(0), 1});
-  const view<float, 4> ob(out.ptr(q0), {n, pd.Hq, Lq, pd.Dv}, {Lq * out.stride(0), out.stride(1), out.stride(0), 1});
-  tensor<float, 3> lb({n, pd.Hq, lse.empty() ? 0 : Lq});
   const paged_source<KV> src{kv.k_pages, kv.v_pages, &kv, b0, Lq};
   // Column sums: the engine's [n, Hq, Lk] (each entry's keys at their index), copied out packed.
   tensor<float, 3> cs({n, pd.Hq, sums.empty() ? 0 : Lk});
   const split_kv::sums_out so{cs.as_view(), 0, sums.empty() ? 0 : Lk};
-  split_kv::attend<Arch>(d, src, qb, ob, lb.as_view(), mod, opt.threads, ws, so, opt.sinks);
-  if (!lse.empty())
-    for (std::int64_t b = 0; b < n; ++b)
-      for (std::int64_t h = 0; h < pd.Hq; ++h)
-        for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + b * Lq + i, h) = lb(b, h, i);
+  tensor<float, 3> lb = lse_buffer(lse, n, Lq);
+  split_kv::attend<Arch>(d, src, rows_of(q, q0, n, Lq), rows_of(out, q0, n, Lq), lb.as_view(), mod, opt.threads, ws, so,
+                         opt.sinks);
+  put_lse(lb, lse, q0);
   if (!sums.empty())
     for (std::int64_t b = 0; b < n; k0 += src.length(b), ++b)
       for (std::int64_t h = 0; h < pd.Hq; ++h) std::copy_n(cs.as_view().ptr(b, h, 0), src.length(b), sums.ptr(h, k0));
@@ -279,9 +290,6 @@ void prefill(const paged_dims& pd, view<const float, 3> q, const paged_kv<KV>& k
              view<float, 2> sums, std::int64_t k0) {
   const std::int64_t Lk = kv.seq_lens(b);
   const dims d{1, pd.Hq, pd.Hkv, Lq, Lk, pd.D, pd.Dv, pd.scale};
-  const view<const float, 4> qb(q.ptr(q0), {1, pd.Hq, Lq, pd.D}, {0, q.stride(1), q.stride(0), 1});
-  const view<float, 4> ob(out.ptr(q0), {1, pd.Hq, Lq, pd.Dv}, {0, out.stride(1), out.stride(0), 1});
-  tensor<float, 3> lb({1, pd.Hq, lse.empty() ? 0 : Lq});
   tensor<KV, 4> k({1, pd.Hkv, Lk, pd.D}), v({1, pd.Hkv, Lk, pd.Dv});
   const paged_source<KV> src{kv.k_pages, kv.v_pages, &kv, b, Lq};
   parallel_for(
@@ -298,11 +306,10 @@ void prefill(const paged_dims& pd, view<const float, 3> q, const paged_kv<KV>& k
   options inner = opt;
   inner.scale = pd.scale;
   tensor<float, 3> cs({1, pd.Hq, sums.empty() ? 0 : Lk});
-  flash_detail::forward<KV, Mod, Arch>(d, qb, cview(k), cview(v), ob, lb.as_view(), mod, inner,
-                                       column_sums{cs.as_view(), 0});
-  if (!lse.empty())
-    for (std::int64_t h = 0; h < pd.Hq; ++h)
-      for (std::int64_t i = 0; i < Lq; ++i) lse(q0 + i, h) = lb(0, h, i);
+  tensor<float, 3> lb = lse_buffer(lse, 1, Lq);
+  flash_detail::forward<KV, Mod, Arch>(d, rows_of(q, q0, 1, Lq), cview(k), cview(v), rows_of(out, q0, 1, Lq),
+                                       lb.as_view(), mod, inner, column_sums{cs.as_view(), 0});
+  put_lse(lb, lse, q0);
   if (!sums.empty())
     for (std::int64_t h = 0; h < pd.Hq; ++h) std::copy_n(cs.as_view().ptr(0, h, 0), Lk, sums.ptr(h, k0));
 }

@@ -202,23 +202,33 @@ struct score_tile {
 };
 
 // Which input batch each lane of xsimd::haddp sums: lane l of haddp(rows) is the sum of
-// rows[haddp_source<Arch>()[l]]. Probed once per Arch rather than assumed, because xsimd 8.1's
-// avx512f haddp returns the sums of rows 0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15
-// (checked against hadd of each row), while its SSE and AVX versions keep the order.
+// rows[haddp_order<Arch>[l]]. xsimd 8.1's avx512f haddp returns the sums of rows 0, 1, 4, 5, 2, 3,
+// 6, 7, 8, 9, 12, 13, 10, 11, 14, 15; its SSE and AVX versions keep the order. A compile-time
+// table, so the score pass can hand haddp its accumulators pre-permuted (a register renaming) and
+// store the sums in row order; haddp_order_probed computes the same from haddp itself, and the
+// split-KV test holds the table to it at every level.
 template <class Arch>
-const std::array<int, lanes<Arch>>& haddp_source() {
-  static const std::array<int, lanes<Arch>> source = [] {
-    using batch = simd::fbatch<Arch>;
-    constexpr std::int64_t W = simd::width<Arch>;
-    batch rows[W];
-    for (std::int64_t i = 0; i < W; ++i) rows[i] = batch(static_cast<float>(i));
-    alignas(64) float sums[W];
-    xsimd::haddp(rows).store_aligned(sums);
-    std::array<int, lanes<Arch>> src{};
-    for (std::int64_t l = 0; l < W; ++l) src[l] = static_cast<int>(sums[l]) / static_cast<int>(W);  // W * i, exact
-    return src;
-  }();
-  return source;
+inline constexpr std::array<int, lanes<Arch>> haddp_order = [] {
+  std::array<int, lanes<Arch>> order{};
+  if constexpr (lanes<Arch> == 16) {
+    order = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
+  } else {
+    for (std::size_t l = 0; l < order.size(); ++l) order[l] = static_cast<int>(l);
+  }
+  return order;
+}();
+
+template <class Arch>
+std::array<int, lanes<Arch>> haddp_order_probed() {
+  using batch = simd::fbatch<Arch>;
+  constexpr std::int64_t W = simd::width<Arch>;
+  batch rows[W];
+  for (std::int64_t i = 0; i < W; ++i) rows[i] = batch(static_cast<float>(i));
+  alignas(64) float sums[W];
+  xsimd::haddp(rows).store_aligned(sums);
+  std::array<int, lanes<Arch>> order{};
+  for (std::int64_t l = 0; l < W; ++l) order[static_cast<std::size_t>(l)] = static_cast<int>(sums[l]) / static_cast<int>(W);  // W * i, exact
+  return order;
 }
 
 // Tile of the value pass: the f32 accumulators of `row_tile` rows x `slices` batches of Dv stay in
@@ -317,7 +327,7 @@ void score_pass(std::int64_t R, std::int64_t Rpad, const float* qs, std::int64_t
     constexpr int RT = tile::row_tile, KB = tile::key_tile;
     constexpr std::int64_t W = simd::width<Arch>;
     const std::int64_t Dfull = D / W * W, P = keys.pair_end();
-    const std::array<int, W>& source = haddp_source<Arch>();
+    constexpr std::array<int, W> order = haddp_order<Arch>;
     for (std::int64_t j = 0; j < n; j += KB) {
       const elem* kr[KB];
       unroll<KB>([&](auto kk) { kr[kk] = keys.row(std::min<std::int64_t>(j + kk, n - 1)); });  // tail: repeat the last key
@@ -356,19 +366,23 @@ void score_pass(std::int64_t R, std::int64_t Rpad, const float* qs, std::int64_t
         if (c < D) step(c, [&](const elem* p) { return keys.load_partial(p, c, D - c); });
         // haddp takes the batches through a pointer: handing it a copy keeps `acc` itself in
         // registers through the D loop (with acc passed directly, GCC 12 kept every accumulator in
-        // memory and a K-only decode ran 1.5x slower in cache).
+        // memory and a K-only decode ran 1.5x slower in cache). The copy is in haddp's order, so
+        // lane a of the sums is accumulator a = r * KB + kk: each row's KB scores are adjacent.
         batch rows[W];
-        unroll<W>([&](auto a) { rows[a] = acc[a]; });
+        unroll<W>([&](auto l) { rows[order[l]] = acc[l]; });
         alignas(64) float sums[W];
         xsimd::haddp(rows).store_aligned(sums);
-        for (std::int64_t l = 0; l < W; ++l) {
-          const int a = source[l], r = a / KB, kk = a % KB;
-          if constexpr (biased) {
-            if (a < tile::accumulators && kk < valid) s[(r0 + r) * lds + j + kk] = sums[l] + bias[r0 + r];
-          } else {
-            if (a < tile::accumulators && kk < valid) s[(r0 + r) * lds + j + kk] = sums[l];
-          }
-        }
+        unroll<RT>([&](auto r) {
+          float* row = s + (r0 + r) * lds + j;
+          const float* from = sums + r * KB;
+          auto put = [&](std::int64_t kk) {
+            if constexpr (biased) row[kk] = from[kk] + bias[r0 + r];
+            else row[kk] = from[kk];
+          };
+          if (valid == KB) unroll<KB>([&](auto kk) { put(kk); });
+          else
+            for (std::int64_t kk = 0; kk < valid; ++kk) put(kk);
+        });
       }
     }
   }
@@ -668,12 +682,16 @@ void run(const dims& d, const Source& src, view<const float, 4> q, view<float, 4
         for (std::int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) {
           const detail::item& x = items[static_cast<std::size_t>(it)];
           const std::int64_t b = x.g / d.Hkv, hk = x.g % d.Hkv;
-          if (x.g != loaded) {
+          // qs = the group's queries times d.scale * f, zero padded.
+          auto load_queries = [&](float f) {
             std::fill(qs, qs + pl.Rpad * pl.Dpad, 0.0f);
             for (std::int64_t r = 0; r < pl.R; ++r) {
               const float* src_q = q.ptr(b, hk * G + r / d.Lq, r % d.Lq);
-              for (std::int64_t e = 0; e < d.D; ++e) qs[r * pl.Dpad + e] = d.scale * src_q[e];
+              for (std::int64_t e = 0; e < d.D; ++e) qs[r * pl.Dpad + e] = d.scale * src_q[e] * f;
             }
+          };
+          if (x.g != loaded) {
+            load_queries(1.0f);
             loaded = x.g;
           }
           const std::int64_t b0 = base[static_cast<std::size_t>(x.g)], nh = count(x.g), local = it - b0;
@@ -689,11 +707,8 @@ void run(const dims& d, const Source& src, view<const float, 4> q, view<float, 4
           // are computed again from q scaled by 2^-64, then 2^-128 (exact powers of two), and
           // scaled back. A NaN input stays NaN; finite inputs with finite scores come out finite.
           for (int e = 64; e <= 128 && detail::any_nan(pl.R, lse_at); e += 64) {
-            const float down = std::ldexp(1.0f, -e), up = std::ldexp(1.0f, e / 2);
-            for (std::int64_t r = 0; r < pl.R; ++r) {
-              const float* src_q = q.ptr(b, hk * G + r / d.Lq, r % d.Lq);
-              for (std::int64_t c = 0; c < d.D; ++c) qs[r * pl.Dpad + c] = d.scale * src_q[c] * down;
-            }
+            const float up = std::ldexp(1.0f, e / 2);
+            load_queries(std::ldexp(1.0f, -e));
             src.template scores<Arch, RowTile>(pl, kb, qs, s, own);
             for (std::int64_t r = 0; r < pl.R; ++r)
               for (std::int64_t j = 0; j < kb.n; ++j) s[r * decode_chunk + j] = s[r * decode_chunk + j] * up * up;

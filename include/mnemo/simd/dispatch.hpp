@@ -23,9 +23,8 @@
 // MNEMO_DISPATCH_NATIVE_ONLY (defined for a whole target, never for one TU of it) compiles the
 // translation unit's own arch only: every call runs it, whatever the requested level. The test
 // suite builds the executables that do not compare ISA paths this way (a third less compile time
-// for a kernel-heavy test on AVX-512); a library user has no reason to. MNEMO_DISPATCH_SKIP_SCALAR
-// leaves out the scalar level only (a scalar request runs the lowest level compiled): the
-// sanitizer build of the suite, whose time goes to the AVX-512 and AVX2 paths.
+// for a kernel-heavy test on AVX-512), and the sanitizer build builds every executable this way; a
+// library user has no reason to.
 #pragma once
 
 #include <cstdint>
@@ -114,9 +113,6 @@ struct arch_list {};
 #if defined(MNEMO_DISPATCH_NATIVE_ONLY)
 template <class Best>
 using dispatch_list_for = arch_list<Best>;
-#elif defined(MNEMO_DISPATCH_SKIP_SCALAR) && XSIMD_WITH_AVX512BW && XSIMD_WITH_FMA3_AVX2
-template <class Best>
-using dispatch_list_for = std::conditional_t<is_avx512bw<Best>, arch_list<Best, xsimd::fma3<xsimd::avx2>>, arch_list<Best>>;
 #else
 template <class Best>
 using dispatch_list_for = std::conditional_t<
