@@ -76,6 +76,32 @@ TEST(compressive, fast_matches_reference) {
     }
 }
 
+// Queries and keys far below zero: sigma = e^x is then below f32's normal range (e^-100), and
+// the fast path divided by a subnormal sigma(q) . z through its reciprocal, +inf (out -inf or NaN
+// where the reference, in double, is finite; fuzz/memory_fuzz.cpp). The state stays in range
+// (keys near -10 give z near e^-10 per token); only the feature rows of q, and of k in the delta
+// rule's correction, are extreme.
+TEST(compressive, very_negative_queries_and_keys_match_the_reference) {
+  for (mem::compressive_rule rule : {mem::compressive_rule::linear, mem::compressive_rule::delta}) {
+    infini_problem p(1, 2, 24, 6, 5, 77);
+    for (std::int64_t i = 0; i < p.k.size(); ++i) p.k.data()[i] = -10.0f + p.k.data()[i];
+    mem::compressive_state sr(1, 2, 6, 5), sf(1, 2, 6, 5);
+    mem::reference::compressive_update(p.k, p.v, sr, rule);
+    mem::reference::compressive_update(p.k, p.v, sf, rule);  // the same state for both retrievals
+    for (std::int64_t i = 0; i < p.q.size(); ++i) p.q.data()[i] = -100.0f + 3.0f * p.q.data()[i];
+    tensor<float, 4> r_ref({1, 2, 24, 5}), r_fast = r_ref;
+    mem::reference::compressive_retrieve(p.q, sr, r_ref);
+    mem::compressive_retrieve(p.q, sf, r_fast);
+    for (std::int64_t i = 0; i < r_fast.size(); ++i) ASSERT_TRUE(std::isfinite(r_fast.data()[i])) << i;
+    expect_close(r_fast, r_ref, 1e-5, 1e-4, "retrieve with q near -100");
+    // A second segment of keys near -100: the delta rule's correction reads M with them.
+    for (std::int64_t i = 0; i < p.k.size(); ++i) p.k.data()[i] -= 90.0f;
+    mem::reference::compressive_update(p.k, p.v, sr, rule);
+    mem::compressive_update(p.k, p.v, sf, rule);
+    expect_same_state(sf, sr, 1e-4, 1e-4, "update with k near -100");
+  }
+}
+
 TEST(compressive, a_stored_pair_is_retrieved) {
   // One token: M = sigma(k)^T v, z = sigma(k), so retrieving at q = k gives v exactly.
   const infini_problem p(1, 2, 1, 6, 5, 3);

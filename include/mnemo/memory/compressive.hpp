@@ -253,38 +253,62 @@ void elu_rows(const view<const float, 4>& x, std::int64_t b, std::int64_t h, std
   }
 }
 
+// The same rows scaled so that each row's largest entry is 1: sigma(x) / max_i sigma(x_i), that
+// is exp(x - max x) when every x <= 0. The quotients sigma(x) M / (sigma(x) z) do not change, and
+// they no longer underflow: sigma(-100) = e^-100 is below f32's range, and 1 / (sigma(q) . z) of
+// a subnormal denominator was +inf (found by fuzz/memory_fuzz.cpp: q and k near -100 gave -inf
+// where the reference, in double, gave -8.3).
+template <class Arch>
+void elu_rows_scaled(const view<const float, 4>& x, std::int64_t b, std::int64_t h, std::int64_t n, matrix& dst) {
+  const std::int64_t D = x.extent(3);
+  for (std::int64_t t = 0; t < n; ++t) {
+    const float* src = x.ptr(b, h, t);
+    float* row = dst.row(t).data();
+    const float m = *std::max_element(src, src + D);
+    for (std::int64_t i = 0; i < D; ++i)
+      row[i] = m > 0 ? elu_plus_one<Arch>(src[i]) / (m + 1.0f) : simd::exp<Arch>(src[i] - m);
+  }
+}
+
+// num / den of a scaled feature row (den > 0 when the memory holds anything; 0 for an empty one).
+inline float quotient(float num, float den) { return den > 0 ? num / den : 0.0f; }
+
 // One (b, h): out rows = sigma(Q) M / (sigma(Q) z), then (gate g) g * that + (1 - g) * out
 // when `blend`, else the retrieval alone.
 template <class Arch>
 void retrieve_head(const view<const float, 4>& q, const compressive_state& state, const view<float, 4>& out,
                    std::int64_t b, std::int64_t h, bool blend, float g, matrix& sq, matrix& num) {
   const std::int64_t L = q.extent(2), Dk = q.extent(3), Dv = out.extent(3);
-  elu_rows<Arch>(q, b, h, 0, L, sq);
+  elu_rows_scaled<Arch>(q, b, h, L, sq);
   const cmap M(state.memory().ptr(b, h), Dk, Dv);
   const Eigen::Map<const Eigen::VectorXf> z(state.normalizer().ptr(b, h), Dk);
   gemm<accumulate::assign>(num.topRows(L), sq.topRows(L), M);
   for (std::int64_t t = 0; t < L; ++t) {
     const float den = sq.row(t).dot(z);
-    const float inv = den > 0 ? 1.0f / den : 0.0f;
     float* o = out.ptr(b, h, t);
-    for (std::int64_t c = 0; c < Dv; ++c) o[c] = blend ? g * (num(t, c) * inv) + (1 - g) * o[c] : num(t, c) * inv;
+    for (std::int64_t c = 0; c < Dv; ++c)
+      o[c] = blend ? g * quotient(num(t, c), den) + (1 - g) * o[c] : quotient(num(t, c), den);
   }
 }
 
 // One (b, h): the linear or delta update with the rows of k, v.
+// The delta rule reads M_{s-1} with the scaled rows (in sk, before they are replaced by sigma(K)).
 template <class Arch>
 void update_head(const view<const float, 4>& k, const view<const float, 4>& v, compressive_state& state,
                  compressive_rule rule, std::int64_t b, std::int64_t h, matrix& sk, matrix& target, matrix& old) {
   const std::int64_t L = k.extent(2), Dk = k.extent(3), Dv = v.extent(3);
-  elu_rows<Arch>(k, b, h, 0, L, sk);
   map M(state.memory().ptr(b, h), Dk, Dv);
   Eigen::Map<Eigen::VectorXf> z(state.normalizer().ptr(b, h), Dk);
   for (std::int64_t t = 0; t < L; ++t) std::copy(v.ptr(b, h, t), v.ptr(b, h, t) + Dv, target.row(t).data());
-  // z is a sum of sigma(k) > 0, so one non-zero entry makes every sigma(k) . z > 0.
-  if (rule == compressive_rule::delta && (z.array() != 0.0f).any()) {
+  if (rule == compressive_rule::delta) {
+    elu_rows_scaled<Arch>(k, b, h, L, sk);
     gemm<accumulate::assign>(old.topRows(L), sk.topRows(L), M);  // what M_{s-1} returns for each k_t, before division
-    for (std::int64_t t = 0; t < L; ++t) target.row(t) -= old.row(t) / sk.row(t).dot(z);
+    for (std::int64_t t = 0; t < L; ++t) {
+      const float den = sk.row(t).dot(z);
+      for (std::int64_t c = 0; c < Dv; ++c) target(t, c) -= quotient(old(t, c), den);
+    }
   }
+  elu_rows<Arch>(k, b, h, 0, L, sk);
   gemm<accumulate::add>(M, sk.topRows(L).transpose(), target.topRows(L));
   z += sk.topRows(L).colwise().sum().transpose();
 }
