@@ -307,6 +307,12 @@ class kivi_source {
     const std::int64_t vs = c_->value_codes().stride(1);
     const float* kscale = c_->key_scales(hk).data();
     const float* kmin = c_->key_mins(hk).data();
+    // The value pass's per-token scales and minimums of this block: 2 NG short streams beside the
+    // codes, which the hardware prefetchers would otherwise pick up late.
+    for (std::int64_t gg = 0; gg < c_->value_groups(); ++gg) {
+      attention::split_kv::prefetch(c_->value_scales().ptr(hk, gg, kb.j0), kb.n * static_cast<std::int64_t>(sizeof(float)));
+      attention::split_kv::prefetch(c_->value_mins().ptr(hk, gg, kb.j0), kb.n * static_cast<std::int64_t>(sizeof(float)));
+    }
     // One key group piece at a time: qk = q * scale (pair order), bias = q . min.
     std::int64_t g = static_cast<std::int64_t>(std::upper_bound(start.begin(), start.end(), kb.j0) - start.begin()) - 1;
     for (std::int64_t a = kb.j0; a < kb.j0 + kb.n; ++g) {

@@ -101,6 +101,24 @@ inline B fmadd(B a, B b, B c) {
   }
 }
 
+// Keeps b in a register from here on: the compiler may no longer fold the load that made it into
+// each instruction that uses it. A tile loop that multiplies one loaded batch with several others
+// (the split-KV score pass: one q slice times key_tile keys) otherwise reloads it once per use
+// (GCC 12 does), and on Zen 4, where a 512-bit load takes both load ports for a cycle, the loads
+// and not the FMAs bound the loop. An empty asm with the register as in-out operand; no code.
+template <class B>
+  requires is_batch_arch<typename B::arch_type>
+inline void in_register([[maybe_unused]] B& b) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  using Arch = typename B::arch_type;
+  if constexpr (is_sse2<Arch> || std::is_base_of_v<xsimd::avx, Arch> || is_avx512<Arch>) {
+    auto r = static_cast<typename B::register_type>(b);
+    asm("" : "+v"(r));
+    b = r;
+  }
+#endif
+}
+
 // The exponent fields of 2^n1 and 2^n2, n1 = floor(n / 2), n2 = n - n1, straight from the bits
 // of t = shifter + n: u = n + 2 * bias, e1 = u >> 1 = n1 + bias, e2 = u - e1 = n2 + bias.
 inline constexpr std::int32_t exp_split_offset =
