@@ -237,7 +237,7 @@ class layer_cache {
       require(n <= cfg_.capacity - length_[static_cast<std::size_t>(h)], fn, ": kv head ", h, " holds ",
               length_[static_cast<std::size_t>(h)], " tokens; ", n, " more exceed the capacity ", cfg_.capacity,
               " (compact first)");
-    if (is_quantized(cfg_.kind)) require_quantizable(fn, k, v);
+    if (is_quantized(cfg_.kind)) quant::require_quantizable(fn, k, v);
     if (n == 0) return;
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
       for (std::int64_t t = 0; t < n; ++t) {
@@ -447,21 +447,6 @@ class layer_cache {
   template <class T>
   static std::int64_t slot_offset(const tensor<T, 3>& t, std::int64_t h, std::int64_t slot) {
     return (h * t.extent(1) + slot) * t.extent(2);
-  }
-
-  // Quantized kinds take finite values with |x| <= quant::max_magnitude (quant.hpp: beyond it a
-  // group's range overflows and the codes read back as NaN).
-  static void require_quantizable(const char* fn, view<const float, 3> k, view<const float, 3> v) {
-    for (int which = 0; which < 2; ++which) {
-      const view<const float, 3>& x = which ? v : k;
-      for (std::int64_t h = 0; h < x.extent(0); ++h)
-        for (std::int64_t t = 0; t < x.extent(1); ++t)
-          for (std::int64_t c = 0; c < x.extent(2); ++c)
-            if (!quant::quantizable(x(h, t, c)))
-              detail::fail(fn, ": ", which ? "v" : "k", " must be finite with |", which ? "v" : "k", "| <= ",
-                           quant::max_magnitude, " (quant::max_magnitude) for quantized storage, got ", x(h, t, c),
-                           " at [", h, ", ", t, ", ", c, "]");
-    }
   }
 
   // Start slot of every key group of head h, plus quantized_length(h) at the end.

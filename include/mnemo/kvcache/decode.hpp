@@ -254,6 +254,106 @@ attention::split_kv::strided_source<T> dense_source(const layer_cache& c) {
 
 }  // namespace decode_detail
 
+// The KIVI tile work both KIVI sources share (this file's kivi_source over a layer_cache, and
+// kvcache/paged_attention.hpp's over quantized pages): scores of a run of keys of one key group,
+// and the value pass over a run of value code rows, with the per-slot scratch they use.
+namespace kivi {
+
+using attention::split_kv::plan;
+inline constexpr std::int64_t decode_chunk = attention::decode_chunk;
+
+// Per-slot scratch: qk [Rpad, Dpad] q * key scale of the current key group in pair order (padding
+// stays zero), bias [Rpad] q . key min (padding rows zero), coef [R, NG, decode_chunk] p * value
+// scale, msum [R, NG] sum_j p * value min, row [Dvpad] one output row while it is put back in
+// channel order.
+struct scratch {
+  float *qk, *bias, *coef, *msum, *row;
+
+  struct sizes {
+    std::int64_t qk, bias, coef, msum, row;
+    std::int64_t total() const { return qk + bias + coef + msum + row; }
+  };
+  static sizes sizes_of(const plan& pl, std::int64_t NG) {
+    using attention::split_kv::round_up;
+    constexpr std::int64_t align = 64 / sizeof(float);
+    return {round_up(pl.Rpad * pl.Dpad, align), round_up(pl.Rpad, align), round_up(pl.R * NG * decode_chunk, align),
+            round_up(pl.R * NG, align), round_up(pl.Dvpad, align)};
+  }
+  static scratch split(const plan& pl, std::int64_t NG, float* base) {
+    const sizes z = sizes_of(pl, NG);
+    scratch w{base, nullptr, nullptr, nullptr, nullptr};
+    w.bias = w.qk + z.qk;
+    w.coef = w.bias + z.bias;
+    w.msum = w.coef + z.coef;
+    w.row = w.msum + z.msum;
+    return w;
+  }
+};
+
+// Scores of n keys of one key group (per-channel scale and min [D]) into s[r * decode_chunk + j]:
+// qk = q * scale in the loader's pair order and bias = q . min, then the score pass over the key
+// code rows kc (ks bytes apart), with the value code rows vc (vs apart) prefetched beside them.
+template <class Arch, int RowTile, int Bits>
+void group_scores(const plan& pl, const scratch& w, const float* qs, const float* scale, const float* min,
+                  const std::uint8_t* kc, std::int64_t ks, const std::uint8_t* vc, std::int64_t vs, std::int64_t n,
+                  float* s) {
+  constexpr std::int64_t W = attention::split_kv::lanes<Arch>;
+  const std::int64_t D = pl.d.D, Pk = decode_detail::key_pairs<Arch>(D);
+  for (std::int64_t r = 0; r < pl.R; ++r) {
+    const float* qr = qs + r * pl.Dpad;
+    float* out = w.qk + r * pl.Dpad;
+    for (std::int64_t e0 = 0; e0 < Pk; e0 += 2 * W)
+      for (std::int64_t i = 0; i < 2 * W; ++i) out[e0 + decode_detail::pair_slot<Bits>(i, W)] = qr[e0 + i] * scale[e0 + i];
+    for (std::int64_t e = Pk; e < D; ++e) out[e] = qr[e] * scale[e];
+    w.bias[r] = simd::dot<Arch>(qr, min, D);
+  }
+  const decode_detail::code_rows<Arch, Bits> rows{kc, ks, D, Pk};
+  const decode_detail::code_rows<Arch, Bits> next{vc, vs, pl.d.Dv, 0};  // value codes, prefetched beside K
+  attention::split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, w.qk, pl.Dpad, D, rows, n, w.bias, s, decode_chunk, next);
+}
+
+// Adds sum_j p_j b_jg code_j (pair order, no minimum term) for n keys whose value code rows start
+// at vc (vs bytes apart) into acc, and sum_j p_j n_jg into w.msum; the scales and minimums of key
+// j of group g are vscale[g * gs + j], vmin[g * gs + j]. p: the probabilities of these keys, row r
+// at p[r * decode_chunk]. w.msum starts at zero for a block (begin_values); finish_values then
+// adds it and puts acc back in channel order.
+template <class Arch, int Bits>
+void run_values(const plan& pl, const scratch& w, std::int64_t NG, std::int64_t VG, const float* p,
+                const std::uint8_t* vc, std::int64_t vs, const float* vscale, const float* vmin, std::int64_t gs,
+                std::int64_t n, float* acc) {
+  for (std::int64_t r = 0; r < pl.R; ++r) {
+    const float* pr = p + r * decode_chunk;
+    for (std::int64_t g = 0; g < NG; ++g) {
+      const float* sc = vscale + g * gs;
+      float* cr = w.coef + (r * NG + g) * decode_chunk;
+      for (std::int64_t j = 0; j < n; ++j) cr[j] = pr[j] * sc[j];
+      w.msum[r * NG + g] += simd::dot<Arch>(pr, vmin + g * gs, n);
+    }
+  }
+  const std::int64_t Pv = decode_detail::value_pairs<Arch, Bits>(pl.d.Dv, VG);
+  const decode_detail::code_rows<Arch, Bits> rows{vc, vs, pl.d.Dv, Pv};
+  attention::split_kv::value_pass<Arch>(pl.R, w.coef, NG, VG, decode_chunk, pl.d.Dv, pl.Dvpad, rows, n, acc);
+}
+
+inline void begin_values(const plan& pl, const scratch& w, std::int64_t NG) { std::fill_n(w.msum, pl.R * NG, 0.0f); }
+
+template <class Arch, int Bits>
+void finish_values(const plan& pl, const scratch& w, std::int64_t NG, std::int64_t VG, float* acc) {
+  constexpr std::int64_t W = attention::split_kv::lanes<Arch>;
+  const std::int64_t Dv = pl.d.Dv, Pv = decode_detail::value_pairs<Arch, Bits>(Dv, VG);
+  for (std::int64_t r = 0; r < pl.R; ++r) {
+    float* o = acc + r * pl.Dvpad;
+    if (Bits == 4 && Pv > 0) {  // pair order -> channel order
+      std::copy(o, o + Pv, w.row);
+      for (std::int64_t e0 = 0; e0 < Pv; e0 += 2 * W)
+        for (std::int64_t i = 0; i < 2 * W; ++i) o[e0 + i] = w.row[e0 + decode_detail::pair_slot<Bits>(i, W)];
+    }
+    for (std::int64_t e = 0; e < Dv; ++e) o[e] += w.msum[r * NG + e / VG];
+  }
+}
+
+}  // namespace kivi
+
 // The KIVI store of a cache (int8 or int4) as a split-KV source. Part 0 of a head is its quantized
 // slots [0, quantized_length(h)), read as codes and dequantized inside the dot products (see the
 // header); part 1 its f32 residual window, a strided source of its own.
@@ -262,9 +362,6 @@ class kivi_source {
   using key_block = attention::split_kv::key_block;
   using key_parts = attention::split_kv::key_parts;
   using plan = attention::split_kv::plan;
-  static constexpr std::int64_t decode_chunk = attention::decode_chunk;
-  template <class Arch>
-  static constexpr std::int64_t lanes = attention::split_kv::lanes<Arch>;
 
  public:
   static constexpr bool per_row_keys = false;
@@ -285,51 +382,30 @@ class kivi_source {
     return {2, {c_->quantized_length(hk), c_->residual_length(hk)}};
   }
 
-  // Per-slot scratch: qk [Rpad, Dpad] q * key scale of the current key group in pair order
-  // (padding stays zero), bias [Rpad] q . key min (padding rows zero), coef [R, NG, decode_chunk]
-  // p * value scale, msum [R, NG] sum_j p * value min, row [Dvpad] one output row while it is put
-  // back in channel order.
-  std::int64_t scratch_floats(const plan& pl) const {
-    const sizes z = scratch_sizes(pl);
-    return z.qk + z.bias + z.coef + z.msum + z.row;
-  }
+  std::int64_t scratch_floats(const plan& pl) const { return kivi::scratch::sizes_of(pl, c_->value_groups()).total(); }
 
   template <class Arch, int RowTile>
   void scores(const plan& pl, const key_block& kb, const float* qs, float* s, float* scratch) const {
     if (kb.part == 1) return residual_.template scores<Arch, RowTile>(pl, kb, qs, s, nullptr);
-    constexpr std::int64_t W = lanes<Arch>;
-    const scratch_rows w = split(pl, scratch);
-    const std::int64_t D = pl.d.D, Pk = decode_detail::key_pairs<Arch>(D), hk = kb.hk;
+    const kivi::scratch w = kivi::scratch::split(pl, c_->value_groups(), scratch);
+    const std::int64_t D = pl.d.D, hk = kb.hk;
     const std::vector<std::int64_t>& start = starts_[static_cast<std::size_t>(hk)];
     const std::uint8_t* kc = c_->key_codes().ptr(hk, 0);
     const std::int64_t ks = c_->key_codes().stride(1);
     const std::uint8_t* vc = c_->value_codes().ptr(hk, 0);
     const std::int64_t vs = c_->value_codes().stride(1);
-    const float* kscale = c_->key_scales(hk).data();
-    const float* kmin = c_->key_mins(hk).data();
     // The value pass's per-token scales and minimums of this block: 2 NG short streams beside the
     // codes, which the hardware prefetchers would otherwise pick up late.
     for (std::int64_t gg = 0; gg < c_->value_groups(); ++gg) {
       attention::split_kv::prefetch(c_->value_scales().ptr(hk, gg, kb.j0), kb.n * static_cast<std::int64_t>(sizeof(float)));
       attention::split_kv::prefetch(c_->value_mins().ptr(hk, gg, kb.j0), kb.n * static_cast<std::int64_t>(sizeof(float)));
     }
-    // One key group piece at a time: qk = q * scale (pair order), bias = q . min.
+    // One key group piece at a time.
     std::int64_t g = static_cast<std::int64_t>(std::upper_bound(start.begin(), start.end(), kb.j0) - start.begin()) - 1;
     for (std::int64_t a = kb.j0; a < kb.j0 + kb.n; ++g) {
       const std::int64_t b = std::min(kb.j0 + kb.n, start[static_cast<std::size_t>(g) + 1]);
-      const float* sc = kscale + g * D;
-      for (std::int64_t r = 0; r < pl.R; ++r) {
-        const float* qr = qs + r * pl.Dpad;
-        float* out = w.qk + r * pl.Dpad;
-        for (std::int64_t e0 = 0; e0 < Pk; e0 += 2 * W)
-          for (std::int64_t i = 0; i < 2 * W; ++i) out[e0 + decode_detail::pair_slot<Bits>(i, W)] = qr[e0 + i] * sc[e0 + i];
-        for (std::int64_t e = Pk; e < D; ++e) out[e] = qr[e] * sc[e];
-        w.bias[r] = simd::dot<Arch>(qr, kmin + g * D, D);
-      }
-      const decode_detail::code_rows<Arch, Bits> rows{kc + a * ks, ks, D, Pk};
-      const decode_detail::code_rows<Arch, Bits> next{vc + a * vs, vs, pl.d.Dv, 0};  // value codes, prefetched beside K
-      attention::split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, w.qk, pl.Dpad, D, rows, b - a, w.bias, s + (a - kb.j0),
-                                                     decode_chunk, next);
+      kivi::group_scores<Arch, RowTile, Bits>(pl, w, qs, c_->key_scales(hk).data() + g * D, c_->key_mins(hk).data() + g * D,
+                                              kc + a * ks, ks, vc + a * vs, vs, b - a, s + (a - kb.j0));
       a = b;
     }
   }
@@ -337,58 +413,16 @@ class kivi_source {
   template <class Arch>
   void values(const plan& pl, const key_block& kb, const float* p, float* acc, float* scratch) const {
     if (kb.part == 1) return residual_.template values<Arch>(pl, kb, p, acc, nullptr);
-    constexpr std::int64_t W = lanes<Arch>;
-    const scratch_rows w = split(pl, scratch);
-    const std::int64_t Dv = pl.d.Dv, hk = kb.hk, j0 = kb.j0, n = kb.n;
-    // Coefficients p * scale and the minimum sums per (row, group), then the pass over codes.
-    const std::int64_t NG = c_->value_groups(), VG = c_->config().quant.value_group;
-    const std::int64_t Pv = decode_detail::value_pairs<Arch, Bits>(Dv, VG);
-    for (std::int64_t r = 0; r < pl.R; ++r) {
-      const float* pr = p + r * decode_chunk;
-      for (std::int64_t gg = 0; gg < NG; ++gg) {
-        const float* vscale = c_->value_scales().ptr(hk, gg, j0);
-        float* cr = w.coef + (r * NG + gg) * decode_chunk;
-        for (std::int64_t j = 0; j < n; ++j) cr[j] = pr[j] * vscale[j];
-        w.msum[r * NG + gg] = simd::dot<Arch>(pr, c_->value_mins().ptr(hk, gg, j0), n);
-      }
-    }
-    const decode_detail::code_rows<Arch, Bits> rows{c_->value_codes().ptr(hk, j0), c_->value_codes().stride(1), Dv, Pv};
-    attention::split_kv::value_pass<Arch>(pl.R, w.coef, NG, VG, decode_chunk, Dv, pl.Dvpad, rows, n, acc);
-    for (std::int64_t r = 0; r < pl.R; ++r) {
-      float* o = acc + r * pl.Dvpad;
-      if (Bits == 4 && Pv > 0) {  // pair order -> channel order
-        std::copy(o, o + Pv, w.row);
-        for (std::int64_t e0 = 0; e0 < Pv; e0 += 2 * W)
-          for (std::int64_t i = 0; i < 2 * W; ++i) o[e0 + i] = w.row[e0 + decode_detail::pair_slot<Bits>(i, W)];
-      }
-      for (std::int64_t e = 0; e < Dv; ++e) o[e] += w.msum[r * NG + e / VG];
-    }
+    const std::int64_t NG = c_->value_groups(), VG = c_->config().quant.value_group, hk = kb.hk, j0 = kb.j0;
+    const kivi::scratch w = kivi::scratch::split(pl, NG, scratch);
+    const auto& scales = c_->value_scales();
+    kivi::begin_values(pl, w, NG);
+    kivi::run_values<Arch, Bits>(pl, w, NG, VG, p, c_->value_codes().ptr(hk, j0), c_->value_codes().stride(1),
+                                 scales.ptr(hk, 0, j0), c_->value_mins().ptr(hk, 0, j0), scales.stride(1), kb.n, acc);
+    kivi::finish_values<Arch, Bits>(pl, w, NG, VG, acc);
   }
 
  private:
-  struct sizes {
-    std::int64_t qk, bias, coef, msum, row;
-  };
-  struct scratch_rows {
-    float *qk, *bias, *coef, *msum, *row;
-  };
-  sizes scratch_sizes(const plan& pl) const {
-    using attention::split_kv::round_up;
-    constexpr std::int64_t align = 64 / sizeof(float);
-    const std::int64_t NG = c_->value_groups();
-    return {round_up(pl.Rpad * pl.Dpad, align), round_up(pl.Rpad, align), round_up(pl.R * NG * decode_chunk, align),
-            round_up(pl.R * NG, align), round_up(pl.Dvpad, align)};
-  }
-  scratch_rows split(const plan& pl, float* scratch) const {
-    const sizes z = scratch_sizes(pl);
-    scratch_rows w{scratch, nullptr, nullptr, nullptr, nullptr};
-    w.bias = w.qk + z.qk;
-    w.coef = w.bias + z.bias;
-    w.msum = w.coef + z.coef;
-    w.row = w.msum + z.msum;
-    return w;
-  }
-
   const layer_cache* c_;
   attention::split_kv::strided_source<float> residual_;  // [1, Hkv, residual, D | Dv]
   std::vector<std::vector<std::int64_t>> starts_;        // per head: start slot of every key group, then quantized_length

@@ -286,7 +286,7 @@ class paged_cache {
     if (n == 0) return;
     require(st.next_position <= INT64_MAX - n, fn, ": positions would overflow: next position ", st.next_position,
             " + n = ", n);
-    if (is_quantized(cfg_.kind)) require_quantizable(fn, k, v);
+    if (is_quantized(cfg_.kind)) quant::require_quantizable(fn, k, v);
     // Pages the longest head needs after the append, and the copies of shared pages it writes into.
     const std::int64_t S = cfg_.page_size;
     std::int64_t need = 0;
@@ -445,20 +445,6 @@ class paged_cache {
   void require_quantized(const char* fn) const {
     detail::require(is_quantized(cfg_.kind), fn, ": the cache stores ", storage_name(cfg_.kind),
                     ", not int8 or int4 (quantized pages)");
-  }
-
-  // Quantized kinds take finite values with |x| <= quant::max_magnitude (as layer_cache::append).
-  static void require_quantizable(const char* fn, view<const float, 3> k, view<const float, 3> v) {
-    for (int which = 0; which < 2; ++which) {
-      const view<const float, 3>& x = which ? v : k;
-      for (std::int64_t h = 0; h < x.extent(0); ++h)
-        for (std::int64_t t = 0; t < x.extent(1); ++t)
-          for (std::int64_t c = 0; c < x.extent(2); ++c)
-            if (!quant::quantizable(x(h, t, c)))
-              detail::fail(fn, ": ", which ? "v" : "k", " must be finite with |", which ? "v" : "k", "| <= ",
-                           quant::max_magnitude, " (quant::max_magnitude) for quantized storage, got ", x(h, t, c),
-                           " at [", h, ", ", t, ", ", c, "]");
-    }
   }
 
   // Page and row of slot `slot` (slots count from the sequence's first kept token, `start` rows

@@ -32,6 +32,8 @@
 #include <cstring>
 #include <limits>
 
+#include "mnemo/core/error.hpp"
+#include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/arch.hpp"
 #include "mnemo/simd/load.hpp"
 #include "mnemo/simd/math.hpp"
@@ -45,6 +47,22 @@ inline constexpr float max_magnitude = std::numeric_limits<float>::max() / 2;
 
 // Whether x can be quantized: finite and |x| <= max_magnitude (false for NaN).
 inline bool quantizable(float x) { return std::abs(x) <= max_magnitude; }
+
+// The check of every append to a quantized cache (layer_cache, paged_cache): k [Hkv, n, D] and
+// v [Hkv, n, Dv] finite with |x| <= max_magnitude, else mnemo::error naming fn, the tensor, the
+// value and where it is.
+inline void require_quantizable(const char* fn, view<const float, 3> k, view<const float, 3> v) {
+  for (int which = 0; which < 2; ++which) {
+    const view<const float, 3>& x = which ? v : k;
+    for (std::int64_t h = 0; h < x.extent(0); ++h)
+      for (std::int64_t t = 0; t < x.extent(1); ++t)
+        for (std::int64_t c = 0; c < x.extent(2); ++c)
+          if (!quantizable(x(h, t, c)))
+            mnemo::detail::fail(fn, ": ", which ? "v" : "k", " must be finite with |", which ? "v" : "k", "| <= ",
+                                max_magnitude, " (quant::max_magnitude) for quantized storage, got ", x(h, t, c), " at [",
+                                h, ", ", t, ", ", c, "]");
+  }
+}
 
 // The highest code of a b-bit quantizer.
 constexpr int levels(int bits) { return (1 << bits) - 1; }
