@@ -30,6 +30,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -177,11 +178,33 @@ struct kivi_pages_source {
     }
     const kivi::scratch w = kivi::scratch::split(pl, c->value_groups(), scratch);
     const auto kc = c->key_codes(), vc = c->value_codes();
+    const auto vscale = c->value_scales(), vmin = c->value_mins();
+    // The runs of the block first, so that each one can prefetch the start of the next: the score
+    // pass prefetches a fixed distance ahead inside its run only, and a run ends at a page end.
+    struct run_at {
+      std::int64_t j, page, row, n;
+    };
+    std::array<run_at, attention::decode_chunk / paged_cache::min_page_size + 2> at;
+    std::size_t count = 0;
     runs(kb.b, kb.j0, kb.n, [&](std::int64_t j, std::int64_t page, std::int64_t row, std::int64_t run) {
-      kivi::group_scores<Arch, RowTile, Bits>(pl, w, qs, c->key_scales().ptr(page, hk, 0), c->key_mins().ptr(page, hk, 0),
-                                              kc.ptr(page, hk, row), kc.stride(2), vc.ptr(page, hk, row), vc.stride(2), run,
-                                              s + j);
+      at[count++] = {j, page, row, run};
     });
+    for (std::size_t i = 0; i < count; ++i) {
+      const run_at& r = at[i];
+      if (i + 1 < count) {
+        const run_at& next = at[i + 1];
+        const std::int64_t ahead = std::min(next.n, attention::split_kv::prefetch_keys);
+        attention::split_kv::prefetch(kc.ptr(next.page, hk, next.row), ahead * kc.stride(2));
+        attention::split_kv::prefetch(vc.ptr(next.page, hk, next.row), ahead * vc.stride(2));
+      }
+      for (std::int64_t g = 0; g < c->value_groups(); ++g) {  // the value pass's scales and minimums
+        attention::split_kv::prefetch(vscale.ptr(r.page, hk, g, r.row), r.n * static_cast<std::int64_t>(sizeof(float)));
+        attention::split_kv::prefetch(vmin.ptr(r.page, hk, g, r.row), r.n * static_cast<std::int64_t>(sizeof(float)));
+      }
+      kivi::group_scores<Arch, RowTile, Bits>(pl, w, qs, c->key_scales().ptr(r.page, hk, 0), c->key_mins().ptr(r.page, hk, 0),
+                                              kc.ptr(r.page, hk, r.row), kc.stride(2), vc.ptr(r.page, hk, r.row),
+                                              vc.stride(2), r.n, s + r.j);
+    }
   }
 
   template <class Arch>
