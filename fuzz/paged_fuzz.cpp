@@ -1,18 +1,22 @@
 // fuzz/paged_fuzz.cpp — kvcache::paged_cache under sequences of create / fork / append / truncate /
-// keep_last / compact / release decoded from the input, then attention::paged over every live
-// sequence against attention::reference_paged.
+// keep_last / compact / release decoded from the input, then attention::paged (dense pages) or
+// kvcache::paged_attention (KIVI int8 / int4 pages) over every live sequence against
+// attention::reference_paged.
 //
 // A shadow model keeps every live sequence's tokens per kv head (stored values, positions). After
 // each operation:
 //  * every live sequence reads back (gather, positions) as its shadow, in every storage kind
-//    (f32 exact, f16 / bf16 rounded);
+//    (f32 exact, f16 / bf16 rounded; int8 / int4 within a few quantization steps of the value
+//    range, since truncate and compact may quantize a token again);
 //  * a rejected call (mnemo::error: bad ids, lengths, selections, an exhausted pool) changes no
 //    live sequence;
 //  * pages are conserved: the pool's free pages plus the distinct pages the live sequences hold
 //    equal num_pages (no leak, no page freed while held).
-// At the end one attention::paged call over all live sequences, each with its own query count (0
-// to 20: decode, verify and prefill-chunk paths), a fuzzed mod and sinks, must match
-// reference_paged to f32 rounding (column sums too) and leave the canaries around out intact.
+// At the end one attention::paged call over all live sequences (kvcache::paged_attention for the
+// KIVI kinds), each with its own query count (0 to 20: decode, verify and prefill-chunk paths), a
+// fuzzed mod and sinks, must match reference_paged to f32 rounding (column sums too; for KIVI the
+// reference reads the keys and values paged_cache::gather returns) and leave the canaries around
+// out intact.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,12 +24,14 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <type_traits>
 #include <vector>
 
 #include "common.hpp"
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/paged.hpp"
 #include "mnemo/kvcache/paged.hpp"
+#include "mnemo/kvcache/paged_attention.hpp"
 
 namespace {
 
@@ -45,8 +51,19 @@ float stored(kv::storage kind, float x) {
   return x;
 }
 
+// How far a read-back element may be from what was appended: 0 for f32, the rounding of f16 /
+// bf16 (stored() applies it), and for the KIVI kinds a few quantization steps of the range of
+// uniform(-1, 1) inputs (a step is 2 / (2^bits - 1); each requantization by truncate or compact
+// adds at most half a step, and a sequence goes through few of them in one input).
+float tolerance(kv::storage kind) {
+  if (kind == kv::storage::int8) return 8.0f * 2.0f / 255.0f;
+  if (kind == kv::storage::int4) return 8.0f * 2.0f / 15.0f;
+  return 0.0f;
+}
+
 void check_sequence(const kv::paged_cache& c, std::int64_t s, const shadow_seq& want) {
   const std::int64_t D = c.head_dim(), Dv = c.value_dim();
+  const float tol = tolerance(c.kind());
   for (std::int64_t h = 0; h < c.num_heads(); ++h) {
     const auto& w = want[static_cast<std::size_t>(h)];
     const std::int64_t n = c.length(s, h);
@@ -60,10 +77,10 @@ void check_sequence(const kv::paged_cache& c, std::int64_t s, const shadow_seq& 
       const token& t = w[static_cast<std::size_t>(i)];
       fuzz::check(c.position(s, h, i) == t.position, "position differs from the shadow model");
       for (std::int64_t e = 0; e < D; ++e)
-        fuzz::check(k[static_cast<std::size_t>(i * D + e)] == stored(c.kind(), t.k[static_cast<std::size_t>(e)]),
+        fuzz::check(std::abs(k[static_cast<std::size_t>(i * D + e)] - stored(c.kind(), t.k[static_cast<std::size_t>(e)])) <= tol,
                     "key differs from the shadow model");
       for (std::int64_t e = 0; e < Dv; ++e)
-        fuzz::check(v[static_cast<std::size_t>(i * Dv + e)] == stored(c.kind(), t.v[static_cast<std::size_t>(e)]),
+        fuzz::check(std::abs(v[static_cast<std::size_t>(i * Dv + e)] - stored(c.kind(), t.v[static_cast<std::size_t>(e)])) <= tol,
                     "value differs from the shadow model");
     }
   }
@@ -103,8 +120,31 @@ void check_attention(const kv::paged_cache& c, const std::vector<std::int64_t>& 
   attn::options opt;
   opt.threads = in.ConsumeIntegralInRange<int>(1, 3);
   if (in.ConsumeBool()) opt.sinks = sinks.as_view();
-  const attn::paged_kv<KV> pool{c.keys<KV>().permute({0, 2, 1, 3}), c.values<KV>().permute({0, 2, 1, 3}), cview(table),
-                                cview(lens), cview(starts)};
+  // The pool of the reference: the cache's own pages, or for the KIVI kinds each sequence's
+  // gathered keys and values as one f32 page of its own (what kvcache::paged_attention must match).
+  constexpr bool kivi = std::is_same_v<KV, std::uint8_t>;
+  using RefKV = std::conditional_t<kivi, float, KV>;
+  tensor<float, 4> kg({kivi ? B : 0, 1, Hkv, D}), vg({kivi ? B : 0, 1, Hkv, Dv});
+  tensor<std::int64_t, 2> own({kivi ? B : 0, 1});
+  if constexpr (kivi) {
+    std::int64_t longest = 1;
+    for (std::int64_t b = 0; b < B; ++b) longest = std::max(longest, lens(b));
+    kg = tensor<float, 4>({B, longest, Hkv, D}), vg = tensor<float, 4>({B, longest, Hkv, Dv});
+    for (std::int64_t b = 0; b < B; ++b) {
+      own(b, 0) = b;
+      starts(b) = 0;
+      std::vector<std::int64_t> slots(static_cast<std::size_t>(lens(b)));
+      for (std::int64_t j = 0; j < lens(b); ++j) slots[static_cast<std::size_t>(j)] = j;
+      for (std::int64_t h = 0; h < Hkv; ++h)
+        c.gather(live[static_cast<std::size_t>(b)], h, slots, view<float, 2>(&kg(b, 0, h, 0), {lens(b), D}, {Hkv * D, 1}),
+                 view<float, 2>(&vg(b, 0, h, 0), {lens(b), Dv}, {Hkv * Dv, 1}));
+    }
+  }
+  const attn::paged_kv<RefKV> pool = [&] {
+    if constexpr (kivi) return attn::paged_kv<float>{cview(kg), cview(vg), cview(own), cview(lens), cview(starts)};
+    else return attn::paged_kv<KV>{c.keys<KV>().permute({0, 2, 1, 3}), c.values<KV>().permute({0, 2, 1, 3}), cview(table),
+                                   cview(lens), cview(starts)};
+  }();
   // out with guard cells before and after.
   constexpr std::int64_t guard = 16;
   std::vector<float> out_buf(static_cast<std::size_t>(T * Hq * Dv + 2 * guard), fuzz::canary);
@@ -117,11 +157,12 @@ void check_attention(const kv::paged_cache& c, const std::vector<std::int64_t>& 
     fuzz::stats::count("attention rejected");
     return;
   }
-  attn::paged(cview(q), cview(cu), pool, out, lse.as_view(), mod, opt, sums.as_view());
+  if constexpr (kivi) kv::paged_attention(c, live, cview(q), cview(cu), out, lse.as_view(), mod, opt, sums.as_view());
+  else attn::paged(cview(q), cview(cu), pool, out, lse.as_view(), mod, opt, sums.as_view());
   for (std::int64_t i = 0; i < guard; ++i)
     fuzz::check(out_buf[static_cast<std::size_t>(i)] == fuzz::canary &&
                     out_buf[out_buf.size() - 1 - static_cast<std::size_t>(i)] == fuzz::canary,
-                "attention::paged wrote outside out");
+                "attention wrote outside out");
   auto close = [](float got, float want, const char* what) {
     if (std::isinf(want) || std::isnan(want)) {
       if (!(got == want || (std::isnan(got) && std::isnan(want)))) fuzz::die("%s: got %.9g, want %.9g", what, got, want);
@@ -143,9 +184,11 @@ void check_attention(const kv::paged_cache& c, const std::vector<std::int64_t>& 
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   FuzzedDataProvider in(data, size);
-  constexpr kv::storage kinds[] = {kv::storage::f32, kv::storage::f16, kv::storage::bf16};
+  constexpr kv::storage kinds[] = {kv::storage::f32, kv::storage::f16, kv::storage::bf16, kv::storage::int8,
+                                   kv::storage::int4};
   kv::paged_config cfg;
-  cfg.kind = kinds[in.ConsumeIntegralInRange<int>(0, 2)];
+  cfg.kind = kinds[in.ConsumeIntegralInRange<int>(0, 4)];
+  cfg.value_group = in.ConsumeBool() ? 16 : in.ConsumeIntegralInRange<std::int64_t>(1, 40);  // not a multiple of 16: rejected unless >= Dv
   cfg.Hkv = in.ConsumeIntegralInRange<std::int64_t>(1, 3);
   cfg.D = in.ConsumeIntegralInRange<std::int64_t>(1, 20);
   cfg.Dv = in.ConsumeIntegralInRange<std::int64_t>(0, 20);
@@ -159,6 +202,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     return 0;
   }
   kv::paged_cache& c = *cache;
+  fuzz::stats::count(kv::storage_name(cfg.kind));
   const std::int64_t D = c.head_dim(), Dv = c.value_dim();
   std::mt19937 rng(in.ConsumeIntegral<std::uint32_t>());
   std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
@@ -278,7 +322,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto run = [&](const auto& mod) {
     if (cfg.kind == kv::storage::f32) check_attention<float>(c, even, in, rng, mod);
     else if (cfg.kind == kv::storage::f16) check_attention<f16>(c, even, in, rng, mod);
-    else check_attention<bf16>(c, even, in, rng, mod);
+    else if (cfg.kind == kv::storage::bf16) check_attention<bf16>(c, even, in, rng, mod);
+    else check_attention<std::uint8_t>(c, even, in, rng, mod);  // KIVI: kvcache::paged_attention
   };
   if (which == 0) run(attn::mods::none{});
   else if (which == 1) run(attn::mods::causal{});
