@@ -50,7 +50,8 @@ struct batch {
     auto append = [&](kv::paged_cache::sequence s, std::int64_t n) {
       for (std::int64_t t0 = 0; t0 < n; t0 += 37) {  // in pieces that straddle page ends
         const std::int64_t m = std::min<std::int64_t>(37, n - t0);
-        c.append(s, cview(normal(Hkv, m, D, ++seed)), cview(normal(Hkv, m, Dv, ++seed)));
+        const tensor<float, 3> k = normal(Hkv, m, D, ++seed), v = normal(Hkv, m, Dv, ++seed);
+        c.append(s, cview(k), cview(v));
       }
     };
     for (std::int64_t n : {0, 5, 40, 700, 130}) {
@@ -77,7 +78,7 @@ void reference(const kv::paged_cache& c, std::span<const kv::paged_cache::sequen
     tensor<float, 3> l3({1, Hq, Lq}), cs({1, Hq, L});
     std::vector<std::int64_t> slots(static_cast<std::size_t>(L));
     for (std::int64_t j = 0; j < L; ++j) slots[static_cast<std::size_t>(j)] = j;
-    for (std::int64_t h = 0; h < Hkv; ++h)
+    for (std::int64_t h = 0; h < Hkv && L > 0; ++h)
       c.gather(seqs[b], h, slots, view<float, 2>(k4.as_view().ptr(0, h, 0, 0), {L, D}, {D, 1}),
                view<float, 2>(v4.as_view().ptr(0, h, 0, 0), {L, Dv}, {Dv, 1}));
     for (std::int64_t h = 0; h < Hq; ++h)

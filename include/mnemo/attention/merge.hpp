@@ -15,7 +15,8 @@
 //
 // Users: the split-KV engine (split_kv.hpp) merges its chunks with merge_row; landmark, Quest and
 // retrieval decode merge their selected part with their window; ring attention and anyone
-// sharding keys across threads, sockets or machines merge with `merge`.
+// sharding keys across threads, sockets or machines merge with `merge`, which runs at the ISA level
+// $MNEMO_ISA asks for, else the best one (simd/dispatch.hpp; it takes no options struct).
 #pragma once
 
 #include <algorithm>
@@ -29,6 +30,7 @@
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/arch.hpp"
+#include "mnemo/simd/dispatch.hpp"
 #include "mnemo/simd/math.hpp"
 
 namespace mnemo::attention {
@@ -91,7 +93,7 @@ void merge_row(std::int64_t n, PartOut&& part_out, PartLse&& part_lse, float* w,
 // Exact merge of two partial results over disjoint key sets (see the header): out and lse may be
 // the same views as out_a/lse_a or out_b/lse_b (in place); other overlaps are not allowed. lse
 // may be empty when the merged lse is not wanted.
-template <class Arch = simd::default_arch>
+template <class TuArch = simd::default_arch>
 void merge(view<const float, 4> out_a,  // [B, Hq, Lq, Dv]
            view<const float, 3> lse_a,  // [B, Hq, Lq]
            view<const float, 4> out_b,  // [B, Hq, Lq, Dv]
@@ -115,24 +117,26 @@ void merge(view<const float, 4> out_a,  // [B, Hq, Lq, Dv]
   mnemo::detail::require_shape(fn, "out", out, os, " [B, Hq, Lq, Dv] (from out_a)");
   if (!lse.empty()) mnemo::detail::require_shape(fn, "lse", lse, ls, " [B, Hq, Lq] (from out_a)");
   const std::int64_t Hq = os[1], Lq = os[2], Dv = os[3];
-  parallel_for(
-      os[0] * Hq * Lq,
-      [&](std::int64_t row) {
-        const std::int64_t b = row / (Hq * Lq), h = row / Lq % Hq, i = row % Lq;
-        const float* parts[2] = {out_a.ptr(b, h, i), out_b.ptr(b, h, i)};
-        const float lses[2] = {lse_a(b, h, i), lse_b(b, h, i)};
-        float w[2];
-        merge_row<Arch>(
-            2, [&](std::int64_t p) { return parts[p]; }, [&](std::int64_t p) { return lses[p]; }, w, Dv,
-            out.ptr(b, h, i), lse.empty() ? nullptr : lse.ptr(b, h, i));
-      },
-      threads);
+  simd::dispatch<TuArch>(simd::level::automatic, [&]<class Arch>() {
+    parallel_for(
+        os[0] * Hq * Lq,
+        [&](std::int64_t row) {
+          const std::int64_t b = row / (Hq * Lq), h = row / Lq % Hq, i = row % Lq;
+          const float* parts[2] = {out_a.ptr(b, h, i), out_b.ptr(b, h, i)};
+          const float lses[2] = {lse_a(b, h, i), lse_b(b, h, i)};
+          float w[2];
+          merge_row<Arch>(
+              2, [&](std::int64_t p) { return parts[p]; }, [&](std::int64_t p) { return lses[p]; }, w, Dv,
+              out.ptr(b, h, i), lse.empty() ? nullptr : lse.ptr(b, h, i));
+        },
+        threads);
+  });
 }
 
 // Exact N-way merge: parts combined in index order, so the result depends only on the parts and
 // their order. outs[p] [B, Hq, Lq, Dv] and lses[p] [B, Hq, Lq]; out may be the same view as one of
 // the outs and lse as one of the lses. No parts: out = 0, lse = -inf.
-template <class Arch = simd::default_arch>
+template <class TuArch = simd::default_arch>
 void merge(std::span<const view<const float, 4>> outs,  // N x [B, Hq, Lq, Dv]
            std::span<const view<const float, 3>> lses,  // N x [B, Hq, Lq]
            view<float, 4> out,                          // [B, Hq, Lq, Dv]
@@ -162,16 +166,18 @@ void merge(std::span<const view<const float, 4>> outs,  // N x [B, Hq, Lq, Dv]
   const std::int64_t n = static_cast<std::int64_t>(outs.size());
   const std::int64_t Hq = os[1], Lq = os[2], Dv = os[3], rows = os[0] * Hq * Lq;
   std::vector<float> weights(static_cast<std::size_t>(rows * n));
-  parallel_for(
-      rows,
-      [&](std::int64_t row) {
-        const std::int64_t b = row / (Hq * Lq), h = row / Lq % Hq, i = row % Lq;
-        merge_row<Arch>(
-            n, [&](std::int64_t p) { return outs[static_cast<std::size_t>(p)].ptr(b, h, i); },
-            [&](std::int64_t p) { return lses[static_cast<std::size_t>(p)](b, h, i); }, weights.data() + row * n, Dv,
-            out.ptr(b, h, i), lse.empty() ? nullptr : lse.ptr(b, h, i));
-      },
-      threads);
+  simd::dispatch<TuArch>(simd::level::automatic, [&]<class Arch>() {
+    parallel_for(
+        rows,
+        [&](std::int64_t row) {
+          const std::int64_t b = row / (Hq * Lq), h = row / Lq % Hq, i = row % Lq;
+          merge_row<Arch>(
+              n, [&](std::int64_t p) { return outs[static_cast<std::size_t>(p)].ptr(b, h, i); },
+              [&](std::int64_t p) { return lses[static_cast<std::size_t>(p)](b, h, i); }, weights.data() + row * n, Dv,
+              out.ptr(b, h, i), lse.empty() ? nullptr : lse.ptr(b, h, i));
+        },
+        threads);
+  });
 }
 
 }  // namespace mnemo::attention

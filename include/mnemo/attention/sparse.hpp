@@ -566,8 +566,9 @@ struct layout_plan {
 // kernel computes tiles of block_q queries x the listed keys, i.e. about d. Prefer flash for
 // layouts of 64-multiples (its tiles are then exactly the blocks) and for score mods; prefer
 // this one for small blocks (bench/sparse_rows.cpp: block_sparse_csr rows). Query rows at
-// qp < 0 (Lq > Lk) see nothing: out = 0, lse = -inf.
-template <class KV, class Element = mods::none, class Arch = simd::default_arch>
+// qp < 0 (Lq > Lk) see nothing: out = 0, lse = -inf. Runs at the ISA level options.isa asks for
+// (simd/dispatch.hpp), like flash.
+template <class KV, class Element = mods::none, class TuArch = simd::default_arch>
 void attention(view<const float, 4> q,   // [B, Hq, Lq, D]
                view<const KV, 4> k,      // [B, Hkv, Lk, D]
                view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
@@ -583,9 +584,10 @@ void attention(view<const float, 4> q,   // [B, Hq, Lq, D]
         std::fill_n(out.ptr(b, h, i), d.Dv, 0.0f);
         if (!lse.empty()) lse(b, h, i) = neg_inf;
       }
-  const detail::layout_plan<KV, Element, Arch> plan{d, q, k, v, out, lse, mod};
-  tiles::run_items(plan.items(), plan.ws.total, opt.threads,
-                          [&](std::int64_t item, float* work) { plan.run(item, work); });
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
+    const detail::layout_plan<KV, Element, Arch> plan{d, q, k, v, out, lse, mod};
+    tiles::run_items(plan.items(), plan.ws.total, opt.threads, [&](std::int64_t item, float* work) { plan.run(item, work); });
+  });
 }
 
 // Convenience: tensors or views of any constness for k and v.
