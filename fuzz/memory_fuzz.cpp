@@ -140,8 +140,12 @@ void knn(FuzzedDataProvider& in) {
   // Ties at the k-th score: the two paths may keep different slots. Compare only rows whose k-th
   // and (k+1)-th reference scores are apart.
   const double scale = opt.scale != 0 ? opt.scale : 1.0 / std::sqrt(static_cast<double>(D));
+  const double vmax = std::max(largest(memory.values()), 1e-30);
   for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t h = 0; h < H; ++h)
+    for (std::int64_t h = 0; h < H; ++h) {
+      double kk = 0;  // the largest |key| of this head's memory
+      for (std::int64_t j = 0; j < memory.size(); ++j)
+        for (std::int64_t c = 0; c < D; ++c) kk = std::max(kk, std::abs(static_cast<double>(memory.keys()(b, h, j, c))));
       for (std::int64_t i = 0; i < Lq; ++i) {
         std::vector<double> s;
         double qq = 0;
@@ -152,15 +156,11 @@ void knn(FuzzedDataProvider& in) {
           s.push_back(scale * dot);
         }
         std::sort(s.begin(), s.end(), std::greater<>());
-        double kk = 0;
-        for (std::int64_t j = 0; j < memory.size(); ++j)
-          for (std::int64_t c = 0; c < D; ++c) kk = std::max(kk, std::abs(static_cast<double>(memory.keys()(b, h, j, c))));
         const double margin = 1e-5 * scale * std::sqrt(qq) * kk * std::sqrt(static_cast<double>(D)) + 1e-30;
         if (topk < memory.size() && s[static_cast<std::size_t>(topk - 1)] - s[static_cast<std::size_t>(topk)] <= margin) {
           fuzz::stats::count("knn row skipped (tie at k)");
           continue;
         }
-        const double vmax = std::max(largest(memory.values()), 1e-30);
         for (std::int64_t c = 0; c < Dv; ++c)
           if (!fuzz::close(out.cview()(b, h, i, c), want.cview()(b, h, i, c), 1e-4 * vmax, 1e-3))
             fuzz::die("knn out (%lld %lld %lld %lld): %.9g, reference %.9g", static_cast<long long>(b), static_cast<long long>(h),
@@ -168,6 +168,7 @@ void knn(FuzzedDataProvider& in) {
         const float gl = lse.view()(b, h, i), wl = want_lse.view()(b, h, i);
         if (!fuzz::close(gl, wl, 1e-4 * (1 + std::abs(wl)), 1e-5)) fuzz::die("knn lse: %.9g, reference %.9g", gl, wl);
       }
+    }
   fuzz::stats::count("knn compared");
 }
 
@@ -237,12 +238,13 @@ void pkm(FuzzedDataProvider& in) {
   tensor<std::int64_t, 3> ri({N, heads, knn});
   tensor<float, 3> rw({N, heads, knn}), rs({N, heads, knn});
   mem::reference::pkm_forward(cview(query), cview(keys), cview(values), knn, ro, ri, rw, rs, opt);
+  double kmax = 0;  // the largest |sub-key|
+  for (std::int64_t i = 0; i < keys.size(); ++i) kmax = std::max(kmax, std::abs(static_cast<double>(keys.data()[i])));
   for (std::int64_t n = 0; n < N; ++n)
     for (std::int64_t h = 0; h < heads; ++h) {
-      double best = -INFINITY, want = -INFINITY, qmax = 0, kmax = 0;
+      double best = -INFINITY, want = -INFINITY, qmax = 0;
       for (std::int64_t j = 0; j < knn; ++j) best = std::max(best, static_cast<double>(s(n, h, j))), want = std::max(want, static_cast<double>(rs(n, h, j)));
       for (std::int64_t c = 0; c < 2 * half; ++c) qmax = std::max(qmax, std::abs(static_cast<double>(query(n, h, c))));
-      for (std::int64_t i = 0; i < keys.size(); ++i) kmax = std::max(kmax, std::abs(static_cast<double>(keys.data()[i])));
       const double atol = 1e-5 * 2 * half * (opt.query_norm ? 1.0 : qmax) * kmax + 1e-30;
       if (!fuzz::close(best, want, atol, 1e-5)) fuzz::die("pkm best score %.9g, reference %.9g", best, want);
     }

@@ -241,13 +241,12 @@ inline void infini_attention(view<const float, 4> q,     // [B, H, L, Dk]
 
 namespace detail {
 
-// sigma(x) = elu(x) + 1 of the rows [t0, t0 + n) of one (b, h) into dst [n, D].
+// sigma(x) = elu(x) + 1 of the rows [0, n) of one (b, h) into dst [n, D].
 template <class Arch>
-void elu_rows(const view<const float, 4>& x, std::int64_t b, std::int64_t h, std::int64_t t0, std::int64_t n,
-              matrix& dst) {
+void elu_rows(const view<const float, 4>& x, std::int64_t b, std::int64_t h, std::int64_t n, matrix& dst) {
   const std::int64_t D = x.extent(3);
   for (std::int64_t t = 0; t < n; ++t) {
-    const float* src = x.ptr(b, h, t0 + t);
+    const float* src = x.ptr(b, h, t);
     float* row = dst.row(t).data();
     for (std::int64_t i = 0; i < D; ++i) row[i] = elu_plus_one<Arch>(src[i]);
   }
@@ -308,7 +307,7 @@ void update_head(const view<const float, 4>& k, const view<const float, 4>& v, c
       for (std::int64_t c = 0; c < Dv; ++c) target(t, c) -= quotient(old(t, c), den);
     }
   }
-  elu_rows<Arch>(k, b, h, 0, L, sk);
+  elu_rows<Arch>(k, b, h, L, sk);
   gemm<accumulate::add>(M, sk.topRows(L).transpose(), target.topRows(L));
   z += sk.topRows(L).colwise().sum().transpose();
 }
