@@ -246,6 +246,42 @@ TEST(CacheDecode, ColumnSumsMatchAttentionReferenceOnTheDequantizedCache) {
   }
 }
 
+// A mask and score mod on every storage kind (softcap and a sliding window that leaves whole
+// chunks out, with sinks), against attention::reference over the gathered (dequantized) cache.
+TEST(CacheDecode, ModsAndSinksMatchAttentionReferenceOnTheGatheredCache) {
+  const problem p{8, 2, 3, 1100, 64, 48};
+  const auto mod = attn::mods::all_of(attn::mods::softcap{4.0f}, attn::mods::sliding_window{600});
+  tensor<float, 1> sinks({p.Hq});
+  for (std::int64_t h = 0; h < p.Hq; ++h) sinks(h) = 0.3f * static_cast<float>(h) - 1.0f;
+  std::uint32_t seed = 301;
+  for (kv::storage kind : kv::all_storages) {
+    SCOPED_TRACE(kv::storage_name(kind));
+    const kv::layer_cache c = filled(kind, p, seed);
+    const tensor<float, 3> q = random_tensor(p.Hq, p.Lq, p.D, seed + 7);
+    seed += 13;
+    tensor<float, 3> out({p.Hq, p.Lq, p.Dv});
+    tensor<float, 2> lse({p.Hq, p.Lq});
+    attn::options opt;
+    opt.sinks = mnemo::cview(sinks);
+    attn::decode_workspace ws;
+    kv::decode(c, q, out, lse, mod, opt, ws);
+    // The reference: [1, Hkv, L, D] gathered, queries [1, Hq, Lq, D] at the last positions.
+    tensor<float, 4> k({1, p.Hkv, p.L, p.D}), v({1, p.Hkv, p.L, p.Dv}), q4({1, p.Hq, p.Lq, p.D}), o({1, p.Hq, p.Lq, p.Dv});
+    tensor<float, 3> l({1, p.Hq, p.Lq});
+    std::vector<std::int64_t> slots(static_cast<std::size_t>(p.L));
+    for (std::int64_t j = 0; j < p.L; ++j) slots[static_cast<std::size_t>(j)] = j;
+    for (std::int64_t hk = 0; hk < p.Hkv; ++hk) c.gather(hk, slots, k.as_view()[0][hk], v.as_view()[0][hk]);
+    std::copy_n(q.data(), q.size(), q4.data());
+    attn::reference<float>(mnemo::cview(q4), mnemo::cview(k), mnemo::cview(v), o.as_view(), l.as_view(), mod, opt);
+    for (std::int64_t h = 0; h < p.Hq; ++h)
+      for (std::int64_t i = 0; i < p.Lq; ++i) {
+        EXPECT_NEAR(lse(h, i), l(0, h, i), 2e-5 * (1 + std::fabs(l(0, h, i))));
+        for (std::int64_t e = 0; e < p.Dv; ++e)
+          ASSERT_NEAR(out(h, i, e), o(0, h, i, e), 2e-5 + 1e-4 * std::fabs(o(0, h, i, e))) << "h " << h << " i " << i;
+      }
+  }
+}
+
 TEST(CacheDecode, ColumnSumsFeedATrackerWithoutASecondPass) {
   // Each query head's sums over all its rows add up to the number of rows that see a slot.
   const kv::layer_cache c = ragged(kv::storage::int4, 1300, 64, 81);

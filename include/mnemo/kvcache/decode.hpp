@@ -431,15 +431,16 @@ class kivi_source {
 namespace decode_detail {
 
 // The engine over the cache's store at one Arch (validated arguments, Lq > 0).
-template <class Arch>
+template <class Arch, class Mod = attention::mods::none>
 void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q, view<float, 3> out, view<float, 2> lse,
-         int threads, attention::decode_workspace& ws, const column_sums& cs, view<const float, 1> sinks) {
+         int threads, attention::decode_workspace& ws, const column_sums& cs, view<const float, 1> sinks,
+         const Mod& mod = {}) {
   const attention::split_kv::sums_out sums{one_batch(cs.sums), cs.first_row(d.Lq), c.max_length()};
   const auto q4 = one_batch(q);
   const auto out4 = one_batch(out);
   const auto lse3 = one_batch(lse);
   auto attend = [&](const auto& src) {
-    attention::split_kv::attend<Arch>(d, src, q4, out4, lse3, attention::mods::none{}, threads, ws, sums, sinks);
+    attention::split_kv::attend<Arch>(d, src, q4, out4, lse3, mod, threads, ws, sums, sinks);
   };
   switch (c.kind()) {
     case storage::f32: attend(dense_source<float>(c)); break;
@@ -476,6 +477,33 @@ void decode(const layer_cache& c,
       return prebuilt::at_level(want, [&]<class Arch>() { prebuilt::cache_decode<Arch>(d, c, q, out, lse, opt, ws, cs); });
   }
   simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() { decode_detail::run<Arch>(d, c, q, out, lse, opt.threads, ws, cs, opt.sinks); });
+}
+
+// Decode with a mask or score mod (attention/mods.hpp: causal, sliding_window, softcap, alibi,
+// document, prefix_lm, all_of / any_of of them, or a user mod): the mod sees key j at its slot
+// index j and query row i at max_length() - Lq + i (the queries are the newest tokens): with every
+// head at one length, attention::reference over the cache's gathered keys and values with that
+// mod. After a compaction slots are no longer token positions (layer_cache::position has those);
+// a window or ALiBi then counts slots.
+template <class Mod, class TuArch = simd::default_arch>
+  requires(!std::is_same_v<Mod, attention::options>)
+void decode(const layer_cache& c,
+            view<const float, 3> q,   // [Hq, Lq, D]
+            view<float, 3> out,       // [Hq, Lq, Dv]
+            view<float, 2> lse,       // [Hq, Lq] or empty
+            const Mod& mod, const attention::options& opt, attention::decode_workspace& ws,
+            const column_sums& cs = {}) {  // sums [Hq, >= max_length()] or empty
+  constexpr const char* fn = "kvcache::decode";
+  const attention::dims d = decode_detail::check_args(fn, c, q, out, lse, opt, cs);
+  attention::mods::validate(mod, fn, d.Hq, d.Lq, d.Lk);
+  if (d.Lq == 0) {
+    if (cs.wanted())
+      for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(cs.sums.ptr(h, 0), c.max_length(), 0.0f);
+    return;
+  }
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
+    decode_detail::run<Arch>(d, c, q, out, lse, opt.threads, ws, cs, opt.sinks, mod);
+  });
 }
 
 // As above, with a workspace of its own.
