@@ -252,9 +252,11 @@ struct paged_source {
     const split_kv::pointer_rows<Arch, KV> next(row_table(v_pages, kb, scratch + table_floats), pl.d.Dv);  // prefetched beside K
     split_kv::score_pass<Arch, RowTile>(pl.R, pl.Rpad, qs, pl.Dpad, pl.d.D, rows, kb.n, nullptr, s, decode_chunk, next);
   }
+  // The V row table scores() built for this block (the engine runs values(kb) right after
+  // scores(kb) on the same scratch).
   template <class Arch>
   void values(const split_kv::plan& pl, const split_kv::key_block& kb, const float* p, float* acc, float* scratch) const {
-    const split_kv::pointer_rows<Arch, KV> rows(row_table(v_pages, kb, scratch + table_floats), pl.d.Dv);
+    const split_kv::pointer_rows<Arch, KV> rows(reinterpret_cast<const KV* const*>(scratch + table_floats), pl.d.Dv);
     split_kv::value_pass<Arch>(pl.R, p, 1, pl.d.Dv, decode_chunk, pl.d.Dv, pl.Dvpad, rows, kb.n, acc);
   }
 };

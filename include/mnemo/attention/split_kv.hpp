@@ -29,7 +29,9 @@
 //   s.scratch_floats(plan)   floats of per-slot scratch it needs, sized once per call and zeroed
 //                            once per slot (thread) before its first item.
 //   s.scores<Arch, RowTile>(plan, block, qs, s, scratch)   step 1 for a key_block;
-//   s.values<Arch>(plan, block, p, acc, scratch)           step 3 (acc starts at 0).
+//   s.values<Arch>(plan, block, p, acc, scratch)           step 3 (acc starts at 0); it runs
+//                            right after scores() of the same block on the same scratch, so a
+//                            source may keep what its scores() found there (row tables).
 //   s.query_offset(b)        optional: the position of query row 0 of batch entry b, when the
 //                            entries have different key counts (default d.Lk - d.Lq for all).
 // Scores are written as s[r * decode_chunk + j]; qs holds the scaled queries [Rpad, Dpad], zero
