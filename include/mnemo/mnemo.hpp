@@ -28,6 +28,7 @@
 #include "mnemo/linear/gla.hpp"
 #include "mnemo/linear/delta_rule.hpp"
 #include "mnemo/linear/gated_delta_rule.hpp"
+#include "mnemo/linear/kda.hpp"
 #include "mnemo/kvcache/selection.hpp"
 #include "mnemo/kvcache/quant.hpp"
 #include "mnemo/kvcache/cache.hpp"

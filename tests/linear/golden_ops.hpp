@@ -4,7 +4,7 @@
 // Used by tests/golden/ops_linear.cpp (registers every op with the runner, mnemo_golden) and by
 // the GoogleTest files of tests/linear/ (which check the same cases case by case).
 //
-// Params: B H L Dk Dv scale has_initial_state (+ use_qk_l2norm for the delta rules, + gamma [H]
+// Params: B H L Dk Dv scale has_initial_state (+ use_qk_l2norm for the delta rules and kda, + gamma [H]
 // for retention). Inputs q k v (+ g) (+ beta) (+ h0 when has_initial_state); outputs o, ht.
 #pragma once
 
@@ -16,6 +16,7 @@
 #include "mnemo/linear/delta_rule.hpp"
 #include "mnemo/linear/gated_delta_rule.hpp"
 #include "mnemo/linear/gla.hpp"
+#include "mnemo/linear/kda.hpp"
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
 #include "mnemo/linear/simple_gla.hpp"
@@ -27,7 +28,7 @@ namespace mnemo::linear_golden {
 // MNEMO_LINEAR_TEST_MEMBERS (a comma-separated list of member names, before its includes) builds
 // only those, so the six linear test executables do not each compile all six members (CI compile
 // time). mnemo_golden defines nothing and builds all of them.
-enum class member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule };
+enum class member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda };
 
 constexpr bool built(member m) {
 #ifdef MNEMO_LINEAR_TEST_MEMBERS
@@ -55,7 +56,7 @@ inline const char* impl_name(impl i) {
 
 inline const std::vector<std::string>& ops() {
   static const std::vector<std::string> names = {"linear_attn", "retention", "simple_gla",
-                                                 "gla",         "delta_rule", "gated_delta_rule"};
+                                                 "gla",         "delta_rule", "gated_delta_rule", "kda"};
   return names;
 }
 
@@ -75,7 +76,7 @@ inline golden::results run(const golden::golden_case& c, impl i) {
   opt.scale = static_cast<float>(scale);
   opt.chunk_size = golden_chunk;
   opt.path = i == impl::chunked ? linear::form::chunked : linear::form::recurrent;
-  if (op == "delta_rule" || op == "gated_delta_rule") opt.use_qk_l2norm = c.flag("use_qk_l2norm");
+  if (op == "delta_rule" || op == "gated_delta_rule" || op == "kda") opt.use_qk_l2norm = c.flag("use_qk_l2norm");
 
   const auto q = c.input<float, 4>("q", {B, H, L, Dk});
   const auto k = c.input<float, 4>("k", {B, H, L, Dk});
@@ -131,6 +132,14 @@ inline golden::results run(const golden::golden_case& c, impl i) {
       const auto beta = c.input<float, 3>("beta", {B, H, L});
       ref ? linear::reference::gated_delta_rule(q, k, v, g, beta, o, ht, opt)
           : linear::gated_delta_rule(q, k, v, g, beta, o, ht, opt);
+    } else {
+      not_built();
+    }
+  } else if (op == "kda") {
+    if constexpr (built(member::kda)) {
+      const auto g = c.input<float, 4>("g", {B, H, L, Dk});
+      const auto beta = c.input<float, 3>("beta", {B, H, L});
+      ref ? linear::reference::kda(q, k, v, g, beta, o, ht, opt) : linear::kda(q, k, v, g, beta, o, ht, opt);
     } else {
       not_built();
     }

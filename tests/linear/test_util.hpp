@@ -20,6 +20,7 @@
 #include "mnemo/linear/delta_rule.hpp"
 #include "mnemo/linear/gated_delta_rule.hpp"
 #include "mnemo/linear/gla.hpp"
+#include "mnemo/linear/kda.hpp"
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
 #include "mnemo/linear/simple_gla.hpp"
@@ -44,11 +45,12 @@ inline const char* member_name(member m) {
     case member::gla: return "gla";
     case member::delta_rule: return "delta_rule";
     case member::gated_delta_rule: return "gated_delta_rule";
+    case member::kda: return "kda";
   }
   return "?";
 }
 
-inline bool is_delta(member m) { return m == member::delta_rule || m == member::gated_delta_rule; }
+inline bool is_delta(member m) { return m == member::delta_rule || m == member::gated_delta_rule || m == member::kda; }
 
 // Gate values of a random problem: log-decays uniform in [lo, hi] (hi <= 0).
 struct gate_range {
@@ -60,7 +62,7 @@ struct problem {
   std::int64_t B, H, L, Dk, Dv;
   tensor<float, 4> q, k, v;  // [B, H, L, Dk], [B, H, L, Dk], [B, H, L, Dv]
   tensor<float, 3> g;        // [B, H, L]       simple_gla, gated_delta_rule
-  tensor<float, 4> gk;       // [B, H, L, Dk]   gla
+  tensor<float, 4> gk;       // [B, H, L, Dk]   gla, kda
   tensor<float, 3> beta;     // [B, H, L]       delta rules
   tensor<float, 1> gamma;    // [H]             retention
   tensor<float, 4> state0;   // [B, H, Df, Ds]
@@ -156,6 +158,12 @@ void call_member(member m, impl i, const view<const T, 4>& q, const view<const T
       if constexpr (built(member::gated_delta_rule))
         ref ? linear::reference::gated_delta_rule(q, k, v, g, beta, o, state, o2)
             : linear::gated_delta_rule(q, k, v, g, beta, o, state, o2);
+      else
+        not_built();
+      break;
+    case member::kda:
+      if constexpr (built(member::kda))
+        ref ? linear::reference::kda(q, k, v, gk, beta, o, state, o2) : linear::kda(q, k, v, gk, beta, o, state, o2);
       else
         not_built();
       break;

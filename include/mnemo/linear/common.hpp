@@ -390,6 +390,7 @@ inline state_map map_state(const view<float, 2>& state, std::int64_t rows, std::
 // Every member's recurrent step is, per token, over the state S [Df, Ds]:
 //   u   = v                                  (linear attention, retention, the GLAs)
 //   u   = beta (v - a S^T k)                 (the delta rules; a = the scalar decay or 1)
+//   u   = beta (v - S^T kr)                  (KDA: kr = e o k, the per-row decays folded into the key)
 //   S_i = a_i S_i + k_i u                    (a_i: 1, one scalar decay a, or a per-row decay e_i)
 //   out = q^T S                              (q already scaled)
 // The columns are independent, so the kernel walks S in column blocks of up to recurrent_vecs
@@ -409,20 +410,20 @@ struct token_decay {
 };
 
 // The readable loop (and the no-SIMD path) over columns [c0, c1).
-inline void recurrent_token_columns(float* s, std::int64_t lds, std::int64_t Df, std::int64_t c0, std::int64_t c1,
-                            const float* q, const float* k, const float* v, const float* beta, token_decay decay,
-                            float* out) {
+inline void recurrent_token_columns(const float* src, std::int64_t ldsrc, float* s, std::int64_t lds, std::int64_t Df,
+                                    std::int64_t c0, std::int64_t c1, const float* q, const float* k, const float* kr,
+                                    const float* v, const float* beta, token_decay decay, float* out) {
   for (std::int64_t c = c0; c < c1; ++c) {
     float u = v[c];
     if (beta) {
       float w = 0;
-      for (std::int64_t i = 0; i < Df; ++i) w += s[i * lds + c] * k[i];
+      for (std::int64_t i = 0; i < Df; ++i) w += src[i * ldsrc + c] * kr[i];
       u = *beta * (v[c] - decay.a * w);
     }
     float acc = 0;
     for (std::int64_t i = 0; i < Df; ++i) {
-      float& x = s[i * lds + c];
-      x = decay.at(i) * x + k[i] * u;
+      const float x = decay.at(i) * src[i * ldsrc + c] + k[i] * u;
+      s[i * lds + c] = x;
       acc += q[i] * x;
     }
     out[c] = acc;
@@ -431,8 +432,9 @@ inline void recurrent_token_columns(float* s, std::int64_t lds, std::int64_t Df,
 
 // One column block of NV vectors starting at column c0.
 template <int NV, class Arch>
-void recurrent_token_block(float* s, std::int64_t lds, std::int64_t Df, std::int64_t c0, const float* q,
-                           const float* k, const float* v, const float* beta, token_decay decay, float* out) {
+void recurrent_token_block(const float* src, std::int64_t ldsrc, float* s, std::int64_t lds, std::int64_t Df,
+                           std::int64_t c0, const float* q, const float* k, const float* kr, const float* v,
+                           const float* beta, token_decay decay, float* out) {
   using batch = simd::fbatch<Arch>;
   constexpr std::int64_t w = simd::width<Arch>;
   batch u[NV], acc[NV];
@@ -441,10 +443,10 @@ void recurrent_token_block(float* s, std::int64_t lds, std::int64_t Df, std::int
     u[j] = simd::load<Arch>(v + c0 + j * w);
     acc[j] = batch(0.0f);
   }
-  if (beta) {  // u = beta (v - a S^T k), acc doubles as the S^T k accumulator
+  if (beta) {  // u = beta (v - a S^T kr), acc doubles as the S^T kr accumulator
     for (std::int64_t i = 0; i < Df; ++i) {
-      const float* row = s + i * lds + c0;
-      const batch ki(k[i]);
+      const float* row = src + i * ldsrc + c0;
+      const batch ki(kr[i]);
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[j] = simd::detail::fmadd(ki, simd::load<Arch>(row + j * w), acc[j]);
     }
@@ -456,11 +458,12 @@ void recurrent_token_block(float* s, std::int64_t lds, std::int64_t Df, std::int
     }
   }
   for (std::int64_t i = 0; i < Df; ++i) {
+    const float* in = src + i * ldsrc + c0;
     float* row = s + i * lds + c0;
     const batch ki(k[i]), qi(q[i]), ai(decay.at(i));
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
-      const batch x = simd::detail::fmadd(ki, u[j], ai * simd::load<Arch>(row + j * w));
+      const batch x = simd::detail::fmadd(ki, u[j], ai * simd::load<Arch>(in + j * w));
       simd::store(row + j * w, x);
       acc[j] = simd::detail::fmadd(qi, x, acc[j]);
     }
@@ -469,18 +472,27 @@ void recurrent_token_block(float* s, std::int64_t lds, std::int64_t Df, std::int
   for (int j = 0; j < NV; ++j) simd::store(out + c0 + j * w, acc[j]);
 }
 
-// One token over the whole state (see above): beta null for the non-delta members.
+// One token over the whole state (see above): beta null for the non-delta members. kr: the key
+// the delta correction reads (S^T kr), null for k itself. src: the state the token reads, with
+// row stride ldsrc, when it is not s (an out-of-place step: read src, write s, the same traffic as
+// in place); null for s itself.
 template <class Arch>
 void recurrent_token(float* s, std::int64_t lds, std::int64_t Df, std::int64_t Ds, const float* q, const float* k,
-                     const float* v, const float* beta, token_decay decay, float* out) {
+                     const float* v, const float* beta, token_decay decay, float* out, const float* kr = nullptr,
+                     const float* src = nullptr, std::int64_t ldsrc = 0) {
+  if (!kr) kr = k;
+  if (!src) {
+    src = s;
+    ldsrc = lds;
+  }
   std::int64_t c = 0;
   if constexpr (simd::vectorized<Arch>) {
     constexpr std::int64_t w = simd::width<Arch>;
     for (; c + recurrent_vecs * w <= Ds; c += recurrent_vecs * w)
-      recurrent_token_block<recurrent_vecs, Arch>(s, lds, Df, c, q, k, v, beta, decay, out);
-    for (; c + w <= Ds; c += w) recurrent_token_block<1, Arch>(s, lds, Df, c, q, k, v, beta, decay, out);
+      recurrent_token_block<recurrent_vecs, Arch>(src, ldsrc, s, lds, Df, c, q, k, kr, v, beta, decay, out);
+    for (; c + w <= Ds; c += w) recurrent_token_block<1, Arch>(src, ldsrc, s, lds, Df, c, q, k, kr, v, beta, decay, out);
   }
-  recurrent_token_columns(s, lds, Df, c, Ds, q, k, v, beta, decay, out);
+  recurrent_token_columns(src, ldsrc, s, lds, Df, c, Ds, q, k, kr, v, beta, decay, out);
 }
 
 // ---- SIMD chunk products -------------------------------------------------------------------
