@@ -2,7 +2,7 @@
 //
 //   linear/<form>/op:<op>/L:<L>/D:<D>/threads:<t>    form recurrent or chunked, op one of linear_attn,
 //                                                    retention, simple_gla, gla, delta_rule,
-//                                                    gated_delta_rule; B = 1, H = 8, Dk = Dv = D = 128,
+//                                                    gated_delta_rule, kda; B = 1, H = 8, Dk = Dv = D = 128,
 //                                                    f32, default chunk size. Small: L = 2048; full:
 //                                                    L = 8192. `bench/plot --baseline recurrent`
 //                                                    shows chunked / recurrent.
@@ -38,7 +38,7 @@
 //   decaying linear attention (linear_attn, retention, simple_gla, gla):
 //       4 n Dk Dv               the state read Q S and the state update K^T V
 //     + n (n + 1) (Dk + Dv)     the causal triangle of Q K^T and of (Q K^T o D) V, diagonal included
-//   delta rules: 6 n Dk Dv (the state read of [K; Q] and the update K^T U) + n (n + 1) (Dk + Dv)
+//   delta rules (and kda): 6 n Dk Dv (the state read of [K; Q] and the update K^T U) + n (n + 1) (Dk + Dv)
 //     (Q K^T and P U) + n (n - 1) (Dk + Dv) (the strict triangle of K K^T and the unit-triangular
 //     solve on Dv columns).
 // Decay tables, exps, feature maps, L2 norms and GLA's element-wise sub-block terms are not
@@ -62,6 +62,7 @@
 #include "mnemo/linear/delta_rule.hpp"
 #include "mnemo/linear/gated_delta_rule.hpp"
 #include "mnemo/linear/gla.hpp"
+#include "mnemo/linear/kda.hpp"
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
 #include "mnemo/linear/simple_gla.hpp"
@@ -70,11 +71,11 @@
 namespace mnemo::bench {
 namespace {
 
-enum class op { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule };
+enum class op { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda };
 
 const std::vector<op>& all_ops() {
   static const std::vector<op> ops = {op::linear_attn, op::retention,  op::simple_gla,
-                                      op::gla,         op::delta_rule, op::gated_delta_rule};
+                                      op::gla,         op::delta_rule, op::gated_delta_rule, op::kda};
   return ops;
 }
 
@@ -86,11 +87,12 @@ const char* op_name(op o) {
     case op::gla: return "gla";
     case op::delta_rule: return "delta_rule";
     case op::gated_delta_rule: return "gated_delta_rule";
+    case op::kda: return "kda";
   }
   return "?";
 }
 
-bool is_delta(op o) { return o == op::delta_rule || o == op::gated_delta_rule; }
+bool is_delta(op o) { return o == op::delta_rule || o == op::gated_delta_rule || o == op::kda; }
 
 constexpr std::int64_t heads = 8;
 constexpr std::int64_t head_dim = 128;
@@ -136,6 +138,7 @@ struct linear_inputs {
       case op::gla: linear::gla(q, k, v, gk, o, state, opt); break;
       case op::delta_rule: linear::delta_rule(q, k, v, beta, o, state, opt); break;
       case op::gated_delta_rule: linear::gated_delta_rule(q, k, v, g, beta, o, state, opt); break;
+      case op::kda: linear::kda(q, k, v, gk, beta, o, state, opt); break;
     }
   }
   // The same call through linear::reference.
@@ -150,6 +153,7 @@ struct linear_inputs {
       case op::gla: ref::gla(q, k, v, gk, o, state, opt); break;
       case op::delta_rule: ref::delta_rule(q, k, v, beta, o, state, opt); break;
       case op::gated_delta_rule: ref::gated_delta_rule(q, k, v, g, beta, o, state, opt); break;
+      case op::kda: ref::kda(q, k, v, gk, beta, o, state, opt); break;
     }
   }
 };
@@ -251,6 +255,7 @@ struct step_inputs {
       case op::gla: linear::gla_step(q, k, v, gk, o, state, opt); break;
       case op::delta_rule: linear::delta_rule_step(q, k, v, beta, o, state, opt); break;
       case op::gated_delta_rule: linear::gated_delta_rule_step(q, k, v, g, beta, o, state, opt); break;
+      case op::kda: linear::kda_step(q, k, v, gk, beta, o, state, opt); break;
     }
   }
 };

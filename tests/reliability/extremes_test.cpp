@@ -26,6 +26,7 @@
 #include "mnemo/attention/attention.hpp"
 #include "mnemo/linear/delta_rule.hpp"
 #include "mnemo/linear/gated_delta_rule.hpp"
+#include "mnemo/linear/kda.hpp"
 #include "mnemo/linear/gla.hpp"
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
@@ -386,15 +387,15 @@ TEST(AttentionExtremes, NonFiniteScaleIsRejected) {
 // ------------------------------------------------------------------------------------------------
 // Linear family
 
-enum member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule };
-constexpr member all_members[] = {linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule};
+enum member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda };
+constexpr member all_members[] = {linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda};
 constexpr const char* member_names[] = {"linear_attn", "retention", "simple_gla", "gla", "delta_rule",
-                                        "gated_delta_rule"};
+                                        "gated_delta_rule", "kda"};
 enum run_kind { reference_run, recurrent_run, chunked_run };
 
 struct linear_case {
   std::int64_t B = 1, H = 2, L = 40, Dk = 8, Dv = 6;
-  tensor<float, 4> q, k, v, g4;  // g4: GLA's per-channel log-gates [B, H, L, Dk]
+  tensor<float, 4> q, k, v, g4;  // g4: GLA's and KDA's per-channel log-gates [B, H, L, Dk]
   tensor<float, 3> g, beta;      // [B, H, L]
   tensor<float, 1> gamma;        // [H]
   lin::options opt;
@@ -444,6 +445,9 @@ struct linear_case {
       case gated_delta_rule:
         ref ? lin::reference::gated_delta_rule(vq, vk, vv, g, beta, o, state, o_opt)
             : lin::gated_delta_rule(vq, vk, vv, g, beta, o, state, o_opt);
+        break;
+      case kda:
+        ref ? lin::reference::kda(vq, vk, vv, g4, beta, o, state, o_opt) : lin::kda(vq, vk, vv, g4, beta, o, state, o_opt);
         break;
     }
     return o;
@@ -496,7 +500,7 @@ TEST(LinearExtremes, GatesAtMinusInfResetTheState) {
   cut(c.g4, tail.g4);
   cut(c.g, tail.g);
   cut(c.beta, tail.beta);
-  for (member m : {simple_gla, gla, gated_delta_rule}) {
+  for (member m : {simple_gla, gla, gated_delta_rule, kda}) {
     SCOPED_TRACE(member_names[m]);
     for (run_kind kind : {reference_run, recurrent_run, chunked_run}) {
       const tensor<float, 4> full = c.run(m, kind), fresh = tail.run(m, kind);
@@ -546,7 +550,7 @@ TEST(LinearExtremes, DenormalInputs) {
   // o ~ q.k * v ~ 1e-40: compare with an absolute tolerance far below the values' size
   for (member m : all_members) {
     SCOPED_TRACE(member_names[m]);
-    if (m == delta_rule || m == gated_delta_rule) continue;  // unnormalised keys: not a contraction
+    if (m == delta_rule || m == gated_delta_rule || m == kda) continue;  // unnormalised keys: not a contraction
     const tensor<float, 4> want = c.run(m, reference_run);
     expect_close(c.run(m, recurrent_run), want, 1e-44, 1e-3, "recurrent o");
     expect_close(c.run(m, chunked_run), want, 1e-44, 1e-3, "chunked o");
@@ -623,7 +627,7 @@ TEST(LinearExtremes, NanOrPositiveGatesAreRejected) {
     d.g(0, 1, 5) = bad;
     d.g4(0, 0, 7, 3) = bad;
     d.beta(0, 0, 2) = bad;
-    for (member m : {simple_gla, gla, delta_rule, gated_delta_rule}) {
+    for (member m : {simple_gla, gla, delta_rule, gated_delta_rule, kda}) {
       SCOPED_TRACE(member_names[m]);
       if (m == delta_rule && bad == 0.5f) continue;  // 0.5 is a valid beta
       EXPECT_THROW(d.run(m, chunked_run), mnemo::error) << bad;
