@@ -1,5 +1,5 @@
 // fuzz/linear_fuzz.cpp — the linear-attention family (linear_attn, retention, simple_gla, gla,
-// delta_rule, gated_delta_rule): recurrent form, chunked form and a two-piece chunked run (state
+// delta_rule, gated_delta_rule, kda): recurrent form, chunked form and a two-piece chunked run (state
 // carried across the split, the second piece read through narrowed views) against the
 // double-precision reference, on shapes, chunk sizes, gates, feature maps and initial states
 // decoded from the input.
@@ -17,6 +17,7 @@
 #include "mnemo/linear/delta_rule.hpp"
 #include "mnemo/linear/gated_delta_rule.hpp"
 #include "mnemo/linear/gla.hpp"
+#include "mnemo/linear/kda.hpp"
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
 #include "mnemo/linear/simple_gla.hpp"
@@ -26,7 +27,9 @@ namespace {
 using namespace mnemo;
 namespace lin = mnemo::linear;
 
-enum member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, n_members };
+// kda is decoded from gated_delta_rule (see LLVMFuzzerTestOneInput), so n_decoded members are drawn.
+enum member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda, n_members };
+constexpr int n_decoded = kda;
 enum run_kind { reference_run, recurrent_run, chunked_run };
 
 constexpr float minus_inf = -std::numeric_limits<float>::infinity();
@@ -65,6 +68,8 @@ void call(const inputs& in, run_kind kind, std::int64_t t0, std::int64_t n, view
     case delta_rule:
       return ref ? lin::reference::delta_rule(q, k, v, beta, o, state, opt)
                  : lin::delta_rule(q, k, v, beta, o, state, opt);
+    case kda:
+      return ref ? lin::reference::kda(q, k, v, g4, beta, o, state, opt) : lin::kda(q, k, v, g4, beta, o, state, opt);
     default:
       return ref ? lin::reference::gated_delta_rule(q, k, v, g3, beta, o, state, opt)
                  : lin::gated_delta_rule(q, k, v, g3, beta, o, state, opt);
@@ -132,7 +137,7 @@ void compare(const char* what, const fuzz::buffer4<float>& got, const fuzz::buff
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   FuzzedDataProvider fdp(data, size);
-  const member m = static_cast<member>(fdp.ConsumeIntegralInRange<int>(0, n_members - 1));
+  member m = static_cast<member>(fdp.ConsumeIntegralInRange<int>(0, n_decoded - 1));
   const std::int64_t B = fdp.ConsumeIntegralInRange<std::int64_t>(0, 2);
   const std::int64_t H = fdp.ConsumeIntegralInRange<std::int64_t>(1, 3);
   const std::int64_t L = fdp.ConsumeIntegralInRange<std::int64_t>(0, 70);
@@ -167,6 +172,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             fuzz::buffer4<float>({B, H, L, std::max<std::int64_t>(Dk, 0)}, 0, false),
             fuzz::buffer4<float>({B, H, L, Dv}, 0, fdp.ConsumeBool()),
             {}, {}, {}, {}, with_state};
+  // kda: a gated_delta_rule input with one more byte, read last, so the corpus and the regression
+  // inputs of the six older members decode as before (an exhausted provider reads false). Its
+  // per-channel gates are the [B, H, L, Dk] cells of in.g, as GLA's.
+  if (m == gated_delta_rule && fdp.ConsumeBool()) in.m = m = kda;
   auto gen = [&] { return uni(rng); };
   fuzz::fill(in.q.view(), gen);
   fuzz::fill(in.k.view(), gen);
@@ -198,9 +207,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const result want = run(in, reference_run, 0);
   static const char* const labels[2][n_members] = {
       {"linear_attn compared", "retention compared", "simple_gla compared", "gla compared", "delta_rule compared",
-       "gated_delta_rule compared"},
+       "gated_delta_rule compared", "kda compared"},
       {"linear_attn rejected", "retention rejected", "simple_gla rejected", "gla rejected", "delta_rule rejected",
-       "gated_delta_rule rejected"}};
+       "gated_delta_rule rejected", "kda rejected"}};
   fuzz::stats::count(labels[want.threw ? 1 : 0][m]);
   const double tol_o = 1e-4 * (1.0 + max_abs(want.o)), tol_s = 1e-4 * (1.0 + max_abs(want.state));
   const result runs[] = {run(in, recurrent_run, 0), run(in, chunked_run, 0), run(in, chunked_run, split),
