@@ -264,4 +264,40 @@ TYPED_TEST(ExpArch, CoarseSweepWithinBoundAndScalarMatchesBatch) {
   EXPECT_EQ(mismatches, 0u);
 }
 
+// exp_nonpositive is exp without the clamps and the two-factor scale, for the softmax kernels'
+// domain [min_normal_exp_arg, 0]: it must give exp's bits there. Every 37th float pattern of the
+// domain (about 30 million), both ends, every pattern next to the domain's lower end, and NaN.
+TYPED_TEST(ExpArch, NonpositiveGivesExpsBitsOnItsDomain) {
+  using Arch = TypeParam;
+  using B = simd::fbatch<Arch>;
+  const std::uint32_t lo = std::bit_cast<std::uint32_t>(simd::min_normal_exp_arg);  // the most negative
+  const std::uint32_t zero = std::bit_cast<std::uint32_t>(-0.0f);
+  alignas(64) float xs[B::size], ys[B::size], want[B::size];
+  std::size_t k = 0;
+  std::uint64_t checked = 0, mismatches = 0;
+  float first_bad = 0;
+  auto flush = [&] {
+    for (std::size_t i = k; i < B::size; ++i) xs[i] = 0.0f;
+    simd::exp_nonpositive(B::load_aligned(xs)).store_aligned(ys);
+    simd::exp(B::load_aligned(xs)).store_aligned(want);
+    for (std::size_t i = 0; i < k; ++i, ++checked)
+      if (!same_result(ys[i], want[i]) && mismatches++ == 0) first_bad = xs[i];
+    k = 0;
+  };
+  auto check = [&](float x) {
+    xs[k++] = x;
+    if (k == B::size) flush();
+  };
+  for (std::uint32_t b = zero; b <= lo; b += 37) check(std::bit_cast<float>(b));  // -0 down to the end
+  for (std::uint32_t b = lo - 4096; b <= lo; ++b) check(std::bit_cast<float>(b));
+  check(0.0f);
+  check(simd::min_normal_exp_arg);
+  if (k) flush();
+  EXPECT_EQ(mismatches, 0u) << "of " << checked << ", first at x = " << first_bad;
+  alignas(64) float nan_in[B::size], nan_out[B::size];
+  std::fill(nan_in, nan_in + B::size, std::numeric_limits<float>::quiet_NaN());
+  simd::exp_nonpositive(B::load_aligned(nan_in)).store_aligned(nan_out);
+  for (float y : nan_out) EXPECT_TRUE(std::isnan(y));
+}
+
 }  // namespace
