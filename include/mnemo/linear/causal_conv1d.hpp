@@ -182,6 +182,26 @@ void conv_row(const float* x, std::int64_t L, const float* w, std::int64_t W, fl
   }
 }
 
+// The step's pre-activation outputs and state shift for channels [d0, d1) of one batch row. WC: W
+// at compile time (0: at run time), which unrolls the few taps of the usual W = 4.
+template <int WC, class Arch>
+void conv_step_rows(std::int64_t d0, std::int64_t d1, std::int64_t W_runtime, const float* x,
+                    const view<const float, 2>& weight, const float* bias, const view<const float, 2>& state_in,
+                    const view<float, 2>& state_out, float* y) {
+  const std::int64_t W = WC > 0 ? WC : W_runtime, S = W - 1;
+  for (std::int64_t d = d0; d < d1; ++d) {
+    const float* w = weight.ptr(d);
+    const float* si = state_in.ptr(d);
+    float* so = state_out.ptr(d);
+    const float xt = x[d];
+    float acc = bias ? bias[d] : 0.0f;
+    for (std::int64_t j = 0; j < S; ++j) acc = simd::detail::fmadd<Arch>(w[j], si[j], acc);
+    y[d] = simd::detail::fmadd<Arch>(w[S], xt, acc);
+    for (std::int64_t j = 0; j + 1 < S; ++j) so[j] = si[j + 1];  // ascending: in place reads before it writes
+    if (S > 0) so[S - 1] = xt;
+  }
+}
+
 }  // namespace detail
 
 namespace reference {
@@ -282,24 +302,17 @@ void causal_conv1d_step(view<const float, 2> x,          // [B, Dm]
   require_disjoint(fn, "state_out", state_out, "x", x);
   require_disjoint(fn, "state_out", state_out, "weight", weight);
   require_disjoint(fn, "state_out", state_out, "bias", bias);
-  const std::int64_t S = W - 1;
   const std::int64_t blocks = (Dm + detail::conv_step_block - 1) / detail::conv_step_block;
   parallel_for(B * blocks, [&](std::int64_t item) {
     const std::int64_t b = item / blocks, d0 = item % blocks * detail::conv_step_block;
     const std::int64_t d1 = std::min(Dm, d0 + detail::conv_step_block);
     const float* xr = x.ptr(b);
     float* yr = y.ptr(b);
-    for (std::int64_t d = d0; d < d1; ++d) {
-      const float* w = weight.ptr(d);
-      const float* si = state_in.ptr(b, d);
-      float* so = state_out.ptr(b, d);
-      const float xt = xr[d];
-      float acc = bias.empty() ? 0.0f : bias(d);
-      for (std::int64_t j = 0; j < S; ++j) acc = simd::detail::fmadd<Arch>(w[j], si[j], acc);
-      yr[d] = simd::detail::fmadd<Arch>(w[S], xt, acc);
-      for (std::int64_t j = 0; j + 1 < S; ++j) so[j] = si[j + 1];  // ascending: in place reads before it writes
-      if (S > 0) so[S - 1] = xt;
-    }
+    const float* bp = bias.empty() ? nullptr : bias.ptr();
+    if (W == 4)
+      detail::conv_step_rows<4, Arch>(d0, d1, W, xr, weight, bp, state_in[b], state_out[b], yr);
+    else
+      detail::conv_step_rows<0, Arch>(d0, d1, W, xr, weight, bp, state_in[b], state_out[b], yr);
     if (opt.activation == conv_activation::silu) detail::silu_inplace<Arch>(yr + d0, d1 - d0);
   }, opt.threads);
 }

@@ -35,6 +35,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -70,13 +71,23 @@ struct scan_dims {
   std::int64_t B, Dm, L, N, G;
 };
 
-// A [Dm, N]: finite and <= 0.
+// A [Dm, N]: finite and <= 0. Tested on the bit patterns (+0 = 0x00000000; -0 .. -FLT_MAX =
+// 0x80000000 .. 0xFF7FFFFF), which GCC vectorises: the float compares stayed scalar, and the check
+// runs on every step, where it took a quarter of the time of a one-token call at Dm = 2048, N = 16.
+inline bool all_finite_nonpositive(const float* x, std::int64_t n) {
+  constexpr std::uint32_t negative_zero = 0x80000000u, negative_inf = 0xFF800000u;
+  std::uint32_t bad = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(x[i]);
+    bad |= static_cast<std::uint32_t>(u != 0) & static_cast<std::uint32_t>(u - negative_zero >= negative_inf - negative_zero);
+  }
+  return bad == 0;
+}
+
 inline void check_scan_A(const char* fn, const view<const float, 2>& A) {
   for (std::int64_t d = 0; d < A.extent(0); ++d) {
     const float* row = A.ptr(d);
-    bool ok = true;
-    for (std::int64_t n = 0; n < A.extent(1); ++n) ok &= row[n] <= 0.0f && row[n] >= -std::numeric_limits<float>::max();
-    if (ok) continue;
+    if (all_finite_nonpositive(row, A.extent(1))) continue;
     for (std::int64_t n = 0; n < A.extent(1); ++n)
       mnemo::detail::require(row[n] <= 0.0f && std::isfinite(row[n]), fn, ": A must be finite and <= 0, got A[", d,
                              ", ", n, "] = ", row[n]);
@@ -191,11 +202,82 @@ void scan_output(float* y, const float* u, const float* z, std::int64_t n, const
   }
 }
 
+// exp(dt A) of the scan, for dt >= 0 and A <= 0 (so the argument is <= 0): simd::exp_nonpositive,
+// cheaper than simd::exp, after clamping the argument to min_normal_exp_arg (the result there is
+// below FLT_MIN = 1.2e-38 anyway; max(lo, x) keeps a NaN x on x86, and NaN-propagating max does
+// elsewhere). Calls with a negative dt (no softplus and a negative delta) take simd::exp.
+template <std::size_t K, class B>
+void decay_exp_n(B* x) {
+  for (std::size_t k = 0; k < K; ++k) x[k] = xsimd::max(B(simd::min_normal_exp_arg), x[k]);
+  simd::exp_nonpositive_n<K>(x);
+}
+
+// Batches of exp(dt A) computed side by side: independent dependency chains for the scheduler
+// (one exp is a chain of about 12 dependent operations, simd/math.hpp).
+inline constexpr std::size_t decay_exp_group = 4;
+
+// buf[0 .. nb * width) = exp(buf), in groups of decay_exp_group batches; nonnegative_dt: every
+// argument is dt A with dt >= 0 (or NaN), else each batch goes through simd::exp.
+template <class Arch>
+void decay_exps(float* buf, std::int64_t nb, bool nonnegative_dt) {
+  using batch = simd::fbatch<Arch>;
+  constexpr std::int64_t w = simd::width<Arch>;
+  constexpr std::int64_t K = static_cast<std::int64_t>(decay_exp_group);
+  std::int64_t q = 0;
+  if (nonnegative_dt) {
+    for (; q + K <= nb; q += K) {
+      batch e[K];
+#pragma GCC unroll 8
+      for (std::int64_t k = 0; k < K; ++k) e[k] = simd::load<Arch>(buf + (q + k) * w);
+      decay_exp_n<K>(e);
+#pragma GCC unroll 8
+      for (std::int64_t k = 0; k < K; ++k) simd::store(buf + (q + k) * w, e[k]);
+    }
+    for (; q < nb; ++q) {
+      batch e = simd::load<Arch>(buf + q * w);
+      decay_exp_n<1>(&e);
+      simd::store(buf + q * w, e);
+    }
+  }
+  for (; q < nb; ++q) simd::store(buf + q * w, simd::exp(simd::load<Arch>(buf + q * w)));
+}
+
+// out[i] = the sum of the lanes of batch i of `lanes` [n rounded up to the width, width], for
+// i < n, a width of rows at a time (xsimd::haddp: one transposing reduction for `width` sums in
+// place of a horizontal sum each). Rows n .. the next multiple of the width are zeroed first.
+template <class Arch>
+void reduce_lanes(float* lanes, std::int64_t n, float* out) {
+  using batch = simd::fbatch<Arch>;
+  constexpr std::int64_t w = simd::width<Arch>;
+  for (std::int64_t i = n; i % w != 0; ++i) simd::store(lanes + i * w, batch(0.0f));
+  for (std::int64_t i0 = 0; i0 < n; i0 += w) {
+    batch rows[w];
+#pragma GCC unroll 16
+    for (std::int64_t r = 0; r < w; ++r) rows[r] = simd::load<Arch>(lanes + (i0 + r) * w);
+    const batch sums = xsimd::haddp(rows);
+    if (i0 + w <= n) simd::store(out + i0, sums);
+    else simd::store_partial(out + i0, sums, n - i0);
+  }
+}
+
+// Whether every dt[i] >= 0 or NaN (exp's argument dt A is then <= 0 or NaN).
+inline bool nonnegative(const float* dt, std::int64_t n) {
+  bool ok = true;
+  for (std::int64_t i = 0; i < n; ++i) ok &= !(dt[i] < 0.0f);
+  return ok;
+}
+
 // One channel over n tokens with its state x [Np] (padded) in NV registers: B and C rows of the
 // chunk at bt / ct (row stride Np), a [Np] the channel's A (padded with 0). ys[i] = C_i . x_i.
+// Two passes over the chunk: first every decay exp(dt_i A) into `decay` [n, Np], in groups of
+// decay_exp_group independent batches (they do not depend on the state); then the recurrence,
+// whose chain per token is one FMA per vector. The per-token sums C_i . x_i are kept as batches in
+// `lanes` [n rounded up to the width, width] and reduced a width of tokens at a time
+// (xsimd::haddp: one transposing reduction for `width` tokens in place of a horizontal sum per
+// token). nonnegative_dt: every dt_i >= 0 (or NaN), so exp's argument is <= 0.
 template <int NV, class Arch>
 void scan_channel_regs(float* x, const float* a, const float* bt, const float* ct, std::int64_t Np, const float* dt,
-                       const float* dtu, std::int64_t n, float* ys) {
+                       const float* dtu, std::int64_t n, float* ys, float* lanes, float* decay, bool nonnegative_dt) {
   using batch = simd::fbatch<Arch>;
   constexpr std::int64_t w = simd::width<Arch>;
   batch xs[NV], as[NV];
@@ -205,20 +287,27 @@ void scan_channel_regs(float* x, const float* a, const float* bt, const float* c
     as[j] = simd::load<Arch>(a + j * w);
   }
   for (std::int64_t i = 0; i < n; ++i) {
-    const batch dtb(dt[i]), ub(dtu[i]);
+    const batch dtb(dt[i]);
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) simd::store(decay + (i * NV + j) * w, dtb * as[j]);
+  }
+  decay_exps<Arch>(decay, n * NV, nonnegative_dt);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const batch ub(dtu[i]);
     const float* bi = bt + i * Np;
     const float* ci = ct + i * Np;
+    const float* ei = decay + i * Np;
     batch acc(0.0f);
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
-      const batch e = simd::exp(dtb * as[j]);
-      xs[j] = simd::detail::fmadd(e, xs[j], ub * simd::load<Arch>(bi + j * w));
+      xs[j] = simd::detail::fmadd(simd::load<Arch>(ei + j * w), xs[j], ub * simd::load<Arch>(bi + j * w));
       acc = simd::detail::fmadd(simd::load<Arch>(ci + j * w), xs[j], acc);
     }
-    ys[i] = simd::hsum(acc);
+    simd::store(lanes + i * w, acc);
   }
 #pragma GCC unroll 8
   for (int j = 0; j < NV; ++j) simd::store(x + j * w, xs[j]);
+  reduce_lanes<Arch>(lanes, n, ys);
 }
 
 // The same for any Np (x updated in memory, from L1), and the plain loop of scalar_arch.
@@ -251,18 +340,89 @@ void scan_channel_loop(float* x, const float* a, const float* bt, const float* c
   }
 }
 
+// Workspaces: lanes [scan_chunk x lanes<Arch>], decay [scan_chunk x Np] floats.
 template <class Arch>
 void scan_channel(float* x, const float* a, const float* bt, const float* ct, std::int64_t Np, const float* dt,
-                  const float* dtu, std::int64_t n, float* ys) {
+                  const float* dtu, std::int64_t n, float* ys, float* lanes, float* decay) {
   if constexpr (simd::vectorized<Arch>) {
+    const bool nonnegative_dt = nonnegative(dt, n);
     switch (Np / simd::width<Arch>) {
-      case 1: return scan_channel_regs<1, Arch>(x, a, bt, ct, Np, dt, dtu, n, ys);
-      case 2: return scan_channel_regs<2, Arch>(x, a, bt, ct, Np, dt, dtu, n, ys);
-      case 4: return scan_channel_regs<4, Arch>(x, a, bt, ct, Np, dt, dtu, n, ys);
+      case 1: return scan_channel_regs<1, Arch>(x, a, bt, ct, Np, dt, dtu, n, ys, lanes, decay, nonnegative_dt);
+      case 2: return scan_channel_regs<2, Arch>(x, a, bt, ct, Np, dt, dtu, n, ys, lanes, decay, nonnegative_dt);
+      case 4: return scan_channel_regs<4, Arch>(x, a, bt, ct, Np, dt, dtu, n, ys, lanes, decay, nonnegative_dt);
       default: break;
     }
   }
   scan_channel_loop<Arch>(x, a, bt, ct, Np, dt, dtu, n, ys);
+}
+
+// The step for channels [d0, d1) of batch b: state_out = exp(dt A) state_in + dt u B, y = C . state_out
+// (before D and the gate). Like the prefill: every decay of the block first (independent exps in
+// groups, decay [nd, Np]), then the updates, with the sums reduced a width of channels at a time.
+// One channel after the other with its exps inline took 60 ns a channel at N = 16 on the 2-core
+// EPYC (AVX2): the latency of one exp chain, the next channel's unable to start.
+template <class Arch>
+void scan_step_rows(std::int64_t b, std::int64_t d0, std::int64_t d1, std::int64_t N, std::int64_t per_group,
+                    const view<const float, 2>& A, const view<const float, 3>& Bm, const view<const float, 3>& Cm,
+                    const view<const float, 3>& state_in, const view<float, 3>& state_out, const float* dt,
+                    const float* dtu, float* y) {
+  const std::int64_t nd = d1 - d0;
+  if constexpr (simd::vectorized<Arch>) {
+    using batch = simd::fbatch<Arch>;
+    constexpr std::int64_t w = simd::width<Arch>;
+    const std::int64_t nv = (N + w - 1) / w, Np = nv * w;
+    std::vector<float> decay(static_cast<std::size_t>(nd * Np)), lanes(static_cast<std::size_t>((nd + w) * w));
+    // Past N the loads give 0: A = 0 (decay 1), state, B and C = 0, so the padding lanes add 0.
+    auto load = [&](const float* p, std::int64_t n0) {
+      return n0 + w <= N ? simd::load<Arch>(p + n0) : simd::load_partial<Arch>(p + n0, N - n0);
+    };
+    for (std::int64_t d = d0; d < d1; ++d) {
+      const batch dtb(dt[d - d0]);
+      for (std::int64_t j = 0; j < nv; ++j) simd::store(decay.data() + (d - d0) * Np + j * w, dtb * load(A.ptr(d), j * w));
+    }
+    decay_exps<Arch>(decay.data(), nd * nv, nonnegative(dt, nd));
+    const std::int64_t full = N / w;  // vectors without a tail
+    // The group of channel d, advanced as d crosses a group boundary: an integer division per
+    // channel (idiv: tens of cycles) took a third of a step's time at Dm = 2048, N = 16.
+    std::int64_t g = d0 / per_group, next_group = (g + 1) * per_group;
+    for (std::int64_t d = d0; d < d1; ++d) {
+      if (d == next_group) {
+        ++g;
+        next_group += per_group;
+      }
+      const float *bg = Bm.ptr(b, g), *cg = Cm.ptr(b, g), *si = state_in.ptr(b, d), *e = decay.data() + (d - d0) * Np;
+      float* so = state_out.ptr(b, d);
+      const batch ub(dtu[d - d0]);
+      batch acc(0.0f);
+      for (std::int64_t n0 = 0; n0 < full * w; n0 += w) {
+        const batch x = simd::detail::fmadd(simd::load<Arch>(e + n0), simd::load<Arch>(si + n0),
+                                            ub * simd::load<Arch>(bg + n0));
+        simd::store(so + n0, x);
+        acc = simd::detail::fmadd(simd::load<Arch>(cg + n0), x, acc);
+      }
+      if (full < nv) {
+        const std::int64_t n0 = full * w;
+        const batch x = simd::detail::fmadd(simd::load<Arch>(e + n0), load(si, n0), ub * load(bg, n0));
+        simd::store_partial(so + n0, x, N - n0);
+        acc = simd::detail::fmadd(load(cg, n0), x, acc);
+      }
+      simd::store(lanes.data() + (d - d0) * w, acc);
+    }
+    reduce_lanes<Arch>(lanes.data(), nd, y);
+  } else {
+    for (std::int64_t d = d0; d < d1; ++d) {
+      const std::int64_t g = d / per_group;
+      const float *a = A.ptr(d), *bg = Bm.ptr(b, g), *cg = Cm.ptr(b, g), *si = state_in.ptr(b, d);
+      float* so = state_out.ptr(b, d);
+      float sum = 0.0f;
+      for (std::int64_t n = 0; n < N; ++n) {
+        const float x = simd::detail::fmadd<Arch>(simd::exp<Arch>(dt[d - d0] * a[n]), si[n], dtu[d - d0] * bg[n]);
+        so[n] = x;
+        sum = simd::detail::fmadd<Arch>(cg[n], x, sum);
+      }
+      y[d - d0] = sum;
+    }
+  }
 }
 
 }  // namespace detail
@@ -359,6 +519,7 @@ void selective_scan(view<const float, 3> u,           // [B, Dm, L]
     std::vector<float> xs(static_cast<std::size_t>(nd * Np), 0.0f), as(xs.size(), 0.0f);
     std::vector<float> bt(static_cast<std::size_t>(T * Np), 0.0f), ct(bt.size(), 0.0f);
     std::vector<float> dt(static_cast<std::size_t>(T)), dtu(dt.size()), ys(dt.size());
+    std::vector<float> lanes_ws(static_cast<std::size_t>(T * lanes)), decay(bt.size());
     for (std::int64_t d = d0; d < d1; ++d) {
       std::copy(A.ptr(d), A.ptr(d) + N, as.data() + (d - d0) * Np);
       if (!state.empty()) std::copy(state.ptr(b, d), state.ptr(b, d) + N, xs.data() + (d - d0) * Np);
@@ -382,7 +543,7 @@ void selective_scan(view<const float, 3> u,           // [B, Dm, L]
         detail::scan_dt<Arch>(delta.ptr(b, d) + t0, u.ptr(b, d) + t0, n, nullptr, false,
                               delta_bias.empty() ? 0.0f : delta_bias(d), opt.delta_softplus, dt.data(), dtu.data());
         detail::scan_channel<Arch>(xs.data() + (d - d0) * Np, as.data() + (d - d0) * Np, bt.data(), ct.data(), Np,
-                                   dt.data(), dtu.data(), n, ys.data());
+                                   dt.data(), dtu.data(), n, ys.data(), lanes_ws.data(), decay.data());
         float* yd = y.ptr(b, d) + t0;
         std::copy(ys.data(), ys.data() + n, yd);
         detail::scan_output<Arch>(yd, u.ptr(b, d) + t0, z.empty() ? nullptr : z.ptr(b, d) + t0, n, nullptr, false,
@@ -443,42 +604,7 @@ void selective_scan_step(view<const float, 2> u,           // [B, Dm]
     detail::scan_dt<Arch>(delta.ptr(b) + d0, u.ptr(b) + d0, nd, delta_bias.empty() ? nullptr : delta_bias.ptr() + d0,
                           !delta_bias.empty(), 0.0f, opt.delta_softplus, dt.data(), dtu.data());
     float* yr = y.ptr(b) + d0;
-    for (std::int64_t d = d0; d < d1; ++d) {
-      const std::int64_t g = d / per_group;
-      const float *a = A.ptr(d), *bg = Bm.ptr(b, g), *cg = Cm.ptr(b, g), *si = state_in.ptr(b, d);
-      float* so = state_out.ptr(b, d);
-      const float dtd = dt[d - d0], ud = dtu[d - d0];
-      std::int64_t n = 0;
-      float sum = 0.0f;
-      if constexpr (simd::vectorized<Arch>) {
-        using batch = simd::fbatch<Arch>;
-        constexpr std::int64_t w = simd::width<Arch>;
-        const batch dtb(dtd), ub(ud);
-        batch acc(0.0f);
-        for (; n + w <= N; n += w) {
-          const batch x = simd::detail::fmadd(simd::exp(dtb * simd::load<Arch>(a + n)), simd::load<Arch>(si + n),
-                                              ub * simd::load<Arch>(bg + n));
-          simd::store(so + n, x);
-          acc = simd::detail::fmadd(simd::load<Arch>(cg + n), x, acc);
-        }
-        if (n < N) {  // the tail: A = B = C = state = 0 past N, so the padding lanes add 0
-          const std::int64_t r = N - n;
-          const batch x =
-              simd::detail::fmadd(simd::exp(dtb * simd::load_partial<Arch>(a + n, r)),
-                                  simd::load_partial<Arch>(si + n, r), ub * simd::load_partial<Arch>(bg + n, r));
-          simd::store_partial(so + n, x, r);
-          acc = simd::detail::fmadd(simd::load_partial<Arch>(cg + n, r), x, acc);
-          n = N;
-        }
-        sum = simd::hsum(acc);
-      }
-      for (; n < N; ++n) {
-        const float x = simd::detail::fmadd<Arch>(simd::exp<Arch>(dtd * a[n]), si[n], ud * bg[n]);
-        so[n] = x;
-        sum = simd::detail::fmadd<Arch>(cg[n], x, sum);
-      }
-      yr[d - d0] = sum;
-    }
+    detail::scan_step_rows<Arch>(b, d0, d1, N, per_group, A, Bm, Cm, state_in, state_out, dt.data(), dtu.data(), yr);
     detail::scan_output<Arch>(yr, u.ptr(b) + d0, z.empty() ? nullptr : z.ptr(b) + d0, nd,
                               D.empty() ? nullptr : D.ptr() + d0, !D.empty(), 0.0f);
   }, opt.threads);
