@@ -66,10 +66,6 @@ inline constexpr std::int64_t conv_channel_block = 16;
 // Channels per work item of the step (a few floats of state per channel).
 inline constexpr std::int64_t conv_step_block = 512;
 
-struct conv_dims {
-  std::int64_t B, Dm, L, W;
-};
-
 // Checks everything the full op and the step share: weight, bias, the states, the options.
 inline std::int64_t check_conv_params(const char* fn, std::int64_t Dm, const view<const float, 2>& weight,
                                       const view<const float, 1>& bias, const conv1d_options& opt) {

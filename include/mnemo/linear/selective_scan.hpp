@@ -21,15 +21,25 @@
 // The fast path runs per (batch, block of channels) item and, inside, per chunk of
 // scan_chunk tokens: the chunk's B and C columns of each group are transposed once into [token, N]
 // rows (shared by the group's channels), dt is computed for the chunk vectorised over time, and
-// each channel then scans its tokens with its state x [N] in registers, vectorised over N (N is
-// padded to the vector width with A = B = C = 0, so the padding lanes stay 0), one simd::exp per
-// vector of N per token. The scan is sequential in time; each input element is read once.
+// each channel then takes two passes over the chunk: all its decays exp(dt_t A) (they do not depend
+// on the state, so they run as independent exps side by side), then the recurrence with the state
+// x [N] in registers, vectorised over N (N is padded to the vector width with A = B = C = 0, so the
+// padding lanes stay 0). The step does the same over a block of channels. The scan is sequential
+// in time and reads each input element once, but it is not bandwidth-bound on every CPU: it takes
+// one exp per state element and token (N = 16 exps per 16 bytes of u, delta, z and y), and on the
+// 2-core Zen 1 EPYC these rows were measured on (128-bit FP units) an exp costs 0.77 ns per lane:
+// 16 of them take about 9x the time of streaming the 16 bytes at machine/stream_read's 11.7 GB/s
+// (bench/ssm_rows.cpp, bench/README.md).
 //
 // Numerics: f32 throughout (reference: double). softplus(x) = max(x, 0) + log1p(exp(-|x|)), exact
 // for every x (no switch to the identity above 20). A must be finite and <= 0 (mnemo::error
-// otherwise). NaN in u, delta, B, C, D or z is data and propagates: a NaN at token t of channel d
-// (in u, delta or its group's B) enters the state, so y of channel d is NaN from t on; a NaN in C
-// or z at t spoils y_t only. Other channels and earlier tokens are untouched. An infinite dt * u
+// otherwise). With dt >= 0 the decay's argument dt A is <= 0 and goes through
+// simd::exp_nonpositive, clamped at simd::min_normal_exp_arg (-87.3: the exact decay there is below
+// FLT_MIN and the clamped one differs from it by less than 1.2e-38); a chunk with a negative dt
+// (no softplus, negative delta) uses simd::exp.
+// NaN in u, delta, B, C, D or z is data and propagates: a NaN at token t of channel d (in u, delta
+// or its group's B) enters the state, so y of channel d is NaN from t on; a NaN in C or z at t
+// spoils y_t only. Other channels and earlier tokens are untouched. An infinite dt * u
 // may give NaN where the reference gives +-inf when N is not a multiple of the vector width
 // (0 * inf in a padding lane).
 #pragma once
@@ -67,10 +77,6 @@ inline constexpr std::int64_t scan_channel_block = 32;
 // Channels per work item of the step.
 inline constexpr std::int64_t scan_step_block = 256;
 
-struct scan_dims {
-  std::int64_t B, Dm, L, N, G;
-};
-
 // A [Dm, N]: finite and <= 0. Tested on the bit patterns (+0 = 0x00000000; -0 .. -FLT_MAX =
 // 0x80000000 .. 0xFF7FFFFF), which GCC vectorises: the float compares stayed scalar, and the check
 // runs on every step, where it took a quarter of the time of a one-token call at Dm = 2048, N = 16.
@@ -79,12 +85,15 @@ inline bool all_finite_nonpositive(const float* x, std::int64_t n) {
   std::uint32_t bad = 0;
   for (std::int64_t i = 0; i < n; ++i) {
     const std::uint32_t u = std::bit_cast<std::uint32_t>(x[i]);
-    bad |= static_cast<std::uint32_t>(u != 0) & static_cast<std::uint32_t>(u - negative_zero >= negative_inf - negative_zero);
+    bad |= static_cast<std::uint32_t>(u != 0) &
+           static_cast<std::uint32_t>(u - negative_zero >= negative_inf - negative_zero);
   }
   return bad == 0;
 }
 
 inline void check_scan_A(const char* fn, const view<const float, 2>& A) {
+  // A contiguous A in one pass (row by row, the loop setup per row of 16 cost as much as the test).
+  if (A.is_contiguous() && all_finite_nonpositive(A.data(), A.size())) return;
   for (std::int64_t d = 0; d < A.extent(0); ++d) {
     const float* row = A.ptr(d);
     if (all_finite_nonpositive(row, A.extent(1))) continue;
@@ -378,7 +387,8 @@ void scan_step_rows(std::int64_t b, std::int64_t d0, std::int64_t d1, std::int64
     };
     for (std::int64_t d = d0; d < d1; ++d) {
       const batch dtb(dt[d - d0]);
-      for (std::int64_t j = 0; j < nv; ++j) simd::store(decay.data() + (d - d0) * Np + j * w, dtb * load(A.ptr(d), j * w));
+      for (std::int64_t j = 0; j < nv; ++j)
+        simd::store(decay.data() + (d - d0) * Np + j * w, dtb * load(A.ptr(d), j * w));
     }
     decay_exps<Arch>(decay.data(), nd * nv, nonnegative(dt, nd));
     const std::int64_t full = N / w;  // vectors without a tail
