@@ -22,10 +22,12 @@ constexpr member kda = member::kda;
 
 TEST(kda, forms_match_reference) { check_forms(kda); }
 TEST(kda, forms_match_reference_l2norm) { check_forms(kda, {.use_qk_l2norm = true}); }
-// Totals below -kda_factor_limit in every chunk: the exact (strong) path throughout.
+// Totals below -2 kda_factor_limit in (nearly) every chunk: the exact (strong) path throughout.
 TEST(kda, strong_gates) { check_forms(kda, {}, {-6.0f, -1.0f}); }
-// Chunks on both sides of the limit in one sequence (a 16-token chunk at -2..0 totals about -16).
-TEST(kda, mixed_gates) { check_forms(kda, {}, {-2.5f, 0.0f}); }
+// Chunks on both sides of the limit in one sequence: a 16-token chunk at -4..0 totals about -32
+// per channel, its most negative channel often below -40; 64-token chunks are strong, 7-token ones
+// weak.
+TEST(kda, mixed_gates) { check_forms(kda, {}, {-4.0f, 0.0f}); }
 TEST(kda, extreme_gates) { check_extreme_gates(kda); }
 TEST(kda, pieces_then_continue) { check_pieces(kda); }
 TEST(kda, long_run_stays_finite) { check_long_run(kda); }

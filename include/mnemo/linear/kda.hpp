@@ -27,18 +27,25 @@
 // where simd_chunks() holds (common.hpp), otherwise on Eigen's products.
 //
 // Numerical range. Kg, Qg and Kd only carry decays <= 1. The intra-chunk matrices A and P need
-// E(j, t) for every pair, which factors through the chunk start (the chunk-local reference point):
-// E(j, t) = Gamma_t o Gamma_j^-1. Gamma_j^-1 = exp(-b_j) grows with the decay, so the factored
-// form is used only in weak chunks, where every channel's total in-chunk log-decay b_{n-1} is
-// >= -kda_factor_limit: then every factor lies in [exp(-20), exp(20)] = [2e-9, 5e8], finite and far
-// from the subnormals, and A = Kg (K o Gamma^-1)^T and P = Qg (K o Gamma^-1)^T are GEMMs (2 n Dk
-// exponentials per chunk). Its price is that of gla.hpp's weak chunks: a decay exp(b_t) exp(-b_j)
-// carries the rounding of two exponents up to 20 in magnitude, a relative error <= 20 * 2^-24 =
-// 1.2e-6. Other chunks (strong decay, or -inf in some channel) form each entry of A and P from the
-// exact range sums, A_tj = beta_t sum_c k_t[c] exp(sum_{j < s <= t} g_s[c]) k_j[c], accumulated
-// from t down to j (n (n - 1) / 2 Dk exponentials): nothing is ever divided by a decay, so
-// exp(+large) never appears, decays underflow to 0 as they should, and g = -inf resets the
-// channel exactly (no -inf - -inf). The chunk size is kept by both paths.
+// E(j, t) = exp(b_t - b_j) for every pair. In a weak chunk they are GEMMs, through a chunk-local
+// reference point r [Dk] per channel: E(j, t) = exp(b_t - r) exp(r - b_j), so
+//   A = Ks Kr^T,  P = Qs Kr^T,   Ks = K o exp(b - r),  Qs = scale Q o exp(b - r),  Kr = K o exp(r - b)
+// (2 n Dk exponentials per chunk), and Kg = Ks o exp(r), Qg = Qs o exp(r), Kd = Kr o exp(b_{n-1} - r).
+// r is the middle of the channel's log-decay range in the chunk, r = b_{n-1} / 2 (b_t runs from
+// about 0 down to b_{n-1}), so every exponent above lies in [b_{n-1} / 2, -b_{n-1} / 2]: a weak chunk
+// is one whose total log-decay b_{n-1} is >= -2 kda_factor_limit = -40 in every channel, and its
+// factors lie in [exp(-20), exp(20)] = [2e-9, 5e8], finite and far from the subnormals. (The chunk
+// start as reference, as gla.hpp has it, allows half that range: Gamma_j^-1 = exp(-b_j) reaches
+// exp(-b_{n-1}).) The price is that of gla.hpp's weak chunks: a decay formed from two exponents up
+// to 20 in magnitude carries their rounding, a relative error <= 2 * 20 * 2^-24 = 2.4e-6. Other
+// chunks (stronger decay, or -inf in some channel) form each entry of A and P from the exact range
+// sums, A_tj = beta_t sum_c k_t[c] exp(sum_{j < s <= t} g_s[c]) k_j[c], accumulated from t down to j
+// (n (n - 1) / 2 Dk exponentials): nothing is ever divided by a decay, so exp(+large) never
+// appears, decays underflow to 0 as they should, and g = -inf resets the channel exactly (no
+// -inf - -inf). The chunk size is kept by both paths. Cost at H = 8, L = 8192, Dk = Dv = 128,
+// chunk 16, one thread (AMD EPYC znver1, ad-hoc timing, best of 3): gates in [-0.1, 0] (all chunks
+// weak) 328 ms; in [-6, -1] (all strong) 399 ms; in [-3, 0] (chunk totals about -24) 328 ms with
+// the mid-range reference point, 398 ms with the chunk start as the reference (limit -20).
 //
 // NaN: as every member (common.hpp): gates and beta reject NaN with mnemo::error; a NaN in q_t
 // reaches o_t only, a NaN in k_t or v_t enters the state and makes o_t and every later output of
@@ -70,8 +77,8 @@
 
 namespace mnemo::linear {
 
-// Weak chunks (every channel's in-chunk total log-decay >= -kda_factor_limit) form the intra-chunk
-// decays as exp(b_t) exp(-b_j); see the header comment. 20, as gla_factor_limit (gla.hpp).
+// The largest exponent magnitude of a weak chunk's decay factors (header comment): a chunk is weak
+// when every channel's total log-decay is >= -2 kda_factor_limit. 20, as gla_factor_limit (gla.hpp).
 inline constexpr float kda_factor_limit = 20.0f;
 
 namespace reference {
@@ -144,32 +151,38 @@ void kda_recurrent_head(const dims& d, const head_views<T>& hv, const view<const
   }
 }
 
-// Weak chunk, token t: from the prefix log-decay b = b_t and the total decay last = Gamma_{n-1},
-//   kg = k o exp(b),  qg = q o exp(b),  kinv = k o exp(-b),  kd = kinv o last
+// Weak chunk, token t: from the prefix log-decay b = b_t, the reference point r and half = exp(r)
+// (header comment),
+//   ks = k o exp(b - r),  qs = q o exp(b - r),  kr = k o exp(r - b),
+//   kg = ks o half,       qg = qs o half,       kd = kr o half          (b_{n-1} - r = r)
 // in one pass over the Dk channels.
 template <class Arch>
-void kda_weak_row(const float* k, const float* q, const float* b, const float* last, float* kg, float* qg, float* kinv,
-                  float* kd, std::int64_t n) {
+void kda_weak_row(const float* k, const float* q, const float* b, const float* r, const float* half, float* ks,
+                  float* qs, float* kr, float* kg, float* qg, float* kd, std::int64_t n) {
   std::int64_t c = 0;
   if constexpr (simd::vectorized<Arch>) {
     using batch = simd::fbatch<Arch>;
     constexpr std::int64_t w = simd::width<Arch>;
     for (; c + w <= n; c += w) {
-      const batch e = simd::load<Arch>(b + c), kc = simd::load<Arch>(k + c);
-      const batch up = simd::exp(e), down = simd::exp(-e);
-      const batch ki = kc * down;
-      simd::store(kg + c, kc * up);
-      simd::store(qg + c, simd::load<Arch>(q + c) * up);
-      simd::store(kinv + c, ki);
-      simd::store(kd + c, ki * simd::load<Arch>(last + c));
+      const batch e = simd::load<Arch>(b + c) - simd::load<Arch>(r + c), h = simd::load<Arch>(half + c);
+      const batch kc = simd::load<Arch>(k + c), up = simd::exp(e), down = simd::exp(-e);
+      const batch kup = kc * up, qup = simd::load<Arch>(q + c) * up, kdown = kc * down;
+      simd::store(ks + c, kup);
+      simd::store(qs + c, qup);
+      simd::store(kr + c, kdown);
+      simd::store(kg + c, kup * h);
+      simd::store(qg + c, qup * h);
+      simd::store(kd + c, kdown * h);
     }
   }
   for (; c < n; ++c) {
-    const float up = simd::exp<Arch>(b[c]), down = simd::exp<Arch>(-b[c]);
-    kg[c] = k[c] * up;
-    qg[c] = q[c] * up;
-    kinv[c] = k[c] * down;
-    kd[c] = kinv[c] * last[c];
+    const float e = b[c] - r[c], up = simd::exp<Arch>(e), down = simd::exp<Arch>(-e);
+    ks[c] = k[c] * up;
+    qs[c] = q[c] * up;
+    kr[c] = k[c] * down;
+    kg[c] = ks[c] * half[c];
+    qg[c] = qs[c] * half[c];
+    kd[c] = kr[c] * half[c];
   }
 }
 
@@ -254,13 +267,13 @@ void kda_chunked_head(const dims& d, const head_views<T>& hv, const view<const f
   matrix k(C, Dk), q(C, Dk);  // the chunk's prepared rows (q scaled)
   matrix logp(C, Dk);         // b_t, the in-chunk prefix sums of the log-gates
   matrix kq(2 * C, Dk);       // [Kg ; Qg]: one GEMM reads the state for both
-  matrix kinv(C, Dk);         // K o Gamma^-1 (weak chunks)
+  matrix k_up(C, Dk), q_up(C, Dk), k_down(C, Dk);  // weak chunks: K, Q o exp(b - r) and K o exp(r - b)
   matrix kd(C, Dk);           // K o E(., n-1): writes the next state
   matrix u(C, Dv);            // V, then the right-hand side, then U, in place
   matrix ks(2 * C, Dv);       // [Kg S ; Qg S], then O in its lower half
   matrix a(C, C);             // A, strictly lower (the solve reads it as unit lower triangular)
   matrix p(C, C);             // P, lower
-  std::vector<float> last(Dk), acc(Dk);
+  std::vector<float> last(Dk), acc(Dk), ref(Dk), half(Dk);
   const bool fast = simd_chunks<Arch>(Dv);
   for (std::int64_t t0 = 0; t0 < d.L; t0 += C) {
     const std::int64_t n = std::min(C, d.L - t0);
@@ -284,13 +297,16 @@ void kda_chunked_head(const dims& d, const head_views<T>& hv, const view<const f
     auto A = a.topLeftCorner(n, n);
     auto P = p.topLeftCorner(n, n);
     const float* bt = beta + t0;
-    if (*std::min_element(total, total + Dk) >= -kda_factor_limit) {
-      // Weak chunk: A = Kg Kinv^T and P = Qg Kinv^T through the chunk-start factors.
+    if (*std::min_element(total, total + Dk) >= -2 * kda_factor_limit) {
+      // Weak chunk: A = Ks Kr^T and P = Qs Kr^T through the reference point r = b_{n-1} / 2.
+      for (std::int64_t c = 0; c < Dk; ++c) ref[c] = half[c] = 0.5f * total[c];
+      simd::exp_sum<Arch>(half.data(), Dk, 0.0f);
       for (std::int64_t t = 0; t < n; ++t)
-        kda_weak_row<Arch>(k.row(t).data(), q.row(t).data(), logp.row(t).data(), last.data(), Kg.row(t).data(),
-                           Qg.row(t).data(), kinv.row(t).data(), kd.row(t).data(), Dk);
-      A.template triangularView<Eigen::StrictlyLower>() = Kg * kinv.topRows(n).transpose();
-      P.template triangularView<Eigen::Lower>() = Qg * kinv.topRows(n).transpose();
+        kda_weak_row<Arch>(k.row(t).data(), q.row(t).data(), logp.row(t).data(), ref.data(), half.data(),
+                           k_up.row(t).data(), q_up.row(t).data(), k_down.row(t).data(), Kg.row(t).data(),
+                           Qg.row(t).data(), kd.row(t).data(), Dk);
+      A.template triangularView<Eigen::StrictlyLower>() = k_up.topRows(n) * k_down.topRows(n).transpose();
+      P.template triangularView<Eigen::Lower>() = q_up.topRows(n) * k_down.topRows(n).transpose();
     } else {
       // Strong chunk: every entry of A and P from exact range sums, t down to j.
       for (std::int64_t t = 0; t < n; ++t)
