@@ -8,10 +8,10 @@
 //                                                        softplus and the state in and out
 //   ssm/conv1d_step/B:<B>/Dm:2048/W:4/threads:<t>        one token of causal_conv1d_step (bias, SiLU)
 //   ssm/selective_scan_step/B:<B>/Dm:2048/N:16/threads:<t>  one token of selective_scan_step (all options)
-//   ssm/rmw_pass/B:<B>/Dm:2048/N:<n>/threads:<t>         one plain read-modify-write pass s = a s + b over
-//                                                        a state of B x Dm x n floats: the floor of a
-//                                                        step (n = 16: the scan's state, n = 3: the
-//                                                        convolution's W - 1 columns); B in {1, 8}
+//   ssm/rmw_pass/B:<B>/Dm:2048/W:4/threads:<t>           one plain read-modify-write pass s = a s + b over
+//   ssm/rmw_pass/B:<B>/Dm:2048/N:16/threads:<t>          a state of B x Dm x 3 floats (the convolution's
+//                                                        W - 1 columns) or B x Dm x 16 (the scan's): the
+//                                                        floor of each step, keyed like it; B in {1, 8}
 //
 // Counters: `bytes/s` counts the traffic a call cannot avoid, in f32:
 //   conv1d              x read, y written: 2 x 4 B Dm L (the weights, bias and states are < 0.1%)
@@ -189,9 +189,12 @@ const bool registered = [] {
                    guarded([B, t](benchmark::State& st) { conv_step_row(st, B, t); }));
       register_row(row_name("ssm", "selective_scan_step", {{"B", Bs}, {"Dm", Dms}, {"N", Ns}, {"threads", ts}}),
                    guarded([B, t](benchmark::State& st) { scan_step_row(st, B, t); }));
-      for (std::int64_t n : {conv_width - 1, state_dim})
-        register_row(row_name("ssm", "rmw_pass", {{"B", Bs}, {"Dm", Dms}, {"N", std::to_string(n)}, {"threads", ts}}),
-                     guarded([B, n, t](benchmark::State& st) { rmw_pass_row(st, B, n, t); }));
+      // Keyed like the step they are the floor of (W:4 for the convolution's W - 1 = 3 columns,
+      // N:16 for the scan), so `bench/plot --baseline rmw_pass` pairs them.
+      register_row(row_name("ssm", "rmw_pass", {{"B", Bs}, {"Dm", Dms}, {"W", Ws}, {"threads", ts}}),
+                   guarded([B, t](benchmark::State& st) { rmw_pass_row(st, B, conv_width - 1, t); }));
+      register_row(row_name("ssm", "rmw_pass", {{"B", Bs}, {"Dm", Dms}, {"N", Ns}, {"threads", ts}}),
+                   guarded([B, t](benchmark::State& st) { rmw_pass_row(st, B, state_dim, t); }));
     }
   }
   return true;
