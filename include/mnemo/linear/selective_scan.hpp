@@ -387,13 +387,15 @@ void scan_step_rows(std::int64_t b, std::int64_t d0, std::int64_t d1, std::int64
     };
     for (std::int64_t d = d0; d < d1; ++d) {
       const batch dtb(dt[d - d0]);
-      for (std::int64_t j = 0; j < nv; ++j)
-        simd::store(decay.data() + (d - d0) * Np + j * w, dtb * load(A.ptr(d), j * w));
+      const float* a = A.ptr(d);
+      float* e = decay.data() + (d - d0) * Np;
+      std::int64_t n0 = 0;
+      for (; n0 + w <= N; n0 += w) simd::store(e + n0, dtb * simd::load<Arch>(a + n0));
+      if (n0 < N) simd::store(e + n0, dtb * simd::load_partial<Arch>(a + n0, N - n0));
     }
     decay_exps<Arch>(decay.data(), nd * nv, nonnegative(dt, nd));
     const std::int64_t full = N / w;  // vectors without a tail
-    // The group of channel d, advanced as d crosses a group boundary: an integer division per
-    // channel (idiv: tens of cycles) took a third of a step's time at Dm = 2048, N = 16.
+    // The group of channel d, advanced as d crosses a group boundary (no division per channel).
     std::int64_t g = d0 / per_group, next_group = (g + 1) * per_group;
     for (std::int64_t d = d0; d < d1; ++d) {
       if (d == next_group) {
