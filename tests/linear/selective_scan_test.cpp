@@ -182,6 +182,21 @@ TEST(selective_scan, step_matches_full_op) {
   }
 }
 
+// More channels than one work item of the step (detail::scan_step_block), with groups that
+// straddle the items' boundary.
+TEST(selective_scan, step_over_several_blocks) {
+  const options o;
+  const problem p(2, 300, 13, 3, 4, 250);
+  const result want = run(p, impl::reference, o);
+  tensor<float, 3> state = p.h0;
+  for (std::int64_t t = 0; t < p.L; ++t) {
+    tensor<float, 2> y({p.B, p.Dm});
+    step(p, t, o, y, state, state);
+    expect_close(y, column(want.y, t), atol, rtol, "t=" + std::to_string(t));
+  }
+  expect_close(state, want.state, atol, rtol, "state");
+}
+
 // Speculative decoding: 6 drafted tokens through a state_ring of depth 4, reject the last 3 and
 // continue with 3 other tokens: the outputs and the state equal the full op over the accepted ones.
 TEST(selective_scan, rollback_with_state_ring) {
