@@ -206,6 +206,37 @@ TEST(causal_conv1d, nan_propagation) {
   EXPECT_FALSE(std::isnan(r.fin(0, 0, p.W - 2)));
 }
 
+// SiLU at the extremes, in the vector body, the scalar tail and the step (W = 1, weight 1: y = silu(x)):
+// -inf gives NaN (as torch), +inf gives +inf, large negative values 0, NaN stays NaN.
+TEST(causal_conv1d, silu_extremes) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> values = {-inf, -1e30f, -100.0f, -87.5f, -30.0f, -1.0f, -0.0f, 0.0f, 1.0f, 30.0f, 100.0f, inf, nan};
+  const std::int64_t L = 2 * static_cast<std::int64_t>(values.size()) + 5;  // vector body and scalar tail
+  tensor<float, 3> x({1, 1, L}), y({1, 1, L}), want({1, 1, L});
+  for (std::int64_t t = 0; t < L; ++t) x(0, 0, t) = values[t % values.size()];
+  tensor<float, 2> w({1, 1});
+  w(0, 0) = 1.0f;
+  linear::reference::causal_conv1d(x, w, {}, want, {}, {}, silu);
+  linear::causal_conv1d(x, w, {}, y, {}, {}, silu);
+  for (std::int64_t t = 0; t < L; ++t) {
+    const float v = x(0, 0, t), got = y(0, 0, t), ref = want(0, 0, t);
+    if (std::isnan(v) || v == -inf) {
+      EXPECT_TRUE(std::isnan(got) && std::isnan(ref)) << "x=" << v;
+    } else if (std::isinf(ref)) {
+      EXPECT_EQ(got, ref) << "x=" << v;
+    } else {
+      EXPECT_NEAR(got, ref, 1e-6 + 1e-6 * std::fabs(ref)) << "x=" << v;
+    }
+    tensor<float, 2> x1({1, 1}), y1({1, 1});
+    tensor<float, 3> state({1, 1, 0});
+    x1(0, 0) = v;
+    linear::causal_conv1d_step(x1, w, {}, y1, state, silu);
+    EXPECT_TRUE(std::isnan(y1(0, 0)) ? std::isnan(got) : y1(0, 0) == got) << "step, x=" << v;
+  }
+  EXPECT_EQ(y(0, 0, 11), inf);
+  EXPECT_EQ(y(0, 0, 2), 0.0f);  // -100 sigmoid(-100) = -3.7e-42 in double; 0 (-0) here
+}
+
 TEST(causal_conv1d, bad_inputs) {
   const problem p(2, 5, 8, 4, 61);
   tensor<float, 3> y({2, 5, 8}), fin({2, 5, 3});

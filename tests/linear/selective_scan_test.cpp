@@ -115,6 +115,16 @@ TEST(selective_scan, fast_matches_reference) {
   }
 }
 
+// softplus far out on both sides (delta + bias in [-60, 60]): dt is then about 0 or delta itself,
+// and the decay exp(dt A) reaches far below FLT_MIN.
+TEST(selective_scan, softplus_extremes) {
+  problem p(1, 5, 16, 40, 1, 150);
+  mnemo::test::fill_uniform(p.delta, -60.0f, 60.0f, 151);
+  const result want = run(p, impl::reference, {}), got = run(p, impl::fast, {});
+  expect_close(got.y, want.y, atol, rtol, "y");
+  expect_close(got.state, want.state, atol, rtol, "state");
+}
+
 // One channel, N = 1, by hand: x_t = exp(dt A) x_{t-1} + dt B u, y = C x + D u.
 TEST(selective_scan, semantics_by_hand) {
   tensor<float, 3> u({1, 1, 2}), delta({1, 1, 2}), y({1, 1, 2}), state({1, 1, 1});

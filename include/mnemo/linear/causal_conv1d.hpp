@@ -20,8 +20,8 @@
 // contiguous (core/tensor.hpp), so channels-last data must be transposed first.
 //
 // Numerics: f32 in and out, f32 accumulation in W terms, in order w = 0 .. W-1 (reference: double).
-// SiLU is x / (1 + exp(-x)) with simd::exp; exp(-x) overflows to +inf below x = -88.7 and the result
-// is -0 there, as the limit; like torch's silu, a pre-activation of -inf gives NaN (inf / inf).
+// SiLU as in activation.hpp (x sigmoid(x) from exp(-|x|); -0 below x = -87.3, the limit; like
+// torch's silu, a pre-activation of -inf gives NaN).
 // NaN: nothing is validated elementwise, a NaN propagates like in the sum: a NaN in x[b, d, t]
 // makes y[b, d, t .. t+W-1] NaN (every output whose window holds it, also where the weight is 0,
 // 0 * NaN = NaN) and final_states if it is among the last W-1 inputs; a NaN weight or bias makes
@@ -38,6 +38,7 @@
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/linear/activation.hpp"
 #include "mnemo/simd/load.hpp"
 #include "mnemo/simd/math.hpp"
 
@@ -97,34 +98,11 @@ inline void check_conv_states(const char* fn, const char* in_name, const view<co
     mnemo::detail::require_disjoint(fn, out_name, out, in_name, in, "; they may be the same view (in place)");
 }
 
-inline double silu(double x) { return x / (1.0 + std::exp(-x)); }
-
-template <class Arch>
-float silu(float x) {
-  return x / (1.0f + simd::exp<Arch>(-x));
-}
-
-template <class B>
-B silu_batch(B x) {
-  return x / (B(1.0f) + simd::exp(-x));
-}
-
-// y[0 .. n) = silu(y[0 .. n)) in place.
-template <class Arch>
-void silu_inplace(float* y, std::int64_t n) {
-  std::int64_t i = 0;
-  if constexpr (simd::vectorized<Arch>) {
-    constexpr std::int64_t w = simd::width<Arch>;
-    for (; i + w <= n; i += w) simd::store(y + i, silu_batch(simd::load<Arch>(y + i)));
-  }
-  for (; i < n; ++i) y[i] = silu<Arch>(y[i]);
-}
-
-// The outputs t in [t0, L) whose window lies inside x (t0 >= W-1): y[t] = bias + sum_w w[w] x[t-W+1+w],
-// activation included. WC: W at compile time (0: read W at run time).
+// The outputs t in [t0, t1) whose window lies inside x (t0 >= W-1), before the activation:
+// y[t] = bias + sum_w w[w] x[t-W+1+w]. WC: W at compile time (0: read W at run time).
 template <int WC, class Arch>
-void conv_body(const float* x, const float* w, std::int64_t W, float bias, bool silu_act, float* y, std::int64_t t0,
-               std::int64_t L) {
+void conv_body(const float* x, const float* w, std::int64_t W, float bias, float* y, std::int64_t t0,
+               std::int64_t t1) {
   const float* xs = x - (W - 1);  // xs[t + j] = xx[t + j] inside x
   std::int64_t t = t0;
   if constexpr (simd::vectorized<Arch>) {
@@ -140,21 +118,25 @@ void conv_body(const float* x, const float* w, std::int64_t W, float bias, bool 
       } else {
         for (std::int64_t j = 0; j < W; ++j) acc = simd::detail::fmadd(batch(w[j]), simd::load<Arch>(xs + at + j), acc);
       }
-      return silu_act ? silu_batch(acc) : acc;
+      return acc;
     };
-    for (; t + unroll * vw <= L; t += unroll * vw) {
+    for (; t + unroll * vw <= t1; t += unroll * vw) {
       const batch a0 = one(t), a1 = one(t + vw);
       simd::store(y + t, a0);
       simd::store(y + t + vw, a1);
     }
-    for (; t + vw <= L; t += vw) simd::store(y + t, one(t));
+    for (; t + vw <= t1; t += vw) simd::store(y + t, one(t));
   }
-  for (; t < L; ++t) {
+  for (; t < t1; ++t) {
     float acc = bias;
     for (std::int64_t j = 0; j < W; ++j) acc = simd::detail::fmadd<Arch>(w[j], xs[t + j], acc);
-    y[t] = silu_act ? silu<Arch>(acc) : acc;
+    y[t] = acc;
   }
 }
+
+// Outputs per segment of a row: the convolution writes a segment, SiLU rewrites it while it is in
+// L1 (2 KiB).
+inline constexpr std::int64_t conv_segment = 512;
 
 // One (b, d) row of the full op. head: workspace of 2 (W-1) floats.
 template <class Arch>
@@ -168,10 +150,16 @@ void conv_row(const float* x, std::int64_t L, const float* w, std::int64_t W, fl
   for (std::int64_t t = 0; t < nh; ++t) {
     float acc = bias;
     for (std::int64_t j = 0; j < W; ++j) acc = simd::detail::fmadd<Arch>(w[j], head[t + j], acc);
-    y[t] = silu_act ? silu<Arch>(acc) : acc;
+    y[t] = acc;
   }
-  if (W == 4) conv_body<4, Arch>(x, w, W, bias, silu_act, y, nh, L);
-  else conv_body<0, Arch>(x, w, W, bias, silu_act, y, nh, L);
+  for (std::int64_t t0 = 0; t0 < L; t0 += conv_segment) {  // the head's outputs go with the first segment
+    const std::int64_t t1 = std::min(L, t0 + conv_segment), b0 = std::max(t0, nh);
+    if (b0 < t1) {
+      if (W == 4) conv_body<4, Arch>(x, w, W, bias, y, b0, t1);
+      else conv_body<0, Arch>(x, w, W, bias, y, b0, t1);
+    }
+    if (silu_act) activate_inplace<true, Arch>(y + t0, t1 - t0);
+  }
   if (fin) {
     if (L >= S) std::copy(x + L - S, x + L, fin);
     else std::copy(head + L, head + L + S, fin);  // the last S of [state, x], L < S
@@ -309,7 +297,7 @@ void causal_conv1d_step(view<const float, 2> x,          // [B, Dm]
       detail::conv_step_rows<4, Arch>(d0, d1, W, xr, weight, bp, state_in[b], state_out[b], yr);
     else
       detail::conv_step_rows<0, Arch>(d0, d1, W, xr, weight, bp, state_in[b], state_out[b], yr);
-    if (opt.activation == conv_activation::silu) detail::silu_inplace<Arch>(yr + d0, d1 - d0);
+    if (opt.activation == conv_activation::silu) detail::activate_inplace<true, Arch>(yr + d0, d1 - d0);
   }, opt.threads);
 }
 

@@ -31,8 +31,9 @@
 // 16 of them take about 9x the time of streaming the 16 bytes at machine/stream_read's 11.7 GB/s
 // (bench/ssm_rows.cpp, bench/README.md).
 //
-// Numerics: f32 throughout (reference: double). softplus(x) = max(x, 0) + log1p(exp(-|x|)), exact
-// for every x (no switch to the identity above 20). A must be finite and <= 0 (mnemo::error
+// Numerics: f32 throughout (reference: double). softplus(x) = max(x, 0) + log1p(exp(-|x|)) for
+// every x (no switch to the identity above 20); the f32 forms of softplus and silu are those of
+// activation.hpp. A must be finite and <= 0 (mnemo::error
 // otherwise). With dt >= 0 the decay's argument dt A is <= 0 and goes through
 // simd::exp_nonpositive, clamped at simd::min_normal_exp_arg (-87.3: the exact decay there is below
 // FLT_MIN and the clamped one differs from it by less than 1.2e-38); a chunk with a negative dt
@@ -56,6 +57,7 @@
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
+#include "mnemo/linear/activation.hpp"
 #include "mnemo/simd/load.hpp"
 #include "mnemo/simd/math.hpp"
 #include "mnemo/simd/vec.hpp"
@@ -155,61 +157,24 @@ void check_scan_disjoint(const char* fn, const char* name, const Out& out, const
   require_disjoint(fn, name, out, "delta_bias", delta_bias);
 }
 
-// softplus in double and in float, and over a batch: max(x, 0) + log1p(exp(-|x|)).
-inline double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
-
-template <class Arch>
-float softplus(float x) {
-  return std::max(x, 0.0f) + std::log1p(simd::exp<Arch>(-std::fabs(x)));
-}
-
 // dt[i] = softplus?(delta[i] + bias) and dtu[i] = dt[i] u[i] for i < n.
 template <class Arch>
 void scan_dt(const float* delta, const float* u, std::int64_t n, const float* bias, bool bias_per_item, float bias0,
              bool softplus_on, float* dt, float* dtu) {
-  std::int64_t i = 0;
-  auto bias_at = [&](std::int64_t k) { return bias_per_item ? bias[k] : bias0; };
-  if constexpr (simd::vectorized<Arch>) {
-    using batch = simd::fbatch<Arch>;
-    constexpr std::int64_t w = simd::width<Arch>;
-    const batch b0(bias0);
-    for (; i + w <= n; i += w) {
-      batch x = simd::load<Arch>(delta + i) + (bias_per_item ? simd::load<Arch>(bias + i) : b0);
-      if (softplus_on) x = xsimd::max(x, batch(0.0f)) + xsimd::log1p(simd::exp(-xsimd::abs(x)));
-      simd::store(dt + i, x);
-      simd::store(dtu + i, x * simd::load<Arch>(u + i));
-    }
-  }
-  for (; i < n; ++i) {
-    float x = delta[i] + bias_at(i);
-    if (softplus_on) x = softplus<Arch>(x);
-    dt[i] = x;
-    dtu[i] = x * u[i];
-  }
+  for (std::int64_t i = 0; i < n; ++i) dt[i] = delta[i] + (bias_per_item ? bias[i] : bias0);
+  if (softplus_on) activate_inplace<false, Arch>(dt, n);
+  for (std::int64_t i = 0; i < n; ++i) dtu[i] = dt[i] * u[i];
 }
 
-// y[i] = (y[i] + D u[i]) * silu(z[i]) for i < n (z may be null: no gate).
+// y[i] = (y[i] + D u[i]) * silu(z[i]) for i < n (z may be null: no gate); gate [n] is workspace.
 template <class Arch>
-void scan_output(float* y, const float* u, const float* z, std::int64_t n, const float* Dp, bool D_per_item, float D0) {
-  std::int64_t i = 0;
-  if constexpr (simd::vectorized<Arch>) {
-    using batch = simd::fbatch<Arch>;
-    constexpr std::int64_t w = simd::width<Arch>;
-    for (; i + w <= n; i += w) {
-      const batch Dv = D_per_item ? simd::load<Arch>(Dp + i) : batch(D0);
-      batch v = simd::detail::fmadd(Dv, simd::load<Arch>(u + i), simd::load<Arch>(y + i));
-      if (z) {
-        const batch zv = simd::load<Arch>(z + i);
-        v = v * (zv / (batch(1.0f) + simd::exp(-zv)));
-      }
-      simd::store(y + i, v);
-    }
-  }
-  for (; i < n; ++i) {
-    float v = simd::detail::fmadd<Arch>(D_per_item ? Dp[i] : D0, u[i], y[i]);
-    if (z) v = v * (z[i] / (1.0f + simd::exp<Arch>(-z[i])));
-    y[i] = v;
-  }
+void scan_output(float* y, const float* u, const float* z, std::int64_t n, const float* Dp, bool D_per_item, float D0,
+                 float* gate) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] = simd::detail::fmadd<Arch>(D_per_item ? Dp[i] : D0, u[i], y[i]);
+  if (!z) return;
+  std::copy(z, z + n, gate);
+  activate_inplace<true, Arch>(gate, n);
+  for (std::int64_t i = 0; i < n; ++i) y[i] *= gate[i];
 }
 
 // exp(dt A) of the scan, for dt >= 0 and A <= 0 (so the argument is <= 0): simd::exp_nonpositive,
@@ -535,7 +500,7 @@ void selective_scan(view<const float, 3> u,           // [B, Dm, L]
     // rows of one group, and one channel's dt, dt u and y over the chunk.
     std::vector<float> xs(static_cast<std::size_t>(nd * Np), 0.0f), as(xs.size(), 0.0f);
     std::vector<float> bt(static_cast<std::size_t>(T * Np), 0.0f), ct(bt.size(), 0.0f);
-    std::vector<float> dt(static_cast<std::size_t>(T)), dtu(dt.size()), ys(dt.size());
+    std::vector<float> dt(static_cast<std::size_t>(T)), dtu(dt.size()), ys(dt.size()), gate(dt.size());
     std::vector<float> lanes_ws(static_cast<std::size_t>(T * lanes)), decay(bt.size());
     for (std::int64_t d = d0; d < d1; ++d) {
       std::copy(A.ptr(d), A.ptr(d) + N, as.data() + (d - d0) * Np);
@@ -564,7 +529,7 @@ void selective_scan(view<const float, 3> u,           // [B, Dm, L]
         float* yd = y.ptr(b, d) + t0;
         std::copy(ys.data(), ys.data() + n, yd);
         detail::scan_output<Arch>(yd, u.ptr(b, d) + t0, z.empty() ? nullptr : z.ptr(b, d) + t0, n, nullptr, false,
-                                  D.empty() ? 0.0f : D(d));
+                                  D.empty() ? 0.0f : D(d), gate.data());
       }
     }
     if (!state.empty())
@@ -617,13 +582,13 @@ void selective_scan_step(view<const float, 2> u,           // [B, Dm]
   const std::int64_t blocks = (Dm + cb - 1) / cb;
   parallel_for(B * blocks, [&](std::int64_t item) {
     const std::int64_t b = item / blocks, d0 = item % blocks * cb, d1 = std::min(Dm, d0 + cb), nd = d1 - d0;
-    std::vector<float> dt(static_cast<std::size_t>(nd)), dtu(dt.size());
+    std::vector<float> dt(static_cast<std::size_t>(nd)), dtu(dt.size()), gate(dt.size());
     detail::scan_dt<Arch>(delta.ptr(b) + d0, u.ptr(b) + d0, nd, delta_bias.empty() ? nullptr : delta_bias.ptr() + d0,
                           !delta_bias.empty(), 0.0f, opt.delta_softplus, dt.data(), dtu.data());
     float* yr = y.ptr(b) + d0;
     detail::scan_step_rows<Arch>(b, d0, d1, N, per_group, A, Bm, Cm, state_in, state_out, dt.data(), dtu.data(), yr);
     detail::scan_output<Arch>(yr, u.ptr(b) + d0, z.empty() ? nullptr : z.ptr(b) + d0, nd,
-                              D.empty() ? nullptr : D.ptr() + d0, !D.empty(), 0.0f);
+                              D.empty() ? nullptr : D.ptr() + d0, !D.empty(), 0.0f, gate.data());
   }, opt.threads);
 }
 
