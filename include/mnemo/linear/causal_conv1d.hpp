@@ -98,17 +98,17 @@ inline void check_conv_states(const char* fn, const char* in_name, const view<co
     mnemo::detail::require_disjoint(fn, out_name, out, in_name, in, "; they may be the same view (in place)");
 }
 
-// The outputs t in [t0, t1) whose window lies inside x (t0 >= W-1), before the activation:
-// y[t] = bias + sum_w w[w] x[t-W+1+w]. WC: W at compile time (0: read W at run time).
+// The outputs t in [t0, L) whose window lies inside x (t0 >= W-1): y[t] = act(bias + sum_w w[w]
+// x[t-W+1+w]). WC: W at compile time (0: read W at run time). Groups of activation_group vectors:
+// independent sums, and SiLU on the group side by side (activation.hpp) before the store.
 template <int WC, class Arch>
-void conv_body(const float* x, const float* w, std::int64_t W, float bias, float* y, std::int64_t t0,
-               std::int64_t t1) {
+void conv_body(const float* x, const float* w, std::int64_t W, float bias, bool silu_act, float* y, std::int64_t t0,
+               std::int64_t L) {
   const float* xs = x - (W - 1);  // xs[t + j] = xx[t + j] inside x
   std::int64_t t = t0;
   if constexpr (simd::vectorized<Arch>) {
     using batch = simd::fbatch<Arch>;
-    constexpr std::int64_t vw = simd::width<Arch>;
-    constexpr int unroll = 2;  // two independent sums hide the FMA latency of one W-term chain
+    constexpr std::int64_t vw = simd::width<Arch>, K = static_cast<std::int64_t>(activation_group);
     const batch vb(bias);
     auto one = [&](std::int64_t at) {
       batch acc = vb;
@@ -120,23 +120,26 @@ void conv_body(const float* x, const float* w, std::int64_t W, float bias, float
       }
       return acc;
     };
-    for (; t + unroll * vw <= t1; t += unroll * vw) {
-      const batch a0 = one(t), a1 = one(t + vw);
-      simd::store(y + t, a0);
-      simd::store(y + t + vw, a1);
+    for (; t + K * vw <= L; t += K * vw) {
+      batch a[K];
+#pragma GCC unroll 8
+      for (std::int64_t k = 0; k < K; ++k) a[k] = one(t + k * vw);
+      if (silu_act) silu_n<K>(a);
+#pragma GCC unroll 8
+      for (std::int64_t k = 0; k < K; ++k) simd::store(y + t + k * vw, a[k]);
     }
-    for (; t + vw <= t1; t += vw) simd::store(y + t, one(t));
+    for (; t + vw <= L; t += vw) {
+      batch a = one(t);
+      if (silu_act) silu_n<1>(&a);
+      simd::store(y + t, a);
+    }
   }
-  for (; t < t1; ++t) {
+  for (; t < L; ++t) {
     float acc = bias;
     for (std::int64_t j = 0; j < W; ++j) acc = simd::detail::fmadd<Arch>(w[j], xs[t + j], acc);
-    y[t] = acc;
+    y[t] = silu_act ? silu<Arch>(acc) : acc;
   }
 }
-
-// Outputs per segment of a row: the convolution writes a segment, SiLU rewrites it while it is in
-// L1 (2 KiB).
-inline constexpr std::int64_t conv_segment = 512;
 
 // One (b, d) row of the full op. head: workspace of 2 (W-1) floats.
 template <class Arch>
@@ -150,16 +153,10 @@ void conv_row(const float* x, std::int64_t L, const float* w, std::int64_t W, fl
   for (std::int64_t t = 0; t < nh; ++t) {
     float acc = bias;
     for (std::int64_t j = 0; j < W; ++j) acc = simd::detail::fmadd<Arch>(w[j], head[t + j], acc);
-    y[t] = acc;
+    y[t] = silu_act ? silu<Arch>(acc) : acc;
   }
-  for (std::int64_t t0 = 0; t0 < L; t0 += conv_segment) {  // the head's outputs go with the first segment
-    const std::int64_t t1 = std::min(L, t0 + conv_segment), b0 = std::max(t0, nh);
-    if (b0 < t1) {
-      if (W == 4) conv_body<4, Arch>(x, w, W, bias, y, b0, t1);
-      else conv_body<0, Arch>(x, w, W, bias, y, b0, t1);
-    }
-    if (silu_act) activate_inplace<true, Arch>(y + t0, t1 - t0);
-  }
+  if (W == 4) conv_body<4, Arch>(x, w, W, bias, silu_act, y, nh, L);
+  else conv_body<0, Arch>(x, w, W, bias, silu_act, y, nh, L);
   if (fin) {
     if (L >= S) std::copy(x + L - S, x + L, fin);
     else std::copy(head + L, head + L + S, fin);  // the last S of [state, x], L < S
