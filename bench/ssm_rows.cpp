@@ -1,6 +1,8 @@
 // bench/ssm_rows.cpp — rows of the state-space front-ends (include/mnemo/linear/causal_conv1d.hpp,
 // selective_scan.hpp), at Mamba-1 sizes: Dm = 2048 channels (d_inner of a 1B-class model),
-// N = 16 states per channel, W = 4 taps, one group of B / C.
+// N = 16 states per channel, W = 4 taps, one group of B / C; and of the Mamba-2 SSD core
+// (mamba2.hpp) at the linear family's sizes: H = 8 heads of P = 128 channels, N = 128 states, one
+// group (the step: H = 32, as the linear family's step rows).
 //
 //   ssm/conv1d/B:1/Dm:2048/L:<L>/W:4/threads:<t>          causal_conv1d with bias, SiLU, initial and
 //                                                        final states; L = 2048 (small), 8192 (full)
@@ -12,6 +14,10 @@
 //   ssm/rmw_pass/B:<B>/Dm:2048/N:16/threads:<t>          a state of B x Dm x 3 floats (the convolution's
 //                                                        W - 1 columns) or B x Dm x 16 (the scan's): the
 //                                                        floor of each step, keyed like it; B in {1, 8}
+//   ssm/mamba2/B:1/H:8/P:128/N:128/L:<L>/threads:<t>     the chunked Mamba-2 (default chunk) with D, z,
+//                                                        dt_bias, softplus and the state in and out
+//   ssm/mamba2_step/B:<B>/H:32/P:128/N:128/threads:<t>   one token of mamba2_step (all options, in place)
+//   ssm/rmw_pass/B:<B>/H:32/P:128/N:128/threads:<t>      the plain pass over its B x 32 x 128 x 128 state
 //
 // Counters: `bytes/s` counts the traffic a call cannot avoid, in f32:
 //   conv1d              x read, y written: 2 x 4 B Dm L (the weights, bias and states are < 0.1%)
@@ -23,7 +29,14 @@
 //                       (2 x 4 B Dm), the weights and bias read once (4 Dm (W+1))
 //   selective_scan_step the state read and written (2 x 4 B Dm N), A read (4 Dm N), u, delta, z, y
 //                       (4 x 4 B Dm), Bm and Cm (2 x 4 B G N)
-//   rmw_pass            the state read and written (2 x 4 B Dm n)
+//   rmw_pass            the state read and written (2 x 4 B Dm n, or 2 x 4 B H N P)
+//   mamba2_step         the state read and written (2 x 4 B H N P), x, z, y (3 x 4 B H P), dt
+//                       (4 B H), Bm and Cm (2 x 4 B G N)
+// and `FLOP/s` for the chunked mamba2, counted as bench/linear_rows.cpp counts simple_gla (the
+// same kernel with k = B, q = C, v = dt x): per chunk of n tokens and head 4 n N P (the state read
+// and update) + n (n + 1) (N + P) (the causal triangle), times 2; the softplus, the skip and the
+// gate are not counted. Against the machine/sgemm row at the same thread count: the issue's
+// target is >= 0.5 at 1 thread.
 // The target for the steps: time within 2x of the rmw_pass row of the same state size
 // (`bench/plot --baseline rmw_pass`, or the ratio of the two times). `tokens/s` = B L (B for a step).
 #include <algorithm>
@@ -32,6 +45,7 @@
 
 #include "common.hpp"
 #include "mnemo/linear/causal_conv1d.hpp"
+#include "mnemo/linear/mamba2.hpp"
 #include "mnemo/linear/selective_scan.hpp"
 #include "mnemo/simd/simd.hpp"
 
@@ -39,6 +53,8 @@ namespace mnemo::bench {
 namespace {
 
 constexpr std::int64_t model_dim = 2048, state_dim = 16, conv_width = 4, groups = 1;
+// Mamba-2: heads of the prefill and of the step, head dim P, state size N, groups of B / C.
+constexpr std::int64_t ssd_heads = 8, ssd_step_heads = 32, ssd_head_dim = 128, ssd_state_dim = 128, ssd_groups = 1;
 
 std::int64_t prefill_L() { return full_size() ? 8192 : tiny_size() ? 256 : 2048; }
 
@@ -141,9 +157,77 @@ void scan_step_row(benchmark::State& state, std::int64_t B, int threads) {
                "B=" + std::to_string(B) + " Dm=2048 N=16 G=1 D z delta_bias softplus", threads);
 }
 
-// s = a s + b over B x Dm x n floats, one vector pass, split over the threads like the steps.
-void rmw_pass_row(benchmark::State& state, std::int64_t B, std::int64_t n, int threads) {
-  const std::int64_t size = B * model_dim * n;
+// Inputs of a Mamba-2 call over L tokens with H heads (L = 1: the step's tokens are the same data).
+struct ssd_inputs {
+  std::int64_t B, H, L, P, N, G;
+  tensor<float, 4> x, z, y, Bm, Cm, state;
+  tensor<float, 3> dt;
+  tensor<float, 1> A, D, bias;
+
+  ssd_inputs(std::int64_t B_, std::int64_t H_, std::int64_t L_)
+      : B(B_), H(H_), L(L_), P(ssd_head_dim), N(ssd_state_dim), G(ssd_groups),
+        x({B, H, L, P}), z({B, H, L, P}), y({B, H, L, P}), Bm({B, G, L, N}), Cm({B, G, L, N}), state({B, H, N, P}),
+        dt({B, H, L}), A({H}), D({H}), bias({H}) {
+    fill_random(x, 41);
+    fill_random(z, 42);
+    fill_random(Bm, 43);
+    fill_random(Cm, 44);
+    fill_random(state, 45);
+    fill_random(dt, 46, -4.0f, 0.0f);  // softplus: dt in (0.02, 0.7)
+    fill_random(A, 47, -8.0f, -0.5f);
+    fill_random(D, 48);
+    fill_random(bias, 49, -0.5f, 0.5f);
+  }
+};
+
+// The chunked algorithm's FLOPs per head (header comment; bench/linear_rows.cpp, chunked_flops).
+double ssd_chunked_flops(std::int64_t L, std::int64_t N, std::int64_t P, std::int64_t C) {
+  double total = 0;
+  for (std::int64_t t0 = 0; t0 < L; t0 += C) {
+    const double n = static_cast<double>(std::min(C, L - t0));
+    total += 4 * n * static_cast<double>(N * P) + n * (n + 1) * static_cast<double>(N + P);
+  }
+  return total;
+}
+
+void mamba2_row(benchmark::State& state, std::int64_t L, int threads) {
+  ssd_inputs in(1, ssd_heads, L);
+  const linear::mamba2_options opt{true, 0, linear::form::chunked, threads};
+  for (auto _ : state) {
+    linear::mamba2(in.x, in.dt, in.A, in.Bm, in.Cm, in.D, in.z, in.bias, in.y, in.state, opt);
+    benchmark::DoNotOptimize(in.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 0, static_cast<double>(in.B * L),
+               "B=1 H=8 P=128 N=128 G=1 L=" + std::to_string(L) + " chunk=" +
+                   std::to_string(linear::default_chunk_size) + " D z dt_bias softplus state",
+               threads);
+  set_rate_counters(state, static_cast<double>(in.H) * ssd_chunked_flops(L, in.N, in.P, linear::default_chunk_size),
+                    0);
+}
+
+void mamba2_step_row(benchmark::State& state, std::int64_t B, int threads) {
+  ssd_inputs in(B, ssd_step_heads, 1);
+  // The [.., 1, ..] tokens of ssd_inputs, reshaped (the same contiguous data).
+  const std::int64_t H = in.H, P = in.P, N = in.N, G = in.G;
+  const view<const float, 3> x3(in.x.data(), {B, H, P}), z3(in.z.data(), {B, H, P});
+  const view<const float, 3> B3(in.Bm.data(), {B, G, N}), C3(in.Cm.data(), {B, G, N});
+  const view<const float, 2> dt2(in.dt.data(), {B, H});
+  const view<float, 3> y3(in.y.data(), {B, H, P});
+  const linear::mamba2_options opt{true, 0, linear::form::automatic, threads};
+  for (auto _ : state) {
+    linear::mamba2_step(x3, dt2, in.A, B3, C3, in.D, z3, in.bias, y3, in.state, opt);
+    benchmark::DoNotOptimize(in.y.data());
+    benchmark::ClobberMemory();
+  }
+  const double bytes = f32 * (2.0 * B * H * N * P + 3.0 * B * H * P + 1.0 * B * H + 2.0 * B * G * N);
+  set_counters(state, bytes, static_cast<double>(B),
+               "B=" + std::to_string(B) + " H=32 P=128 N=128 G=1 D z dt_bias softplus", threads);
+}
+
+// s = a s + b over `size` floats, one vector pass, split over the threads like the steps; `label`
+// names the state.
+void rmw_pass_row(benchmark::State& state, std::int64_t B, std::int64_t size, const std::string& label, int threads) {
   tensor<float, 1> s({size});
   fill_random(s, 31);
   constexpr float a = 0.5f, b = 0.25f;
@@ -165,13 +249,18 @@ void rmw_pass_row(benchmark::State& state, std::int64_t B, std::int64_t n, int t
     benchmark::ClobberMemory();
   }
   set_counters(state, 2 * f32 * static_cast<double>(size), static_cast<double>(B),
-               "B=" + std::to_string(B) + " Dm=2048 n=" + std::to_string(n) + " rmw_pass", threads);
+               "B=" + std::to_string(B) + " " + label + " rmw_pass", threads);
+}
+
+void rmw_pass_row(benchmark::State& state, std::int64_t B, std::int64_t n, int threads) {
+  rmw_pass_row(state, B, B * model_dim * n, "Dm=2048 n=" + std::to_string(n), threads);
 }
 
 const bool registered = [] {
   const std::int64_t L = prefill_L();
   const std::string Ls = std::to_string(L), Dms = std::to_string(model_dim), Ns = std::to_string(state_dim),
-                    Ws = std::to_string(conv_width);
+                    Ws = std::to_string(conv_width), SPs = std::to_string(ssd_head_dim),
+                    SNs = std::to_string(ssd_state_dim);
   for (int t : thread_counts()) {
     const std::string ts = std::to_string(t);
     auto guarded = [t](auto body) {
@@ -183,6 +272,9 @@ const bool registered = [] {
                  guarded([L, t](benchmark::State& st) { conv_row(st, L, t); }));
     register_row(row_name("ssm", "selective_scan", {{"B", "1"}, {"Dm", Dms}, {"N", Ns}, {"L", Ls}, {"threads", ts}}),
                  guarded([L, t](benchmark::State& st) { scan_row(st, L, t); }));
+    register_row(row_name("ssm", "mamba2",
+                          {{"B", "1"}, {"H", std::to_string(ssd_heads)}, {"P", SPs}, {"N", SNs}, {"L", Ls}, {"threads", ts}}),
+                 guarded([L, t](benchmark::State& st) { mamba2_row(st, L, t); }));
     for (std::int64_t B : {1, 8}) {
       const std::string Bs = std::to_string(B);
       register_row(row_name("ssm", "conv1d_step", {{"B", Bs}, {"Dm", Dms}, {"W", Ws}, {"threads", ts}}),
@@ -195,6 +287,15 @@ const bool registered = [] {
                    guarded([B, t](benchmark::State& st) { rmw_pass_row(st, B, conv_width - 1, t); }));
       register_row(row_name("ssm", "rmw_pass", {{"B", Bs}, {"Dm", Dms}, {"N", Ns}, {"threads", ts}}),
                    guarded([B, t](benchmark::State& st) { rmw_pass_row(st, B, state_dim, t); }));
+      // The step and its floor, keyed alike.
+      const auto ssd_name = [&](const char* impl) {
+        return row_name("ssm", impl, {{"B", Bs}, {"H", std::to_string(ssd_step_heads)}, {"P", SPs}, {"N", SNs}, {"threads", ts}});
+      };
+      register_row(ssd_name("mamba2_step"), guarded([B, t](benchmark::State& st) { mamba2_step_row(st, B, t); }));
+      register_row(ssd_name("rmw_pass"), guarded([B, t](benchmark::State& st) {
+                     rmw_pass_row(st, B, B * ssd_step_heads * ssd_state_dim * ssd_head_dim,
+                                  "H=32 P=128 N=128", t);
+                   }));
     }
   }
   return true;
