@@ -83,7 +83,8 @@ struct mom_inputs {
 
 template <class Member>
 void set_mom_counters(benchmark::State& state, std::int64_t L, double flops, const char* what) {
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(heads * L), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(heads * L), benchmark::Counter::kIsIterationInvariantRate);
   set_rate_counters(state, flops, 0);
   state.SetLabel("B=1 H=" + std::to_string(heads) + " L=" + std::to_string(L) + " Dk=" + std::to_string(head_dim) +
                  " Dv=" + std::to_string(head_dim) + " member=" + Member::name + " " + what + " threads=1");
@@ -108,7 +109,8 @@ void mom_row(benchmark::State& state, std::int64_t L) {
     benchmark::ClobberMemory();
   }
   double flops = 0;
-  for (std::int64_t n : in.routed_tokens()) flops += heads * chunked_flops(Member::uses_beta, n, member_chunk<Member>());
+  for (std::int64_t n : in.routed_tokens())
+    flops += static_cast<double>(heads) * chunked_flops(Member::uses_beta, n, member_chunk<Member>());
   set_mom_counters<Member>(state, L, flops,
                            ("M=" + std::to_string(memories) + " top_k=" + std::to_string(top_k)).c_str());
 }

@@ -55,7 +55,7 @@ struct problem {
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t h = 0; h < H; ++h)
         for (std::int64_t m = 0; m < M + S; ++m)
-          std::copy(state0.as_view().ptr(b, h * (M + 1) + m), state0.as_view().ptr(b, h * (M + 1) + m) + Dk * Dv, s.as_view().ptr(b, h * (M + S) + m));
+          std::copy_n(state0.as_view().ptr(b, h * (M + 1) + m), Dk * Dv, s.as_view().ptr(b, h * (M + S) + m));
     return s;
   }
 };
@@ -167,7 +167,7 @@ outputs plain(const problem& p, std::int64_t m, impl i) {
   outputs r{tensor<float, 4>({p.B, p.H, p.L, p.Dv}), tensor<float, 4>({p.B, p.H, p.Dk, p.Dv})};
   for (std::int64_t b = 0; b < p.B; ++b)
     for (std::int64_t h = 0; h < p.H; ++h)
-      std::copy(p.state0.as_view().ptr(b, h * (p.M + 1) + m), p.state0.as_view().ptr(b, h * (p.M + 1) + m) + p.Dk * p.Dv, r.state.as_view().ptr(b, h));
+      std::copy_n(p.state0.as_view().ptr(b, h * (p.M + 1) + m), p.Dk * p.Dv, r.state.as_view().ptr(b, h));
   linear::options opt = with_path(member_options<Member>(), i);
   if constexpr (Member::uses_beta) {
     if (i == impl::reference)
@@ -318,6 +318,20 @@ TEST(mom, pieces_and_steps) {
     }
     mnemo::test::expect_close(inc.o, whole.o, tol, tol, "steps o");
     mnemo::test::expect_close(inc.state, whole.state, tol, tol, "steps state");
+  }
+}
+
+// 1 and 2 threads give the same bits, with either router.
+TEST(mom, threads) {
+  for (bool per_head : {false, true}) {
+    const problem p = make_problem(2, 3, 40, 8, 8, 3, per_head, 67);
+    linear::options opt = member_options<members::gated_delta_rule>();
+    opt.threads = 1;
+    const outputs one = run<members::gated_delta_rule>(impl::chunked, p, 2, true, opt);
+    opt.threads = 2;
+    const outputs two = run<members::gated_delta_rule>(impl::chunked, p, 2, true, opt);
+    EXPECT_TRUE(std::equal(one.o.begin(), one.o.end(), two.o.begin())) << "per_head " << per_head;
+    EXPECT_TRUE(std::equal(one.state.begin(), one.state.end(), two.state.begin())) << "per_head " << per_head;
   }
 }
 

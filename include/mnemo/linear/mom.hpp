@@ -33,8 +33,9 @@
 // its recurrent or chunked form by options.path and the subsequence's length, as for a plain call)
 // and scatters the outputs back, weighted, into o; the shared memory runs once over the whole
 // sequence and writes o first. The routed outputs are added in ascending memory order.
-// Threads: the member's calls spread their heads over options.threads; memories and batches run
-// one after the other (with a per-head router each call has one head).
+// Threads: with one router per token, the member's calls spread their H heads over
+// options.threads (memories and batches run one after the other); with one per head, the (batch,
+// head) pairs go over the threads. Either way the result does not depend on the thread count.
 //
 // Numerics: f32 (routing weights: the softmax of the selected logits, max first, in f32; the
 // reference in double). Logits must be finite (a NaN or an infinity is rejected with
@@ -112,22 +113,29 @@ struct mom_token_router {
         top_k(k) {}
 };
 
-// The members a memory can be. Each names itself, says which of g and beta it reads and whether
-// it takes options.map / options.normalize, runs its fast kernel on f32 views, and writes one
-// token into a double state for reference::mom (k, v prepared: feature map, L2 norm; v with the
-// trailing 1 of normalize).
+// The members a memory can be. A member is a type with
+//   name                        for messages and benchmark rows
+//   uses_g, uses_beta           whether it reads mom_memory::g / ::beta (checked as the member checks them)
+//   features                    whether it takes options.map and options.normalize (linear_attn)
+//   run<Arch>(q, k, v, g, beta, o, state, opt)   its fast kernel on f32 views [1 or B, heads, n, D]
+//   reference_write(S, k, v, g, beta)            one token into a double state S [Df, Ds] (k, v
+//                               prepared as common.hpp's reference_row / reference_values do)
+// so a user adds one (say a retention memory) by writing these five, without touching mom().
 namespace mom_members {
+
+using in4 = view<const float, 4>;  // f32 q, k, v of a member call
+using in3 = view<const float, 3>;  // g, beta (empty where the member takes none)
+using out4 = view<float, 4>;       // o, state
+using rows = std::vector<double>;  // a prepared row, or a state [Df, Ds] row-major, in double
 
 struct linear_attn {
   static constexpr const char* name = "linear_attn";
   static constexpr bool uses_g = false, uses_beta = false, features = true;
   template <class Arch>
-  static void run(view<const float, 4> q, view<const float, 4> k, view<const float, 4> v, view<const float, 3>,
-                  view<const float, 3>, view<float, 4> o, view<float, 4> state, const options& opt) {
-    linear::linear_attn<view<const float, 4>, view<const float, 4>, view<const float, 4>, Arch>(q, k, v, o, state, opt);
+  static void run(in4 q, in4 k, in4 v, in3, in3, out4 o, out4 state, const options& opt) {
+    linear::linear_attn<in4, in4, in4, Arch>(q, k, v, o, state, opt);
   }
-  static void reference_write(std::vector<double>& s, const std::vector<double>& k, const std::vector<double>& v, double,
-                              double) {
+  static void reference_write(rows& s, const rows& k, const rows& v, double, double) {  // S += k v^T
     const std::size_t Ds = v.size();
     for (std::size_t i = 0; i < k.size(); ++i)
       for (std::size_t c = 0; c < Ds; ++c) s[i * Ds + c] += k[i] * v[c];
@@ -138,12 +146,10 @@ struct simple_gla {
   static constexpr const char* name = "simple_gla";
   static constexpr bool uses_g = true, uses_beta = false, features = false;
   template <class Arch>
-  static void run(view<const float, 4> q, view<const float, 4> k, view<const float, 4> v, view<const float, 3> g,
-                  view<const float, 3>, view<float, 4> o, view<float, 4> state, const options& opt) {
-    linear::simple_gla<view<const float, 4>, view<const float, 4>, view<const float, 4>, Arch>(q, k, v, g, o, state, opt);
+  static void run(in4 q, in4 k, in4 v, in3 g, in3, out4 o, out4 state, const options& opt) {
+    linear::simple_gla<in4, in4, in4, Arch>(q, k, v, g, o, state, opt);
   }
-  static void reference_write(std::vector<double>& s, const std::vector<double>& k, const std::vector<double>& v,
-                              double g, double) {
+  static void reference_write(rows& s, const rows& k, const rows& v, double g, double) {  // S = e^g S + k v^T
     const std::size_t Ds = v.size();
     const double a = std::exp(g);
     for (std::size_t i = 0; i < k.size(); ++i)
@@ -152,12 +158,11 @@ struct simple_gla {
 };
 
 // S = exp(g) S; u = beta (v - S^T k); S += k u^T (g = 0: DeltaNet).
-inline void reference_delta_write(std::vector<double>& s, const std::vector<double>& k, const std::vector<double>& v,
-                                  double g, double beta) {
+inline void reference_delta_write(rows& s, const rows& k, const rows& v, double g, double beta) {
   const std::size_t Ds = v.size();
   const double a = std::exp(g);
   for (double& e : s) e *= a;
-  std::vector<double> u(Ds);
+  rows u(Ds);
   for (std::size_t c = 0; c < Ds; ++c) {
     double sk = 0;
     for (std::size_t i = 0; i < k.size(); ++i) sk += s[i * Ds + c] * k[i];
@@ -171,13 +176,10 @@ struct delta_rule {
   static constexpr const char* name = "delta_rule";
   static constexpr bool uses_g = false, uses_beta = true, features = false;
   template <class Arch>
-  static void run(view<const float, 4> q, view<const float, 4> k, view<const float, 4> v, view<const float, 3>,
-                  view<const float, 3> beta, view<float, 4> o, view<float, 4> state, const options& opt) {
-    linear::delta_rule<view<const float, 4>, view<const float, 4>, view<const float, 4>, Arch>(q, k, v, beta, o, state,
-                                                                                              opt);
+  static void run(in4 q, in4 k, in4 v, in3, in3 beta, out4 o, out4 state, const options& opt) {
+    linear::delta_rule<in4, in4, in4, Arch>(q, k, v, beta, o, state, opt);
   }
-  static void reference_write(std::vector<double>& s, const std::vector<double>& k, const std::vector<double>& v, double,
-                              double beta) {
+  static void reference_write(rows& s, const rows& k, const rows& v, double, double beta) {
     reference_delta_write(s, k, v, 0.0, beta);
   }
 };
@@ -186,13 +188,10 @@ struct gated_delta_rule {
   static constexpr const char* name = "gated_delta_rule";
   static constexpr bool uses_g = true, uses_beta = true, features = false;
   template <class Arch>
-  static void run(view<const float, 4> q, view<const float, 4> k, view<const float, 4> v, view<const float, 3> g,
-                  view<const float, 3> beta, view<float, 4> o, view<float, 4> state, const options& opt) {
-    linear::gated_delta_rule<view<const float, 4>, view<const float, 4>, view<const float, 4>, Arch>(q, k, v, g, beta, o,
-                                                                                                    state, opt);
+  static void run(in4 q, in4 k, in4 v, in3 g, in3 beta, out4 o, out4 state, const options& opt) {
+    linear::gated_delta_rule<in4, in4, in4, Arch>(q, k, v, g, beta, o, state, opt);
   }
-  static void reference_write(std::vector<double>& s, const std::vector<double>& k, const std::vector<double>& v,
-                              double g, double beta) {
+  static void reference_write(rows& s, const rows& k, const rows& v, double g, double beta) {
     reference_delta_write(s, k, v, g, beta);
   }
 };
@@ -252,8 +251,8 @@ mom_dims check_mom(const char* fn, const view<const T, 4>& q, std::span<const mo
   const view<const float, 4>& r = router.logits;
   mnemo::detail::require_data(fn, "router logits", r, " [B, L, M] or [B, H, L, M]");
   const std::int64_t Hr = r.extent(1);
-  require(Hr == 1 || Hr == d.H, fn, ": router logits must have one router per token ([B, L, M]) or per head ([B, H, L, M]",
-          " with H = ", d.H, "), got ", Hr, " router heads");
+  require(Hr == 1 || Hr == d.H, fn, ": router logits must have one router per token ([B, L, M]) or per head",
+          " ([B, H, L, M] with H = ", d.H, "), got ", Hr, " router heads");
   if (Hr == 1)
     require(r.shape() == shape_t<4>{d.B, 1, d.L, M}, fn, ": router logits must have shape [", d.B, ", ", d.L, ", ", M,
             "] [B, L, M] (M = memories.size()), got [", r.extent(0), ", ", r.extent(2), ", ", r.extent(3), "]");
@@ -265,11 +264,12 @@ mom_dims check_mom(const char* fn, const view<const T, 4>& q, std::span<const mo
       for (std::int64_t t = 0; t < d.L; ++t)
         for (std::int64_t m = 0; m < M; ++m)
           if (!std::isfinite(r(b, h, t, m)))
-            mnemo::detail::fail(fn, ": router logits must be finite, got logits[", b, ", ", Hr == 1 ? "" : std::to_string(h) + ", ",
-                                t, ", ", m, "] = ", r(b, h, t, m));
+            mnemo::detail::fail(fn, ": router logits must be finite, got logits[", b, ", ",
+                                Hr == 1 ? "" : std::to_string(h) + ", ", t, ", ", m, "] = ", r(b, h, t, m));
   if (!state.empty())
     mnemo::detail::require_shape(fn, "state", state, {d.B, d.H * (M + S), d.Df, d.Ds},
-                                 " [B, H (M + S), Df, Ds] (S = 1 with a shared memory): memory m of head h at h (M + S) + m");
+                                 " [B, H (M + S), Df, Ds] (S = 1 with a shared memory; memory m of head h at"
+                                 " h (M + S) + m)");
   using mnemo::detail::require_disjoint;
   require_disjoint(fn, "o", o, "router logits", r);
   require_disjoint(fn, "state", state, "o", o);
@@ -295,6 +295,68 @@ inline view<float, 4> mom_state_slice(const view<float, 4>& state, const mom_dim
           {state.stride(0), per_head * state.stride(1), state.stride(2), 1}};
 }
 
+// [B, H, L, D] of T to a new f32 tensor (the shared memory of f16 / bf16 inputs: the members run
+// their f32 instantiation only).
+template <class Arch, class T>
+tensor<float, 4> to_f32(const view<const T, 4>& x) {
+  tensor<float, 4> y(x.shape());
+  for (std::int64_t b = 0; b < x.extent(0); ++b)
+    for (std::int64_t h = 0; h < x.extent(1); ++h)
+      for (std::int64_t t = 0; t < x.extent(2); ++t)
+        simd::convert<Arch>(x.ptr(b, h, t), y.as_view().ptr(b, h, t), x.extent(3));
+  return y;
+}
+
+// The routed memories of one routing group: heads [h0, h0 + Hg) of batch b, which share router
+// row hr (all heads with one router per token, one head with a router per head). For each memory:
+// gather its tokens' rows into a contiguous subsequence, run the member, scatter the weighted rows.
+template <class Member, class Arch, class T>
+void run_mom_group(const mom_dims& md, const view<const T, 4>& q, std::span<const mom_memory<T>> memories,
+                   const mom_router& router, const view<float, 4>& o, const view<float, 4>& state, std::int64_t b,
+                   std::int64_t hr, std::int64_t h0, std::int64_t Hg, const options& opt) {
+  const dims& d = md.d;
+  std::vector<std::vector<std::int64_t>> tokens(md.M);
+  std::vector<std::vector<float>> weights(md.M);
+  std::vector<std::int64_t> sel(md.top_k);
+  std::vector<float> w(md.top_k);
+  for (std::int64_t t = 0; t < d.L; ++t) {
+    mom_select(router.logits.ptr(b, hr, t), md.M, md.top_k, sel.data(), w.data());
+    for (std::int64_t j = 0; j < md.top_k; ++j) {
+      tokens[sel[j]].push_back(t);
+      weights[sel[j]].push_back(w[j]);
+    }
+  }
+  std::int64_t most = 0;
+  for (const auto& list : tokens) most = std::max(most, static_cast<std::int64_t>(list.size()));
+  std::vector<float> qg(Hg * most * d.Dk), kg(Hg * most * d.Dk), vg(Hg * most * d.Dv), og(Hg * most * d.Dv);
+  std::vector<float> gg(Member::uses_g ? Hg * most : 0), bg(Member::uses_beta ? Hg * most : 0);
+  for (std::int64_t m = 0; m < md.M; ++m) {
+    const std::int64_t n = static_cast<std::int64_t>(tokens[m].size());
+    if (n == 0) continue;  // no token: the memory keeps its state
+    const mom_memory<T>& mem = memories[m];
+    for (std::int64_t h = 0; h < Hg; ++h)
+      for (std::int64_t i = 0; i < n; ++i) {  // gather
+        const std::int64_t t = tokens[m][i], row = h * n + i;
+        simd::convert<Arch>(q.ptr(b, h0 + h, t), qg.data() + row * d.Dk, d.Dk);
+        simd::convert<Arch>(mem.k.ptr(b, h0 + h, t), kg.data() + row * d.Dk, d.Dk);
+        simd::convert<Arch>(mem.v.ptr(b, h0 + h, t), vg.data() + row * d.Dv, d.Dv);
+        if constexpr (Member::uses_g) gg[row] = mem.g(b, h0 + h, t);
+        if constexpr (Member::uses_beta) bg[row] = mem.beta(b, h0 + h, t);
+      }
+    using cview3 = view<const float, 3>;
+    using cview4 = view<const float, 4>;
+    const cview3 gv = Member::uses_g ? cview3(gg.data(), {1, Hg, n}) : cview3();
+    const cview3 bv = Member::uses_beta ? cview3(bg.data(), {1, Hg, n}) : cview3();
+    const view<float, 4> ov(og.data(), {1, Hg, n, d.Dv});
+    Member::template run<Arch>(cview4(qg.data(), {1, Hg, n, d.Dk}), cview4(kg.data(), {1, Hg, n, d.Dk}),
+                               cview4(vg.data(), {1, Hg, n, d.Dv}), gv, bv, ov,
+                               mom_state_slice(state, md, b, h0, Hg, m), opt);
+    for (std::int64_t h = 0; h < Hg; ++h)  // scatter, weighted
+      for (std::int64_t i = 0; i < n; ++i)
+        simd::axpy<Arch>(weights[m][i], ov.ptr(0, h, i), o.ptr(b, h0 + h, tokens[m][i]), d.Dv);
+  }
+}
+
 // The fast path (see the header comment).
 template <class Member, class Arch, class T>
 void run_mom(const mom_dims& md, const view<const T, 4>& q, std::span<const mom_memory<T>> memories,
@@ -311,73 +373,28 @@ void run_mom(const mom_dims& md, const view<const T, 4>& q, std::span<const mom_
   if (md.S) {  // the shared memory sees every token and writes o first
     const view<float, 4> s{state.ptr(0, md.M), {d.B, d.H, d.Df, d.Ds},
                            {state.stride(0), (md.M + 1) * state.stride(1), state.stride(2), 1}};
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float>)
       Member::template run<Arch>(q, shared.k, shared.v, shared.g, shared.beta, o, s, opt);
-    } else {  // the members' f32 instantiation only: convert the shared inputs once
-      tensor<float, 4> qf(q.shape()), kf(shared.k.shape()), vf(shared.v.shape());
-      auto convert_all = [](const view<const T, 4>& x, tensor<float, 4>& y) {
-        for (std::int64_t b = 0; b < x.extent(0); ++b)
-          for (std::int64_t h = 0; h < x.extent(1); ++h)
-            for (std::int64_t t = 0; t < x.extent(2); ++t) simd::convert<Arch>(x.ptr(b, h, t), y.data() + ((b * x.extent(1) + h) * x.extent(2) + t) * x.extent(3), x.extent(3));
-      };
-      convert_all(q, qf);
-      convert_all(shared.k, kf);
-      convert_all(shared.v, vf);
-      Member::template run<Arch>(qf, kf, vf, shared.g, shared.beta, o, s, opt);
-    }
+    else
+      Member::template run<Arch>(to_f32<Arch>(q), to_f32<Arch>(shared.k), to_f32<Arch>(shared.v), shared.g,
+                                 shared.beta, o, s, opt);
   } else {
     for (std::int64_t b = 0; b < d.B; ++b)
       for (std::int64_t h = 0; h < d.H; ++h)
         for (std::int64_t t = 0; t < d.L; ++t) std::fill(o.ptr(b, h, t), o.ptr(b, h, t) + d.Dv, 0.0f);
   }
-  // Heads that share a routing: all H with one router per token, one with a router per head.
-  const std::int64_t Hg = md.Hr == 1 ? d.H : 1;
-  tensor<float, 4> qg({1, Hg, d.L, d.Dk}), kg({1, Hg, d.L, d.Dk}), vg({1, Hg, d.L, d.Dv}), og({1, Hg, d.L, d.Dv});
-  tensor<float, 3> gg({1, Hg, Member::uses_g ? d.L : 0}), bg({1, Hg, Member::uses_beta ? d.L : 0});
-  std::vector<std::vector<std::int64_t>> tokens(md.M);
-  std::vector<std::vector<float>> weights(md.M);
-  std::vector<std::int64_t> sel(md.top_k);
-  std::vector<float> w(md.top_k);
-  for (std::int64_t b = 0; b < d.B; ++b)
-    for (std::int64_t hr = 0; hr < md.Hr; ++hr) {
-      for (std::int64_t m = 0; m < md.M; ++m) {
-        tokens[m].clear();
-        weights[m].clear();
-      }
-      for (std::int64_t t = 0; t < d.L; ++t) {
-        mom_select(router.logits.ptr(b, hr, t), md.M, md.top_k, sel.data(), w.data());
-        for (std::int64_t j = 0; j < md.top_k; ++j) {
-          tokens[sel[j]].push_back(t);
-          weights[sel[j]].push_back(w[j]);
-        }
-      }
-      const std::int64_t h0 = md.Hr == 1 ? 0 : hr;
-      for (std::int64_t m = 0; m < md.M; ++m) {
-        const std::int64_t n = static_cast<std::int64_t>(tokens[m].size());
-        if (n == 0) continue;  // no token: the memory keeps its state
-        const mom_memory<T>& mem = memories[m];
-        for (std::int64_t h = 0; h < Hg; ++h)
-          for (std::int64_t i = 0; i < n; ++i) {  // gather the routed rows into a contiguous subsequence
-            const std::int64_t t = tokens[m][i];
-            simd::convert<Arch>(q.ptr(b, h0 + h, t), qg.data() + (h * n + i) * d.Dk, d.Dk);
-            simd::convert<Arch>(mem.k.ptr(b, h0 + h, t), kg.data() + (h * n + i) * d.Dk, d.Dk);
-            simd::convert<Arch>(mem.v.ptr(b, h0 + h, t), vg.data() + (h * n + i) * d.Dv, d.Dv);
-            if constexpr (Member::uses_g) gg.data()[h * n + i] = mem.g(b, h0 + h, t);
-            if constexpr (Member::uses_beta) bg.data()[h * n + i] = mem.beta(b, h0 + h, t);
-          }
-        const view<const float, 3> gv = Member::uses_g ? view<const float, 3>(gg.data(), {1, Hg, n}) : view<const float, 3>();
-        const view<const float, 3> bv =
-            Member::uses_beta ? view<const float, 3>(bg.data(), {1, Hg, n}) : view<const float, 3>();
-        const view<float, 4> ov(og.data(), {1, Hg, n, d.Dv});
-        Member::template run<Arch>(view<const float, 4>(qg.data(), {1, Hg, n, d.Dk}),
-                                   view<const float, 4>(kg.data(), {1, Hg, n, d.Dk}),
-                                   view<const float, 4>(vg.data(), {1, Hg, n, d.Dv}), gv, bv, ov,
-                                   mom_state_slice(state, md, b, h0, Hg, m), opt);
-        for (std::int64_t h = 0; h < Hg; ++h)  // scatter, weighted
-          for (std::int64_t i = 0; i < n; ++i)
-            simd::axpy<Arch>(weights[m][i], ov.ptr(0, h, i), o.ptr(b, h0 + h, tokens[m][i]), d.Dv);
-      }
-    }
+  if (md.Hr == 1) {  // one routing for all heads: each member call spreads its H heads over the threads
+    for (std::int64_t b = 0; b < d.B; ++b)
+      run_mom_group<Member, Arch, T>(md, q, memories, router, o, state, b, 0, 0, d.H, opt);
+    return;
+  }
+  // One routing per head: the (batch, head) pairs go over the threads, each member call runs on one.
+  options one = opt;
+  one.threads = 1;
+  for_each_head(d.B * d.H, opt.threads, true, [&](std::int64_t bh) {
+    const std::int64_t b = bh / d.H, h = bh % d.H;
+    run_mom_group<Member, Arch, T>(md, q, memories, router, o, state, b, h, h, 1, one);
+  });
 }
 
 }  // namespace detail
@@ -394,7 +411,8 @@ void mom(const Q& q,                                                // [B, H, L,
          view<float, 4> state = {},                                 // [B, H (M + S), Df, Ds] in and out, or empty
          const options& opt = {}) {
   using T = element_t<Q>;
-  const auto md = detail::check_mom<Member, T>("linear::reference::mom", cview(q), memories, shared, router, o, state, opt);
+  const auto md =
+      detail::check_mom<Member, T>("linear::reference::mom", cview(q), memories, shared, router, o, state, opt);
   const detail::dims& d = md.d;
   const std::int64_t slots = md.M + md.S;
   parallel_for(d.B * d.H, [&](std::int64_t bh) {
