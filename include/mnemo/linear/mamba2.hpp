@@ -182,7 +182,9 @@ void mamba2_output_row(float* y, const float* x, const float* z, std::int64_t P,
 
 // Recurrent form, one head (and the step): per token one pass over the state,
 //   S_i = exp(dt A) S_i + B_i (dt x) ;  y += C_i S_i.
-template <class Arch>
+// FromSrc (an out-of-place step): the first token reads hd.src and writes hd.state. A template
+// flag, so the in-place form compiles without the second pointer (common.hpp, recurrent_token).
+template <class Arch, bool FromSrc>
 void mamba2_recurrent_head(const mamba2_dims& d, const mamba2_head& hd, bool softplus) {
   matrix zero;
   state_map s = map_state(hd.state, d.N, d.P, zero);
@@ -192,7 +194,7 @@ void mamba2_recurrent_head(const mamba2_dims& d, const mamba2_head& hd, bool sof
     mamba2_dt<Arch>(&dt, 1, hd.bias, softplus);
     const float* xt = hd.x.ptr(t);
     for (std::int64_t c = 0; c < d.P; ++c) v[c] = dt * xt[c];
-    const bool out_of_place = t == 0 && !hd.src.empty();
+    const bool out_of_place = FromSrc && t == 0;
     float* yt = hd.y.ptr(t);
     recurrent_token<Arch>(s.data(), s.outerStride(), d.N, d.P, hd.Cm.ptr(t), hd.Bm.ptr(t), v.data(), nullptr,
                           {simd::exp<Arch>(dt * hd.A), nullptr}, yt, nullptr, out_of_place ? hd.src.data() : nullptr,
@@ -272,8 +274,10 @@ void mamba2_run(const mamba2_dims& d, const view<const float, 4>& x, const view<
     const mamba2_head hd = mamba2_head_of(d, bh / d.H, bh % d.H, x, dt, A, Bm, Cm, D, z, dt_bias, y, state, state_in);
     if (f == form::chunked)
       mamba2_chunked_head<Arch>(d, hd, opt.dt_softplus, opt.chunk_size > 0 ? opt.chunk_size : default_chunk_size);
+    else if (hd.src.empty())
+      mamba2_recurrent_head<Arch, false>(d, hd, opt.dt_softplus);
     else
-      mamba2_recurrent_head<Arch>(d, hd, opt.dt_softplus);
+      mamba2_recurrent_head<Arch, true>(d, hd, opt.dt_softplus);
   });
 }
 
