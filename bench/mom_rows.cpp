@@ -74,7 +74,7 @@ struct mom_inputs {
     std::vector<std::int64_t> n(memories, 0), sel(top_k);
     std::vector<float> w(top_k);
     for (std::int64_t t = 0; t < logits.extent(1); ++t) {
-      linear::detail::mom_select(logits.as_view().ptr(0, t), memories, top_k, sel.data(), w.data());
+      linear::mom_select(logits.as_view().ptr(0, t), memories, top_k, sel.data(), w.data());
       for (std::int64_t s : sel) ++n[s];
     }
     return n;

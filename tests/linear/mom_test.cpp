@@ -135,9 +135,8 @@ struct shape_case {
 };
 
 template <class Member>
-void check_forms() {
-  const std::vector<shape_case> shapes = {
-      {1, 1, 1, 16, 16, 3, 2}, {2, 3, 37, 12, 10, 4, 2}, {1, 2, 1000, 8, 8, 4, 2}, {1, 2, 40, 9, 16, 5, 1}};
+void check_forms(const std::vector<shape_case>& shapes = {
+                     {1, 1, 1, 16, 16, 3, 2}, {2, 3, 37, 12, 10, 4, 2}, {1, 2, 1000, 8, 8, 4, 2}, {1, 2, 40, 9, 16, 5, 1}}) {
   std::uint32_t seed = 1;
   for (const shape_case& s : shapes)
     for (bool per_head : {false, true})
@@ -160,6 +159,30 @@ void check_forms() {
 
 TEST(mom, linear_attn_matches_reference) { check_forms<members::linear_attn>(); }
 TEST(mom, gated_delta_rule_matches_reference) { check_forms<members::gated_delta_rule>(); }
+TEST(mom, simple_gla_and_delta_rule_match_reference) {
+  check_forms<members::simple_gla>({{2, 3, 37, 12, 10, 4, 2}});
+  check_forms<members::delta_rule>({{2, 3, 37, 12, 10, 4, 2}});
+}
+
+// The routing itself: highest logits first, ties to the lower index, softmax over the selected.
+TEST(mom, select) {
+  const float logits[] = {1.0f, 3.0f, 3.0f, 0.5f};
+  std::int64_t sel[3];
+  float w[3];
+  linear::mom_select(logits, 4, 2, sel, w);
+  EXPECT_EQ(sel[0], 1);
+  EXPECT_EQ(sel[1], 2);
+  EXPECT_FLOAT_EQ(w[0], 0.5f);
+  EXPECT_FLOAT_EQ(w[1], 0.5f);
+  linear::mom_select(logits, 4, 3, sel, w);
+  EXPECT_EQ(sel[2], 0);
+  const double e = std::exp(-2.0);
+  EXPECT_NEAR(w[0], 1 / (2 + e), 1e-7);
+  EXPECT_NEAR(w[2], e / (2 + e), 1e-7);
+  linear::mom_select(logits, 4, 1, sel, w);
+  EXPECT_EQ(sel[0], 1);
+  EXPECT_EQ(w[0], 1.0f);
+}
 
 // The plain member on memory m's inputs over every token, from state slot m of p.state0.
 template <class Member>

@@ -1,7 +1,7 @@
 // mnemo/linear/mom.hpp — Mixture of Memories (Du et al., "MoM: Linear Sequence Modeling with
-// Mixture-of-Memories", 2025): M linear-attention memories and a router; each token is written to
-// and read from the top_k memories its router logits pick, plus an optional shared memory that
-// every token writes and reads.
+// Mixture-of-Memories", 2025, arXiv:2502.13685): M linear-attention memories and a router; each
+// token is written to and read from the top_k memories its router logits pick, plus an optional
+// shared memory that every token writes and reads.
 //
 //   I_t     = the top_k memories of logits r_t [M]      (ties: the lower index first)
 //   w_t,m   = exp(r_t,m) / sum_{m' in I_t} exp(r_t,m')  for m in I_t (softmax over the selected logits)
@@ -9,7 +9,8 @@
 //   S^s_t   = write(S^s_{t-1}, k^s_t, v^s_t, ...)              the shared memory, every token
 //   o_t     = (scale q_t)^T S^s_t + sum_{m in I_t} w_t,m (scale q_t)^T S^m_t
 //
-// `write` is the member's one-token update (Member below: linear attention, simple GLA, DeltaNet or
+// The weights are MoM's: its softmax over all M logits, cut to the top_k and renormalised, is the
+// softmax over the selected logits. `write` is the member's one-token update (Member below: linear attention, simple GLA, DeltaNet or
 // Gated DeltaNet; a user may add another with the same five members). Like every member, a token
 // reads a memory after its own write to it. A memory's gates and betas apply only on the tokens
 // routed to it: to a memory, its tokens are one contiguous sequence (MoM's "transform"), so a
@@ -47,8 +48,8 @@
 // are checked as for the member, on every token (routed or not).
 //
 // Step: mom_step is mom() on one token, in place. (An out-of-place step for state_ring would copy
-// the M - top_k memories the token does not touch, so it is not offered: keep the state of the
-// few selected memories instead.)
+// the M - top_k memories the token does not touch, so it is not offered. To undo steps, save the
+// slices a step will write first: the shared one and those mom_select picks from its logits.)
 #pragma once
 
 #include <algorithm>
@@ -198,19 +199,9 @@ struct gated_delta_rule {
 
 }  // namespace mom_members
 
-namespace detail {
-
-// The validated sizes of a mom call.
-struct mom_dims {
-  dims d;             // B, H, L, Dk, Dv, Df, Ds, scale, ... (common.hpp)
-  std::int64_t M;     // routed memories
-  std::int64_t S;     // 1 with a shared memory, else 0
-  std::int64_t Hr;    // router heads: 1 (per token) or H
-  std::int64_t top_k;
-};
-
-// The selection of one token: the top_k memories of `logits` [M] (stride 1), highest first, ties to
-// the lower index; weights the softmax of their logits. sel [top_k], w [top_k].
+// The routing of one token, as mom() does it: the top_k memories of `logits` [M] (contiguous),
+// highest logit first, ties to the lower index, into sel [top_k]; their weights (the softmax of their
+// logits, in f32) into w [top_k]. O(top_k M).
 inline void mom_select(const float* logits, std::int64_t M, std::int64_t top_k, std::int64_t* sel, float* w) {
   for (std::int64_t j = 0; j < top_k; ++j) {
     std::int64_t best = -1;
@@ -226,6 +217,17 @@ inline void mom_select(const float* logits, std::int64_t M, std::int64_t top_k, 
   for (std::int64_t j = 0; j < top_k; ++j) sum += w[j] = std::exp(logits[sel[j]] - top);
   for (std::int64_t j = 0; j < top_k; ++j) w[j] /= sum;
 }
+
+namespace detail {
+
+// The validated sizes of a mom call.
+struct mom_dims {
+  dims d;             // B, H, L, Dk, Dv, Df, Ds, scale, ... (common.hpp)
+  std::int64_t M;     // routed memories
+  std::int64_t S;     // 1 with a shared memory, else 0
+  std::int64_t Hr;    // router heads: 1 (per token) or H
+  std::int64_t top_k;
+};
 
 template <class Member, class T>
 void check_mom_memory(const std::string& fn, const view<const T, 4>& q, const mom_memory<T>& mem,
@@ -445,7 +447,7 @@ void mom(const Q& q,                                                // [B, H, L,
         read_into(qt, s[md.M], 1.0);
       }
       const float* logits = router.logits.ptr(b, hr, t);
-      detail::mom_select(logits, md.M, md.top_k, sel.data(), unused.data());
+      mom_select(logits, md.M, md.top_k, sel.data(), unused.data());
       double top = logits[sel[0]], sum = 0;
       for (std::int64_t j = 0; j < md.top_k; ++j) sum += std::exp(static_cast<double>(logits[sel[j]]) - top);
       std::vector<std::int64_t> order(sel);  // ascending memory order, as the fast path adds them
