@@ -344,6 +344,27 @@ TEST(mom, pieces_and_steps) {
   }
 }
 
+// NaN (header comment): in the k of a memory the token is not routed to, it is never read; in the
+// k of the memory it is routed to, it reaches that token's output and every later one that reads
+// the memory, and no output of a token that does not read it.
+TEST(mom, nan_in_keys) {
+  problem p = make_problem(1, 1, 30, 8, 8, 2, false, 69);
+  for (std::int64_t t = 0; t < p.L; ++t) {  // memory 0 on even tokens, memory 1 on odd ones
+    p.logits(0, 0, t, 0) = t % 2 == 0 ? 1.0f : -1.0f;
+    p.logits(0, 0, t, 1) = -p.logits(0, 0, t, 0);
+  }
+  const std::int64_t bad = 10;
+  p.k[1](0, 0, bad, 3) = std::numeric_limits<float>::quiet_NaN();  // token 10 goes to memory 0
+  for (impl i : {impl::reference, impl::recurrent, impl::chunked}) {
+    const outputs clean = run<members::linear_attn>(i, p, 1, false);
+    for (float x : clean.o) ASSERT_TRUE(std::isfinite(x)) << "unrouted NaN was read, impl " << static_cast<int>(i);
+  }
+  p.k[0](0, 0, bad, 3) = std::numeric_limits<float>::quiet_NaN();
+  const outputs got = run<members::linear_attn>(impl::recurrent, p, 1, false);
+  for (std::int64_t t = 0; t < p.L; ++t)
+    EXPECT_EQ(std::isnan(got.o(0, 0, t, 0)), t >= bad && t % 2 == 0) << "token " << t;
+}
+
 // 1 and 2 threads give the same bits, with either router.
 TEST(mom, threads) {
   for (bool per_head : {false, true}) {
