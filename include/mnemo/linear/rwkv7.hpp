@@ -30,9 +30,10 @@
 //   O     = Qg S + P_qk V + P_qb U,  Qg = scale Q o Gamma,  P_qk(t, j) = sum_c q_t[c] E(j, t)[c] k_j[c],
 //                                    P_qb(t, j) likewise with b_j                       (j <= t)
 //   S_new = diag(Gamma_{n-1}) S + Kd^T V + Bd^T U,   Kd = K o E(., n-1), Bd = B o E(., n-1).
-// [Ag; Qg] S is one GEMM (2n x Dk times Dk x Dv), [Kd; Bd]^T [V; U] another (k = 2n), and the four
-// triangles times V or U run on the SIMD micro-kernels where simd_chunks() holds (common.hpp),
-// otherwise on Eigen's products. FLOPs per chunk: 8 n Dk Dv for the two state GEMMs, plus
+// [Ag; Qg] S is one GEMM (2n x Dk times Dk x Dv), [Kd; Bd]^T [V; U] another (k = 2n). Where
+// simd_chunks() holds (common.hpp) everything after the triangles runs on the SIMD micro-kernels,
+// column block by column block of the state (the solve is column by column too), otherwise on
+// Eigen's products. FLOPs per chunk: 8 n Dk Dv for the two state GEMMs, plus
 // 2 n (n + 1) (Dk + Dv) for P_qk and P_qb and their products, plus 2 n (n - 1) (Dk + Dv) for A_ak and
 // A_ab, A_ak V and the solve (bench/rwkv7_rows.cpp counts this).
 //
@@ -367,6 +368,65 @@ rwkv7_pair_dots rwkv7_decayed_dots(float* acc, const float* gj, const float* at,
   return r;
 }
 
+// (I - N) X = X0 in place on w columns: X_t = X0_t + sum_{j < t} N(t, j) X_j for t ascending, the
+// chunk's unit lower-triangular solve (N strictly lower [n, n], row stride nm.ld; X row stride x.ld).
+template <class Arch>
+void rwkv7_forward_solve(std::int64_t n, std::int64_t w, crows nm, rows x) {
+  std::int64_t c = 0;
+  if constexpr (simd::vectorized<Arch>) {
+    using batch = simd::fbatch<Arch>;
+    constexpr std::int64_t vw = simd::width<Arch>;
+    for (; c + 2 * vw <= w; c += 2 * vw)
+      for (std::int64_t t = 1; t < n; ++t) {
+        const float* nt = nm.p + t * nm.ld;
+        float* xt = x.p + t * x.ld + c;
+        batch x0 = simd::load<Arch>(xt), x1 = simd::load<Arch>(xt + vw);
+        for (std::int64_t j = 0; j < t; ++j) {
+          const batch f(nt[j]);
+          const float* xj = x.p + j * x.ld + c;
+          x0 = simd::detail::fmadd(f, simd::load<Arch>(xj), x0);
+          x1 = simd::detail::fmadd(f, simd::load<Arch>(xj + vw), x1);
+        }
+        simd::store(xt, x0);
+        simd::store(xt + vw, x1);
+      }
+  }
+  for (; c < w; ++c)
+    for (std::int64_t t = 1; t < n; ++t) {
+      float acc = x.p[t * x.ld + c];
+      for (std::int64_t j = 0; j < t; ++j) acc += nm.p[t * nm.ld + j] * x.p[j * x.ld + c];
+      x.p[t * x.ld + c] = acc;
+    }
+}
+
+// The SIMD products of one chunk (simd_chunks() holds), column block by column block of the state
+// so a block of S stays in cache from its read to its update (common.hpp's chunk_products does the
+// same for the members without a solve; the solve is column by column, so it splits the same way):
+//   [U ; O] = [Ag ; Qg] S,  U += A_ak V,  (I - A_ab) U = U,  O += P_qk V + P_qb U,
+//   S = diag(last) S + [Kd ; Bd]^T [V ; U]
+// aq = [Ag ; Qg] and kb = [Kd ; Bd] (2n rows of Dk), tri = [A_ak A_ab ; P_qk P_qb] (row stride ldt,
+// zero above the diagonals), vuo = [V ; U ; O] (3n rows of Dv), s [Dk, Dv] with row stride lds.
+template <class Arch>
+void rwkv7_chunk_products(std::int64_t n, std::int64_t Dk, std::int64_t Dv, const float* aq, const float* kb,
+                          const float* tri, std::int64_t ldt, float* vuo, float* s, std::int64_t lds,
+                          const float* last) {
+  using simd::a_order;
+  using simd::c_mode;
+  constexpr std::int64_t cb = simd::gemm_blocking<Arch>::nv * simd::width<Arch>;
+  float* v = vuo;
+  float* u = vuo + n * Dv;
+  float* o = vuo + 2 * n * Dv;
+  for (std::int64_t j0 = 0; j0 < Dv; j0 += cb) {
+    const std::int64_t w = std::min(cb, Dv - j0);
+    simd::gemm<a_order::row_major, Arch>(2 * n, w, Dk, aq, Dk, s + j0, lds, u + j0, Dv, c_mode::overwrite);
+    lower_product<Arch>(n, w, {tri, ldt}, {v + j0, Dv}, {u + j0, Dv}, nullptr);
+    rwkv7_forward_solve<Arch>(n, w, {tri + n, ldt}, {u + j0, Dv});
+    lower_product<Arch>(n, w, {tri + n * ldt, ldt}, {v + j0, Dv}, {o + j0, Dv}, nullptr);
+    lower_product<Arch>(n, w, {tri + n * ldt + n, ldt}, {u + j0, Dv}, {o + j0, Dv}, nullptr);
+    simd::gemm<a_order::col_major, Arch>(Dk, w, 2 * n, kb, Dk, v + j0, Dv, s + j0, lds, c_mode::rescale, last);
+  }
+}
+
 // Chunked form, one head; see the header comment.
 template <class Arch, class T>
 void rwkv7_chunked_head(const dims& d, const head_views<T>& hv, const view<const float, 2>& g,
@@ -380,8 +440,7 @@ void rwkv7_chunked_head(const dims& d, const head_views<T>& hv, const view<const
   matrix aq(2 * C, Dk);                            // [Ag ; Qg]: one GEMM reads the state for both
   matrix kb(2 * C, Dk);                            // [Kd ; Bd]: one GEMM writes the next state
   matrix up_rows(2 * C, Dk), dn_rows(2 * C, Dk);   // weak chunks: [A o up_{t-1} ; Q o up], [K o down ; B o down]
-  matrix vu(2 * C, Dv);                            // [V ; U] (U: the right-hand side, then the solution)
-  matrix ys(2 * C, Dv);                            // [Ag S ; Qg S], then O in its lower half
+  matrix vuo(3 * C, Dv);                           // [V ; U ; O]: U from Ag S to the solution, O from Qg S
   matrix tri(2 * C, 2 * C);                        // [A_ak  A_ab ; P_qk  P_qb], zero above the (strict) diagonals
   std::vector<float> last(Dk), acc(Dk), ref(Dk), half(Dk), up(2 * Dk), qw(Dk);
   const bool fast = simd_chunks<Arch>(Dv);
@@ -394,7 +453,7 @@ void rwkv7_chunked_head(const dims& d, const head_views<T>& hv, const view<const
       simd::convert<Arch>(av.ptr(t0 + t), a.row(t).data(), Dk);
       simd::convert<Arch>(bv.ptr(t0 + t), b.row(t).data(), Dk);
     }
-    load_values<Arch>(hv.v, t0, n, d, vu);
+    load_values<Arch>(hv.v, t0, n, d, vuo);
     std::copy(gate(0), gate(0) + Dk, logp.row(0).data());
     for (std::int64_t t = 1; t < n; ++t) {
       const float* prev = logp.row(t - 1).data();
@@ -409,8 +468,6 @@ void rwkv7_chunked_head(const dims& d, const head_views<T>& hv, const view<const
     auto Qg = aq.middleRows(n, n);
     auto Kd = kb.topRows(n);
     auto Bd = kb.middleRows(n, n);
-    auto V = vu.topRows(n);
-    auto U = vu.middleRows(n, n);
     auto M = tri.topLeftCorner(2 * n, 2 * n);
     if (*std::min_element(total, total + Dk) >= -2 * rwkv7_factor_limit) {
       // Weak chunk: the four triangles in one product through the reference point r = c_{n-1} / 2.
@@ -430,10 +487,12 @@ void rwkv7_chunked_head(const dims& d, const head_views<T>& hv, const view<const
       }
       gemm<false>(M, up_rows.topRows(2 * n), dn_rows.topRows(2 * n).transpose());
       for (std::int64_t t = 0; t < n; ++t) {  // the masks: strict for A_ak, A_ab; with the diagonal for P
-        std::fill(&M(t, t), &M(t, n), 0.0f);
-        std::fill(&M(t, n + t), &M(t, 0) + 2 * n, 0.0f);
-        std::fill(&M(n + t, t + 1), &M(n + t, n), 0.0f);
-        std::fill(&M(n + t, n + t + 1), &M(n + t, 0) + 2 * n, 0.0f);
+        float* top = &M(t, 0);
+        float* bottom = &M(n + t, 0);
+        std::fill(top + t, top + n, 0.0f);
+        std::fill(top + n + t, top + 2 * n, 0.0f);
+        std::fill(bottom + t + 1, bottom + n, 0.0f);
+        std::fill(bottom + n + t + 1, bottom + 2 * n, 0.0f);
       }
     } else {
       // Strong chunk: every entry from exact range sums, t - 1 down to j.
@@ -466,36 +525,27 @@ void rwkv7_chunked_head(const dims& d, const head_views<T>& hv, const view<const
         }
       }
     }
-    // [Ag S ; Qg S] in one GEMM; the right-hand side Ag S + A_ak V; (I - A_ab) U = rhs as one unit
-    // lower-triangular solve; O = Qg S + P_qk V + P_qb U; S = diag(Gamma_{n-1}) S + [Kd ; Bd]^T [V ; U].
-    const crows a_ak{tri.data(), tri.cols()}, p_qk{&tri(n, 0), tri.cols()}, p_qb{&tri(n, n), tri.cols()};
     if (fast) {
-      simd::gemm<simd::a_order::row_major, Arch>(2 * n, Dv, Dk, aq.data(), Dk, s.data(), s.outerStride(), ys.data(), Dv,
-                                                 simd::c_mode::overwrite);
-      U = ys.topRows(n);
-      lower_product<Arch>(n, Dv, a_ak, {V.data(), Dv}, {U.data(), Dv}, nullptr);
+      rwkv7_chunk_products<Arch>(n, Dk, Dv, aq.data(), kb.data(), tri.data(), tri.cols(), vuo.data(), s.data(),
+                                 s.outerStride(), last.data());
     } else {
-      gemm<false>(ys.topRows(2 * n), aq.topRows(2 * n), s);
-      U = ys.topRows(n);
+      // [Ag S ; Qg S] into [U ; O] in one GEMM; U += A_ak V; (I - A_ab) U = U as one unit
+      // lower-triangular solve; O += P_qk V + P_qb U; S = diag(Gamma_{n-1}) S + [Kd ; Bd]^T [V ; U].
+      auto V = vuo.topRows(n);
+      auto U = vuo.middleRows(n, n);
+      gemm<false>(vuo.middleRows(n, 2 * n), aq.topRows(2 * n), s);
       U.noalias() += M.topLeftCorner(n, n).template triangularView<Eigen::StrictlyLower>() * V;
-    }
-    for (std::int64_t t = 1; t < n; ++t) {
-      float* row = &M(t, n);
-      for (std::int64_t j = 0; j < t; ++j) row[j] = -row[j];
-    }
-    M.block(0, n, n, n).template triangularView<Eigen::UnitLower>().solveInPlace(U);
-    if (fast) {
-      lower_product<Arch>(n, Dv, p_qk, {V.data(), Dv}, {ys.row(n).data(), Dv}, nullptr);
-      lower_product<Arch>(n, Dv, p_qb, {U.data(), Dv}, {ys.row(n).data(), Dv}, nullptr);
-      simd::gemm<simd::a_order::col_major, Arch>(Dk, Dv, 2 * n, kb.data(), Dk, vu.data(), Dv, s.data(), s.outerStride(),
-                                                 simd::c_mode::rescale, last.data());
-    } else {
-      ys.middleRows(n, n).noalias() += M.block(n, 0, n, n).template triangularView<Eigen::Lower>() * V;
-      ys.middleRows(n, n).noalias() += M.block(n, n, n, n).template triangularView<Eigen::Lower>() * U;
+      for (std::int64_t t = 1; t < n; ++t) {
+        float* row = &M(t, n);
+        for (std::int64_t j = 0; j < t; ++j) row[j] = -row[j];
+      }
+      M.block(0, n, n, n).template triangularView<Eigen::UnitLower>().solveInPlace(U);
+      vuo.middleRows(2 * n, n).noalias() += M.block(n, 0, n, n).template triangularView<Eigen::Lower>() * V;
+      vuo.middleRows(2 * n, n).noalias() += M.block(n, n, n, n).template triangularView<Eigen::Lower>() * U;
       for (std::int64_t i = 0; i < Dk; ++i) s.row(i) *= last[i];
-      gemm<true>(s, kb.topRows(2 * n).transpose(), vu.topRows(2 * n));
+      gemm<true>(s, kb.topRows(2 * n).transpose(), vuo.topRows(2 * n));
     }
-    for (std::int64_t t = 0; t < n; ++t) store_output(ys.row(n + t).data(), d, hv.o.ptr(t0 + t));
+    for (std::int64_t t = 0; t < n; ++t) store_output(vuo.row(2 * n + t).data(), d, hv.o.ptr(t0 + t));
   }
 }
 
