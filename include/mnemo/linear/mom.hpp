@@ -34,6 +34,9 @@
 // its recurrent or chunked form by options.path and the subsequence's length, as for a plain call)
 // and scatters the outputs back, weighted, into o; the shared memory runs once over the whole
 // sequence and writes o first. The routed outputs are added in ascending memory order.
+// Cost: the member's work on top_k L tokens (plus L for the shared memory), in subsequences of about
+// top_k L / M tokens, plus one copy of the routed rows of q, k, v in and of o out (bench/mom_rows.cpp
+// puts it beside the member alone on the same L tokens).
 // Threads: with one router per token, the member's calls spread their H heads over
 // options.threads (memories and batches run one after the other); with one per head, the (batch,
 // head) pairs go over the threads. Either way the result does not depend on the thread count.
