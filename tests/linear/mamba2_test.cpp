@@ -2,8 +2,9 @@
 // on awkward shapes (L = 1, 37, 1000; odd head dims; N and P below, at and off the vector width;
 // G > 1) with every option on and off, the reference against Mamba-1's selective scan with A equal
 // over each head's channels (an independent implementation of the same recurrence) and a case
-// worked out by hand, streaming in pieces, the step against the full op, rollback through
-// linear::state_ring, extreme steps, NaN propagation, threads, and the boundary checks.
+// worked out by hand, mamba's token-major buffers through strides, streaming in pieces, the step
+// against the full op, rollback through linear::state_ring, extreme steps, NaN propagation,
+// threads, and the boundary checks.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "mnemo/linear/mamba2.hpp"
@@ -315,6 +317,37 @@ TEST(mamba2, rollback_with_state_ring) {
     expect_close(y, token(want.y, t), atol, rtol, "after rollback, t=" + std::to_string(t));
   }
   expect_close(ring.state(), want.state, atol, rtol, "state");
+}
+
+// mamba's token-major buffers, x, z, y [B, L, H, P] and B, C [B, L, G, N], passed through strides
+// without copies, give the results of the contiguous [B, H, L, P] / [B, G, L, N] tensors.
+TEST(mamba2, token_major_buffers_through_strides) {
+  const problem p(2, 4, 45, 16, 8, 2, 800);
+  const std::int64_t B = p.B, H = p.H, L = p.L, P = p.P, N = p.N, G = p.G;
+  auto token_major = [&](const tensor<float, 4>& t, std::int64_t heads, std::int64_t dim) {
+    tensor<float, 4> out({B, L, heads, dim});
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < heads; ++h)
+        for (std::int64_t l = 0; l < L; ++l)
+          for (std::int64_t c = 0; c < dim; ++c) out(b, l, h, c) = t(b, h, l, c);
+    return out;
+  };
+  // [B, L, heads, dim] memory as a [B, heads, L, dim] view.
+  auto as_bhld = [&](auto* data, std::int64_t heads, std::int64_t dim) {
+    using T = std::remove_pointer_t<decltype(data)>;
+    return view<T, 4>(data, {B, heads, L, dim}, {L * heads * dim, dim, heads * dim, 1});
+  };
+  const tensor<float, 4> x = token_major(p.x, H, P), z = token_major(p.z, H, P), Bm = token_major(p.Bm, G, N),
+                         Cm = token_major(p.Cm, G, N);
+  for (impl i : {impl::recurrent, impl::chunked}) {
+    const result want = run(p, i, {});
+    tensor<float, 4> y({B, L, H, P}), state = p.h0;
+    linear::mamba2_options opt{true, 0, i == impl::chunked ? linear::form::chunked : linear::form::recurrent, 1};
+    linear::mamba2(as_bhld(x.data(), H, P), p.dt, p.A, as_bhld(Bm.data(), G, N), as_bhld(Cm.data(), G, N), p.D,
+                   as_bhld(z.data(), H, P), p.bias, as_bhld(y.data(), H, P), state, opt);
+    expect_close(as_bhld(y.data(), H, P), want.y, 1e-6, 1e-6, std::string(impl_name(i)) + " y");
+    expect_close(state, want.state, 1e-6, 1e-6, std::string(impl_name(i)) + " state");
+  }
 }
 
 // Large steps (dt + bias in [-60, 60] through softplus, A down to -3): decays far below FLT_MIN
