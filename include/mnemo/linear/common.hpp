@@ -10,7 +10,10 @@
 //
 // The state is updated in place (it holds S_L when the call returns), so a long input can be fed
 // in pieces and a one-token call (or `*_step`) continues a prefill. An empty `state` view
-// means "start from zero, do not return the final state".
+// means "start from zero, do not return the final state". Every `*_step` also has an out-of-place
+// form (read state_in, write state_out, the same view or disjoint) for the slots of a
+// linear::state_ring, which rolls the state back by n tokens for speculative decoding
+// (state_ring.hpp; helpers at the end of this file).
 //
 // Which kernel runs is chosen in one place, detail::choose_form(): `options.path` forces
 // form::recurrent (one token at a time, what decode uses) or form::chunked (chunkwise-parallel,
@@ -676,6 +679,48 @@ view<T, 4> token_view(const view<T, 3>& x) {
 template <class T>
 view<T, 3> token_view(const view<T, 2>& x) {
   return {x.data(), {x.extent(0), x.extent(1), 1}, {x.stride(0), x.stride(1), 1}};
+}
+
+// ---- out-of-place steps (speculative decoding, state_ring.hpp) ------------------------------
+//
+// Every member's *_step has a second form that reads state_in and writes state_out: the same
+// memory traffic as in place (recurrent_token reads each row from state_in and stores it to
+// state_out), so the slots of a linear::state_ring keep the last states without a copy. Its head
+// kernels take the source as a template flag (FromSrc), so the in-place form compiles exactly as
+// before (recurrent_token's notes: a possibly aliasing second pointer cost the steps 2-6%).
+
+// The checks of an out-of-place step (q4 ... o4: the token views): check_common with state_out as
+// the state, which must be given; state_in of state_out's shape and disjoint from o; state_in and
+// state_out the same view (an in-place step) or disjoint.
+template <class T>
+dims check_step_states(const char* fn, const view<const T, 4>& q4, const view<const T, 4>& k4,
+                       const view<const T, 4>& v4, const view<float, 4>& o4, const view<const float, 4>& state_in,
+                       const view<float, 4>& state_out, const options& opt, bool features) {
+  using mnemo::detail::require_data;
+  using mnemo::detail::require_disjoint;
+  using mnemo::detail::require_shape;
+  const char* shape_note = features ? " [B, H, Df, Dv (+1)]" : " [B, H, Dk, Dv]";
+  require_data(fn, "state_out", state_out, shape_note);
+  const dims d = check_common<T>(fn, q4, k4, v4, o4, state_out, opt, features);
+  require_data(fn, "state_in", state_in, shape_note);
+  require_shape(fn, "state_in", state_in, {d.B, d.H, d.Df, d.Ds}, " (state_out's shape)");
+  require_disjoint(fn, "o", o4, "state_in", state_in);
+  if (!same_view(state_in, state_out))
+    require_disjoint(fn, "state_out", state_out, "state_in", state_in, "; they may be the same view (in place)");
+  return d;
+}
+
+// Runs head(hv, b, h, src) over every (batch, head) of an out-of-place step: hv.state is
+// state_out[b][h], src is state_in[b][h].
+template <class T, class Head>
+void for_each_step_head(const dims& d, const view<const T, 4>& q4, const view<const T, 4>& k4,
+                        const view<const T, 4>& v4, const view<float, 4>& o4, const view<const float, 4>& state_in,
+                        const view<float, 4>& state_out, int threads, Head&& head) {
+  for_each_head(d.B * d.H, threads, false, [&](std::int64_t bh) {
+    const std::int64_t b = bh / d.H, h = bh % d.H;
+    const head_views<T> hv(q4, k4, v4, o4, state_out, b, h);
+    head(hv, b, h, state_in[b][h]);
+  });
 }
 
 }  // namespace detail

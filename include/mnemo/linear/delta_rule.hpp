@@ -86,8 +86,10 @@ namespace detail {
 
 // Recurrent form, one head: per token (common.hpp, recurrent_token)
 //   w = S^T k ;  u = beta (v - a w) ;  S_i = a S_i + k_i u ; o += q_i S_i      (a = exp(g_t) or 1)
-template <bool Gated, class Arch, class T>
-void delta_recurrent_head(const dims& d, const head_views<T>& hv, const float* g, const float* beta) {
+// FromSrc (an out-of-place step): the first token reads src and writes hv.state.
+template <bool Gated, class Arch, bool FromSrc = false, class T>
+void delta_recurrent_head(const dims& d, const head_views<T>& hv, const float* g, const float* beta,
+                          const view<const float, 2>& src = {}) {
   matrix zero;
   state_map s = map_state(hv.state, d.Dk, d.Dv, zero);
   std::vector<float> q(d.Dk), k(d.Dk), v(d.Dv), acc(d.Dv);
@@ -96,8 +98,9 @@ void delta_recurrent_head(const dims& d, const head_views<T>& hv, const float* g
     prepare_row<Arch>(hv.k.ptr(t), d, 1.0f, k.data(), nullptr);
     simd::convert<Arch>(hv.v.ptr(t), v.data(), d.Dv);
     const float a = Gated ? simd::exp<Arch>(g[t]) : 1.0f;
+    const bool from_src = FromSrc && t == 0;
     recurrent_token<Arch>(s.data(), s.outerStride(), d.Dk, d.Dv, q.data(), k.data(), v.data(), beta + t, {a, nullptr},
-                          acc.data());
+                          acc.data(), nullptr, from_src ? src.data() : nullptr, from_src ? src.stride(0) : 0);
     std::copy(acc.begin(), acc.end(), hv.o.ptr(t));
   }
 }
@@ -231,6 +234,30 @@ void delta_rule_step(const Q& q, const K& k, const V& v,
   delta_rule<view<const element_t<Q>, 4>, view<const element_t<K>, 4>, view<const element_t<V>, 4>, Arch>(
       detail::token_view(cview(q)), detail::token_view(cview(k)), detail::token_view(cview(v)),
       detail::token_view(beta), detail::token_view(o), state, opt);
+}
+
+// One decoding step out of place: reads state_in, writes state_out, the same view (in place) or
+// disjoint, e.g. the slots of a linear::state_ring (state_ring.hpp); bit for bit the in-place step.
+template <class Q, class K, class V, class Arch = simd::default_arch>
+void delta_rule_step(const Q& q, const K& k, const V& v,
+                     view<const float, 2> beta,      // [B, H]
+                     view<float, 3> o,               // [B, H, Dv]
+                     view<const float, 4> state_in,  // [B, H, Dk, Dv]
+                     view<float, 4> state_out,       // [B, H, Dk, Dv]
+                     options opt = {}) {
+  using T = detail::input_t<Q, K, V>;
+  const char* fn = "linear::delta_rule_step";
+  opt.path = form::recurrent;
+  const auto q4 = detail::token_view(cview(q)), k4 = detail::token_view(cview(k));
+  const auto v4 = detail::token_view(cview(v));
+  const auto o4 = detail::token_view(o);
+  const auto beta3 = detail::token_view(beta);
+  const auto d = detail::check_step_states<T>(fn, q4, k4, v4, o4, state_in, state_out, opt, false);
+  detail::check_beta(fn, beta3, d);
+  detail::for_each_step_head<T>(d, q4, k4, v4, o4, state_in, state_out, opt.threads,
+                                [&](const auto& hv, std::int64_t b, std::int64_t h, const view<const float, 2>& src) {
+                                  detail::delta_recurrent_head<false, Arch, true>(d, hv, nullptr, beta3.ptr(b, h), src);
+                                });
 }
 
 }  // namespace mnemo::linear

@@ -224,8 +224,10 @@ void gla_weak_chunk_simd(std::int64_t n, std::int64_t Dk, std::int64_t Dv, crows
 }
 
 // Recurrent form, one head: per token, e = exp(g_t), then per row S_i = e_i S_i + k_i v ; o += q_i S_i.
-template <class Arch, class T>
-void gla_recurrent_head(const dims& d, const head_views<T>& hv, const view<const float, 2>& g) {
+// FromSrc (an out-of-place step): the first token reads src and writes hv.state.
+template <class Arch, bool FromSrc = false, class T>
+void gla_recurrent_head(const dims& d, const head_views<T>& hv, const view<const float, 2>& g,
+                        const view<const float, 2>& src = {}) {
   matrix zero;
   state_map s = map_state(hv.state, d.Dk, d.Dv, zero);
   std::vector<float> q(d.Dk), k(d.Dk), v(d.Dv), e(d.Dk), acc(d.Dv);
@@ -235,8 +237,10 @@ void gla_recurrent_head(const dims& d, const head_views<T>& hv, const view<const
     simd::convert<Arch>(hv.v.ptr(t), v.data(), d.Dv);
     std::copy(g.ptr(t), g.ptr(t) + d.Dk, e.data());
     simd::exp_sum<Arch>(e.data(), d.Dk, 0.0f);
+    const bool from_src = FromSrc && t == 0;
     recurrent_token<Arch>(s.data(), s.outerStride(), d.Dk, d.Dv, q.data(), k.data(), v.data(), nullptr,
-                          {1.0f, e.data()}, acc.data());
+                          {1.0f, e.data()}, acc.data(), nullptr, from_src ? src.data() : nullptr,
+                          from_src ? src.stride(0) : 0);
     std::copy(acc.begin(), acc.end(), hv.o.ptr(t));
   }
 }
@@ -396,6 +400,30 @@ void gla_step(const Q& q, const K& k, const V& v,
   gla<view<const element_t<Q>, 4>, view<const element_t<K>, 4>, view<const element_t<V>, 4>, Arch>(
       detail::token_view(cview(q)), detail::token_view(cview(k)), detail::token_view(cview(v)), detail::token_view(g),
       detail::token_view(o), state, opt);
+}
+
+// One decoding step out of place: reads state_in, writes state_out, the same view (in place) or
+// disjoint, e.g. the slots of a linear::state_ring (state_ring.hpp); bit for bit the in-place step.
+template <class Q, class K, class V, class Arch = simd::default_arch>
+void gla_step(const Q& q, const K& k, const V& v,
+              view<const float, 3> g,         // [B, H, Dk]
+              view<float, 3> o,               // [B, H, Dv]
+              view<const float, 4> state_in,  // [B, H, Dk, Dv]
+              view<float, 4> state_out,       // [B, H, Dk, Dv]
+              options opt = {}) {
+  using T = detail::input_t<Q, K, V>;
+  const char* fn = "linear::gla_step";
+  opt.path = form::recurrent;
+  const auto q4 = detail::token_view(cview(q)), k4 = detail::token_view(cview(k));
+  const auto v4 = detail::token_view(cview(v));
+  const auto o4 = detail::token_view(o);
+  const auto g4 = detail::token_view(g);
+  const auto d = detail::check_step_states<T>(fn, q4, k4, v4, o4, state_in, state_out, opt, false);
+  detail::check_channel_gate(fn, g4, d);
+  detail::for_each_step_head<T>(d, q4, k4, v4, o4, state_in, state_out, opt.threads,
+                                [&](const auto& hv, std::int64_t b, std::int64_t h, const view<const float, 2>& src) {
+                                  detail::gla_recurrent_head<Arch, true>(d, hv, g4[b][h], src);
+                                });
 }
 
 }  // namespace mnemo::linear

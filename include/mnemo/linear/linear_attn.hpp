@@ -77,8 +77,10 @@ struct scalar_gate {
 
 // Recurrent form, one head: per token one pass over the state (common.hpp, recurrent_token),
 //   S_i = a S_i + k_i v ;  o += q_i S_i.
-template <class Arch, class T>
-void scalar_decay_recurrent_head(const dims& d, const head_views<T>& hv, scalar_gate gate) {
+// FromSrc (an out-of-place step): the first token reads src and writes hv.state.
+template <class Arch, bool FromSrc = false, class T>
+void scalar_decay_recurrent_head(const dims& d, const head_views<T>& hv, scalar_gate gate,
+                                 const view<const float, 2>& src = {}) {
   matrix zero;
   state_map s = map_state(hv.state, d.Df, d.Ds, zero);
   std::vector<float> q(d.Df), k(d.Df), v(d.Ds), acc(d.Ds), scratch(d.Dk);
@@ -88,8 +90,9 @@ void scalar_decay_recurrent_head(const dims& d, const head_views<T>& hv, scalar_
     simd::convert<Arch>(hv.v.ptr(t), v.data(), d.Dv);
     if (d.normalize) v[d.Dv] = 1.0f;
     const float a = gate.decays() ? simd::exp<Arch>(gate.at(t)) : 1.0f;
+    const bool from_src = FromSrc && t == 0;
     recurrent_token<Arch>(s.data(), s.outerStride(), d.Df, d.Ds, q.data(), k.data(), v.data(), nullptr, {a, nullptr},
-                          acc.data());
+                          acc.data(), nullptr, from_src ? src.data() : nullptr, from_src ? src.stride(0) : 0);
     store_output(acc.data(), d, hv.o.ptr(t));
   }
 }
@@ -278,6 +281,28 @@ void linear_attn_step(const Q& q, const K& k, const V& v,
   linear_attn<view<const element_t<Q>, 4>, view<const element_t<K>, 4>, view<const element_t<V>, 4>, Arch>(
       detail::token_view(cview(q)), detail::token_view(cview(k)), detail::token_view(cview(v)),
       detail::token_view(o), state, opt);
+}
+
+// One decoding step out of place: reads state_in, writes state_out, which are the same view (in
+// place) or disjoint; e.g. the two slots of linear::state_ring::advance() (state_ring.hpp), whose
+// rollback(n) then returns to the state of n tokens ago. Bit for bit the in-place step's result.
+template <class Q, class K, class V, class Arch = simd::default_arch>
+void linear_attn_step(const Q& q, const K& k, const V& v,
+                      view<float, 3> o,                // [B, H, Dv]
+                      view<const float, 4> state_in,   // [B, H, Df, Dv (+1)]
+                      view<float, 4> state_out,        // [B, H, Df, Dv (+1)]
+                      options opt = {}) {
+  using T = detail::input_t<Q, K, V>;
+  const char* fn = "linear::linear_attn_step";
+  opt.path = form::recurrent;
+  const auto q4 = detail::token_view(cview(q)), k4 = detail::token_view(cview(k));
+  const auto v4 = detail::token_view(cview(v));
+  const auto o4 = detail::token_view(o);
+  const auto d = detail::check_step_states<T>(fn, q4, k4, v4, o4, state_in, state_out, opt, true);
+  detail::for_each_step_head<T>(d, q4, k4, v4, o4, state_in, state_out, opt.threads,
+                                [&](const auto& hv, std::int64_t, std::int64_t, const view<const float, 2>& src) {
+                                  detail::scalar_decay_recurrent_head<Arch, true>(d, hv, detail::scalar_gate{}, src);
+                                });
 }
 
 }  // namespace mnemo::linear

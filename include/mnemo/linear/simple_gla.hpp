@@ -84,4 +84,29 @@ void simple_gla_step(const Q& q, const K& k, const V& v,
       detail::token_view(o), state, opt);
 }
 
+// One decoding step out of place: reads state_in, writes state_out, the same view (in place) or
+// disjoint, e.g. the slots of a linear::state_ring (state_ring.hpp); bit for bit the in-place step.
+template <class Q, class K, class V, class Arch = simd::default_arch>
+void simple_gla_step(const Q& q, const K& k, const V& v,
+                     view<const float, 2> g,         // [B, H]
+                     view<float, 3> o,               // [B, H, Dv]
+                     view<const float, 4> state_in,  // [B, H, Dk, Dv]
+                     view<float, 4> state_out,       // [B, H, Dk, Dv]
+                     options opt = {}) {
+  using T = detail::input_t<Q, K, V>;
+  const char* fn = "linear::simple_gla_step";
+  opt.path = form::recurrent;
+  const auto q4 = detail::token_view(cview(q)), k4 = detail::token_view(cview(k));
+  const auto v4 = detail::token_view(cview(v));
+  const auto o4 = detail::token_view(o);
+  const auto g3 = detail::token_view(g);
+  const auto d = detail::check_step_states<T>(fn, q4, k4, v4, o4, state_in, state_out, opt, false);
+  detail::check_scalar_gate(fn, g3, d);
+  detail::for_each_step_head<T>(d, q4, k4, v4, o4, state_in, state_out, opt.threads,
+                                [&](const auto& hv, std::int64_t b, std::int64_t h, const view<const float, 2>& src) {
+                                  detail::scalar_decay_recurrent_head<Arch, true>(
+                                      d, hv, detail::scalar_gate{g3.ptr(b, h), 0.0f}, src);
+                                });
+}
+
 }  // namespace mnemo::linear

@@ -14,10 +14,13 @@
 //   }
 //   ring.rollback(rejected);                            // the state before the rejected tokens
 //
-// The steps that take a separate state_in and state_out (causal_conv1d_step, selective_scan_step)
-// read one slot and write another: the same memory traffic as an in-place step, so keeping the
-// history costs no copy. Memory: (depth + 1) states. Rolling back n <= available() steps is an
-// index change; the slots of the undone states are reused by the next advance().
+// Every one-token step of the linear family takes a separate state_in and state_out:
+// linear_attn_step, retention_step, simple_gla_step, gla_step, delta_rule_step,
+// gated_delta_rule_step, kda_step, causal_conv1d_step and selective_scan_step. They read one slot and write another, the same
+// memory traffic as an in-place step (and bit for bit its result), so keeping the history costs no
+// copy; state_in and state_out may also be the same view (in place), any other overlap is rejected
+// with mnemo::error. Memory: (depth + 1) states. Rolling back n <= available() steps is an index
+// change; the slots of the undone states are reused by the next advance().
 #pragma once
 
 #include <cstdint>
