@@ -1,9 +1,6 @@
 // Tests of mnemo/linear/gated_delta_rule.hpp: both forms against the double reference (with and
-// without the in-op L2 norm), gates near 0 and near -inf, pieces, steps, long runs, bf16,
+// without the in-op L2 norm), gates near 0 and near -inf, pieces, steps (and their rollback), long runs, bf16,
 // threads, strided views, the golden cases and the boundary checks.
-// Only the members this file runs are compiled (see tests/linear/golden_ops.hpp).
-#define MNEMO_LINEAR_TEST_MEMBERS gated_delta_rule, delta_rule
-
 #include <gtest/gtest.h>
 
 #include <limits>
@@ -14,33 +11,28 @@ namespace {
 
 using namespace linear_test;
 
-TEST(gated_delta_rule, forms_match_reference) { check_forms(member::gated_delta_rule); }
-TEST(gated_delta_rule, forms_match_reference_l2norm) { check_forms(member::gated_delta_rule, {.use_qk_l2norm = true}); }
-TEST(gated_delta_rule, strong_gates) { check_forms(member::gated_delta_rule, {}, {-6.0f, -1.0f}); }
-TEST(gated_delta_rule, extreme_gates) { check_extreme_gates(member::gated_delta_rule); }
-TEST(gated_delta_rule, pieces_then_continue) { check_pieces(member::gated_delta_rule); }
-TEST(gated_delta_rule, long_run_stays_finite) { check_long_run(member::gated_delta_rule); }
-TEST(gated_delta_rule, bf16_inputs) { check_bf16(member::gated_delta_rule); }
-TEST(gated_delta_rule, threads_and_state) { check_threads_and_state(member::gated_delta_rule); }
-TEST(gated_delta_rule, strided_views) { check_strided(member::gated_delta_rule); }
-TEST(gated_delta_rule, golden) { check_golden("gated_delta_rule"); }
-TEST(gated_delta_rule, bad_inputs) { check_bad_common(member::gated_delta_rule); }
+TEST(gated_delta_rule, forms_match_reference) { check_forms(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, forms_match_reference_l2norm) { check_forms(member::gated_delta_rule{}, {.use_qk_l2norm = true}); }
+TEST(gated_delta_rule, strong_gates) { check_forms(member::gated_delta_rule{}, {}, {-6.0f, -1.0f}); }
+TEST(gated_delta_rule, extreme_gates) { check_extreme_gates(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, pieces_then_continue) { check_pieces(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, long_run_stays_finite) { check_long_run(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, bf16_inputs) { check_bf16(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, threads_and_state) { check_threads_and_state(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, strided_views) { check_strided(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, golden) { check_golden(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, bad_inputs) { check_bad_common(member::gated_delta_rule{}); }
 
-TEST(gated_delta_rule, step_after_prefill) {
-  check_steps(member::gated_delta_rule, [](const problem& p, std::int64_t t, view<float, 4> o, view<float, 4> state,
-                                           const linear::options& opt) {
-    linear::gated_delta_rule_step(token(p.q, t), token(p.k, t), token(p.v, t), token(p.g, t), token(p.beta, t),
-                                  token(o, t), state, opt);
-  });
-}
+TEST(gated_delta_rule, step_after_prefill) { check_steps(member::gated_delta_rule{}); }
+TEST(gated_delta_rule, rollback) { check_rollback(member::gated_delta_rule{}); }
 
 // g = 0 everywhere is the plain delta rule.
 TEST(gated_delta_rule, zero_gate_is_delta_rule) {
-  problem p = make_problem(member::gated_delta_rule, 1, 2, 50, 16, 8, 37);
+  problem p = make_problem(member::gated_delta_rule{}, 1, 2, 50, 16, 8, 37);
   std::fill(p.g.begin(), p.g.end(), 0.0f);
-  const outputs want = run_all(member::delta_rule, impl::reference, p, {.chunk_size = 16});
+  const outputs want = run_all(member::delta_rule{}, impl::reference, p, {.chunk_size = 16});
   for (impl i : {impl::chunked, impl::recurrent}) {
-    const outputs got = run_all(member::gated_delta_rule, i, p, {.chunk_size = 16});
+    const outputs got = run_all(member::gated_delta_rule{}, i, p, {.chunk_size = 16});
     EXPECT_TRUE(close(got.o, want.o, f32_tol));
     EXPECT_TRUE(close(got.state, want.state, f32_tol));
   }
@@ -48,13 +40,13 @@ TEST(gated_delta_rule, zero_gate_is_delta_rule) {
 
 // g = -inf at token t wipes everything before it: the outputs from t on equal a fresh start at t.
 TEST(gated_delta_rule, minus_inf_gate_resets) {
-  problem p = make_problem(member::gated_delta_rule, 1, 1, 60, 16, 8, 39);
+  problem p = make_problem(member::gated_delta_rule{}, 1, 1, 60, 16, 8, 39);
   const std::int64_t reset = 21;
   p.g(0, 0, reset) = -std::numeric_limits<float>::infinity();
   for (impl i : {impl::chunked, impl::recurrent}) {
-    const outputs full = run_all(member::gated_delta_rule, i, p, {.chunk_size = 16});
+    const outputs full = run_all(member::gated_delta_rule{}, i, p, {.chunk_size = 16});
     outputs fresh{tensor<float, 4>({1, 1, p.L, p.Dv}), tensor<float, 4>(p.state0.shape())};
-    run_range<float>(member::gated_delta_rule, i, p.q, p.k, p.v, p, reset, p.L - reset, fresh.o, fresh.state,
+    run_range<float>(member::gated_delta_rule{}, i, p.q, p.k, p.v, p, reset, p.L - reset, fresh.o, fresh.state,
                      {.chunk_size = 16});
     double err = 0;
     for (std::int64_t t = reset; t < p.L; ++t)
@@ -65,7 +57,7 @@ TEST(gated_delta_rule, minus_inf_gate_resets) {
 }
 
 TEST(gated_delta_rule, bad_gates_and_beta) {
-  const problem p = make_problem(member::gated_delta_rule, 1, 2, 10, 8, 6, 41);
+  const problem p = make_problem(member::gated_delta_rule{}, 1, 2, 10, 8, 6, 41);
   tensor<float, 4> o({1, 2, 10, 6});
   tensor<float, 3> g = p.g;
   g(0, 0, 3) = 1.0f;

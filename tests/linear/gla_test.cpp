@@ -1,9 +1,6 @@
 // Tests of mnemo/linear/gla.hpp: both forms against the double reference (and the reference
-// against the parallel form), sub-block edges, gates near 0 and near -inf, pieces, steps, long
+// against the parallel form), sub-block edges, gates near 0 and near -inf, pieces, steps (and their rollback), long
 // runs, bf16, threads, strided views, the golden cases and the boundary checks.
-// Only the members this file runs are compiled (see tests/linear/golden_ops.hpp).
-#define MNEMO_LINEAR_TEST_MEMBERS gla
-
 #include <gtest/gtest.h>
 
 #include <limits>
@@ -14,17 +11,17 @@ namespace {
 
 using namespace linear_test;
 
-TEST(gla, forms_match_reference) { check_forms(member::gla); }
-TEST(gla, strong_gates) { check_forms(member::gla, {}, {-6.0f, -1.0f}); }
-TEST(gla, reference_matches_parallel_form) { check_parallel_form(member::gla); }
-TEST(gla, extreme_gates) { check_extreme_gates(member::gla); }
-TEST(gla, pieces_then_continue) { check_pieces(member::gla); }
-TEST(gla, long_run_stays_finite) { check_long_run(member::gla); }
-TEST(gla, bf16_inputs) { check_bf16(member::gla); }
-TEST(gla, threads_and_state) { check_threads_and_state(member::gla); }
-TEST(gla, strided_views) { check_strided(member::gla); }
-TEST(gla, golden) { check_golden("gla"); }
-TEST(gla, bad_inputs) { check_bad_common(member::gla); }
+TEST(gla, forms_match_reference) { check_forms(member::gla{}); }
+TEST(gla, strong_gates) { check_forms(member::gla{}, {}, {-6.0f, -1.0f}); }
+TEST(gla, reference_matches_parallel_form) { check_parallel_form(member::gla{}); }
+TEST(gla, extreme_gates) { check_extreme_gates(member::gla{}); }
+TEST(gla, pieces_then_continue) { check_pieces(member::gla{}); }
+TEST(gla, long_run_stays_finite) { check_long_run(member::gla{}); }
+TEST(gla, bf16_inputs) { check_bf16(member::gla{}); }
+TEST(gla, threads_and_state) { check_threads_and_state(member::gla{}); }
+TEST(gla, strided_views) { check_strided(member::gla{}); }
+TEST(gla, golden) { check_golden(member::gla{}); }
+TEST(gla, bad_inputs) { check_bad_common(member::gla{}); }
 
 // Chunks around multiples of the sub-block: one, one plus a token, several, several plus a partial one.
 TEST(gla, sub_block_edges) {
@@ -32,18 +29,14 @@ TEST(gla, sub_block_edges) {
   std::vector<shape_case> shapes;
   for (std::int64_t chunk : {s - 1, s, s + 1, 2 * s, 3 * s + 5, 4 * s})
     shapes.push_back({1, 1, 5 * s + 3, 12, 10, chunk});
-  check_forms(member::gla, {}, {}, shapes);
+  check_forms(member::gla{}, {}, {}, shapes);
 }
 
-TEST(gla, step_after_prefill) {
-  check_steps(member::gla, [](const problem& p, std::int64_t t, view<float, 4> o, view<float, 4> state,
-                              const linear::options& opt) {
-    linear::gla_step(token(p.q, t), token(p.k, t), token(p.v, t), token(p.gk, t), token(o, t), state, opt);
-  });
-}
+TEST(gla, step_after_prefill) { check_steps(member::gla{}); }
+TEST(gla, rollback) { check_rollback(member::gla{}); }
 
 TEST(gla, bad_gates) {
-  const problem p = make_problem(member::gla, 1, 2, 10, 8, 6, 41);
+  const problem p = make_problem(member::gla{}, 1, 2, 10, 8, 6, 41);
   tensor<float, 4> o({1, 2, 10, 6});
   for (float bad : {0.25f, std::numeric_limits<float>::quiet_NaN()}) {
     tensor<float, 4> g = p.gk;

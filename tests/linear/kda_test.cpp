@@ -2,9 +2,8 @@
 // (with and without the in-op L2 norm; weak chunks, strong chunks and both in one sequence), gates
 // near 0 and at -inf (all channels and single channels), pieces, steps, rollback for speculative
 // decoding (kda_step out of place on a linear::state_ring), long runs, bf16, threads, strided views, NaN propagation, the golden cases and the
-// boundary checks. Only kda is compiled (see tests/linear/golden_ops.hpp); Gated DeltaNet's
-// reference is the one other function instantiated.
-#define MNEMO_LINEAR_TEST_MEMBERS kda
+// boundary checks. Only kda is compiled (the checks of test_util.hpp are templates on the member);
+// Gated DeltaNet's reference is the one other function instantiated.
 
 #include <gtest/gtest.h>
 
@@ -18,7 +17,7 @@ namespace {
 
 using namespace linear_test;
 
-constexpr member kda = member::kda;
+constexpr member::kda kda{};
 
 TEST(kda, forms_match_reference) { check_forms(kda); }
 TEST(kda, forms_match_reference_l2norm) { check_forms(kda, {.use_qk_l2norm = true}); }
@@ -34,7 +33,7 @@ TEST(kda, long_run_stays_finite) { check_long_run(kda); }
 TEST(kda, bf16_inputs) { check_bf16(kda); }
 TEST(kda, threads_and_state) { check_threads_and_state(kda); }
 TEST(kda, strided_views) { check_strided(kda); }
-TEST(kda, golden) { check_golden("kda"); }
+TEST(kda, golden) { check_golden(kda); }
 TEST(kda, bad_inputs) { check_bad_common(kda); }
 
 void step(const problem& p, std::int64_t t, view<float, 4> o, view<float, 4> state, const linear::options& opt) {
@@ -42,7 +41,7 @@ void step(const problem& p, std::int64_t t, view<float, 4> o, view<float, 4> sta
                    opt);
 }
 
-TEST(kda, step_after_prefill) { check_steps(kda, step); }
+TEST(kda, step_after_prefill) { check_steps(kda); }
 
 // Equal gates in every channel: Gated DeltaNet; g = 0: the delta rule (through Gated DeltaNet's
 // reference with g = 0).

@@ -1,9 +1,6 @@
 // Tests of mnemo/linear/retention.hpp: both forms against the double reference (and the reference
-// against the parallel form D_tj = gamma^(t-j)), pieces, steps, long runs, bf16, threads,
+// against the parallel form D_tj = gamma^(t-j)), pieces, steps (and their rollback), long runs, bf16, threads,
 // strided views, the golden cases and the boundary checks (gamma in (0, 1]).
-// Only the members this file runs are compiled (see tests/linear/golden_ops.hpp).
-#define MNEMO_LINEAR_TEST_MEMBERS retention, linear_attn
-
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -15,22 +12,18 @@ namespace {
 
 using namespace linear_test;
 
-TEST(retention, forms_match_reference) { check_forms(member::retention); }
-TEST(retention, reference_matches_parallel_form) { check_parallel_form(member::retention); }
-TEST(retention, pieces_then_continue) { check_pieces(member::retention); }
-TEST(retention, long_run_stays_finite) { check_long_run(member::retention); }
-TEST(retention, bf16_inputs) { check_bf16(member::retention); }
-TEST(retention, threads_and_state) { check_threads_and_state(member::retention); }
-TEST(retention, strided_views) { check_strided(member::retention); }
-TEST(retention, golden) { check_golden("retention"); }
-TEST(retention, bad_inputs) { check_bad_common(member::retention); }
+TEST(retention, forms_match_reference) { check_forms(member::retention{}); }
+TEST(retention, reference_matches_parallel_form) { check_parallel_form(member::retention{}); }
+TEST(retention, pieces_then_continue) { check_pieces(member::retention{}); }
+TEST(retention, long_run_stays_finite) { check_long_run(member::retention{}); }
+TEST(retention, bf16_inputs) { check_bf16(member::retention{}); }
+TEST(retention, threads_and_state) { check_threads_and_state(member::retention{}); }
+TEST(retention, strided_views) { check_strided(member::retention{}); }
+TEST(retention, golden) { check_golden(member::retention{}); }
+TEST(retention, bad_inputs) { check_bad_common(member::retention{}); }
 
-TEST(retention, step_after_prefill) {
-  check_steps(member::retention, [](const problem& p, std::int64_t t, view<float, 4> o, view<float, 4> state,
-                                    const linear::options& opt) {
-    linear::retention_step(token(p.q, t), token(p.k, t), token(p.v, t), p.gamma, token(o, t), state, opt);
-  });
-}
+TEST(retention, step_after_prefill) { check_steps(member::retention{}); }
+TEST(retention, rollback) { check_rollback(member::retention{}); }
 
 TEST(retention, retnet_gamma) {
   const auto gamma = linear::retnet_gamma(4);
@@ -38,7 +31,7 @@ TEST(retention, retnet_gamma) {
 }
 
 TEST(retention, bad_gamma) {
-  const problem p = make_problem(member::retention, 1, 2, 10, 8, 6, 41);
+  const problem p = make_problem(member::retention{}, 1, 2, 10, 8, 6, 41);
   tensor<float, 4> o({1, 2, 10, 6});
   for (float bad : {0.0f, 1.5f, -0.5f, std::numeric_limits<float>::quiet_NaN()}) {
     tensor<float, 1> gamma({2});
@@ -57,10 +50,10 @@ TEST(retention, bad_gamma) {
 
 // gamma = 1 is plain linear attention.
 TEST(retention, gamma_one_is_linear_attention) {
-  problem p = make_problem(member::retention, 1, 2, 40, 8, 6, 43);
+  problem p = make_problem(member::retention{}, 1, 2, 40, 8, 6, 43);
   std::fill(p.gamma.begin(), p.gamma.end(), 1.0f);
   for (impl i : {impl::chunked, impl::recurrent})
-    EXPECT_TRUE(close(run_all(member::retention, i, p, {}).o, run_all(member::linear_attn, impl::reference, p, {}).o,
+    EXPECT_TRUE(close(run_all(member::retention{}, i, p, {}).o, run_all(member::linear_attn{}, impl::reference, p, {}).o,
                       f32_tol));
 }
 

@@ -1,7 +1,12 @@
 // tests/linear/test_util.hpp — what the tests of include/mnemo/linear/ share: random problems for
 // any member, one call that runs a member by any of its paths on a token range, comparisons, and
 // the checks every member goes through (forms against the reference on awkward shapes, pieces,
-// steps, extreme gates, long runs, bf16 inputs, threads, strided views, golden cases).
+// steps, rollback of out-of-place steps, extreme gates, long runs, bf16 inputs, threads, strided
+// views, golden cases).
+//
+// A member is a row of the member table (mnemo/linear/members.hpp), passed as a value:
+// check_forms(member::gla{}). Each check is a template on the row, so a test file compiles only
+// the members it names.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -17,13 +22,8 @@
 
 #include "golden/runner.hpp"
 #include "linear/golden_ops.hpp"
-#include "mnemo/linear/delta_rule.hpp"
-#include "mnemo/linear/gated_delta_rule.hpp"
-#include "mnemo/linear/gla.hpp"
-#include "mnemo/linear/kda.hpp"
-#include "mnemo/linear/linear_attn.hpp"
-#include "mnemo/linear/retention.hpp"
-#include "mnemo/linear/simple_gla.hpp"
+#include "mnemo/linear/members.hpp"
+#include "mnemo/linear/state_ring.hpp"
 #include "support/support.hpp"
 
 namespace linear_test {
@@ -33,24 +33,14 @@ using mnemo::tensor;
 using mnemo::view;
 namespace linear = mnemo::linear;
 
-using mnemo::linear_golden::built;
-using mnemo::linear_golden::member;
+namespace member = mnemo::linear::members;
+using mnemo::test::expect_error;
 enum class impl { reference, recurrent, chunked, automatic };
 
-inline const char* member_name(member m) {
-  switch (m) {
-    case member::linear_attn: return "linear_attn";
-    case member::retention: return "retention";
-    case member::simple_gla: return "simple_gla";
-    case member::gla: return "gla";
-    case member::delta_rule: return "delta_rule";
-    case member::gated_delta_rule: return "gated_delta_rule";
-    case member::kda: return "kda";
-  }
-  return "?";
+template <class M>
+const char* member_name(M) {
+  return M::name;
 }
-
-inline bool is_delta(member m) { return m == member::delta_rule || m == member::gated_delta_rule || m == member::kda; }
 
 // Gate values of a random problem: log-decays uniform in [lo, hi] (hi <= 0).
 struct gate_range {
@@ -74,7 +64,8 @@ inline std::int64_t state_cols(const problem& p, const linear::options& opt) { r
 // q, k, v uniform in [-1, 1] (delta rules: q and k L2-normalised unless opt.use_qk_l2norm, as
 // the rule expects unit keys), beta in [0.05, 1], gamma RetNet's, a small random initial state
 // (with normalize: a positive key-sum column, as a real prefix would leave).
-inline problem make_problem(member m, std::int64_t B, std::int64_t H, std::int64_t L, std::int64_t Dk, std::int64_t Dv,
+template <class M>
+problem make_problem(M, std::int64_t B, std::int64_t H, std::int64_t L, std::int64_t Dk, std::int64_t Dv,
                             std::uint32_t seed, const linear::options& opt = {}, gate_range gr = {}) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> unit(-1.0f, 1.0f), gate(gr.lo, gr.hi), beta(0.05f, 1.0f);
@@ -83,7 +74,7 @@ inline problem make_problem(member m, std::int64_t B, std::int64_t H, std::int64
             tensor<float, 3>({B, H, L}), linear::retnet_gamma(H), tensor<float, 4>()};
   for (auto* t : {&p.q, &p.k, &p.v})
     for (float& x : *t) x = unit(rng);
-  if (is_delta(m) && !opt.use_qk_l2norm)
+  if (M::beta && !opt.use_qk_l2norm)
     for (auto* t : {&p.q, &p.k})
       for (std::int64_t r = 0; r < B * H * L; ++r) {
         float* row = t->data() + r * Dk;
@@ -110,74 +101,29 @@ inline linear::options with_path(linear::options opt, impl i) {
   return opt;
 }
 
-// Runs member m by implementation i on q, k, v (element type T), with the gates g [B, H, L],
-// gk [B, H, L, Dk], beta [B, H, L] and gamma [H] (each member takes what it needs).
-template <class T>
-void call_member(member m, impl i, const view<const T, 4>& q, const view<const T, 4>& k, const view<const T, 4>& v,
-                 const view<const float, 3>& g, const view<const float, 4>& gk, const view<const float, 3>& beta,
-                 const view<const float, 1>& gamma, const view<float, 4>& o, const view<float, 4>& state,
+// The inputs of p (every kind; each member reads its own).
+inline linear::member_inputs inputs_of(const problem& p) { return {p.gamma, p.g, p.gk, p.beta}; }
+
+// Runs member m by implementation i on q, k, v (element type T) with the inputs `in`.
+template <class T, class M>
+void call_member(M m, impl i, const view<const T, 4>& q, const view<const T, 4>& k, const view<const T, 4>& v,
+                 const linear::member_inputs& in, const view<float, 4>& o, const view<float, 4>& state,
                  const linear::options& opt) {
   const linear::options o2 = with_path(opt, i);
-  const bool ref = i == impl::reference;
-  // Only the members this file builds (MNEMO_LINEAR_TEST_MEMBERS, see linear/golden_ops.hpp).
-  auto not_built = [&] { FAIL() << member_name(m) << " is not built in this test executable"; };
-  switch (m) {
-    case member::linear_attn:
-      if constexpr (built(member::linear_attn))
-        ref ? linear::reference::linear_attn(q, k, v, o, state, o2) : linear::linear_attn(q, k, v, o, state, o2);
-      else
-        not_built();
-      break;
-    case member::retention:
-      if constexpr (built(member::retention))
-        ref ? linear::reference::retention(q, k, v, gamma, o, state, o2)
-            : linear::retention(q, k, v, gamma, o, state, o2);
-      else
-        not_built();
-      break;
-    case member::simple_gla:
-      if constexpr (built(member::simple_gla))
-        ref ? linear::reference::simple_gla(q, k, v, g, o, state, o2) : linear::simple_gla(q, k, v, g, o, state, o2);
-      else
-        not_built();
-      break;
-    case member::gla:
-      if constexpr (built(member::gla))
-        ref ? linear::reference::gla(q, k, v, gk, o, state, o2) : linear::gla(q, k, v, gk, o, state, o2);
-      else
-        not_built();
-      break;
-    case member::delta_rule:
-      if constexpr (built(member::delta_rule))
-        ref ? linear::reference::delta_rule(q, k, v, beta, o, state, o2)
-            : linear::delta_rule(q, k, v, beta, o, state, o2);
-      else
-        not_built();
-      break;
-    case member::gated_delta_rule:
-      if constexpr (built(member::gated_delta_rule))
-        ref ? linear::reference::gated_delta_rule(q, k, v, g, beta, o, state, o2)
-            : linear::gated_delta_rule(q, k, v, g, beta, o, state, o2);
-      else
-        not_built();
-      break;
-    case member::kda:
-      if constexpr (built(member::kda))
-        ref ? linear::reference::kda(q, k, v, gk, beta, o, state, o2) : linear::kda(q, k, v, gk, beta, o, state, o2);
-      else
-        not_built();
-      break;
-  }
+  if (i == impl::reference)
+    linear::reference_member(m, q, k, v, in, o, state, o2);
+  else
+    linear::run_member(m, q, k, v, in, o, state, o2);
 }
 
 // Runs member m by implementation i on tokens [t0, t0 + n) of q, k, v and of the gates of p,
 // writing rows [t0, t0 + n) of o; `state` in and out.
-template <class T>
-void run_range(member m, impl i, const view<const T, 4>& q, const view<const T, 4>& k, const view<const T, 4>& v,
+template <class T, class M>
+void run_range(M m, impl i, const view<const T, 4>& q, const view<const T, 4>& k, const view<const T, 4>& v,
                const problem& p, std::int64_t t0, std::int64_t n, const view<float, 4>& o, const view<float, 4>& state,
                const linear::options& opt) {
-  call_member<T>(m, i, q.narrow(2, t0, n), k.narrow(2, t0, n), v.narrow(2, t0, n), cview(p.g).narrow(2, t0, n),
-                 cview(p.gk).narrow(2, t0, n), cview(p.beta).narrow(2, t0, n), p.gamma, o.narrow(2, t0, n), state, opt);
+  call_member<T>(m, i, q.narrow(2, t0, n), k.narrow(2, t0, n), v.narrow(2, t0, n), linear::narrow(inputs_of(p), t0, n),
+                 o.narrow(2, t0, n), state, opt);
 }
 
 struct outputs {
@@ -185,7 +131,8 @@ struct outputs {
 };
 
 // The whole sequence in one call, from p.state0.
-inline outputs run_all(member m, impl i, const problem& p, const linear::options& opt) {
+template <class M>
+outputs run_all(M m, impl i, const problem& p, const linear::options& opt) {
   outputs r{tensor<float, 4>({p.B, p.H, p.L, p.Dv}), p.state0};
   run_range<float>(m, i, p.q, p.k, p.v, p, 0, p.L, r.o, r.state, opt);
   return r;
@@ -233,7 +180,8 @@ inline std::vector<shape_case> awkward_shapes() {
 }
 
 // Chunked and recurrent (and automatic) forms against the reference.
-inline void check_forms(member m, linear::options opt = {}, gate_range gr = {},
+template <class M>
+void check_forms(M m, linear::options opt = {}, gate_range gr = {},
                         const std::vector<shape_case>& shapes = awkward_shapes()) {
   std::uint32_t seed = 1;
   for (const shape_case& s : shapes) {
@@ -256,19 +204,21 @@ inline void check_forms(member m, linear::options opt = {}, gate_range gr = {},
 //   o_t = scale q_t^T diag(E(-1, t)) S_0 + sum_{j <= t} scale (sum_c q_t[c] E(j, t)[c] k_j[c]) v_j,
 //   E(j, t)[c] = exp(sum_{j < s <= t} log-decay_s[c])
 // for the members without a delta rule; the reference and both forms must match it.
-inline void check_parallel_form(member m) {
+template <class M>
+void check_parallel_form(M m) {
   linear::options opt;
   opt.chunk_size = 16;
   const problem p = make_problem(m, 1, 2, 41, 12, 10, 31, opt);
   const double scale = 1.0 / std::sqrt(static_cast<double>(p.Dk));
   tensor<float, 4> want({p.B, p.H, p.L, p.Dv});
   auto log_decay = [&](std::int64_t h, std::int64_t s, std::int64_t c) -> double {
-    switch (m) {
-      case member::retention: return std::log(static_cast<double>(p.gamma(h)));
-      case member::simple_gla: return p.g(0, h, s);
-      case member::gla: return p.gk(0, h, s, c);
-      default: return 0.0;
+    switch (M::gate) {
+      case linear::gate_kind::head: return std::log(static_cast<double>(p.gamma(h)));
+      case linear::gate_kind::scalar: return static_cast<double>(p.g(0, h, s));
+      case linear::gate_kind::channel: return static_cast<double>(p.gk(0, h, s, c));
+      case linear::gate_kind::none: break;
     }
+    return 0.0;
   };
   for (std::int64_t h = 0; h < p.H; ++h)
     for (std::int64_t t = 0; t < p.L; ++t)
@@ -297,7 +247,8 @@ inline void check_parallel_form(member m) {
 
 // Pieces of uneven lengths (through the state) == all at once; then token-by-token steps after a
 // prefill == all at once.
-inline void check_pieces(member m, linear::options opt = {}) {
+template <class M>
+void check_pieces(M m, linear::options opt = {}) {
   opt.chunk_size = 16;
   const problem p = make_problem(m, 2, 2, 150, 24, 20, 7, opt);
   const outputs whole = run_all(m, impl::chunked, p, opt);
@@ -312,21 +263,6 @@ inline void check_pieces(member m, linear::options opt = {}) {
     EXPECT_TRUE(close(parts.o, whole.o, f32_tol)) << member_name(m) << " pieces o";
     EXPECT_TRUE(close(parts.state, whole.state, f32_tol)) << member_name(m) << " pieces state";
   }
-}
-
-// Prefill of L - steps tokens, then `steps` calls of the member's *_step: equals all at once.
-template <class Step>
-void check_steps(member m, Step&& step, linear::options opt = {}) {
-  opt.chunk_size = 16;
-  const std::int64_t steps = 5;
-  const problem p = make_problem(m, 2, 3, 53, 16, 24, 11, opt);
-  const outputs whole = run_all(m, impl::chunked, p, opt);
-  outputs inc{tensor<float, 4>({p.B, p.H, p.L, p.Dv}), p.state0};
-  const std::int64_t prefill = p.L - steps;
-  run_range<float>(m, impl::chunked, p.q, p.k, p.v, p, 0, prefill, inc.o, inc.state, opt);
-  for (std::int64_t t = prefill; t < p.L; ++t) step(p, t, inc.o.as_view(), inc.state.as_view(), opt);
-  EXPECT_TRUE(close(inc.o, whole.o, f32_tol)) << member_name(m) << " steps o";
-  EXPECT_TRUE(close(inc.state, whole.state, f32_tol)) << member_name(m) << " steps state";
 }
 
 // Token t of a [B, H, L, D] tensor as a [B, H, D] view.
@@ -347,9 +283,125 @@ inline tensor<float, 2> token(const tensor<float, 3>& x, std::int64_t t) {
   return y;
 }
 
+// The inputs of token t of p, for the *_step functions.
+struct token_of {
+  tensor<float, 2> g, beta;  // [B, H] copies
+  linear::token_inputs in;
+  token_of(const problem& p, std::int64_t t) : g(token(p.g, t)), beta(token(p.beta, t)) {
+    in = {p.gamma, g, token(p.gk, t), beta};
+  }
+};
+
+// One *_step of member m on token t of p, in place.
+template <class M>
+void step(M m, const problem& p, std::int64_t t, const view<float, 4>& o, const view<float, 4>& state,
+          const linear::options& opt) {
+  const token_of x(p, t);
+  linear::step_member(m, token(p.q, t), token(p.k, t), token(p.v, t), x.in, token(o, t), state, opt);
+}
+
+// Prefill of L - steps tokens, then `steps` calls of the member's *_step: equals all at once.
+template <class M>
+void check_steps(M m, linear::options opt = {}) {
+  opt.chunk_size = 16;
+  const std::int64_t steps = 5;
+  const problem p = make_problem(m, 2, 3, 53, 16, 24, 11, opt);
+  const outputs whole = run_all(m, impl::chunked, p, opt);
+  outputs inc{tensor<float, 4>({p.B, p.H, p.L, p.Dv}), p.state0};
+  const std::int64_t prefill = p.L - steps;
+  run_range<float>(m, impl::chunked, p.q, p.k, p.v, p, 0, prefill, inc.o, inc.state, opt);
+  for (std::int64_t t = prefill; t < p.L; ++t) step(m, p, t, inc.o, inc.state, opt);
+  EXPECT_TRUE(close(inc.o, whole.o, f32_tol)) << member_name(m) << " steps o";
+  EXPECT_TRUE(close(inc.state, whole.state, f32_tol)) << member_name(m) << " steps state";
+}
+
+// Speculative decoding (state_ring.hpp): the out-of-place *_step on the slots of a state_ring
+// equals the in-place step bit for bit (o and state); after k steps, ring.rollback(n) holds
+// exactly the state of k - n steps, for every n the ring keeps; steps and rollbacks interleave;
+// state_in == state_out (the same view) is an in-place step, a partial overlap is rejected.
+template <class M>
+void check_rollback(M m, linear::options opt = {}) {
+  opt.chunk_size = 16;
+  const problem p = make_problem(m, 2, 3, 30, 24, 16, 45, opt);
+  const std::int64_t prefill = 10, steps = 6, depth = 4;
+  const std::int64_t Df = state_rows(p, opt), Ds = state_cols(p, opt);
+  // states[t], outs[t]: the state after the first t tokens and o of token t - 1, by in-place steps.
+  std::vector<tensor<float, 4>> states(prefill + steps + 1), outs(prefill + steps + 1);
+  tensor<float, 4> state = p.state0, o({p.B, p.H, p.L, p.Dv});
+  run_range<float>(m, impl::chunked, p.q, p.k, p.v, p, 0, prefill, o, state, opt);
+  states[prefill] = state;
+  for (std::int64_t t = prefill; t < prefill + steps; ++t) {
+    step(m, p, t, o, state, opt);
+    states[t + 1] = state;
+    outs[t + 1] = o;
+  }
+  linear::state_ring<4> ring({p.B, p.H, Df, Ds}, depth);
+  std::copy(states[prefill].begin(), states[prefill].end(), ring.state().data());
+  tensor<float, 4> o2({p.B, p.H, p.L, p.Dv});
+  auto advance = [&](std::int64_t t) {
+    auto [in, out] = ring.advance();
+    const token_of x(p, t);
+    linear::step_member(m, token(p.q, t), token(p.k, t), token(p.v, t), x.in, token(o2.as_view(), t), in, out, opt);
+    const auto got = token(o2.as_view(), t), want = token(outs[t + 1].as_view(), t);
+    bool same = true;
+    for (std::int64_t b = 0; b < p.B; ++b)
+      for (std::int64_t h = 0; h < p.H; ++h)
+        same = same && std::equal(got.ptr(b, h), got.ptr(b, h) + p.Dv, want.ptr(b, h));
+    EXPECT_TRUE(same) << member_name(m) << " out-of-place o of token " << t;
+  };
+  auto is = [&](std::int64_t t) {
+    const view<float, 4> s = ring.state();
+    return std::equal(s.data(), s.data() + s.size(), states[t].begin());
+  };
+  for (std::int64_t t = prefill; t < prefill + steps; ++t) {
+    advance(t);
+    EXPECT_TRUE(is(t + 1)) << member_name(m) << " out-of-place step " << t;
+  }
+  EXPECT_EQ(ring.available(), depth);  // 6 steps, the ring keeps the last 4
+  for (std::int64_t n = 0; n <= depth; ++n) {  // every rollback the ring allows, from the same point
+    linear::state_ring<4> copy = ring;
+    copy.rollback(n);
+    const view<float, 4> s = copy.state();
+    EXPECT_TRUE(std::equal(s.data(), s.data() + s.size(), states[prefill + steps - n].begin()))
+        << member_name(m) << " rollback(" << n << ")";
+  }
+  ring.rollback(3);
+  EXPECT_TRUE(is(prefill + 3)) << member_name(m);
+  EXPECT_EQ(ring.available(), 1);
+  advance(prefill + 3);  // the same token again: the same state
+  EXPECT_TRUE(is(prefill + 4)) << member_name(m);
+  ring.rollback(2);  // the oldest state the full ring kept
+  EXPECT_TRUE(is(prefill + 2)) << member_name(m);
+  EXPECT_EQ(ring.available(), 0);
+
+  // state_in and state_out the same view: in place, as the in-place step.
+  tensor<float, 4> same = states[prefill];
+  {
+    const token_of x(p, prefill);
+    linear::step_member(m, token(p.q, prefill), token(p.k, prefill), token(p.v, prefill), x.in,
+                        token(o2.as_view(), prefill), cview(same), same.as_view(), opt);
+  }
+  EXPECT_TRUE(std::equal(same.begin(), same.end(), states[prefill + 1].begin())) << member_name(m) << " in place";
+
+  // Overlapping but not the same view, or another shape: rejected.
+  const std::string fn = std::string("linear::") + member_name(m) + "_step";
+  tensor<float, 4> wide({p.B, p.H, Df + 1, Ds});
+  const view<float, 4> shifted(wide.data() + Ds, {p.B, p.H, Df, Ds}, wide.as_view().strides());
+  const token_of x(p, 0);
+  expect_error([&] {
+    linear::step_member(m, token(p.q, 0), token(p.k, 0), token(p.v, 0), x.in, token(o2.as_view(), 0),
+                        cview(wide.as_view()).narrow(2, 0, Df), shifted, opt);
+  }, {fn.c_str(), "state_out", "state_in", "must not overlap", "the same view (in place)"});
+  expect_error([&] {
+    linear::step_member(m, token(p.q, 0), token(p.k, 0), token(p.v, 0), x.in, token(o2.as_view(), 0),
+                        cview(tensor<float, 4>({p.B, p.H, Df, Ds + 1})), same.as_view(), opt);
+  }, {fn.c_str(), "state_in must have shape"});
+}
+
 // Gates near 0 (-1e-7, -0.0), moderate, large (-80, -200) and -inf (single, runs, at chunk
 // borders, in the first token): chunked and recurrent agree with the reference and stay finite.
-inline void check_extreme_gates(member m) {
+template <class M>
+void check_extreme_gates(M m) {
   linear::options opt;
   opt.chunk_size = 16;
   problem p = make_problem(m, 1, 2, 100, 16, 12, 21, opt);
@@ -375,7 +427,8 @@ inline void check_extreme_gates(member m) {
 
 // 65,536 tokens (small H and D, so it stays fast): chunked stays finite and agrees with the
 // recurrent form.
-inline void check_long_run(member m, gate_range gr = {}) {
+template <class M>
+void check_long_run(M m, gate_range gr = {}) {
   linear::options opt;
   opt.chunk_size = 64;
   const problem p = make_problem(m, 1, 1, 65536, 8, 8, 3, opt, gr);
@@ -387,7 +440,8 @@ inline void check_long_run(member m, gate_range gr = {}) {
 }
 
 // bf16 q, k, v: each form on the bf16 inputs against the reference on the same (rounded) values.
-inline void check_bf16(member m, linear::options opt = {}) {
+template <class M>
+void check_bf16(M m, linear::options opt = {}) {
   opt.chunk_size = 16;
   const problem p = make_problem(m, 1, 2, 45, 24, 16, 9, opt);
   tensor<bf16, 4> qb(p.q.shape()), kb(p.k.shape()), vb(p.v.shape());
@@ -409,7 +463,8 @@ inline void check_bf16(member m, linear::options opt = {}) {
 
 // Threads: 1 and 2 threads give identical bits (each (batch, head) runs the same code); an empty
 // state view is a zero initial state; L = 0 leaves the state as it was.
-inline void check_threads_and_state(member m) {
+template <class M>
+void check_threads_and_state(M m) {
   linear::options opt;
   opt.chunk_size = 16;
   problem p = make_problem(m, 2, 3, 40, 16, 8, 13, opt);
@@ -437,7 +492,8 @@ inline void check_threads_and_state(member m) {
 }
 
 // q, k, v, o read and written through [B, L, H, D] buffers permuted to [B, H, L, D] (no copy).
-inline void check_strided(member m) {
+template <class M>
+void check_strided(M m) {
   linear::options opt;
   opt.chunk_size = 16;
   const problem p = make_problem(m, 2, 3, 37, 16, 24, 17, opt);
@@ -466,8 +522,10 @@ inline void check_strided(member m) {
   }
 }
 
-// Every golden case of `op`, by each implementation.
-inline void check_golden(const std::string& op) {
+// Every golden case of member m's op, by each implementation.
+template <class M>
+void check_golden(M m) {
+  const std::string op = M::name;
   namespace fs = std::filesystem;
   namespace lg = mnemo::linear_golden;
   if (!mnemo::test::golden_available()) GTEST_SKIP() << "golden cases not found at " << mnemo::test::golden_dir();
@@ -477,7 +535,7 @@ inline void check_golden(const std::string& op) {
     if (c.op() != op) continue;
     ++ran;
     for (lg::impl i : {lg::impl::reference, lg::impl::recurrent, lg::impl::chunked}) {
-      const mnemo::golden::results got = lg::run(c, i);
+      const mnemo::golden::results got = lg::run_member(m, c, i);
       for (const std::string& name : c.outputs()) {
         const mnemo::npy::array* g = got.find(name);
         ASSERT_NE(g, nullptr) << c.name() << ": output " << name << " not produced";
@@ -489,19 +547,16 @@ inline void check_golden(const std::string& op) {
   EXPECT_GT(ran, 0) << "no golden case of op " << op;
 }
 
-using mnemo::test::expect_error;
-
-
-
 // The boundary checks every member shares: shapes of k, v, o and state, chunk_size, threads and
 // scale, and (except linear_attn) the feature-map options.
-inline void check_bad_common(member m) {
+template <class M>
+void check_bad_common(M m) {
   const problem p = make_problem(m, 1, 2, 10, 8, 6, 41);
   const std::string fn = std::string("linear::") + member_name(m);
   tensor<float, 4> o({1, 2, 10, 6}), state({1, 2, 8, 6});
   auto call = [&](const tensor<float, 4>& q, const tensor<float, 4>& k, const tensor<float, 4>& v, view<float, 4> out,
                   view<float, 4> st, const linear::options& opt, impl i = impl::chunked) {
-    call_member<float>(m, i, q, k, v, p.g, p.gk, p.beta, p.gamma, out, st, opt);
+    call_member<float>(m, i, q, k, v, inputs_of(p), out, st, opt);
   };
   for (impl i : {impl::chunked, impl::recurrent, impl::reference}) {
     const std::string name = i == impl::reference ? "linear::reference::" + std::string(member_name(m)) : fn;
@@ -521,7 +576,7 @@ inline void check_bad_common(member m) {
     expect_error([&] { call(p.q, p.k, p.v, o, state, {.scale = std::numeric_limits<float>::quiet_NaN()}, i); },
                  {name.c_str(), "options.scale must be finite"});
     expect_error([&] { call(p.q, p.k, p.v, {}, state, {}, i); }, {name, "o must have shape [1, 2, 10, 6] [B, H, L, Dv]"});
-    if (m != member::linear_attn) {
+    if (!M::features) {
       expect_error([&] { call(p.q, p.k, p.v, o, state, {.map = linear::feature_map::relu}, i); },
                    {name.c_str(), "options.map must be identity", "relu"});
       expect_error([&] { call(p.q, p.k, p.v, o, state, {.normalize = true}, i); },
