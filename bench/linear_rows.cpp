@@ -1,8 +1,9 @@
 // bench/linear_rows.cpp — rows of the linear-attention family (include/mnemo/linear/).
 //
-//   linear/<form>/op:<op>/L:<L>/D:<D>/threads:<t>    form recurrent or chunked, op one of linear_attn,
+//   linear/<form>/op:<op>/L:<L>/D:<D>/threads:<t>    form recurrent or chunked, op one of the member
+//                                                    table (linear::all_members, members.hpp: linear_attn,
 //                                                    retention, simple_gla, gla, delta_rule,
-//                                                    gated_delta_rule, kda; B = 1, H = 8, Dk = Dv = D = 128,
+//                                                    gated_delta_rule, kda); B = 1, H = 8, Dk = Dv = D = 128,
 //                                                    f32, default chunk size. Small: L = 2048; full:
 //                                                    L = 8192. `bench/plot --baseline recurrent`
 //                                                    shows chunked / recurrent.
@@ -38,7 +39,7 @@
 //   decaying linear attention (linear_attn, retention, simple_gla, gla):
 //       4 n Dk Dv               the state read Q S and the state update K^T V
 //     + n (n + 1) (Dk + Dv)     the causal triangle of Q K^T and of (Q K^T o D) V, diagonal included
-//   delta rules (and kda): 6 n Dk Dv (the state read of [K; Q] and the update K^T U) + n (n + 1) (Dk + Dv)
+//   delta rules (and kda; the members with beta): 6 n Dk Dv (the state read of [K; Q] and the update K^T U) + n (n + 1) (Dk + Dv)
 //     (Q K^T and P U) + n (n - 1) (Dk + Dv) (the strict triangle of K K^T and the unit-triangular
 //     solve on Dv columns).
 // Decay tables, exps, feature maps, L2 norms and GLA's element-wise sub-block terms are not
@@ -59,40 +60,13 @@
 #include "common.hpp"
 #include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/mods.hpp"
-#include "mnemo/linear/delta_rule.hpp"
-#include "mnemo/linear/gated_delta_rule.hpp"
-#include "mnemo/linear/gla.hpp"
-#include "mnemo/linear/kda.hpp"
-#include "mnemo/linear/linear_attn.hpp"
-#include "mnemo/linear/retention.hpp"
-#include "mnemo/linear/simple_gla.hpp"
+#include "mnemo/linear/members.hpp"
 #include "mnemo/simd/simd.hpp"
 
 namespace mnemo::bench {
 namespace {
 
-enum class op { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda };
-
-const std::vector<op>& all_ops() {
-  static const std::vector<op> ops = {op::linear_attn, op::retention,  op::simple_gla,
-                                      op::gla,         op::delta_rule, op::gated_delta_rule, op::kda};
-  return ops;
-}
-
-const char* op_name(op o) {
-  switch (o) {
-    case op::linear_attn: return "linear_attn";
-    case op::retention: return "retention";
-    case op::simple_gla: return "simple_gla";
-    case op::gla: return "gla";
-    case op::delta_rule: return "delta_rule";
-    case op::gated_delta_rule: return "gated_delta_rule";
-    case op::kda: return "kda";
-  }
-  return "?";
-}
-
-bool is_delta(op o) { return o == op::delta_rule || o == op::gated_delta_rule || o == op::kda; }
+// An op is a row of the member table (linear::all_members), passed as a value M.
 
 constexpr std::int64_t heads = 8;
 constexpr std::int64_t head_dim = 128;
@@ -128,66 +102,50 @@ struct linear_inputs {
 
   // One call of `o` over the whole sequence, from a zero state (the delta rules normalise q and k
   // in the op, as Gated DeltaNet layers do).
-  void run(op which, linear::options opt) {
+  template <class M>
+  void run(M m, linear::options opt) {
     std::fill(state.begin(), state.end(), 0.0f);
-    opt.use_qk_l2norm = is_delta(which);
-    switch (which) {
-      case op::linear_attn: linear::linear_attn(q, k, v, o, state, opt); break;
-      case op::retention: linear::retention(q, k, v, gamma, o, state, opt); break;
-      case op::simple_gla: linear::simple_gla(q, k, v, g, o, state, opt); break;
-      case op::gla: linear::gla(q, k, v, gk, o, state, opt); break;
-      case op::delta_rule: linear::delta_rule(q, k, v, beta, o, state, opt); break;
-      case op::gated_delta_rule: linear::gated_delta_rule(q, k, v, g, beta, o, state, opt); break;
-      case op::kda: linear::kda(q, k, v, gk, beta, o, state, opt); break;
-    }
+    opt.use_qk_l2norm = M::beta;
+    linear::run_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta}, o, state, opt);
   }
   // The same call through linear::reference.
-  void run_reference(op which, linear::options opt) {
+  template <class M>
+  void run_reference(M m, linear::options opt) {
     std::fill(state.begin(), state.end(), 0.0f);
-    opt.use_qk_l2norm = is_delta(which);
-    namespace ref = linear::reference;
-    switch (which) {
-      case op::linear_attn: ref::linear_attn(q, k, v, o, state, opt); break;
-      case op::retention: ref::retention(q, k, v, gamma, o, state, opt); break;
-      case op::simple_gla: ref::simple_gla(q, k, v, g, o, state, opt); break;
-      case op::gla: ref::gla(q, k, v, gk, o, state, opt); break;
-      case op::delta_rule: ref::delta_rule(q, k, v, beta, o, state, opt); break;
-      case op::gated_delta_rule: ref::gated_delta_rule(q, k, v, g, beta, o, state, opt); break;
-      case op::kda: ref::kda(q, k, v, gk, beta, o, state, opt); break;
-    }
+    opt.use_qk_l2norm = M::beta;
+    linear::reference_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta}, o, state, opt);
   }
 };
 
 // The chunked algorithm's FLOPs (header comment), per head, over L tokens in chunks of C.
-double chunked_flops(op which, std::int64_t L, std::int64_t Dk, std::int64_t Dv, std::int64_t C) {
+template <class M>
+double chunked_flops(M, std::int64_t L, std::int64_t Dk, std::int64_t Dv, std::int64_t C) {
   double total = 0;
   for (std::int64_t t0 = 0; t0 < L; t0 += C) {
     const double n = static_cast<double>(std::min(C, L - t0)), dk = static_cast<double>(Dk),
                  dv = static_cast<double>(Dv);
-    if (is_delta(which)) total += 6 * n * dk * dv + n * (n + 1) * (dk + dv) + n * (n - 1) * (dk + dv);
+    if (M::beta) total += 6 * n * dk * dv + n * (n + 1) * (dk + dv) + n * (n - 1) * (dk + dv);
     else total += 4 * n * dk * dv + n * (n + 1) * (dk + dv);
   }
   return total;
 }
 
-std::int64_t default_chunk(op which) {
-  return is_delta(which) ? linear::delta_default_chunk_size : linear::default_chunk_size;
-}
-
-void set_linear_counters(benchmark::State& state, op which, linear::form form, std::int64_t L, std::int64_t C,
+template <class M>
+void set_linear_counters(benchmark::State& state, M which, linear::form form, std::int64_t L, std::int64_t C,
                          int threads) {
   const double tokens = static_cast<double>(heads * L);
   state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
   if (form == linear::form::chunked)
     set_rate_counters(state, static_cast<double>(heads) * chunked_flops(which, L, head_dim, head_dim, C), 0);
   state.SetLabel("B=1 H=" + std::to_string(heads) + " L=" + std::to_string(L) + " Dk=" + std::to_string(head_dim) +
-                 " Dv=" + std::to_string(head_dim) + " op=" + op_name(which) +
+                 " Dv=" + std::to_string(head_dim) + " op=" + M::name +
                  " form=" + (form == linear::form::chunked ? "chunked" : "recurrent") +
                  (form == linear::form::chunked ? " chunk=" + std::to_string(C) : std::string()) +
                  " threads=" + std::to_string(threads));
 }
 
-void linear_row(benchmark::State& state, op which, linear::form form, std::int64_t L, std::int64_t chunk, int threads) {
+template <class M>
+void linear_row(benchmark::State& state, M which, linear::form form, std::int64_t L, std::int64_t chunk, int threads) {
   if (!threads_available(state, threads)) return;
   linear_inputs in(L, head_dim);
   linear::options opt;
@@ -199,10 +157,11 @@ void linear_row(benchmark::State& state, op which, linear::form form, std::int64
     benchmark::DoNotOptimize(in.o.data());
     benchmark::ClobberMemory();
   }
-  set_linear_counters(state, which, form, L, chunk > 0 ? chunk : default_chunk(which), threads);
+  set_linear_counters(state, which, form, L, chunk > 0 ? chunk : M::default_chunk, threads);
 }
 
-void reference_row(benchmark::State& state, op which, std::int64_t L, int threads) {
+template <class M>
+void reference_row(benchmark::State& state, M which, std::int64_t L, int threads) {
   if (!threads_available(state, threads)) return;
   linear_inputs in(L, head_dim);
   linear::options opt;
@@ -214,7 +173,7 @@ void reference_row(benchmark::State& state, op which, std::int64_t L, int thread
   }
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(heads * L), benchmark::Counter::kIsIterationInvariantRate);
   state.SetLabel("B=1 H=" + std::to_string(heads) + " L=" + std::to_string(L) + " Dk=" + std::to_string(head_dim) +
-                 " Dv=" + std::to_string(head_dim) + " op=" + op_name(which) + " form=reference threads=" +
+                 " Dv=" + std::to_string(head_dim) + " op=" + M::name + " form=reference threads=" +
                  std::to_string(threads));
 }
 
@@ -246,17 +205,10 @@ struct step_inputs {
     fill_random(state, 27);
   }
 
-  void step(op which, linear::options opt) {
-    opt.use_qk_l2norm = is_delta(which);
-    switch (which) {
-      case op::linear_attn: linear::linear_attn_step(q, k, v, o, state, opt); break;
-      case op::retention: linear::retention_step(q, k, v, gamma, o, state, opt); break;
-      case op::simple_gla: linear::simple_gla_step(q, k, v, g, o, state, opt); break;
-      case op::gla: linear::gla_step(q, k, v, gk, o, state, opt); break;
-      case op::delta_rule: linear::delta_rule_step(q, k, v, beta, o, state, opt); break;
-      case op::gated_delta_rule: linear::gated_delta_rule_step(q, k, v, g, beta, o, state, opt); break;
-      case op::kda: linear::kda_step(q, k, v, gk, beta, o, state, opt); break;
-    }
+  template <class M>
+  void step(M m, linear::options opt) {
+    opt.use_qk_l2norm = M::beta;
+    linear::step_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta}, o, state, opt);
   }
 };
 
@@ -268,7 +220,8 @@ void set_step_counters(benchmark::State& state, const char* what, std::int64_t B
                  " Dv=" + std::to_string(head_dim) + " " + what + " threads=" + std::to_string(threads));
 }
 
-void step_row(benchmark::State& state, op which, std::int64_t B, int threads) {
+template <class M>
+void step_row(benchmark::State& state, M which, std::int64_t B, int threads) {
   if (!threads_available(state, threads)) return;
   step_inputs in(B);
   linear::options opt;
@@ -278,7 +231,7 @@ void step_row(benchmark::State& state, op which, std::int64_t B, int threads) {
     benchmark::DoNotOptimize(in.o.data());
     benchmark::ClobberMemory();
   }
-  set_step_counters(state, (std::string("op=") + op_name(which)).c_str(), B, threads);
+  set_step_counters(state, (std::string("op=") + M::name).c_str(), B, threads);
 }
 
 // S = a S + b over every (batch, head) state, one vector pass, (batch, head) pairs over the
@@ -323,19 +276,23 @@ std::string form_name(linear::form f) { return f == linear::form::chunked ? "chu
 const bool registered = [] {
   const std::int64_t main_L = full_size() ? 8192 : 2048;
   for (int t : thread_counts())
-    for (op which : all_ops())
+    linear::all_members::for_each([&](auto which) {
+      using M = decltype(which);
       for (linear::form f : {linear::form::recurrent, linear::form::chunked})
         register_row(row_name("linear", form_name(f),
-                              {{"op", op_name(which)}, {"L", std::to_string(main_L)}, {"D", std::to_string(head_dim)},
+                              {{"op", M::name}, {"L", std::to_string(main_L)}, {"D", std::to_string(head_dim)},
                                {"threads", std::to_string(t)}}),
                      [=](benchmark::State& st) { linear_row(st, which, f, main_L, 0, t); });
+    });
 
   for (int t : thread_counts())
-    for (op which : all_ops())
+    linear::all_members::for_each([&](auto which) {
+      using M = decltype(which);
       register_row(row_name("linear", "reference",
-                            {{"op", op_name(which)}, {"L", std::to_string(main_L)}, {"D", std::to_string(head_dim)},
+                            {{"op", M::name}, {"L", std::to_string(main_L)}, {"D", std::to_string(head_dim)},
                              {"threads", std::to_string(t)}}),
                    [=](benchmark::State& st) { reference_row(st, which, main_L, t); });
+    });
 
   for (int t : thread_counts())
     for (std::int64_t B : {1, 8}) {
@@ -343,25 +300,28 @@ const bool registered = [] {
                         ts = std::to_string(t);
       register_row(row_name("linear", "rmw_pass", {{"B", Bs}, {"H", Hs}, {"D", Ds}, {"threads", ts}}),
                    [=](benchmark::State& st) { rmw_pass_row(st, B, t); });
-      for (op which : all_ops())
-        register_row(row_name("linear", "step", {{"op", op_name(which)}, {"B", Bs}, {"H", Hs}, {"D", Ds}, {"threads", ts}}),
+      linear::all_members::for_each([&](auto which) {
+        using M = decltype(which);
+        register_row(row_name("linear", "step", {{"op", M::name}, {"B", Bs}, {"H", Hs}, {"D", Ds}, {"threads", ts}}),
                      [=](benchmark::State& st) { step_row(st, which, B, t); });
+      });
     }
 
   if (full_size()) {
-    for (op which : all_ops()) {
+    linear::all_members::for_each([&](auto which) {
+      using M = decltype(which);
       for (std::int64_t L : {1, 2, 4, 8})
         for (linear::form f : {linear::form::recurrent, linear::form::chunked})
           register_row(row_name("linear", form_name(f),
-                                {{"op", op_name(which)}, {"L", std::to_string(L)}, {"D", std::to_string(head_dim)},
+                                {{"op", M::name}, {"L", std::to_string(L)}, {"D", std::to_string(head_dim)},
                                  {"threads", "1"}}),
                        [=](benchmark::State& st) { linear_row(st, which, f, L, 0, 1); });
       for (std::int64_t C : {8, 16, 24, 32, 48, 64, 128})
         register_row(row_name("linear", "chunked",
-                              {{"op", op_name(which)}, {"L", "8192"}, {"D", std::to_string(head_dim)},
+                              {{"op", M::name}, {"L", "8192"}, {"D", std::to_string(head_dim)},
                                {"chunk", std::to_string(C)}, {"threads", "1"}}),
                      [=](benchmark::State& st) { linear_row(st, which, linear::form::chunked, 8192, C, 1); });
-    }
+    });
   }
 
   // Starts at L = 256: the chunked ops overtake causal flash below L = 1024 here (at L = 1024 the
@@ -377,9 +337,11 @@ const bool registered = [] {
         return row_name("linear_vs_flash", impl,
                         {{"L", std::to_string(L)}, {"D", std::to_string(head_dim)}, {"threads", std::to_string(t)}});
       };
-      for (op which : all_ops())
-        register_row(keys(op_name(which)),
+      linear::all_members::for_each([&](auto which) {
+        using M = decltype(which);
+        register_row(keys(M::name),
                      [=](benchmark::State& st) { linear_row(st, which, linear::form::chunked, L, 0, t); });
+      });
       if (L <= flash_max_L) register_row(keys("flash"), [=](benchmark::State& st) { flash_row(st, L, t); });
     }
   return true;
