@@ -2,12 +2,12 @@
 // reference on awkward sizes (L = 1 .. 1000, odd head dims, chunk sizes 1 .. 64), with RWKV-7's a
 // and b (a = -kk, b = kk * iclr) and with general ones; weak, strong and mixed decays, gates near 0
 // and at -inf; the KDA special case against linear::reference::kda (an independent check of the
-// orientation); pieces and steps against one call; rollback on a linear::state_ring; threads,
-// empty state, L = 0; NaN propagation; the boundary checks.
+// orientation); pieces and steps against one call; rollback on a linear::state_ring; bf16 inputs;
+// strided views; threads, empty state, L = 0; NaN propagation; the boundary checks.
 //
 // Self-contained (tests/support only): the linear family's shared test helpers
 // (tests/linear/test_util.hpp) do not list rwkv7, and each member instantiated here costs compile
-// time, so only rwkv7 (float inputs) and KDA's reference are built.
+// time, so only rwkv7 (float and bf16 inputs) and KDA's reference are built.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "mnemo/linear/kda.hpp"
@@ -358,6 +359,60 @@ TEST(rwkv7, rollback) {
     linear::rwkv7_step(token(p.q, 0), token(p.k, 0), token(p.v, 0), token(p.g, 0), token(p.a, 0), token(p.b, 0),
                        token(o.as_view(), 0), cview(tensor<float, 4>({p.B, p.H, p.Dk, p.Dv + 1})), state, opt);
   }, {"linear::rwkv7_step", "state_in must have shape"});
+}
+
+// bf16 q, k, v, a, b: each form against the reference on the same (rounded) values.
+TEST(rwkv7, bf16_inputs) {
+  using mnemo::bf16;
+  const linear::options opt{.chunk_size = 16};
+  const problem p = make_problem(1, 2, 45, 24, 16, 9);
+  problem rounded = p;
+  std::vector<tensor<bf16, 4>> low;
+  for (auto [src, back] : {std::pair{&p.q, &rounded.q}, std::pair{&p.k, &rounded.k}, std::pair{&p.v, &rounded.v},
+                           std::pair{&p.a, &rounded.a}, std::pair{&p.b, &rounded.b}}) {
+    tensor<bf16, 4> x(src->shape());
+    for (std::int64_t i = 0; i < src->size(); ++i) {
+      x.data()[i] = bf16(src->data()[i]);
+      back->data()[i] = static_cast<float>(x.data()[i]);
+    }
+    low.push_back(std::move(x));
+  }
+  const outputs want = run_all(impl::reference, rounded, opt);
+  for (impl i : {impl::chunked, impl::recurrent}) {
+    outputs got{tensor<float, 4>({p.B, p.H, p.L, p.Dv}), p.state0};
+    linear::rwkv7(low[0], low[1], low[2], p.g, low[3], low[4], got.o, got.state, with_path(opt, i));
+    EXPECT_TRUE(close(got.o, want.o, f32_tol)) << impl_name(i);
+    EXPECT_TRUE(close(got.state, want.state, f32_tol)) << impl_name(i);
+  }
+}
+
+// q, k, v, a, b and o through [B, L, H, D] buffers permuted to [B, H, L, D] (no copy).
+TEST(rwkv7, strided_views) {
+  const linear::options opt{.chunk_size = 16};
+  const problem p = make_problem(2, 3, 37, 16, 24, 17);
+  auto blhd = [](const tensor<float, 4>& x) {  // [B, H, L, D] -> a [B, L, H, D] buffer
+    tensor<float, 4> y({x.extent(0), x.extent(2), x.extent(1), x.extent(3)});
+    for (std::int64_t b = 0; b < x.extent(0); ++b)
+      for (std::int64_t h = 0; h < x.extent(1); ++h)
+        for (std::int64_t t = 0; t < x.extent(2); ++t)
+          for (std::int64_t c = 0; c < x.extent(3); ++c) y(b, t, h, c) = x(b, h, t, c);
+    return y;
+  };
+  const tensor<float, 4> q = blhd(p.q), k = blhd(p.k), v = blhd(p.v), a = blhd(p.a), b = blhd(p.b);
+  auto perm = [](const tensor<float, 4>& x) { return cview(x).permute({0, 2, 1, 3}); };
+  const outputs want = run_all(impl::reference, p, opt);
+  for (impl i : {impl::chunked, impl::recurrent}) {
+    tensor<float, 4> o_blhd({p.B, p.L, p.H, p.Dv}), state = p.state0;
+    linear::rwkv7(perm(q), perm(k), perm(v), p.g, perm(a), perm(b), o_blhd.as_view().permute({0, 2, 1, 3}), state,
+                  with_path(opt, i));
+    tensor<float, 4> o({p.B, p.H, p.L, p.Dv});
+    for (std::int64_t bb = 0; bb < p.B; ++bb)
+      for (std::int64_t h = 0; h < p.H; ++h)
+        for (std::int64_t t = 0; t < p.L; ++t)
+          for (std::int64_t c = 0; c < p.Dv; ++c) o(bb, h, t, c) = o_blhd(bb, t, h, c);
+    EXPECT_TRUE(close(o, want.o, f32_tol)) << impl_name(i);
+    EXPECT_TRUE(close(state, want.state, f32_tol)) << impl_name(i);
+  }
 }
 
 // 1 and 2 threads give the same bits; an empty state is a zero state; L = 0 leaves the state.
