@@ -1,5 +1,6 @@
 // Numerical extremes for every stable family: attention (reference / flash / decode), the linear
-// family (all six members, recurrent and chunked) and the memory modules.
+// family (every member of its table, linear::all_members, recurrent and chunked) and the memory
+// modules.
 //
 // Documented behaviour checked here:
 //  * finite inputs with extreme magnitudes (logits near +-1e4, huge and tiny scales, denormals,
@@ -24,13 +25,7 @@
 #include <vector>
 
 #include "mnemo/attention/attention.hpp"
-#include "mnemo/linear/delta_rule.hpp"
-#include "mnemo/linear/gated_delta_rule.hpp"
-#include "mnemo/linear/kda.hpp"
-#include "mnemo/linear/gla.hpp"
-#include "mnemo/linear/linear_attn.hpp"
-#include "mnemo/linear/retention.hpp"
-#include "mnemo/linear/simple_gla.hpp"
+#include "mnemo/linear/members.hpp"
 #include "mnemo/memory/compressive.hpp"
 #include "mnemo/memory/knn.hpp"
 #include "mnemo/memory/neural_memory.hpp"
@@ -387,11 +382,15 @@ TEST(AttentionExtremes, NonFiniteScaleIsRejected) {
 // ------------------------------------------------------------------------------------------------
 // Linear family
 
-enum member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda };
-constexpr member all_members[] = {linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda};
-constexpr const char* member_names[] = {"linear_attn", "retention", "simple_gla", "gla", "delta_rule",
-                                        "gated_delta_rule", "kda"};
+// The members come from the member table (linear::all_members); a test that needs some of them
+// selects by the row's gate and beta, and leaves out rows with other inputs (their identities differ).
+using lin::all_members;
+using lin::gate_kind;
 enum run_kind { reference_run, recurrent_run, chunked_run };
+
+// A data-dependent gate (g or gk): -inf there resets the state, 0 is no decay.
+template <class M>
+constexpr bool data_gate = (M::gate == gate_kind::scalar || M::gate == gate_kind::channel) && !M::other_inputs;
 
 struct linear_case {
   std::int64_t B = 1, H = 2, L = 40, Dk = 8, Dv = 6;
@@ -416,40 +415,18 @@ struct linear_case {
     opt.threads = 1;  // concurrency has its own test; one thread keeps this one fast on a busy machine
   }
 
-  // o [B, H, L, Dv] of one member on all tokens; the state, if given, in and out.
-  tensor<float, 4> run(member m, run_kind kind, view<float, 4> state = {}) const {
+  // o [B, H, L, Dv] of member m on all tokens; the state, if given, in and out.
+  template <class M>
+  tensor<float, 4> run(M m, run_kind kind, view<float, 4> state = {}) const {
     tensor<float, 4> o({B, H, L, Dv});
     lin::options o_opt = opt;
     o_opt.path = kind == chunked_run ? lin::form::chunked : lin::form::recurrent;
     const view<const float, 4> vq = q, vk = k, vv = v;
-    const bool ref = kind == reference_run;
-    switch (m) {
-      case linear_attn:
-        ref ? lin::reference::linear_attn(vq, vk, vv, o, state, o_opt) : lin::linear_attn(vq, vk, vv, o, state, o_opt);
-        break;
-      case retention:
-        ref ? lin::reference::retention(vq, vk, vv, gamma, o, state, o_opt)
-            : lin::retention(vq, vk, vv, gamma, o, state, o_opt);
-        break;
-      case simple_gla:
-        ref ? lin::reference::simple_gla(vq, vk, vv, g, o, state, o_opt)
-            : lin::simple_gla(vq, vk, vv, g, o, state, o_opt);
-        break;
-      case gla:
-        ref ? lin::reference::gla(vq, vk, vv, g4, o, state, o_opt) : lin::gla(vq, vk, vv, g4, o, state, o_opt);
-        break;
-      case delta_rule:
-        ref ? lin::reference::delta_rule(vq, vk, vv, beta, o, state, o_opt)
-            : lin::delta_rule(vq, vk, vv, beta, o, state, o_opt);
-        break;
-      case gated_delta_rule:
-        ref ? lin::reference::gated_delta_rule(vq, vk, vv, g, beta, o, state, o_opt)
-            : lin::gated_delta_rule(vq, vk, vv, g, beta, o, state, o_opt);
-        break;
-      case kda:
-        ref ? lin::reference::kda(vq, vk, vv, g4, beta, o, state, o_opt) : lin::kda(vq, vk, vv, g4, beta, o, state, o_opt);
-        break;
-    }
+    const lin::member_inputs in{gamma, g, g4, beta};
+    if (kind == reference_run)
+      lin::reference_member(m, vq, vk, vv, in, o, state, o_opt);
+    else
+      lin::run_member(m, vq, vk, vv, in, o, state, o_opt);
     return o;
   }
 };
@@ -466,12 +443,12 @@ void expect_close(const tensor<float, 4>& got, const tensor<float, 4>& want, dou
 
 // Every form of every member agrees with its reference on this case.
 void expect_forms_agree(const linear_case& c, double atol, double rtol) {
-  for (member m : all_members) {
-    SCOPED_TRACE(member_names[m]);
+  all_members::for_each([&](auto m) {
+    SCOPED_TRACE(m.name);
     const tensor<float, 4> want = c.run(m, reference_run);
     expect_close(c.run(m, recurrent_run), want, atol, rtol, "recurrent o");
     expect_close(c.run(m, chunked_run), want, atol, rtol, "chunked o");
-  }
+  });
 }
 
 TEST(LinearExtremes, GatesAtMinusInfResetTheState) {
@@ -500,17 +477,19 @@ TEST(LinearExtremes, GatesAtMinusInfResetTheState) {
   cut(c.g4, tail.g4);
   cut(c.g, tail.g);
   cut(c.beta, tail.beta);
-  for (member m : {simple_gla, gla, gated_delta_rule, kda}) {
-    SCOPED_TRACE(member_names[m]);
-    for (run_kind kind : {reference_run, recurrent_run, chunked_run}) {
-      const tensor<float, 4> full = c.run(m, kind), fresh = tail.run(m, kind);
-      for (std::int64_t b = 0; b < c.B; ++b)
-        for (std::int64_t h = 0; h < c.H; ++h)
-          for (std::int64_t tt = 0; tt < tail.L; ++tt)
-            for (std::int64_t e = 0; e < c.Dv; ++e)
-              ASSERT_NEAR(full(b, h, t + tt, e), fresh(b, h, tt, e), 2e-5) << "kind " << kind << " token " << t + tt;
+  all_members::for_each([&](auto m) {
+    if constexpr (data_gate<decltype(m)>) {  // simple_gla, gla, gated_delta_rule, kda
+      SCOPED_TRACE(m.name);
+      for (run_kind kind : {reference_run, recurrent_run, chunked_run}) {
+        const tensor<float, 4> full = c.run(m, kind), fresh = tail.run(m, kind);
+        for (std::int64_t b = 0; b < c.B; ++b)
+          for (std::int64_t h = 0; h < c.H; ++h)
+            for (std::int64_t tt = 0; tt < tail.L; ++tt)
+              for (std::int64_t e = 0; e < c.Dv; ++e)
+                ASSERT_NEAR(full(b, h, t + tt, e), fresh(b, h, tt, e), 2e-5) << "kind " << kind << " token " << t + tt;
+      }
     }
-  }
+  });
 }
 
 TEST(LinearExtremes, GatesAtZeroEqualNoDecay) {
@@ -519,12 +498,15 @@ TEST(LinearExtremes, GatesAtZeroEqualNoDecay) {
   for (auto& x : c.g) x = 0.0f;
   for (auto& x : c.g4) x = 0.0f;
   c.gamma(0) = 1.0f;
-  const tensor<float, 4> want = c.run(linear_attn, reference_run);
-  for (member m : {retention, simple_gla, gla})
-    for (run_kind kind : {recurrent_run, chunked_run}) {
-      SCOPED_TRACE(member_names[m]);
-      expect_close(c.run(m, kind), want, 1e-5, 1e-5, "o");
-    }
+  const tensor<float, 4> want = c.run(lin::members::linear_attn{}, reference_run);
+  all_members::for_each([&](auto m) {
+    using M = decltype(m);  // retention, simple_gla, gla: a gate and nothing else
+    if constexpr (M::gate != gate_kind::none && !M::beta && !M::other_inputs)
+      for (run_kind kind : {recurrent_run, chunked_run}) {
+        SCOPED_TRACE(m.name);
+        expect_close(c.run(m, kind), want, 1e-5, 1e-5, "o");
+      }
+  });
 }
 
 TEST(LinearExtremes, VeryStrongDecaysUnderflowCleanly) {
@@ -548,20 +530,20 @@ TEST(LinearExtremes, DenormalInputs) {
   c.opt.use_qk_l2norm = false;  // keep the denormals as they are
   for (auto& x : c.v) x *= denormal;
   // o ~ q.k * v ~ 1e-40: compare with an absolute tolerance far below the values' size
-  for (member m : all_members) {
-    SCOPED_TRACE(member_names[m]);
-    if (m == delta_rule || m == gated_delta_rule || m == kda) continue;  // unnormalised keys: not a contraction
+  all_members::for_each([&](auto m) {
+    SCOPED_TRACE(m.name);
+    if (m.beta) return;  // the delta rules with unnormalised keys: not a contraction
     const tensor<float, 4> want = c.run(m, reference_run);
     expect_close(c.run(m, recurrent_run), want, 1e-44, 1e-3, "recurrent o");
     expect_close(c.run(m, chunked_run), want, 1e-44, 1e-3, "chunked o");
-  }
+  });
 }
 
 TEST(LinearExtremes, HugeAndTinyScales) {
   // o is linear in the q scale for every member (the state does not depend on q).
   linear_case c(70);
-  for (member m : all_members) {
-    SCOPED_TRACE(member_names[m]);
+  all_members::for_each([&](auto m) {
+    SCOPED_TRACE(m.name);
     c.opt.scale = 1.0f;
     const tensor<float, 4> unit = c.run(m, reference_run);
     double top = 0;
@@ -574,7 +556,7 @@ TEST(LinearExtremes, HugeAndTinyScales) {
       for (run_kind kind : {recurrent_run, chunked_run})
         expect_close(c.run(m, kind), want, 1e-5 * top * scale, 0, "o");
     }
-  }
+  });
 }
 
 TEST(LinearExtremes, NanInQueryKeyOrValuePropagatesForwardOnly) {
@@ -593,8 +575,8 @@ TEST(LinearExtremes, NanInQueryKeyOrValuePropagatesForwardOnly) {
     if (where == in_q) c.q(0, 1, t, 2) = nan;
     if (where == in_k) c.k(0, 1, t, 2) = nan;
     if (where == in_v) c.v(0, 1, t, 2) = nan;
-    for (member m : all_members) {
-      SCOPED_TRACE(::testing::Message() << member_names[m] << ", NaN in " << input_names[where]);
+    all_members::for_each([&](auto m) {
+      SCOPED_TRACE(::testing::Message() << m.name << ", NaN in " << input_names[where]);
       const tensor<float, 4> want = clean.run(m, reference_run);
       for (run_kind kind : {reference_run, recurrent_run, chunked_run}) {
         SCOPED_TRACE(::testing::Message() << "kind " << kind);
@@ -616,7 +598,7 @@ TEST(LinearExtremes, NanInQueryKeyOrValuePropagatesForwardOnly) {
             EXPECT_NEAR(o(0, 0, tt, e), want(0, 0, tt, e), 1e-5) << "head 0 is clean, token " << tt;
         }
       }
-    }
+    });
   }
 }
 
@@ -627,12 +609,15 @@ TEST(LinearExtremes, NanOrPositiveGatesAreRejected) {
     d.g(0, 1, 5) = bad;
     d.g4(0, 0, 7, 3) = bad;
     d.beta(0, 0, 2) = bad;
-    for (member m : {simple_gla, gla, delta_rule, gated_delta_rule, kda}) {
-      SCOPED_TRACE(member_names[m]);
-      if (m == delta_rule && bad == 0.5f) continue;  // 0.5 is a valid beta
-      EXPECT_THROW(d.run(m, chunked_run), mnemo::error) << bad;
-      EXPECT_THROW(d.run(m, reference_run), mnemo::error) << bad;
-    }
+    all_members::for_each([&](auto m) {
+      using M = decltype(m);  // simple_gla, gla, delta_rule, gated_delta_rule, kda: a checked g, gk or beta
+      if constexpr (data_gate<M> || (M::beta && !M::other_inputs)) {
+        SCOPED_TRACE(m.name);
+        if (!data_gate<M> && bad == 0.5f) return;  // 0.5 is a valid beta (delta_rule)
+        EXPECT_THROW(d.run(m, chunked_run), mnemo::error) << bad;
+        EXPECT_THROW(d.run(m, reference_run), mnemo::error) << bad;
+      }
+    });
   }
 }
 
