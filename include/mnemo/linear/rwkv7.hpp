@@ -10,8 +10,8 @@
 // alpha = a, beta = b, gk = g), which fla's ops/rwkv7 calls with RWKV-7's a = -kk, b = kk * iclr
 // (kk the L2-normalised key, iclr the in-context learning rate in [0, 1]) and scale 1: a user of
 // RWKV-7 passes options.scale = 1 (the default here, as for every member, is Dk^-0.5). In RWKV-7's
-// own value-major orientation (state [Dv, Dk], state = state * w + state @ (a^T b) + v^T k) the
-// same recurrence reads transposed. a and b are data like k (any values; no L2 norm is applied in
+// own value-major orientation (state [Dv, Dk], state = state * w + state @ (a b^T) + v k^T with
+// column vectors a, b, k, v) the same recurrence reads transposed. a and b are data like k (any values; no L2 norm is applied in
 // the op, options.use_qk_l2norm is rejected).
 //
 // KDA (kda.hpp) is the special case b = k, a = -beta (exp(g) o k), with the key beta k:
