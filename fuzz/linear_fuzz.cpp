@@ -1,4 +1,5 @@
-// fuzz/linear_fuzz.cpp — the linear-attention family (linear_attn, retention, simple_gla, gla,
+// fuzz/linear_fuzz.cpp — the linear-attention family (every member of its table,
+// linear::all_members in mnemo/linear/members.hpp: linear_attn, retention, simple_gla, gla,
 // delta_rule, gated_delta_rule, kda): recurrent form, chunked form and a two-piece chunked run (state
 // carried across the split, the second piece read through narrowed views) against the
 // double-precision reference, on shapes, chunk sizes, gates, feature maps and initial states
@@ -11,32 +12,32 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common.hpp"
-#include "mnemo/linear/delta_rule.hpp"
-#include "mnemo/linear/gated_delta_rule.hpp"
-#include "mnemo/linear/gla.hpp"
-#include "mnemo/linear/kda.hpp"
-#include "mnemo/linear/linear_attn.hpp"
-#include "mnemo/linear/retention.hpp"
-#include "mnemo/linear/simple_gla.hpp"
+#include "mnemo/linear/members.hpp"
 
 namespace {
 
 using namespace mnemo;
 namespace lin = mnemo::linear;
 
-// kda is decoded from gated_delta_rule (see LLVMFuzzerTestOneInput), so n_decoded members are drawn.
-enum member { linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule, kda, n_members };
-constexpr int n_decoded = kda;
+// A member is its index in linear::all_members. The first n_decoded (the six the corpus was first
+// written for) are drawn from one byte; the ones after them are decoded from the last of those
+// (gated_delta_rule) with one more byte read last (see LLVMFuzzerTestOneInput), so the corpus and
+// the regression inputs of the six decode as they always did.
+using members = lin::all_members;
+constexpr int n_members = static_cast<int>(members::size);
+constexpr int n_decoded = 6;
+static_assert(n_members >= n_decoded, "linear_fuzz: the corpus decodes the first six members of all_members");
 enum run_kind { reference_run, recurrent_run, chunked_run };
 
 constexpr float minus_inf = -std::numeric_limits<float>::infinity();
 
 struct inputs {
   std::int64_t B, H, L, Dk, Dv, Df, Ds;
-  member m;
+  int m;  // index in members
   lin::options opt;
   fuzz::buffer4<float> q, k, v;
   std::vector<float> g, beta, gamma;  // [B, H, L (, Dk)], [B, H, L], [H]
@@ -55,25 +56,25 @@ void call(const inputs& in, run_kind kind, std::int64_t t0, std::int64_t n, view
   const view<const float, 4> g4 = view<const float, 4>(in.g.data(), {in.B, in.H, in.L, in.Dk}).narrow(2, t0, n);
   const view<const float, 3> beta = view<const float, 3>(in.beta.data(), {in.B, in.H, in.L}).narrow(2, t0, n);
   const view<const float, 1> gamma(in.gamma.data(), {static_cast<std::int64_t>(in.gamma.size())});
-  const bool ref = kind == reference_run;
-  switch (in.m) {
-    case linear_attn:
-      return ref ? lin::reference::linear_attn(q, k, v, o, state, opt) : lin::linear_attn(q, k, v, o, state, opt);
-    case retention:
-      return ref ? lin::reference::retention(q, k, v, gamma, o, state, opt)
-                 : lin::retention(q, k, v, gamma, o, state, opt);
-    case simple_gla:
-      return ref ? lin::reference::simple_gla(q, k, v, g3, o, state, opt) : lin::simple_gla(q, k, v, g3, o, state, opt);
-    case gla: return ref ? lin::reference::gla(q, k, v, g4, o, state, opt) : lin::gla(q, k, v, g4, o, state, opt);
-    case delta_rule:
-      return ref ? lin::reference::delta_rule(q, k, v, beta, o, state, opt)
-                 : lin::delta_rule(q, k, v, beta, o, state, opt);
-    case kda:
-      return ref ? lin::reference::kda(q, k, v, g4, beta, o, state, opt) : lin::kda(q, k, v, g4, beta, o, state, opt);
-    default:
-      return ref ? lin::reference::gated_delta_rule(q, k, v, g3, beta, o, state, opt)
-                 : lin::gated_delta_rule(q, k, v, g3, beta, o, state, opt);
-  }
+  const lin::member_inputs inputs{gamma, g3, g4, beta};
+  members::visit(static_cast<std::size_t>(in.m), [&](auto m) {
+    if (kind == reference_run)
+      lin::reference_member(m, q, k, v, inputs, o, state, opt);
+    else
+      lin::run_member(m, q, k, v, inputs, o, state, opt);
+  });
+}
+
+// A trait of member m (its row of the table).
+bool has_features(int m) {
+  bool r = false;
+  members::visit(static_cast<std::size_t>(m), [&](auto row) { r = row.features; });
+  return r;
+}
+bool has_beta(int m) {
+  bool r = false;
+  members::visit(static_cast<std::size_t>(m), [&](auto row) { r = row.beta; });
+  return r;
 }
 
 struct result {
@@ -137,12 +138,12 @@ void compare(const char* what, const fuzz::buffer4<float>& got, const fuzz::buff
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   FuzzedDataProvider fdp(data, size);
-  member m = static_cast<member>(fdp.ConsumeIntegralInRange<int>(0, n_decoded - 1));
+  int m = fdp.ConsumeIntegralInRange<int>(0, n_decoded - 1);
   const std::int64_t B = fdp.ConsumeIntegralInRange<std::int64_t>(0, 2);
   const std::int64_t H = fdp.ConsumeIntegralInRange<std::int64_t>(1, 3);
   const std::int64_t L = fdp.ConsumeIntegralInRange<std::int64_t>(0, 70);
   lin::options opt;
-  if (m == linear_attn) {
+  if (has_features(m)) {
     opt.map = static_cast<lin::feature_map>(fdp.ConsumeIntegralInRange<int>(0, 3));
     // Normalising needs positive features (elu + 1, or taylor2 whose dot product is
     // 1 + s + s^2 / 2 > 0); with identity or relu the denominator can cancel to ~0 and the
@@ -156,7 +157,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   opt.chunk_size = fdp.ConsumeIntegralInRange<std::int64_t>(-1, 40);
   opt.threads = fdp.ConsumeIntegralInRange<int>(0, 2);
   // The delta rules are contractions only for unit keys (|1 - beta| <= 1 with |k| = 1).
-  opt.use_qk_l2norm = m == delta_rule || m == gated_delta_rule || fdp.ConsumeBool();
+  opt.use_qk_l2norm = has_beta(m) || fdp.ConsumeBool();
   constexpr float scales[] = {0.0f, 0.0f, 0.1f, 1.0f, std::numeric_limits<float>::quiet_NaN()};
   opt.scale = scales[fdp.ConsumeIntegralInRange<int>(0, 4)];
   const bool with_state = fdp.ConsumeBool();
@@ -172,10 +173,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             fuzz::buffer4<float>({B, H, L, std::max<std::int64_t>(Dk, 0)}, 0, false),
             fuzz::buffer4<float>({B, H, L, Dv}, 0, fdp.ConsumeBool()),
             {}, {}, {}, {}, with_state};
-  // kda: a gated_delta_rule input with one more byte, read last, so the corpus and the regression
-  // inputs of the six older members decode as before (an exhausted provider reads false). Its
-  // per-channel gates are the [B, H, L, Dk] cells of in.g, as GLA's.
-  if (m == gated_delta_rule && fdp.ConsumeBool()) in.m = m = kda;
+  // The members after the first six (kda, ...): a gated_delta_rule input with one more byte, read
+  // last, so the corpus and the regression inputs of the six decode as before (an exhausted
+  // provider reads 0: gated_delta_rule itself). With one such member the byte is read as
+  // ConsumeBool was. Their per-channel gates are the [B, H, L, Dk] cells of in.g, as GLA's.
+  if (m == n_decoded - 1 && n_members > n_decoded) {
+    m += fdp.ConsumeIntegralInRange<int>(0, n_members - n_decoded);
+    in.m = m;
+  }
   auto gen = [&] { return uni(rng); };
   fuzz::fill(in.q.view(), gen);
   fuzz::fill(in.k.view(), gen);
@@ -205,12 +210,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
 
   const result want = run(in, reference_run, 0);
-  static const char* const labels[2][n_members] = {
-      {"linear_attn compared", "retention compared", "simple_gla compared", "gla compared", "delta_rule compared",
-       "gated_delta_rule compared", "kda compared"},
-      {"linear_attn rejected", "retention rejected", "simple_gla rejected", "gla rejected", "delta_rule rejected",
-       "gated_delta_rule rejected", "kda rejected"}};
-  fuzz::stats::count(labels[want.threw ? 1 : 0][m]);
+  static const std::vector<std::string> labels = [] {  // "<member> compared", then "<member> rejected"
+    std::vector<std::string> l;
+    for (const char* outcome : {" compared", " rejected"})
+      for (const char* name : members::names) l.push_back(std::string(name) + outcome);
+    return l;
+  }();
+  fuzz::stats::count(labels[static_cast<std::size_t>((want.threw ? n_members : 0) + m)].c_str());
   const double tol_o = 1e-4 * (1.0 + max_abs(want.o)), tol_s = 1e-4 * (1.0 + max_abs(want.state));
   const result runs[] = {run(in, recurrent_run, 0), run(in, chunked_run, 0), run(in, chunked_run, split),
                          run(in, recurrent_run, split)};
@@ -222,10 +228,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     fuzz::check(!runs[r].threw, "a fast path rejected an input the reference accepted");
     char what[64];
-    std::snprintf(what, sizeof what, "member %d %s: o", static_cast<int>(m), names[r]);
+    std::snprintf(what, sizeof what, "member %d %s: o", m, names[r]);
     compare(what, runs[r].o, want.o, tol_o);
     if (in.with_state) {  // without one the reference returns no final state to compare with
-      std::snprintf(what, sizeof what, "member %d %s: state", static_cast<int>(m), names[r]);
+      std::snprintf(what, sizeof what, "member %d %s: state", m, names[r]);
       compare(what, runs[r].state, want.state, tol_s);
     }
   }
