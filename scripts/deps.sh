@@ -38,3 +38,12 @@ mnemo_install_fuzz_deps() {
   major=$(clang -dumpversion 2>/dev/null | cut -d. -f1)
   mnemo_install_deps "libclang-rt-${major:-14}-dev"
 }
+
+# The sanitizer build's fuzz_replay tests (tests/CMakeLists.txt): libFuzzer's FuzzedDataProvider.h
+# only, from the compiler-rt package of the installed clang (clang 14's when there is none).
+#   mnemo_install_fuzz_header_deps
+mnemo_install_fuzz_header_deps() {
+  local major=""
+  command -v clang >/dev/null 2>&1 && major=$(clang -dumpversion 2>/dev/null | cut -d. -f1)
+  mnemo_install_deps "libclang-rt-${major:-14}-dev"
+}
