@@ -31,6 +31,10 @@
 // Where simd_chunks() holds (common.hpp), [K; Q] S, P U and the state update run on the SIMD
 // micro-kernels without packing; the triangles and the solve stay Eigen's.
 //
+// Decoding: delta_rule_step continues a state by one token, in place or out of place (read state_in,
+// write state_out, bit for bit the same result); out of place it runs on the slots of a
+// linear::state_ring, whose rollback(n) returns to the state of n tokens ago (speculative
+// decoding, state_ring.hpp).
 // Shapes: q, k [B, H, L, Dk], v [B, H, L, Dv], beta [B, H, L], o [B, H, L, Dv], state [B, H, Dk, Dv].
 #pragma once
 

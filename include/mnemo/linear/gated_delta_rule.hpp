@@ -11,6 +11,10 @@
 // options.use_qk_l2norm as for delta_rule.hpp, whose WY / UT-transform chunk kernel runs this
 // with the decay tables of common.hpp (exact range sums, so g = -inf resets the state exactly).
 //
+// Decoding: gated_delta_rule_step continues a state by one token, in place or out of place (read state_in,
+// write state_out, bit for bit the same result); out of place it runs on the slots of a
+// linear::state_ring, whose rollback(n) returns to the state of n tokens ago (speculative
+// decoding, state_ring.hpp).
 // Shapes: q, k [B, H, L, Dk], v [B, H, L, Dv], g [B, H, L], beta [B, H, L], o [B, H, L, Dv],
 // state [B, H, Dk, Dv].
 #pragma once

@@ -39,6 +39,10 @@
 //   strong decay (or -inf): the scores are summed element-wise with exp of the exact range sums.
 // Every other exponent is a sum over its exact token range (common.hpp), so g = -inf is safe.
 //
+// Decoding: gla_step continues a state by one token, in place or out of place (read state_in,
+// write state_out, bit for bit the same result); out of place it runs on the slots of a
+// linear::state_ring, whose rollback(n) returns to the state of n tokens ago (speculative
+// decoding, state_ring.hpp).
 // Shapes: q, k [B, H, L, Dk], v [B, H, L, Dv], g [B, H, L, Dk], o [B, H, L, Dv], state [B, H, Dk, Dv].
 #pragma once
 

@@ -20,6 +20,10 @@
 //   S_new = Gamma_{n-1} S + (diag(R) K)^T V
 // Cost per token: 4 Df Ds (the two state GEMMs) + about n (Df + Ds) (the triangle) multiply-adds.
 //
+// Decoding: linear_attn_step continues a state by one token, in place or out of place (read state_in,
+// write state_out, bit for bit the same result); out of place it runs on the slots of a
+// linear::state_ring, whose rollback(n) returns to the state of n tokens ago (speculative
+// decoding, state_ring.hpp).
 // Shapes: q, k [B, H, L, Dk], v [B, H, L, Dv], o [B, H, L, Dv], state [B, H, Df, Dv (+1)].
 // Numerics: f32, accumulated by the SIMD micro-kernels (chunked: common.hpp chunk_products, with
 // Eigen's GEMM where Ds is not a multiple of the vector width or SIMD is off; recurrent:

@@ -2,37 +2,44 @@
 // what the tests, the benchmarks, the fuzzer and the golden runner need to run it without naming it.
 //
 // A member is a small struct (a row): its name, how it decays the state (gate), whether it has the
-// delta rule's beta, whether it takes options.map / options.normalize (features), its default chunk,
-// which of the inputs below it reads (args) and the functions that run it:
+// delta rule's beta, whether it takes options.map / options.normalize (features), whether it reads
+// inputs of other kinds (other_inputs), its default chunk, which of the inputs below it reads and in
+// what order (args), and the functions that run it:
 //
 //   struct gla {
-//     static constexpr const char* name = "gla";                 // also its golden op and bench name
-//     static constexpr gate_kind gate = gate_kind::channel;      // gk [B, H, L, Dk]
-//     static constexpr bool beta = false, features = false;
+//     static constexpr const char* name = "gla";              // its golden op and bench op name
+//     static constexpr gate_kind gate = gate_kind::channel;   // reads gk [B, H, L, Dk]
+//     static constexpr bool beta = false, features = false, other_inputs = false;
 //     static constexpr std::int64_t default_chunk = default_chunk_size;
 //     static auto args(const auto& in) { return std::tuple(in.gk); }  // the arguments after q, k, v
-//     static constexpr auto run = ...;        // linear::gla           (options.path picks the form)
-//     static constexpr auto reference = ...;  // linear::reference::gla
-//     static constexpr auto step = ...;       // linear::gla_step, in place and out of place
+//     static constexpr auto run = [](const auto&... a) { linear::gla(a...); };   // options.path: the form
+//     static constexpr auto reference = [](const auto&... a) { linear::reference::gla(a...); };
+//     static constexpr auto step = [](const auto&... a) { linear::gla_step(a...); };  // both forms
 //   };
 //
-// and every consumer iterates all_members (for_each, visit by index), or takes a row as a template
-// argument. run_member / reference_member / step_member below call a row with q, k, v, the inputs,
-// o and the state. Adding a member is its header, its row here and its name in all_members.
+// Consumers iterate all_members (for_each, visit by index) or take a row as a value, and call it
+// through run_member / reference_member / step_member (below) with q, k, v, the inputs, o and the
+// state; the row's traits say which tests apply and which inputs to fill.
 //
-// Inputs: each member's extra arguments come from one member_inputs (a whole sequence) or
-// token_inputs (one token), which hold every kind of input the family has; args() picks the
-// member's, in the order its functions take them. A member with an input of a new kind (RWKV-7's
-// a and b [B, H, L, Dk], beside its per-channel log-decay w, which is gk) adds a field to both
-// structs and to narrow() below, and returns it from args(): std::tuple(in.gk, in.a, in.b). The
-// consumers build their inputs field by field, so each fills the new one in one line; gate and beta
-// stay what they say (RWKV-7: channel, no beta) and the consumers that test identities of the gated
-// and delta members (a gate of -inf resets the state, a gate of 0 is linear attention) select by
-// them and by `other_inputs`, which such a member sets, so they leave it out.
+// Adding a member: its header, its row here (include the header above) and its name appended to
+// all_members. Its functions must take (q, k, v, <args>, o, state, options) and its step
+// (q, k, v, <one-token args>, o, state[, state_out], options), as every member here does. With only
+// the input kinds below, that is all: the tests (tests/linear/test_util.hpp), the benchmark rows
+// (bench/linear_rows.cpp), the fuzzer, the golden runner and the extremes test pick it up.
 //
-// Members whose state is not [B, H, Df, Dv (+1)] or whose inputs are not q, k, v (Mamba-2's x, dt,
-// B, C; MoM's router) need rows whose run/reference/step adapt member_inputs to their own call;
-// until then they have their own tests and are not in all_members.
+// A member with an input of a new kind (RWKV-7's a and b [B, H, L, Dk], beside its per-channel
+// log-decay w, which is gk): add a field to member_inputs and token_inputs and to narrow() below,
+// return it from args() (std::tuple(in.gk, in.a, in.b)) and set other_inputs = true. The consumers
+// that build inputs field by field (test_util.hpp's problem, bench/linear_rows.cpp, the fuzzer, the
+// extremes test) each fill the new field in a line or two; the golden runner leaves such a member
+// out (tests/linear/golden_ops.hpp reads the inputs of the golden cases, which have none of it); the
+// identities the extremes test checks for the gated and delta members (a gate of -inf resets the
+// state, a gate of 0 is linear attention) skip rows with other_inputs. gate and beta keep their
+// meaning (RWKV-7: channel, no beta).
+//
+// A member whose state is not [B, H, Df, Dv (+1)] or whose inputs are not q, k, v (Mamba-2's x, dt,
+// B, C; MoM's router) needs a row whose run/reference/step adapt member_inputs to its own call, or
+// stays out of all_members with its own tests.
 #pragma once
 
 #include <array>

@@ -9,6 +9,10 @@
 // the chunk's decay table is D_tj = gamma_h^(t-j), RetNet's chunkwise form. RetNet's group norm,
 // swish gate and xPos rotation are not part of the op (they act on q, k and o outside it).
 //
+// Decoding: retention_step continues a state by one token, in place or out of place (read state_in,
+// write state_out, bit for bit the same result); out of place it runs on the slots of a
+// linear::state_ring, whose rollback(n) returns to the state of n tokens ago (speculative
+// decoding, state_ring.hpp).
 // Shapes: q, k [B, H, L, Dk], v [B, H, L, Dv], gamma [H], o [B, H, L, Dv], state [B, H, Dk, Dv].
 #pragma once
 

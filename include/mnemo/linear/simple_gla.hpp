@@ -8,6 +8,10 @@
 // The scalar-decay chunk kernel of linear_attn.hpp runs it: D_tj = exp(g_{j+1} + ... + g_t) for
 // j <= t, summed over the exact range (common.hpp), so g = -inf (a full reset) gives exact zeros.
 //
+// Decoding: simple_gla_step continues a state by one token, in place or out of place (read state_in,
+// write state_out, bit for bit the same result); out of place it runs on the slots of a
+// linear::state_ring, whose rollback(n) returns to the state of n tokens ago (speculative
+// decoding, state_ring.hpp).
 // Shapes: q, k [B, H, L, Dk], v [B, H, L, Dv], g [B, H, L], o [B, H, L, Dv], state [B, H, Dk, Dv].
 #pragma once
 
