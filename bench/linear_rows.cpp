@@ -3,7 +3,7 @@
 //   linear/<form>/op:<op>/L:<L>/D:<D>/threads:<t>    form recurrent or chunked, op one of the member
 //                                                    table (linear::all_members, members.hpp: linear_attn,
 //                                                    retention, simple_gla, gla, delta_rule,
-//                                                    gated_delta_rule, kda); B = 1, H = 8, Dk = Dv = D = 128,
+//                                                    gated_delta_rule, kda, rwkv7); B = 1, H = 8, Dk = Dv = D = 128,
 //                                                    f32, default chunk size. Small: L = 2048; full:
 //                                                    L = 8192. `bench/plot --baseline recurrent`
 //                                                    shows chunked / recurrent.
@@ -42,6 +42,8 @@
 //   delta rules (and kda; the members with beta): 6 n Dk Dv (the state read of [K; Q] and the update K^T U) + n (n + 1) (Dk + Dv)
 //     (Q K^T and P U) + n (n - 1) (Dk + Dv) (the strict triangle of K K^T and the unit-triangular
 //     solve on Dv columns).
+//   rwkv7 (two rank-one terms, rwkv7.hpp): 8 n Dk Dv (the state read of [A; Q] and the update
+//     [K; B]^T [V; U]) + 2 n (n + 1) (Dk + Dv) + 2 n (n - 1) (Dk + Dv), as bench/rwkv7_rows.cpp.
 // Decay tables, exps, feature maps, L2 norms and GLA's element-wise sub-block terms are not
 // counted. Only the causal triangle counts, although the kernels compute the scores of whole
 // micro-kernel row blocks: the count is the algorithm's, not the hardware's. The recurrent form
@@ -53,8 +55,10 @@
 // 2 x 4 B H Dk Dv per iteration. Flash rows count 2 (D + Dv) per visible (query, key) pair and head, as every prefill row
 // (bench/README.md). `%sgemm` in the plot is then the share of the machine's GEMM peak.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.hpp"
@@ -72,14 +76,33 @@ constexpr std::int64_t heads = 8;
 constexpr std::int64_t head_dim = 128;
 
 // Gates and betas of the rows: log-decays in [-0.1, 0] (a decay of 0.9 to 1 per token, GLA's and
-// Gated DeltaNet's usual range), beta in [0.05, 1].
+// Gated DeltaNet's usual range), beta in [0.05, 1]; RWKV-7's a = -kk, b = kk * iclr (kk a unit
+// vector, iclr in [0, 1]). rwkv7 runs here at the family's gates, scale and k; bench/rwkv7_rows.cpp
+// has it with RWKV-7's own (log-decays in [-exp(-0.5), 0], scale 1).
 constexpr float gate_lo = -0.1f;
 constexpr float beta_lo = 0.05f;
+
+// a = -kk, b = kk * iclr over rows of D values: kk the unit vector along a's random values, iclr
+// b's values in [0, 1].
+void rwkv7_a_b(float* a, float* b, std::int64_t rows, std::int64_t D) {
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float* ar = a + r * D;
+    float* br = b + r * D;
+    double ss = 0;
+    for (std::int64_t c = 0; c < D; ++c) ss += static_cast<double>(ar[c]) * ar[c];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss + 1e-12));
+    for (std::int64_t c = 0; c < D; ++c) {
+      const float kk = ar[c] * inv;
+      ar[c] = -kk;
+      br[c] = kk * br[c];
+    }
+  }
+}
 
 struct linear_inputs {
   tensor<float, 4> q, k, v, o, state;  // [B, H, L, D] x 4, [B, H, D, D]
   tensor<float, 3> g, beta;            // [B, H, L]
-  tensor<float, 4> gk;                 // [B, H, L, D]
+  tensor<float, 4> gk, a, b;           // [B, H, L, D]
   tensor<float, 1> gamma;              // [H]
 
   linear_inputs(std::int64_t L, std::int64_t D)
@@ -91,6 +114,8 @@ struct linear_inputs {
         g({1, heads, L}),
         beta({1, heads, L}),
         gk({1, heads, L, D}),
+        a({1, heads, L, D}),
+        b({1, heads, L, D}),
         gamma(linear::retnet_gamma(heads)) {
     fill_random(q, 11);
     fill_random(k, 12);
@@ -98,6 +123,9 @@ struct linear_inputs {
     fill_random(g, 14, gate_lo, 0.0f);
     fill_random(gk, 15, gate_lo, 0.0f);
     fill_random(beta, 16, beta_lo, 1.0f);
+    fill_random(a, 17);
+    fill_random(b, 18, 0.0f, 1.0f);
+    rwkv7_a_b(a.data(), b.data(), heads * L, D);
   }
 
   // One call of `o` over the whole sequence, from a zero state (the delta rules normalise q and k
@@ -106,14 +134,14 @@ struct linear_inputs {
   void run(M m, linear::options opt) {
     std::fill(state.begin(), state.end(), 0.0f);
     opt.use_qk_l2norm = M::beta;
-    linear::run_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta}, o, state, opt);
+    linear::run_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta, a, b}, o, state, opt);
   }
   // The same call through linear::reference.
   template <class M>
   void run_reference(M m, linear::options opt) {
     std::fill(state.begin(), state.end(), 0.0f);
     opt.use_qk_l2norm = M::beta;
-    linear::reference_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta}, o, state, opt);
+    linear::reference_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta, a, b}, o, state, opt);
   }
 };
 
@@ -124,7 +152,9 @@ double chunked_flops(M, std::int64_t L, std::int64_t Dk, std::int64_t Dv, std::i
   for (std::int64_t t0 = 0; t0 < L; t0 += C) {
     const double n = static_cast<double>(std::min(C, L - t0)), dk = static_cast<double>(Dk),
                  dv = static_cast<double>(Dv);
-    if (M::beta) total += 6 * n * dk * dv + n * (n + 1) * (dk + dv) + n * (n - 1) * (dk + dv);
+    if constexpr (std::is_same_v<M, linear::members::rwkv7>)
+      total += 8 * n * dk * dv + 2 * n * (n + 1) * (dk + dv) + 2 * n * (n - 1) * (dk + dv);
+    else if (M::beta) total += 6 * n * dk * dv + n * (n + 1) * (dk + dv) + n * (n - 1) * (dk + dv);
     else total += 4 * n * dk * dv + n * (n + 1) * (dk + dv);
   }
   return total;
@@ -181,7 +211,7 @@ void reference_row(benchmark::State& state, M which, std::int64_t L, int threads
 constexpr std::int64_t step_heads = 32;
 
 struct step_inputs {
-  tensor<float, 3> q, k, v, o, gk;  // [B, H, D]
+  tensor<float, 3> q, k, v, o, gk, a, b;  // [B, H, D]
   tensor<float, 2> g, beta;         // [B, H]
   tensor<float, 1> gamma;           // [H]
   tensor<float, 4> state;           // [B, H, D, D]
@@ -192,6 +222,8 @@ struct step_inputs {
         v({B, step_heads, head_dim}),
         o({B, step_heads, head_dim}),
         gk({B, step_heads, head_dim}),
+        a({B, step_heads, head_dim}),
+        b({B, step_heads, head_dim}),
         g({B, step_heads}),
         beta({B, step_heads}),
         gamma(linear::retnet_gamma(step_heads)),
@@ -203,12 +235,15 @@ struct step_inputs {
     fill_random(g, 25, gate_lo, 0.0f);
     fill_random(beta, 26, beta_lo, 1.0f);
     fill_random(state, 27);
+    fill_random(a, 28);
+    fill_random(b, 29, 0.0f, 1.0f);
+    rwkv7_a_b(a.data(), b.data(), B * step_heads, head_dim);
   }
 
   template <class M>
   void step(M m, linear::options opt) {
     opt.use_qk_l2norm = M::beta;
-    linear::step_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta}, o, state, opt);
+    linear::step_member(m, cview(q), cview(k), cview(v), {gamma, g, gk, beta, a, b}, o, state, opt);
   }
 };
 

@@ -1,18 +1,20 @@
 // fuzz/linear_fuzz.cpp — the linear-attention family (every member of its table,
 // linear::all_members in mnemo/linear/members.hpp: linear_attn, retention, simple_gla, gla,
-// delta_rule, gated_delta_rule, kda): recurrent form, chunked form and a two-piece chunked run (state
-// carried across the split, the second piece read through narrowed views) against the
+// delta_rule, gated_delta_rule, kda, rwkv7): recurrent form, chunked form and a two-piece chunked
+// run (state carried across the split, the second piece read through narrowed views) against the
 // double-precision reference, on shapes, chunk sizes, gates, feature maps and initial states
 // decoded from the input.
 //
 // Property: either every path throws mnemo::error, or every path returns the reference's o and
 // final state within tolerance; nothing is written outside o and the state.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.hpp"
@@ -25,8 +27,9 @@ namespace lin = mnemo::linear;
 
 // A member is its index in linear::all_members. The first n_decoded (the six the corpus was first
 // written for) are drawn from one byte; the ones after them are decoded from the last of those
-// (gated_delta_rule) with one more byte read last (see LLVMFuzzerTestOneInput), so the corpus and
-// the regression inputs of the six decode as they always did.
+// (gated_delta_rule) with one more byte read last, whose lowest set bit picks the member (bit 0
+// kda, bit 1 rwkv7, ...; see LLVMFuzzerTestOneInput), so the corpus and the regression inputs of
+// the six, and of kda, decode as they always did.
 using members = lin::all_members;
 constexpr int n_members = static_cast<int>(members::size);
 constexpr int n_decoded = 6;
@@ -43,6 +46,7 @@ struct inputs {
   std::vector<float> g, beta, gamma;  // [B, H, L (, Dk)], [B, H, L], [H]
   std::vector<float> state0;          // [B, H, Df, Ds] or empty
   bool with_state;
+  std::vector<float> a, b;  // [B, H, L, Dk] RWKV-7's
 };
 
 // Calls member m in the given form on tokens [t0, t0 + n).
@@ -56,7 +60,9 @@ void call(const inputs& in, run_kind kind, std::int64_t t0, std::int64_t n, view
   const view<const float, 4> g4 = view<const float, 4>(in.g.data(), {in.B, in.H, in.L, in.Dk}).narrow(2, t0, n);
   const view<const float, 3> beta = view<const float, 3>(in.beta.data(), {in.B, in.H, in.L}).narrow(2, t0, n);
   const view<const float, 1> gamma(in.gamma.data(), {static_cast<std::int64_t>(in.gamma.size())});
-  const lin::member_inputs inputs{gamma, g3, g4, beta};
+  const view<const float, 4> a = view<const float, 4>(in.a.data(), {in.B, in.H, in.L, in.Dk}).narrow(2, t0, n);
+  const view<const float, 4> b = view<const float, 4>(in.b.data(), {in.B, in.H, in.L, in.Dk}).narrow(2, t0, n);
+  const lin::member_inputs inputs{gamma, g3, g4, beta, a, b};
   members::visit(static_cast<std::size_t>(in.m), [&](auto m) {
     if (kind == reference_run)
       lin::reference_member(m, q, k, v, inputs, o, state, opt);
@@ -74,6 +80,13 @@ bool has_features(int m) {
 bool has_beta(int m) {
   bool r = false;
   members::visit(static_cast<std::size_t>(m), [&](auto row) { r = row.beta; });
+  return r;
+}
+// rwkv7 rejects options.use_qk_l2norm (RWKV-7 normalises its keys before forming a and b).
+bool takes_qk_l2norm(int m) {
+  bool r = true;
+  members::visit(static_cast<std::size_t>(m),
+                 [&](auto row) { r = !std::is_same_v<decltype(row), lin::members::rwkv7>; });
   return r;
 }
 
@@ -172,14 +185,20 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             fuzz::buffer4<float>({B, H, L, std::max<std::int64_t>(Dk, 0)}, fdp.ConsumeIntegralInRange<int>(0, 2), fdp.ConsumeBool()),
             fuzz::buffer4<float>({B, H, L, std::max<std::int64_t>(Dk, 0)}, 0, false),
             fuzz::buffer4<float>({B, H, L, Dv}, 0, fdp.ConsumeBool()),
-            {}, {}, {}, {}, with_state};
-  // The members after the first six (kda, ...): a gated_delta_rule input with one more byte, read
-  // last, so the corpus and the regression inputs of the six decode as before (an exhausted
-  // provider reads 0: gated_delta_rule itself). With one such member the byte is read as
-  // ConsumeBool was. Their per-channel gates are the [B, H, L, Dk] cells of in.g, as GLA's.
+            {}, {}, {}, {}, with_state, {}, {}};
+  // The members after the first six (kda, rwkv7, ...): a gated_delta_rule input with one more byte,
+  // read last, so the corpus and the regression inputs of the six decode as before (an exhausted
+  // provider reads 0: gated_delta_rule itself). Its lowest set bit i picks member n_decoded + i,
+  // gated_delta_rule when there is no such member: bit 0 is kda exactly as the ConsumeBool that
+  // first decoded it, and a member appended later takes inputs that decoded to gated_delta_rule.
+  // Their per-channel gates are the [B, H, L, Dk] cells of in.g, as GLA's. rwkv7 rejects the
+  // options.use_qk_l2norm forced above for gated_delta_rule: cleared for it.
   if (m == n_decoded - 1 && n_members > n_decoded) {
-    m += fdp.ConsumeIntegralInRange<int>(0, n_members - n_decoded);
+    const unsigned byte = fdp.ConsumeIntegral<std::uint8_t>();
+    const int bit = byte == 0 ? 8 : std::countr_zero(byte);
+    if (bit < n_members - n_decoded) m = n_decoded + bit;
     in.m = m;
+    if (!takes_qk_l2norm(m)) in.opt.use_qk_l2norm = false;
   }
   auto gen = [&] { return uni(rng); };
   fuzz::fill(in.q.view(), gen);
@@ -207,6 +226,25 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (opt.normalize)
       for (std::size_t i = static_cast<std::size_t>(Ds - 1); i < in.state0.size(); i += static_cast<std::size_t>(Ds))
         in.state0[i] = std::abs(in.state0[i]) + 0.1f;
+  }
+  // RWKV-7's a = -kk, b = kk * iclr: kk a unit vector per token, iclr in [0, 1] per channel (a
+  // transition that does not expand). Drawn last, so the inputs of the other members are as before.
+  const std::int64_t Dk0 = std::max<std::int64_t>(Dk, 0);
+  in.a.resize(static_cast<std::size_t>(std::max<std::int64_t>(B * H * L * Dk0, 1)));
+  in.b.resize(in.a.size());
+  for (std::int64_t r = 0; r < B * H * L; ++r) {
+    float* ar = in.a.data() + r * Dk0;
+    float* br = in.b.data() + r * Dk0;
+    double ss = 0;
+    for (std::int64_t c = 0; c < Dk0; ++c) {
+      ar[c] = uni(rng);
+      ss += static_cast<double>(ar[c]) * ar[c];
+    }
+    for (std::int64_t c = 0; c < Dk0; ++c) {
+      const float kk = static_cast<float>(ar[c] / std::sqrt(ss + 1e-12));
+      ar[c] = -kk;
+      br[c] = kk * unit(rng);
+    }
   }
 
   const result want = run(in, reference_run, 0);

@@ -1,6 +1,7 @@
 // Golden ops of the linear family: one per member of the member table, linear::all_members
 // (mnemo/linear/members.hpp: linear_attn, retention, simple_gla, gla, delta_rule, gated_delta_rule,
-// kda; README "Linear / gated linear attention"), each in three implementations:
+// kda; README "Linear / gated linear attention"; not rwkv7, which has no golden cases: the rows with
+// other inputs are left out, tests/linear/golden_ops.hpp), each in three implementations:
 // "recurrent" and "chunked" (the two forms of include/mnemo/linear/, forced through
 // options.path; the chunked runs use 16-token chunks so every case has several chunks and most a
 // partial last one) and "reference" (the double-precision recurrences).

@@ -84,7 +84,7 @@ golden::results run_member(M m, const golden::golden_case& c, impl i) {
   if (M::gate == linear::gate_kind::scalar) g = c.input<float, 3>("g", {B, H, L});
   if (M::gate == linear::gate_kind::channel) gk = c.input<float, 4>("g", {B, H, L, Dk});
   if (M::beta) beta = c.input<float, 3>("beta", {B, H, L});
-  const linear::member_inputs in{gamma, g, gk, beta};
+  const linear::member_inputs in{gamma, g, gk, beta, {}, {}};  // no a, b: no row here has other inputs
 
   if (i == impl::reference)
     linear::reference_member(m, q, k, v, in, o, ht, opt);

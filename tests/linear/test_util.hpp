@@ -56,6 +56,7 @@ struct problem {
   tensor<float, 3> beta;     // [B, H, L]       delta rules
   tensor<float, 1> gamma;    // [H]             retention
   tensor<float, 4> state0;   // [B, H, Df, Ds]
+  tensor<float, 4> a, b;     // [B, H, L, Dk]   rwkv7
 };
 
 inline std::int64_t state_rows(const problem& p, const linear::options& opt) { return linear::feature_dim(opt.map, p.Dk); }
@@ -63,7 +64,9 @@ inline std::int64_t state_cols(const problem& p, const linear::options& opt) { r
 
 // q, k, v uniform in [-1, 1] (delta rules: q and k L2-normalised unless opt.use_qk_l2norm, as
 // the rule expects unit keys), beta in [0.05, 1], gamma RetNet's, a small random initial state
-// (with normalize: a positive key-sum column, as a real prefix would leave).
+// (with normalize: a positive key-sum column, as a real prefix would leave), RWKV-7's a = -kk and
+// b = kk * iclr (kk a random unit vector, iclr in [0, 1) per channel: a transition that does not
+// expand; drawn last, so the other inputs are those of the same seed without them).
 template <class M>
 problem make_problem(M, std::int64_t B, std::int64_t H, std::int64_t L, std::int64_t Dk, std::int64_t Dv,
                             std::uint32_t seed, const linear::options& opt = {}, gate_range gr = {}) {
@@ -71,7 +74,8 @@ problem make_problem(M, std::int64_t B, std::int64_t H, std::int64_t L, std::int
   std::uniform_real_distribution<float> unit(-1.0f, 1.0f), gate(gr.lo, gr.hi), beta(0.05f, 1.0f);
   problem p{B, H, L, Dk, Dv, tensor<float, 4>({B, H, L, Dk}), tensor<float, 4>({B, H, L, Dk}),
             tensor<float, 4>({B, H, L, Dv}), tensor<float, 3>({B, H, L}), tensor<float, 4>({B, H, L, Dk}),
-            tensor<float, 3>({B, H, L}), linear::retnet_gamma(H), tensor<float, 4>()};
+            tensor<float, 3>({B, H, L}), linear::retnet_gamma(H), tensor<float, 4>(), tensor<float, 4>({B, H, L, Dk}),
+            tensor<float, 4>({B, H, L, Dk})};
   for (auto* t : {&p.q, &p.k, &p.v})
     for (float& x : *t) x = unit(rng);
   if (M::beta && !opt.use_qk_l2norm)
@@ -91,6 +95,21 @@ problem make_problem(M, std::int64_t B, std::int64_t H, std::int64_t L, std::int
     const bool key_sum = opt.normalize && i % Ds == Ds - 1;
     p.state0.data()[i] = key_sum ? 1.0f + 0.5f * (unit(rng) + 1.0f) : 0.1f * unit(rng);
   }
+  std::uniform_real_distribution<float> rate(0.0f, 1.0f);
+  for (std::int64_t r = 0; r < B * H * L; ++r) {
+    float* a = p.a.data() + r * Dk;
+    float* b = p.b.data() + r * Dk;
+    double ss = 0;
+    for (std::int64_t c = 0; c < Dk; ++c) {
+      a[c] = unit(rng);
+      ss += static_cast<double>(a[c]) * a[c];
+    }
+    for (std::int64_t c = 0; c < Dk; ++c) {
+      const float kk = static_cast<float>(a[c] / std::sqrt(ss + 1e-12));
+      a[c] = -kk;
+      b[c] = kk * rate(rng);
+    }
+  }
   return p;
 }
 
@@ -102,7 +121,7 @@ inline linear::options with_path(linear::options opt, impl i) {
 }
 
 // The inputs of p (every kind; each member reads its own).
-inline linear::member_inputs inputs_of(const problem& p) { return {p.gamma, p.g, p.gk, p.beta}; }
+inline linear::member_inputs inputs_of(const problem& p) { return {p.gamma, p.g, p.gk, p.beta, p.a, p.b}; }
 
 // Runs member m by implementation i on q, k, v (element type T) with the inputs `in`.
 template <class T, class M>
@@ -288,7 +307,7 @@ struct token_of {
   tensor<float, 2> g, beta;  // [B, H] copies
   linear::token_inputs in;
   token_of(const problem& p, std::int64_t t) : g(token(p.g, t)), beta(token(p.beta, t)) {
-    in = {p.gamma, g, token(p.gk, t), beta};
+    in = {p.gamma, g, token(p.gk, t), beta, token(p.a, t), token(p.b, t)};
   }
 };
 
@@ -440,24 +459,30 @@ void check_long_run(M m, gate_range gr = {}) {
 }
 
 // bf16 q, k, v: each form on the bf16 inputs against the reference on the same (rounded) values.
+// Not for members with other inputs: member_inputs holds f32 views, and rwkv7 wants a and b in q's
+// element type (tests/linear/rwkv7_test.cpp checks its bf16 inputs itself).
 template <class M>
 void check_bf16(M m, linear::options opt = {}) {
-  opt.chunk_size = 16;
-  const problem p = make_problem(m, 1, 2, 45, 24, 16, 9, opt);
-  tensor<bf16, 4> qb(p.q.shape()), kb(p.k.shape()), vb(p.v.shape());
-  problem rounded = p;
-  for (auto [src, dst, back] : {std::tuple{&p.q, &qb, &rounded.q}, std::tuple{&p.k, &kb, &rounded.k},
-                                std::tuple{&p.v, &vb, &rounded.v}})
-    for (std::int64_t i = 0; i < src->size(); ++i) {
-      dst->data()[i] = bf16(src->data()[i]);
-      back->data()[i] = static_cast<float>(dst->data()[i]);
+  if constexpr (M::other_inputs) {
+    GTEST_SKIP() << member_name(m) << ": its other inputs are f32 views in member_inputs";
+  } else {
+    opt.chunk_size = 16;
+    const problem p = make_problem(m, 1, 2, 45, 24, 16, 9, opt);
+    tensor<bf16, 4> qb(p.q.shape()), kb(p.k.shape()), vb(p.v.shape());
+    problem rounded = p;
+    for (auto [src, dst, back] : {std::tuple{&p.q, &qb, &rounded.q}, std::tuple{&p.k, &kb, &rounded.k},
+                                  std::tuple{&p.v, &vb, &rounded.v}})
+      for (std::int64_t i = 0; i < src->size(); ++i) {
+        dst->data()[i] = bf16(src->data()[i]);
+        back->data()[i] = static_cast<float>(dst->data()[i]);
+      }
+    const outputs want = run_all(m, impl::reference, rounded, opt);
+    for (impl i : {impl::chunked, impl::recurrent}) {
+      outputs got{tensor<float, 4>({p.B, p.H, p.L, p.Dv}), p.state0};
+      run_range<bf16>(m, i, qb, kb, vb, p, 0, p.L, got.o, got.state, opt);
+      EXPECT_TRUE(close(got.o, want.o, f32_tol)) << member_name(m) << " bf16 o";
+      EXPECT_TRUE(close(got.state, want.state, f32_tol)) << member_name(m) << " bf16 state";
     }
-  const outputs want = run_all(m, impl::reference, rounded, opt);
-  for (impl i : {impl::chunked, impl::recurrent}) {
-    outputs got{tensor<float, 4>({p.B, p.H, p.L, p.Dv}), p.state0};
-    run_range<bf16>(m, i, qb, kb, vb, p, 0, p.L, got.o, got.state, opt);
-    EXPECT_TRUE(close(got.o, want.o, f32_tol)) << member_name(m) << " bf16 o";
-    EXPECT_TRUE(close(got.state, want.state, f32_tol)) << member_name(m) << " bf16 state";
   }
 }
 

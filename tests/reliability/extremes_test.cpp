@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "mnemo/attention/attention.hpp"
@@ -388,20 +389,25 @@ using lin::all_members;
 using lin::gate_kind;
 enum run_kind { reference_run, recurrent_run, chunked_run };
 
-// A data-dependent gate (g or gk): -inf there resets the state, 0 is no decay.
+// A data-dependent gate (g or gk), checked at the boundary.
 template <class M>
-constexpr bool data_gate = (M::gate == gate_kind::scalar || M::gate == gate_kind::channel) && !M::other_inputs;
+constexpr bool checked_gate = M::gate == gate_kind::scalar || M::gate == gate_kind::channel;
+// One where -inf resets the state and 0 is no decay (not RWKV-7's: its rank-one term reads the
+// state before the decay).
+template <class M>
+constexpr bool data_gate = checked_gate<M> && !M::other_inputs;
 
 struct linear_case {
   std::int64_t B = 1, H = 2, L = 40, Dk = 8, Dv = 6;
-  tensor<float, 4> q, k, v, g4;  // g4: GLA's and KDA's per-channel log-gates [B, H, L, Dk]
+  tensor<float, 4> q, k, v, g4;  // g4: GLA's, KDA's and RWKV-7's per-channel log-gates [B, H, L, Dk]
   tensor<float, 3> g, beta;      // [B, H, L]
   tensor<float, 1> gamma;        // [H]
+  tensor<float, 4> a, b;         // RWKV-7's a = -kk, b = kk * iclr [B, H, L, Dk]
   lin::options opt;
 
   explicit linear_case(std::uint32_t seed)
       : q({B, H, L, Dk}), k({B, H, L, Dk}), v({B, H, L, Dv}), g4({B, H, L, Dk}), g({B, H, L}), beta({B, H, L}),
-        gamma({H}) {
+        gamma({H}), a({B, H, L, Dk}), b({B, H, L, Dk}) {
     fill_uniform(q, -1.0f, 1.0f, seed);
     fill_uniform(k, -1.0f, 1.0f, seed + 1);
     fill_uniform(v, -1.0f, 1.0f, seed + 2);
@@ -410,7 +416,22 @@ struct linear_case {
     fill_uniform(beta, 0.0f, 1.0f, seed + 5);
     gamma(0) = 0.9f;
     gamma(1) = 1.0f;
-    opt.use_qk_l2norm = true;  // keeps the delta rules contractive
+    // kk a unit vector per token (from a's random values), iclr in [0, 1] (b's): a transition that
+    // does not expand
+    fill_uniform(a, -1.0f, 1.0f, seed + 6);
+    fill_uniform(b, 0.0f, 1.0f, seed + 7);
+    for (std::int64_t r = 0; r < B * H * L; ++r) {
+      float* ar = a.data() + r * Dk;
+      float* br = b.data() + r * Dk;
+      double ss = 0;
+      for (std::int64_t c = 0; c < Dk; ++c) ss += static_cast<double>(ar[c]) * ar[c];
+      for (std::int64_t c = 0; c < Dk; ++c) {
+        const float kk = static_cast<float>(ar[c] / std::sqrt(ss + 1e-12));
+        ar[c] = -kk;
+        br[c] *= kk;
+      }
+    }
+    opt.use_qk_l2norm = true;  // keeps the delta rules contractive (rwkv7 rejects it: run() clears it)
     opt.chunk_size = 16;
     opt.threads = 1;  // concurrency has its own test; one thread keeps this one fast on a busy machine
   }
@@ -421,8 +442,10 @@ struct linear_case {
     tensor<float, 4> o({B, H, L, Dv});
     lin::options o_opt = opt;
     o_opt.path = kind == chunked_run ? lin::form::chunked : lin::form::recurrent;
+    // RWKV-7 normalises its keys before forming a and b, and rejects the flag
+    if constexpr (std::is_same_v<M, lin::members::rwkv7>) o_opt.use_qk_l2norm = false;
     const view<const float, 4> vq = q, vk = k, vv = v;
-    const lin::member_inputs in{gamma, g, g4, beta};
+    const lin::member_inputs in{gamma, g, g4, beta, a, b};
     if (kind == reference_run)
       lin::reference_member(m, vq, vk, vv, in, o, state, o_opt);
     else
@@ -477,6 +500,8 @@ TEST(LinearExtremes, GatesAtMinusInfResetTheState) {
   cut(c.g4, tail.g4);
   cut(c.g, tail.g);
   cut(c.beta, tail.beta);
+  cut(c.a, tail.a);
+  cut(c.b, tail.b);
   all_members::for_each([&](auto m) {
     if constexpr (data_gate<decltype(m)>) {  // simple_gla, gla, gated_delta_rule, kda
       SCOPED_TRACE(m.name);
@@ -610,10 +635,10 @@ TEST(LinearExtremes, NanOrPositiveGatesAreRejected) {
     d.g4(0, 0, 7, 3) = bad;
     d.beta(0, 0, 2) = bad;
     all_members::for_each([&](auto m) {
-      using M = decltype(m);  // simple_gla, gla, delta_rule, gated_delta_rule, kda: a checked g, gk or beta
-      if constexpr (data_gate<M> || (M::beta && !M::other_inputs)) {
+      using M = decltype(m);  // simple_gla, gla, delta_rule, gated_delta_rule, kda, rwkv7: a checked g, gk or beta
+      if constexpr (checked_gate<M> || M::beta) {
         SCOPED_TRACE(m.name);
-        if (!data_gate<M> && bad == 0.5f) return;  // 0.5 is a valid beta (delta_rule)
+        if (!checked_gate<M> && bad == 0.5f) return;  // 0.5 is a valid beta (delta_rule)
         EXPECT_THROW(d.run(m, chunked_run), mnemo::error) << bad;
         EXPECT_THROW(d.run(m, reference_run), mnemo::error) << bad;
       }

@@ -27,15 +27,17 @@
 // the input kinds below, that is all: the tests (tests/linear/test_util.hpp), the benchmark rows
 // (bench/linear_rows.cpp), the fuzzer, the golden runner and the extremes test pick it up.
 //
-// A member with an input of a new kind (RWKV-7's a and b [B, H, L, Dk], beside its per-channel
-// log-decay w, which is gk): add a field to member_inputs and token_inputs and to narrow() below,
-// return it from args() (std::tuple(in.gk, in.a, in.b)) and set other_inputs = true. The consumers
-// that build inputs field by field (test_util.hpp's problem, bench/linear_rows.cpp, the fuzzer, the
-// extremes test) each fill the new field in a line or two; the golden runner leaves such a member
-// out (tests/linear/golden_ops.hpp reads the inputs of the golden cases, which have none of it); the
-// identities the extremes test checks for the gated and delta members (a gate of -inf resets the
-// state, a gate of 0 is linear attention) skip rows with other_inputs. gate and beta keep their
-// meaning (RWKV-7: channel, no beta).
+// A member with an input of a new kind (as RWKV-7's a and b [B, H, L, Dk], beside its per-channel
+// log-decay, which is gk): add a field to member_inputs and token_inputs and to narrow() below,
+// return it from args() (rwkv7: std::tuple(in.gk, in.a, in.b)) and set other_inputs = true. The
+// consumers that build inputs field by field (test_util.hpp's problem, bench/linear_rows.cpp, the
+// fuzzer, the extremes test) each fill the new field in a line or two; the golden runner leaves such
+// a member out (tests/linear/golden_ops.hpp reads the inputs of the golden cases, which have none of
+// it); the identities the extremes test checks for the gated and delta members (a gate of -inf
+// resets the state, a gate of 0 is linear attention) skip rows with other_inputs. gate and beta keep
+// their meaning (RWKV-7: channel, no beta). The new fields are f32 views, so through the table such a
+// member runs on f32 q, k, v only when it wants them in q's element type (rwkv7 does; test_util.hpp's
+// bf16 check leaves it to the member's own test).
 //
 // A member whose state is not [B, H, Df, Dv (+1)] or whose inputs are not q, k, v (Mamba-2's x, dt,
 // B, C; MoM's router) needs a row whose run/reference/step adapt member_inputs to its own call, or
@@ -56,6 +58,7 @@
 #include "mnemo/linear/kda.hpp"
 #include "mnemo/linear/linear_attn.hpp"
 #include "mnemo/linear/retention.hpp"
+#include "mnemo/linear/rwkv7.hpp"
 #include "mnemo/linear/simple_gla.hpp"
 
 namespace mnemo::linear {
@@ -75,6 +78,7 @@ struct member_inputs {
   view<const float, 3> g;      // [B, H, L]      gate_kind::scalar
   view<const float, 4> gk;     // [B, H, L, Dk]  gate_kind::channel
   view<const float, 3> beta;   // [B, H, L]      beta
+  view<const float, 4> a, b;   // [B, H, L, Dk]  RWKV-7's rank-one read and write vectors (f32 q, k, v only)
 };
 
 // The same for one token (the *_step functions).
@@ -83,13 +87,14 @@ struct token_inputs {
   view<const float, 2> g;      // [B, H]
   view<const float, 3> gk;     // [B, H, Dk]
   view<const float, 2> beta;   // [B, H]
+  view<const float, 3> a, b;   // [B, H, Dk]
 };
 
 // Tokens [t0, t0 + n) of every per-token input (gamma is per head and stays whole). Empty views
 // stay empty.
 inline member_inputs narrow(const member_inputs& in, std::int64_t t0, std::int64_t n) {
   auto cut = [&](const auto& x) { return x.empty() ? x : x.narrow(2, t0, n); };
-  return {in.gamma, cut(in.g), cut(in.gk), cut(in.beta)};
+  return {in.gamma, cut(in.g), cut(in.gk), cut(in.beta), cut(in.a), cut(in.b)};
 }
 
 // ---- the rows ----------------------------------------------------------------------------------
@@ -173,6 +178,19 @@ struct kda {
   static constexpr auto step = [](const auto&... a) { linear::kda_step(a...); };
 };
 
+// RWKV-7's generalized delta rule: the per-channel log-decay is gk; a and b are of q's element type
+// (f32 here: member_inputs holds f32 views), and options.use_qk_l2norm is rejected.
+struct rwkv7 {
+  static constexpr const char* name = "rwkv7";
+  static constexpr gate_kind gate = gate_kind::channel;
+  static constexpr bool beta = false, features = false, other_inputs = true;
+  static constexpr std::int64_t default_chunk = rwkv7_default_chunk_size;
+  static auto args(const auto& in) { return std::tuple(in.gk, in.a, in.b); }
+  static constexpr auto run = [](const auto&... a) { linear::rwkv7(a...); };
+  static constexpr auto reference = [](const auto&... a) { linear::reference::rwkv7(a...); };
+  static constexpr auto step = [](const auto&... a) { linear::rwkv7_step(a...); };
+};
+
 }  // namespace members
 
 // A list of rows: for_each(f) calls f(M{}) for each, visit(i, f) for the i-th.
@@ -196,7 +214,7 @@ struct member_list {
 
 // The table: the members in order (the fuzzer decodes a member as its index here; append new ones).
 using all_members = member_list<members::linear_attn, members::retention, members::simple_gla, members::gla,
-                                members::delta_rule, members::gated_delta_rule, members::kda>;
+                                members::delta_rule, members::gated_delta_rule, members::kda, members::rwkv7>;
 
 // Member M's fast path on q, k, v [B, H, L, Dk / Dv]; options.path picks the form.
 template <class M, class Q, class K, class V>
