@@ -3,11 +3,13 @@
 // and b (a = -kk, b = kk * iclr) and with general ones; weak, strong and mixed decays, gates near 0
 // and at -inf; the KDA special case against linear::reference::kda (an independent check of the
 // orientation); pieces and steps against one call; rollback on a linear::state_ring; bf16 inputs;
-// strided views; threads, empty state, L = 0; NaN propagation; the boundary checks.
+// strided views; threads, empty state, L = 0; NaN propagation; the boundary checks. Then the linear
+// family's shared checks (tests/linear/test_util.hpp) on rwkv7's row of the member table
+// (mnemo/linear/members.hpp), on the family's q, k, v and gates with RWKV-7's a and b; not its bf16
+// check (member_inputs holds f32 a and b) nor the golden cases (none has a and b).
 //
-// Self-contained (tests/support only): the linear family's shared test helpers
-// (tests/linear/test_util.hpp) do not list rwkv7, and each member instantiated here costs compile
-// time, so only rwkv7 (float and bf16 inputs) and KDA's reference are built.
+// The tests above are self-contained (tests/support only); test_util.hpp's checks are templates on
+// the member, so only rwkv7 (float and bf16 inputs) and KDA's reference are built.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "linear/test_util.hpp"
 #include "mnemo/linear/kda.hpp"
 #include "mnemo/linear/rwkv7.hpp"
 #include "mnemo/linear/state_ring.hpp"
@@ -517,4 +520,22 @@ TEST(rwkv7, bad_inputs) {
   }
 }
 
+// ---- the shared checks of tests/linear/test_util.hpp, on the member table's row ------------------
+
+namespace table {
+
+constexpr linear_test::member::rwkv7 rwkv7{};
+
+TEST(rwkv7_table, forms_match_reference) { linear_test::check_forms(rwkv7); }
+TEST(rwkv7_table, strong_gates) { linear_test::check_forms(rwkv7, {}, {-6.0f, -1.0f}); }
+TEST(rwkv7_table, extreme_gates) { linear_test::check_extreme_gates(rwkv7); }
+TEST(rwkv7_table, pieces_then_continue) { linear_test::check_pieces(rwkv7); }
+TEST(rwkv7_table, long_run_stays_finite) { linear_test::check_long_run(rwkv7); }
+TEST(rwkv7_table, threads_and_state) { linear_test::check_threads_and_state(rwkv7); }
+TEST(rwkv7_table, strided_views) { linear_test::check_strided(rwkv7); }
+TEST(rwkv7_table, bad_inputs) { linear_test::check_bad_common(rwkv7); }
+TEST(rwkv7_table, step_after_prefill) { linear_test::check_steps(rwkv7); }
+TEST(rwkv7_table, rollback) { linear_test::check_rollback(rwkv7); }
+
+}  // namespace table
 }  // namespace
