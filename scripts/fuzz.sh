@@ -2,7 +2,7 @@
 # Builds mnemo's libFuzzer targets (fuzz/*_fuzz.cpp, clang, -fsanitize=fuzzer,address + UBSan)
 # and runs them from the committed seed corpus (fuzz/corpus/<target>/).
 #
-#   scripts/fuzz.sh --smoke            CI: build (-O1, ASan + the core UBSan checks, see
+#   scripts/fuzz.sh --smoke            scripts/test.sh --all-builds: build (-O1, ASan + core UBSan, see
 #                                      fuzz/CMakeLists.txt), replay fuzz/regressions/, then fuzz
 #                                      every target for MNEMO_FUZZ_SMOKE_SECONDS (default 8) s
 #   scripts/fuzz.sh --long [seconds]   fuzz every target for `seconds` (default 600) each, with every
