@@ -48,6 +48,15 @@ struct observation {
   view<const float, 3> v;     // [Hkv, L, Dv] or empty
   view<const float, 3> q;     // [Hq, Lw, D] or empty
   view<const float, 2> attn;  // [Hq, L] or empty: column sums of the probabilities of the Lw rows
+  // What some policies read beside the tensors; the defaults describe one causal layer, no flags.
+  std::span<const std::uint8_t> special = {};  // [L] or empty: 1 = a special token (FastGen)
+  std::span<const std::uint8_t> punct = {};    // [L] or empty: 1 = a punctuation token (FastGen)
+  std::int64_t layer = 0;                 // this layer's index in [0, layers) (PyramidKV, SimLayerKV)
+  std::int64_t layers = 1;                // the model's number of layers
+  // Whether the rows behind q and attn were causal: the Lw window rows are the last Lw positions
+  // of the context and row i saw keys [0, L - Lw + i]. false: every row saw every key (a
+  // non-causal encoder, or held-out queries that come after the context).
+  bool causal = true;
 };
 
 // The sizes of an observation, validated once.
