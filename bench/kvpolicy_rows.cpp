@@ -345,7 +345,10 @@ decision decide(const std::string& policy, const context& ctx, std::int64_t budg
     d.kept = pol::snapkv{ctx_window, 5}.select(win, budget);
     d.tracks_attention = true;
   } else if (policy == "pyramidkv") {  // the middle layer of 8 (its budget is the average)
-    d.kept = pol::pyramidkv{pol::snapkv{ctx_window, 5}, 20}.select(win, 4, 8, std::max(budget, ctx_window));
+    pol::observation layer4 = win;
+    layer4.layer = 4;
+    layer4.layers = 8;
+    d.kept = pol::pyramidkv{pol::snapkv{ctx_window, 5}, 20}.select(layer4, std::max(budget, ctx_window));
     d.tracks_attention = true;
   } else if (policy == "adakv") {
     d.kept = pol::adakv{pol::snapkv{ctx_window, 5}, 0.2}.select(win, budget);
@@ -362,14 +365,16 @@ decision decide(const std::string& policy, const context& ctx, std::int64_t budg
     d.kept = pol::qfilter{f}.select(win, budget);
   } else if (policy == "think") {  // channels, not tokens: keep budget/L of the key channels
     const std::int64_t keep = std::max<std::int64_t>(1, ctx_D * budget / L);
-    const kvcache::selection ch = pol::think{ctx_D - keep}.select(win);
+    const kvcache::selection ch = pol::think{}.select(win, keep);
     pol::think::prune(k, ch, d.k.as_view());
     d.kept = kvcache::top_budget(ctx.sums_window.as_view().narrow(0, 0, ctx_Hkv), L);
     d.key_channels = keep;
   } else if (policy == "fastgen") {
     std::vector<std::uint8_t> special(static_cast<std::size_t>(L), 0);
     for (std::int64_t j = 0; j < ctx_sinks; ++j) special[static_cast<std::size_t>(j)] = 1;
-    const pol::fastgen::plan plan = pol::fastgen{}.select(all, budget, special, {});
+    pol::observation flagged = all;
+    flagged.special = special;
+    const pol::fastgen::plan plan = pol::fastgen{}.profile(flagged, budget);
     d.kept = plan.kept;
     d.per_head = plan.per_head;
     d.tracks_attention = true;

@@ -94,13 +94,14 @@ inline golden::results run(const golden::golden_case& c, path p) {
   if (op == "kv_think") {
     const std::int64_t Hq = c.dim("Hq"), window = c.dim("window");
     const auto q = c.input<float, 4>("q", {B, Hq, L, D});
-    const pol::think policy{c.dim("n_pruned")};
+    const pol::think policy{};
+    const std::int64_t kept_channels = D - c.dim("n_pruned");
     tensor<float, 3> scores({B, Hkv, D});
     tensor<float, 4> k_out({B, Hkv, L, D});
     for (std::int64_t b = 0; b < B; ++b) {
       const pol::observation o{cview(k)[b], {}, cview(q)[b].narrow(1, L - window, window), {}};
       policy.scores(o, scores.as_view()[b]);
-      sel.push_back(policy.select(o));
+      sel.push_back(policy.select(o, kept_channels));
       pol::think::prune(cview(k)[b], sel.back(), k_out.as_view()[b]);
     }
     r.add("scores", scores);

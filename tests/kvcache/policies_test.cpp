@@ -145,7 +145,9 @@ TEST(PolicyInvariants, EveryPolicyRespectsTheBudgetAndKeepsItsForcedSlots) {
       f[0] = 1;
       return f;
     }();
-    const pol::fastgen::plan fg = pol::fastgen{}.select(o, budget, special, {});
+    pol::observation of = o;
+    of.special = special;
+    const pol::fastgen::plan fg = pol::fastgen{}.profile(of, budget);
     expect_valid(fg.kept, Hkv, L, budget, "fastgen" + b);
     ASSERT_EQ(fg.per_head.size(), static_cast<std::size_t>(Hkv));
     for (std::int64_t h = 0; h < Hkv; ++h) EXPECT_TRUE(keeps(fg.kept, h, 0)) << "fastgen special token" << b;
@@ -166,14 +168,17 @@ TEST(PolicyInvariants, PyramidBudgetsDecreaseAndAverageTheBudget) {
   }
   EXPECT_NEAR(mean, 200.0, 1.0);  // floors lose < 1 slot per layer
   const inputs in = random_inputs(4, 2, 300, 8, 8, 9);
-  const selection s = p.select(observe(in), 31, 32, 200);
+  pol::observation o = observe(in);
+  o.layer = 31;
+  o.layers = 32;
+  const selection s = p.select(o, 200);
   for (std::int64_t h = 0; h < 2; ++h) EXPECT_EQ(s.kept(h), b.back());
 }
 
 TEST(PolicyInvariants, ThinkPrunesExactlyTheDroppedChannels) {
   const inputs in = random_inputs(4, 2, 30, 6, 12, 11);
-  const pol::think t{5};
-  const selection ch = t.select(observe(in));
+  const pol::think t{};
+  const selection ch = t.select(observe(in), 7);
   tensor<float, 3> k_out({2, 30, 12});
   pol::think::prune(in.k, ch, k_out.as_view());
   for (std::int64_t h = 0; h < 2; ++h) {
@@ -403,7 +408,10 @@ TEST(PolicyDecoders, PyramidKVKeepsItsLayerBudgetWhileDecoding) {
         [&](const selection& sel, const tensor<float, 2>& attn, const std::vector<std::int64_t>& len) {
           ASSERT_NE(attn.size(), 0);
           const tensor<float, 3> k({drv.Hkv, len[0], D});
-          EXPECT_EQ(sel.heads, p.select({k, {}, {}, attn}, layer, layers, average).heads);
+          pol::observation o{k, {}, {}, attn};
+          o.layer = layer;
+          o.layers = layers;
+          EXPECT_EQ(sel.heads, p.select(o, average).heads);
           for (std::int64_t h = 0; h < drv.Hkv; ++h) EXPECT_EQ(sel.kept(h), dec.budget());
           expect_window_kept(sel, len, drv.window);
         });
@@ -443,7 +451,10 @@ TEST(PolicyDecoders, FastGenAppliesEachHeadsPrefillChoice) {
   special[0] = special[1] = 1;
   for (std::int64_t j = 3; j < L; j += 7) punct[static_cast<std::size_t>(j)] = 1;
   const pol::fastgen p{0.6, 0.5};
-  const pol::fastgen::plan plan = p.select(observe(in), budget, special, punct);
+  pol::observation o = observe(in);
+  o.special = special;
+  o.punct = punct;
+  const pol::fastgen::plan plan = p.profile(o, budget);
   pol::fastgen::decoder dec(p, plan.per_head);
   for (std::int64_t h = 0; h < Hkv; ++h)
     for (std::int64_t j = 0; j < L; ++j) {
@@ -481,7 +492,7 @@ TEST(PolicyDecoders, FastGenAppliesEachHeadsPrefillChoice) {
 
 TEST(PolicyDecoders, ThinkPrunesNewKeysLikeThePrefill) {
   const inputs in = random_inputs(4, 2, 30, 4, 8, 51);
-  const selection channels = pol::think{3}.select(observe(in));
+  const selection channels = pol::think{}.select(observe(in), 5);
   const pol::think::decoder dec(channels, 8);
   tensor<float, 3> k({2, 5, 8}), want({2, 5, 8});
   std::mt19937 rng(52);
@@ -520,7 +531,12 @@ TEST(PolicyErrors, BadBudgetsAndShapesThrow) {
   expect_error([&] { pol::h2o{6}.select(o, 5); }, {"recent", "got 5"});
   expect_error([&] { pol::snapkv{0, 5}.select(o, 5); }, {"window must be in [1, L = 20]", "got 0"});
   expect_error([&] { pol::snapkv{4, 4}.select(o, 5); }, {"kernel_size must be odd", "got 4"});
-  expect_error([&] { pol::think{9}.select(o); }, {"n_pruned must be in [0, D = 8]", "got 9"});
+  expect_error([&] { pol::think{}.select(o, 9); }, {"budget (key channels kept) must be in [0, D = 8]", "got 9"});
+  pol::observation o_layer = o;
+  o_layer.layer = 4;
+  o_layer.layers = 4;
+  expect_error([&] { pol::pyramidkv{pol::snapkv{4, 5}}.select(o_layer, 10); },
+               {"observation.layer must be in [0, layers = 4)", "got 4"});
   expect_error([&] { pol::pyramidkv{pol::snapkv{8, 5}}.layer_budgets(4, 7); }, {"budget must be >= 8", "got 7"});
   expect_error([&] { pol::adakv{pol::snapkv{4, 5}, 1.5}.select(o, 5); }, {"alpha must be in [0, 1]", "got 1.5"});
   tensor<float, 2> bad_attn({4, 19});
@@ -550,12 +566,14 @@ TEST(PolicyErrors, BadBudgetsAndShapesThrow) {
   expect_error([&] { pol::pyramidkv::decoder(2, pol::pyramidkv{pol::snapkv{4, 3}}, 4, 4, 10); },
                {"layer must be in [0, layers = 4)", "got 4"});
   expect_error([&] { pol::adakv::decoder(2, pol::adakv{pol::snapkv{4, 3}, 2.0}).select(3); }, {"alpha", "got 2"});
-  const selection ch = pol::think{2}.select(o);
+  const selection ch = pol::think{}.select(o, 6);
   expect_error([&] { pol::think::decoder(ch, 7); }, {"selection.heads[0]", "[0, 7)"});
   expect_error([&] { pol::think::decoder(ch, 8).apply(tensor<float, 3>({2, 1, 6}).as_view()); }, {"D = 8", "[2, 1, 6]"});
   expect_error([&] { pol::fastgen::decoder(pol::fastgen{}, {}); }, {"one choice per kv head"});
   std::vector<std::uint8_t> short_flags(3, 0);
-  expect_error([&] { pol::fastgen{}.select(o, 5, short_flags, {}); }, {"special", "L = 20", "got 3"});
+  pol::observation o_flags = o;
+  o_flags.special = short_flags;
+  expect_error([&] { pol::fastgen{}.select(o_flags, 5); }, {"special", "L = 20", "got 3"});
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -34,6 +35,7 @@
 namespace mnemo::kvcache::policies {
 
 struct fastgen {
+  static constexpr std::string_view name = "fastgen";
   enum class choice { special, punct, local, frequency };
 
   double recovery = 0.95;     // T
@@ -44,10 +46,11 @@ struct fastgen {
     std::vector<choice> per_head;  // [Hkv]
   };
 
-  // special, punct: [L] flags of the prompt's tokens (1 = special / punctuation), may be empty.
-  plan select(const observation& o, std::int64_t budget, std::span<const std::uint8_t> special,
-              std::span<const std::uint8_t> punct) const {
-    constexpr const char* fn = "kvcache::policies::fastgen::select";
+  // The per-head choices and kept slots. The token flags come with the observation:
+  // o.special, o.punct = [L] flags of the prompt's tokens (1 = special / punctuation), may be empty.
+  plan profile(const observation& o, std::int64_t budget) const {
+    constexpr const char* fn = "kvcache::policies::fastgen::profile";
+    const std::span<const std::uint8_t> special = o.special, punct = o.punct;
     const obs_dims d = detail::check(fn, o, false, true);
     detail::check_budget(fn, budget);
     check(fn);
@@ -74,6 +77,9 @@ struct fastgen {
     }
     return out;
   }
+
+  // The kept slots of profile(o, budget).
+  selection select(const observation& o, std::int64_t budget) const { return profile(o, budget).kept; }
 
   class decoder;  // decode-time state, below
 

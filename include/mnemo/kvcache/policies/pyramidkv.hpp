@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include "mnemo/kvcache/policies/common.hpp"
@@ -26,6 +27,7 @@
 namespace mnemo::kvcache::policies {
 
 struct pyramidkv {
+  static constexpr std::string_view name = "pyramidkv";
   snapkv base{};
   double beta = 20;  // ratio of the bottom layer's extra budget to the top layer's
 
@@ -45,11 +47,13 @@ struct pyramidkv {
     return out;
   }
 
-  // The selection of layer `layer` of `layers` (observation as for snapkv).
-  selection select(const observation& o, std::int64_t layer, std::int64_t layers, std::int64_t average_budget) const {
+  // The selection of layer o.layer of o.layers (observation as for snapkv); `budget` is the
+  // average over the layers.
+  selection select(const observation& o, std::int64_t budget) const {
     constexpr const char* fn = "kvcache::policies::pyramidkv::select";
-    detail::require(layer >= 0 && layer < layers, fn, ": layer must be in [0, layers = ", layers, "), got ", layer);
-    return base.select(o, layer_budgets(layers, average_budget)[static_cast<std::size_t>(layer)]);
+    detail::require(o.layer >= 0 && o.layer < o.layers, fn, ": observation.layer must be in [0, layers = ", o.layers,
+                    "), got ", o.layer);
+    return base.select(o, layer_budgets(o.layers, budget)[static_cast<std::size_t>(o.layer)]);
   }
 
   // Decode-time state of layer `layer` of `layers`: snapkv::decoder with that layer's budget.

@@ -6,7 +6,7 @@
 //
 //   score_h,c = (mean over the window queries and the group's query heads of q_c^2)
 //             x (mean over all L keys of k_c^2)
-//   kept      = the D - n_pruned channels of highest score (ascending); the others are zeroed
+//   kept      = the `budget` channels of highest score (ascending); the others are zeroed
 //
 // (kvpress's ThinKPress: the product of the two mean squares, a separable form of ||q_c k_c||.)
 // Returns the kept channels as a selection over channels (selection.heads[h] = kept channel
@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -27,7 +28,7 @@
 namespace mnemo::kvcache::policies {
 
 struct think {
-  std::int64_t n_pruned = 0;  // channels removed per kv head
+  static constexpr std::string_view name = "think";
 
   // scores [Hkv, D] from observation.q [Hq, window, D] and observation.k [Hkv, L, D].
   void scores(const observation& o, view<float, 2> out) const {
@@ -46,14 +47,16 @@ struct think {
       }
   }
 
-  // The kept channels of every kv head (ascending).
-  selection select(const observation& o) const {
+  // The kept key channels of every kv head (ascending): `budget` channels of D. ThinK selects
+  // channels, not slots (policy_traits<think>::selects is channels): apply it with prune.
+  selection select(const observation& o, std::int64_t budget) const {
     constexpr const char* fn = "kvcache::policies::think::select";
     const obs_dims d = detail::check(fn, o, true, false);
-    detail::require(n_pruned >= 0 && n_pruned <= d.D, fn, ": n_pruned must be in [0, D = ", d.D, "], got ", n_pruned);
+    detail::require(budget >= 0 && budget <= d.D, fn, ": budget (key channels kept) must be in [0, D = ", d.D, "], got ",
+                    budget);
     tensor<float, 2> s({d.Hkv, d.D});
     scores(o, s);
-    return top_budget(s, d.D - n_pruned);
+    return top_budget(s, budget);
   }
 
   // k_out [Hkv, L, D] = k with the channels `channels` does not keep set to 0 (k_out may be k).
