@@ -348,6 +348,99 @@ class layer_cache {
     }
   }
 
+  // ---- rewriting slots (kvcache/merge.hpp: merged tokens) ---------------------------------------
+
+  // Replaces the keys (unless k is empty) and the values (unless v is empty) of head h's slots
+  // `slots` (strictly ascending) by the rows of k [n, D] and v [n, Dv], n = slots.size(); positions
+  // and rotary positions stay. f16 / bf16 round to nearest even. int8 / int4: a quantized value row
+  // is requantized alone (its per-token groups, as a flush would); every key group that holds a
+  // rewritten slot is requantized over all its slots with the range of its new keys (so the group's
+  // other keys get one more rounding of at most half a step); residual rows are stored as given.
+  template <class Arch = simd::default_arch>
+  void set_slots(std::int64_t h, std::span<const std::int64_t> slots,
+                 view<const float, 2> k,    // [n, D] or empty: keys unchanged
+                 view<const float, 2> v) {  // [n, Dv] or empty: values unchanged
+    constexpr const char* fn = "kvcache::layer_cache::set_slots";
+    const std::size_t hi = check_head(fn, h);
+    const auto n = static_cast<std::int64_t>(slots.size());
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::int64_t s = slots[static_cast<std::size_t>(i)];
+      detail::require(s >= 0 && s < length_[hi], fn, ": slots[", i, "] must be in [0, ", length_[hi], ") (length of head ",
+                      h, "), got ", s);
+      if (i > 0 && !(s > slots[static_cast<std::size_t>(i - 1)]))
+        detail::fail(fn, ": slots must be strictly ascending: index ", i, " is ", s, " after ",
+                     slots[static_cast<std::size_t>(i - 1)]);
+    }
+    if (!k.empty()) detail::require_shape(fn, "k", k, {n, cfg_.D}, " [slots.size(), D]");
+    if (!v.empty()) detail::require_shape(fn, "v", v, {n, cfg_.Dv}, " [slots.size(), Dv]");
+    if (is_quantized(cfg_.kind))
+      for (int which = 0; which < 2; ++which) {
+        const view<const float, 2>& x = which ? v : k;
+        if (!x.empty())
+          for (std::int64_t i = 0; i < n; ++i)
+            for (std::int64_t c = 0; c < x.extent(1); ++c)
+              detail::require(quant::quantizable(x(i, c)), fn, ": ", which ? "v" : "k", " must be finite with |",
+                              which ? "v" : "k", "| <= ", quant::max_magnitude,
+                              " (quant::max_magnitude) for quantized storage, got ", x(i, c), " at [", i, ", ", c, "]");
+      }
+    if (n == 0) return;
+    const std::int64_t D = cfg_.D, Dv = cfg_.Dv;
+    auto put = [&]<class T>(tensor<T, 3>& kt, tensor<T, 3>& vt) {
+      for (std::int64_t i = 0; i < n; ++i) {
+        const std::int64_t s = slots[static_cast<std::size_t>(i)];
+        if (!k.empty()) simd::convert<Arch>(k.ptr(i), kt.data() + slot_offset(kt, h, s), D);
+        if (!v.empty()) simd::convert<Arch>(v.ptr(i), vt.data() + slot_offset(vt, h, s), Dv);
+      }
+    };
+    switch (cfg_.kind) {
+      case storage::f32: put(kf_, vf_); return;
+      case storage::f16: put(kh_, vh_); return;
+      case storage::bf16: put(kb_, vb_); return;
+      default: break;
+    }
+    const int bits = storage_bits(cfg_.kind);
+    const std::int64_t nq = qlength_[hi], NG = value_groups();
+    if (!v.empty()) {
+      std::vector<float> scale(static_cast<std::size_t>(NG)), min(static_cast<std::size_t>(NG));
+      for (std::int64_t i = 0; i < n; ++i) {
+        const std::int64_t s = slots[static_cast<std::size_t>(i)];
+        if (s >= nq) {
+          std::memcpy(&rv_(h, s - nq, 0), v.ptr(i), static_cast<std::size_t>(Dv) * sizeof(float));
+          continue;
+        }
+        quant::reference::quantize_token(v.ptr(i), Dv, cfg_.quant.value_group, bits,
+                                         vcodes_.data() + slot_offset(vcodes_, h, s), scale.data(), min.data());
+        for (std::int64_t g = 0; g < NG; ++g) {
+          vscale_(h, g, s) = scale[static_cast<std::size_t>(g)];
+          vmin_(h, g, s) = min[static_cast<std::size_t>(g)];
+        }
+      }
+    }
+    if (!k.empty()) {
+      const std::vector<std::int64_t> start = group_starts(h);
+      std::vector<float> rows, other(static_cast<std::size_t>(Dv));
+      std::size_t i = 0;
+      for (std::size_t g = 0; g + 1 < start.size(); ++g) {  // the key groups holding a rewritten slot
+        const std::int64_t s0 = start[g], s1 = start[g + 1];
+        if (i == slots.size() || slots[i] >= s1) continue;
+        rows.resize(static_cast<std::size_t>((s1 - s0) * D));
+        for (std::int64_t s = s0; s < s1; ++s) {
+          float* row = rows.data() + (s - s0) * D;
+          if (i < slots.size() && slots[i] == s)
+            std::memcpy(row, k.ptr(static_cast<std::int64_t>(i++)), static_cast<std::size_t>(D) * sizeof(float));
+          else
+            read_slot<Arch>(h, s, start, row, other.data());
+        }
+        quant::reference::quantize_channels(rows.data(), D, s1 - s0, D, bits, kcodes_.data() + slot_offset(kcodes_, h, s0),
+                                            kcodes_.extent(2), kscale_[hi].data() + static_cast<std::int64_t>(g) * D,
+                                            kmin_[hi].data() + static_cast<std::int64_t>(g) * D);
+      }
+      for (; i < slots.size(); ++i)  // residual rows
+        std::memcpy(&rk_(h, slots[i] - nq, 0), k.ptr(static_cast<std::int64_t>(i)),
+                    static_cast<std::size_t>(D) * sizeof(float));
+    }
+  }
+
   // ---- memory -------------------------------------------------------------------------------
 
   // Bytes the stored tokens occupy (see the header: codes, scales, minimums, residual rows).
