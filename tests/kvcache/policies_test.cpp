@@ -16,6 +16,7 @@
 
 #include "kvcache/policies_golden_ops.hpp"
 #include "mnemo/kvcache/policies.hpp"
+#include "mnemo/kvcache/policies/list.hpp"
 
 namespace {
 
@@ -93,6 +94,87 @@ void expect_valid(const selection& sel, std::int64_t Hkv, std::int64_t L, std::i
 bool keeps(const selection& sel, std::int64_t h, std::int64_t j) {
   const auto& row = sel.heads[static_cast<std::size_t>(h)];
   return std::binary_search(row.begin(), row.end(), j);
+}
+
+// The policy list (policies/list.hpp): every entry selects within its budget from an observation
+// whose attn sums the rows the entry asks for, and every tracker follows a decode run (append,
+// observe, select on overflow, compact) keeping valid, in-budget selections.
+TEST(PolicyList, EveryEntrySelectsWithinItsBudget) {
+  const std::int64_t Hq = 6, Hkv = 2, L = 61, Lw = 8, D = 12;
+  const inputs in = random_inputs(Hq, Hkv, L, Lw, D, 23);
+  const inputs all_rows = random_inputs(Hq, Hkv, L, L, D, 23);
+  const inputs last_row = random_inputs(Hq, Hkv, L, 1, D, 23);
+  std::vector<std::uint8_t> special(static_cast<std::size_t>(L), 0), punct(static_cast<std::size_t>(L), 0);
+  special[0] = 1;
+  for (std::int64_t j = 5; j < L; j += 9) punct[static_cast<std::size_t>(j)] = 1;
+  ASSERT_GE(pol::all().size(), 14u);
+  for (const pol::entry& e : pol::all()) {
+    const inputs& src = e.rows == pol::attn_rows::all ? all_rows : e.rows == pol::attn_rows::last ? last_row : in;
+    pol::observation o = observe(src);
+    o.q = in.q;  // the window's queries; attn is what the entry asks for
+    o.special = special;
+    o.punct = punct;
+    EXPECT_EQ(&pol::find(e.name), &e);
+    for (const std::int64_t budget : std::vector<std::int64_t>{Lw, 17, 40, L, L + 5}) {
+      const std::string what = std::string(e.name) + " budget " + std::to_string(budget);
+      if (e.selects == pol::axis::channels) {
+        const selection ch = e.select(o, std::min(budget, D));
+        expect_valid(ch, Hkv, D, std::min(budget, D), what);
+        continue;
+      }
+      const selection sel = e.select(o, budget);
+      ASSERT_EQ(sel.num_heads(), Hkv) << what;
+      EXPECT_NO_THROW(kvcache::validate(what.c_str(), sel, std::vector<std::int64_t>(static_cast<std::size_t>(Hkv), L)))
+          << what;
+      EXPECT_LE(sel.total_kept(), Hkv * std::min(budget, L)) << what;  // head-adaptive ones are ragged
+    }
+  }
+}
+
+TEST(PolicyList, EveryTrackerFollowsADecodeRun) {
+  const std::int64_t Hq = 4, Hkv = 2, L = 40, Lw = 8, D = 8, budget = 16, steps = 50;
+  const inputs in = random_inputs(Hq, Hkv, L, Lw, D, 29);
+  std::mt19937 rng(31);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  int trackers = 0;
+  for (const pol::entry& e : pol::all()) {
+    if (!e.make_tracker) continue;
+    ++trackers;
+    pol::tracker t = e.make_tracker(observe(in), budget);
+    std::vector<float> key(static_cast<std::size_t>(D));
+    for (std::int64_t step = 0; step < steps; ++step) {
+      for (std::int64_t h = 0; h < Hkv; ++h) {
+        for (float& x : key) x = normal(rng);
+        t.append({h, key.data(), D, step == 0, step % 7 == 3});
+      }
+      const std::vector<std::int64_t> len = t.lengths();
+      ASSERT_EQ(len.size(), static_cast<std::size_t>(Hkv)) << e.name;
+      if (t.observes()) {
+        const std::int64_t n = *std::max_element(len.begin(), len.end());
+        tensor<float, 2> probs({Hq, n});
+        for (std::int64_t h = 0; h < Hq; ++h) {
+          const std::int64_t m = len[static_cast<std::size_t>(h / (Hq / Hkv))];
+          double sum = 0;
+          for (std::int64_t j = 0; j < m; ++j) sum += probs(h, j) = uniform(rng);
+          for (std::int64_t j = 0; j < m; ++j) probs(h, j) = static_cast<float>(probs(h, j) / sum);
+        }
+        t.observe(probs);
+      }
+      if (pol::should_compress(len, budget)) {
+        const selection sel = t.select(budget);
+        EXPECT_NO_THROW(kvcache::validate(e.name.data(), sel, len)) << e.name << " step " << step;
+        EXPECT_LE(sel.total_kept(), Hkv * budget) << e.name << " step " << step;
+        t.compact(sel);
+        EXPECT_EQ(t.lengths(), [&] {
+          std::vector<std::int64_t> n;
+          for (const auto& row : sel.heads) n.push_back(static_cast<std::int64_t>(row.size()));
+          return n;
+        }()) << e.name;
+      }
+    }
+  }
+  EXPECT_GE(trackers, 11);  // every policy but KeyDiff and ThinK (not trackers) and StreamingLLM
 }
 
 TEST(PolicyInvariants, EveryPolicyRespectsTheBudgetAndKeepsItsForcedSlots) {
@@ -570,6 +652,7 @@ TEST(PolicyErrors, BadBudgetsAndShapesThrow) {
   expect_error([&] { pol::think::decoder(ch, 7); }, {"selection.heads[0]", "[0, 7)"});
   expect_error([&] { pol::think::decoder(ch, 8).apply(tensor<float, 3>({2, 1, 6}).as_view()); }, {"D = 8", "[2, 1, 6]"});
   expect_error([&] { pol::fastgen::decoder(pol::fastgen{}, {}); }, {"one choice per kv head"});
+  expect_error([] { pol::find("no_such_policy"); }, {"name must be one of", "snapkv", "got 'no_such_policy'"});
   std::vector<std::uint8_t> short_flags(3, 0);
   pol::observation o_flags = o;
   o_flags.special = short_flags;
