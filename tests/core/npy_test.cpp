@@ -1,13 +1,18 @@
 // Tests for mnemo/core/npy.hpp: the golden files load with the shapes their meta.json names,
-// save/load round trips (incl. a strided view), and malformed files throw mnemo::error naming
+// save/load round trips (incl. a strided view), every dtype NumPy saves by default read and
+// converted as the header's table says (hand-written files, plus NumPy's own when it is
+// installed), and malformed files or refused dtypes throw mnemo::error naming
 // the file and what was expected and found.
 #include "mnemo/core/npy.hpp"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -79,6 +84,16 @@ void write_file(const std::string& path, const std::string& bytes) {
 
 std::string float_data(const std::vector<float>& v) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+}
+
+// The raw bytes of `v` (this machine is little-endian, as the files are).
+template <class T>
+std::string raw(const std::vector<T>& v) {
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+std::string dict(const std::string& descr, const std::string& shape) {
+  return "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
 }
 
 TEST(Npy, EveryGoldenFileLoads) {
@@ -210,6 +225,131 @@ TEST(Npy, ReadsVersion2Headers) {
   EXPECT_EQ(t(1, 0), 3.0f);
 }
 
+// Files as np.save writes them for NumPy's default dtypes (float64, int64, bool) and the other
+// common ones (int32, uint8): the header dict NumPy writes and the raw little-endian items.
+TEST(Npy, ReadsEveryDtypeNumPySavesByDefault) {
+  scratch_dir tmp;
+  // np.save('f8.npy', np.array([[0.1, -2.5, 1e300], [3.0, -0.0, 1e-50]]))
+  const auto f8 = tmp.file("f8.npy");
+  const std::vector<double> d = {0.1, -2.5, 1e300, 3.0, -0.0, 1e-50};
+  write_file(f8, npy_bytes(dict("<f8", "(2, 3)"), raw(d)));
+  const npy::array a8 = npy::load(f8);
+  EXPECT_EQ(a8.type, npy::dtype::float64);
+  EXPECT_EQ(a8.bytes.size(), 48u);
+  const auto as_double = npy::load<double, 2>(f8);
+  for (std::int64_t i = 0; i < 6; ++i) EXPECT_EQ(as_double.data()[i], d[static_cast<std::size_t>(i)]);
+  const auto as_float = npy::load<float, 2>(f8);  // rounded to nearest
+  EXPECT_EQ(as_float(0, 0), 0.1f);
+  EXPECT_EQ(as_float(0, 1), -2.5f);
+  EXPECT_EQ(as_float(0, 2), std::numeric_limits<float>::infinity()) << "1e300 is beyond float's range";
+  EXPECT_TRUE(std::signbit(as_float(1, 1)));
+  EXPECT_EQ(as_float(1, 2), 0.0f) << "1e-50 is below float's smallest subnormal";
+  // Just above float's max: below max + half an ulp rounds to max, at it to inf; NaN stays NaN.
+  const double fmax = std::numeric_limits<float>::max();
+  const std::vector<double> edge = {fmax * (1 + 1e-9), -(fmax + std::ldexp(1.0, 103)), std::nan("")};
+  const auto fe = tmp.file("edge.npy");
+  write_file(fe, npy_bytes(dict("<f8", "(3,)"), raw(edge)));
+  const auto e = npy::load<float, 1>(fe);
+  EXPECT_EQ(e(0), std::numeric_limits<float>::max());
+  EXPECT_EQ(e(1), -std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isnan(e(2)));
+  expect_error([&] { npy::load<mnemo::f16, 2>(f8); }, {f8, "expected dtype '<f2'", "got <f8"});
+  expect_error([&] { npy::load<std::int64_t, 2>(f8); }, {f8, "'<i8', '<i4', '|u1', '|b1'", "got <f8"});
+
+  // np.save('f2.npy', np.array([1.5, -0.25], dtype=np.float16)) read as float and double (exact).
+  const auto f2 = tmp.file("f2.npy");
+  const std::vector<std::uint16_t> h = {mnemo::f16(1.5f).bits, mnemo::f16(-0.25f).bits};
+  write_file(f2, npy_bytes(dict("<f2", "(2,)"), raw(h)));
+  EXPECT_EQ((npy::load<float, 1>(f2)(1)), -0.25f);
+  EXPECT_EQ((npy::load<double, 1>(f2)(0)), 1.5);
+  EXPECT_EQ((npy::load<double, 1>(tmp.file("f2.npy"))(1)), -0.25);
+
+  // np.save('i4.npy', np.array([-7, 2**31 - 1, -2**31], dtype=np.int32))
+  const auto i4 = tmp.file("i4.npy");
+  const std::vector<std::int32_t> i32 = {-7, std::numeric_limits<std::int32_t>::max(), std::numeric_limits<std::int32_t>::min()};
+  write_file(i4, npy_bytes(dict("<i4", "(3,)"), raw(i32)));
+  EXPECT_EQ(npy::load(i4).type, npy::dtype::int32);
+  const auto i4_64 = npy::load<std::int64_t, 1>(i4);
+  const auto i4_32 = npy::load<std::int32_t, 1>(i4);
+  for (std::int64_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(i4_64(i), i32[static_cast<std::size_t>(i)]);
+    EXPECT_EQ(i4_32(i), i32[static_cast<std::size_t>(i)]);
+  }
+  expect_error([&] { npy::load<float, 1>(i4); }, {i4, "'<f4', '<f2', '<f8' (read as float)", "got <i4"});
+  expect_error([&] { npy::load<std::uint8_t, 1>(i4); }, {i4, "'|u1', '|b1'", "got <i4"});
+
+  // np.save('u1.npy', np.array([[0, 255], [128, 7]], dtype=np.uint8)): '|u1', no byte order.
+  const auto u1 = tmp.file("u1.npy");
+  write_file(u1, npy_bytes(dict("|u1", "(2, 2)"), std::string("\x00\xff\x80\x07", 4)));
+  EXPECT_EQ(npy::load(u1).type, npy::dtype::uint8);
+  EXPECT_EQ((npy::load<std::uint8_t, 2>(u1)(0, 1)), 255);
+  EXPECT_EQ((npy::load<std::int64_t, 2>(u1)(1, 0)), 128);
+  EXPECT_EQ((npy::load<std::int32_t, 2>(u1)(1, 1)), 7);
+
+  // np.save('b1.npy', np.array([True, False, True])): '|b1', one byte per element.
+  const auto b1 = tmp.file("b1.npy");
+  write_file(b1, npy_bytes(dict("|b1", "(3,)"), std::string("\x01\x00\x01", 3)));
+  EXPECT_EQ(npy::load(b1).type, npy::dtype::bool8);
+  const auto b = npy::load<std::int64_t, 1>(b1);
+  EXPECT_EQ(b(0), 1);
+  EXPECT_EQ(b(1), 0);
+  EXPECT_EQ(b(2), 1);
+  EXPECT_EQ((npy::load<std::uint8_t, 1>(b1)(2)), 1);
+  expect_error([&] { npy::load<float, 1>(b1); }, {b1, "got |b1"});
+
+  // np.save('i8.npy', np.arange(3)): NumPy's default int; also read as itself only among ints.
+  const auto i8 = tmp.file("i8.npy");
+  write_file(i8, npy_bytes(dict("<i8", "(3,)"), raw(std::vector<std::int64_t>{0, 1, 2})));
+  EXPECT_EQ((npy::load<std::int64_t, 1>(i8)(2)), 2);
+  expect_error([&] { npy::load<std::int32_t, 1>(i8); }, {i8, "'<i4', '|u1', '|b1' (read as std::int32_t)", "got <i8"});
+
+  // A truncated file of a wider dtype counts its items' bytes.
+  const auto short_f8 = tmp.file("short_f8.npy");
+  write_file(short_f8, npy_bytes(dict("<f8", "(2, 3)"), raw(d).substr(0, 40)));
+  expect_error([&] { npy::load(short_f8); }, {short_f8, "truncated", "48", "got 40"});
+}
+
+TEST(Npy, RoundTripDoubleInt32Uint8) {
+  scratch_dir tmp;
+  tensor<double, 2> d({3, 5});
+  for (std::int64_t i = 0; i < d.size(); ++i) d.data()[i] = 1.0 / (static_cast<double>(i) + 3.0);
+  npy::save(tmp.file("d.npy"), d);
+  EXPECT_EQ(npy::load(tmp.file("d.npy")).type, npy::dtype::float64);
+  const auto d2 = npy::load<double, 2>(tmp.file("d.npy"));
+  for (std::int64_t i = 0; i < d.size(); ++i) EXPECT_EQ(d2.data()[i], d.data()[i]);
+  tensor<std::int32_t, 1> n({4});
+  for (std::int64_t i = 0; i < 4; ++i) n(i) = static_cast<std::int32_t>(i * 1000003 - 2);
+  npy::save(tmp.file("n.npy"), n);
+  EXPECT_EQ((npy::load<std::int32_t, 1>(tmp.file("n.npy"))(3)), n(3));
+  tensor<std::uint8_t, 1> u({3});
+  u(0) = 0;
+  u(1) = 200;
+  u(2) = 255;
+  npy::save(tmp.file("u.npy"), u);
+  std::ifstream raw_file(tmp.file("u.npy"), std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(raw_file)), std::istreambuf_iterator<char>());
+  EXPECT_NE(bytes.find("'descr': '|u1'"), std::string::npos);
+  EXPECT_EQ((npy::load<std::uint8_t, 1>(tmp.file("u.npy"))(1)), 200);
+}
+
+// np.save output from NumPy itself, when python3 with numpy is on the machine (skipped otherwise).
+TEST(Npy, ReadsFilesNumPyWrote) {
+  if (std::system("/usr/bin/python3 -c 'import numpy' > /dev/null 2>&1") != 0) GTEST_SKIP() << "no python3 with numpy";
+  scratch_dir tmp;
+  const std::string dir = tmp.file("");
+  const std::string script = "import numpy as np; d='" + dir +
+                             "'; np.save(d+'f8.npy', np.array([[0.5, -1.25], [3.0, 7.0]])); "
+                             "np.save(d+'i8.npy', np.arange(5)); np.save(d+'b1.npy', np.array([True, False])); "
+                             "np.save(d+'u1.npy', np.array([3, 250], dtype=np.uint8)); "
+                             "np.save(d+'i4.npy', np.array([-5, 6], dtype=np.int32))";
+  ASSERT_EQ(std::system(("/usr/bin/python3 -c \"" + script + "\"").c_str()), 0);
+  EXPECT_EQ((npy::load<float, 2>(tmp.file("f8.npy"))(0, 1)), -1.25f);
+  EXPECT_EQ((npy::load<std::int64_t, 1>(tmp.file("i8.npy"))(4)), 4);
+  EXPECT_EQ((npy::load<std::int64_t, 1>(tmp.file("b1.npy"))(0)), 1);
+  EXPECT_EQ((npy::load<std::uint8_t, 1>(tmp.file("u1.npy"))(1)), 250);
+  EXPECT_EQ((npy::load<std::int64_t, 1>(tmp.file("i4.npy"))(0)), -5);
+}
+
 TEST(Npy, MalformedFilesThrowNamingFileExpectedAndActual) {
   scratch_dir tmp;
   const std::string good = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
@@ -249,9 +389,13 @@ TEST(Npy, MalformedFilesThrowNamingFileExpectedAndActual) {
   write_file(big_endian, npy_bytes("{'descr': '>f4', 'fortran_order': False, 'shape': (2, 3), }", data6));
   expect_error([&] { npy::load(big_endian); }, {big_endian, "'<f4'", "got '>f4'"});
 
-  const auto f8 = tmp.file("f8.npy");
-  write_file(f8, npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }", data6));
-  expect_error([&] { npy::load(f8); }, {f8, "got '<f8'"});
+  // Dtypes outside the accepted set: the message lists what is read.
+  for (const char* d : {"<c8", ">f8", "|i1", "<u4", "|O", "<U3", "=f4"}) {
+    const auto other = tmp.file("other.npy");
+    write_file(other, npy_bytes(std::string("{'descr': '") + d + "', 'fortran_order': False, 'shape': (3,), }", data6));
+    expect_error([&] { npy::load(other); },
+                 {other, "'<f4', '<f2', '<f8', '<i8', '<i4', '|u1', '|b1'", std::string("got '") + d + "'"});
+  }
 
   const auto fortran = tmp.file("fortran.npy");
   write_file(fortran, npy_bytes("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", data6));
@@ -269,8 +413,9 @@ TEST(Npy, MalformedFilesThrowNamingFileExpectedAndActual) {
   const auto ok = tmp.file("ok.npy");
   write_file(ok, npy_bytes(good, data6));
   EXPECT_EQ((npy::load<float, 2>(ok)(1, 2)), 6.0f);
-  expect_error([&] { npy::load<std::int64_t, 2>(ok); }, {ok, "expected dtype <i8", "got <f4"});
-  expect_error([&] { npy::load<mnemo::f16, 2>(ok); }, {ok, "expected dtype <f2", "got <f4"});
+  expect_error([&] { npy::load<std::int64_t, 2>(ok); },
+               {ok, "expected dtype '<i8', '<i4', '|u1', '|b1' (read as std::int64_t)", "got <f4"});
+  expect_error([&] { npy::load<mnemo::f16, 2>(ok); }, {ok, "expected dtype '<f2' (read as mnemo::f16)", "got <f4"});
   expect_error([&] { npy::load<float, 3>(ok); }, {ok, "expected rank 3", "got rank 2"});
   expect_error([&] { npy::load<float, 1>(ok); }, {ok, "expected rank 1", "got rank 2"});
 

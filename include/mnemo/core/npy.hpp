@@ -1,4 +1,4 @@
-// mnemo/core/npy.hpp — read and write NumPy .npy files (float32, float16, int64).
+// mnemo/core/npy.hpp — read and write NumPy .npy files.
 //
 // So that tensors dumped from PyTorch/NumPy (`np.save`) can be used directly, and results can
 // be read back in Python. Reads format versions 1.0, 2.0 and 3.0, little-endian, C order;
@@ -7,8 +7,31 @@
 //
 //   auto q = mnemo::npy::load<float, 4>("q.npy");   // tensor<float, 4>, rank and dtype checked
 //   mnemo::npy::save("out.npy", out.as_view());
+//
+// Dtypes. load() reads the dtypes NumPy writes by default for its common arrays:
+//
+//   '<f4' float32   '<f2' float16   '<f8' float64 (NumPy's default float)
+//   '<i8' int64 (NumPy's default int on Linux/macOS)   '<i4' int32
+//   '|u1' uint8     '|b1' bool (one byte, 0 or 1)
+//
+// and refuses the rest (big-endian '>..', other widths, complex, strings, objects, structured)
+// with a message that lists the accepted ones. as<T, R>() / load<T, R>() convert to the element
+// type asked for when no information beyond rounding is lost, and refuse otherwise:
+//
+//   T = float          reads f4 (exact), f2 (exact), f8 (rounded to nearest float32, ties to
+//                      even; a finite value beyond float's range rounds to +-max or +-inf as
+//                      IEEE rounding says, NaN stays NaN)
+//   T = double         reads f8, f4, f2 (exact)
+//   T = mnemo::f16     reads f2 only (asking for f16 from f4/f8 is refused: round explicitly)
+//   T = std::int64_t   reads i8, i4, u1, b1 (exact)
+//   T = std::int32_t   reads i4, u1, b1 (exact; i8 is refused, it may not fit)
+//   T = std::uint8_t   reads u1, b1 (exact)
+//
+// A float file is never read as integers nor the reverse. save() writes the element type's own
+// dtype (float '<f4', double '<f8', f16 '<f2', int64 '<i8', int32 '<i4', uint8 '|u1').
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -24,28 +47,130 @@
 
 namespace mnemo::npy {
 
-enum class dtype { float32, float16, int64 };
+enum class dtype { float32, float16, int64, float64, int32, uint8, bool8 };
+
+// Every dtype load() reads, in the order its error messages list them.
+inline constexpr dtype all_dtypes[] = {dtype::float32, dtype::float16, dtype::float64, dtype::int64,
+                                       dtype::int32,   dtype::uint8,   dtype::bool8};
 
 inline const char* descr(dtype t) {
   switch (t) {
     case dtype::float32: return "<f4";
     case dtype::float16: return "<f2";
     case dtype::int64: return "<i8";
+    case dtype::float64: return "<f8";
+    case dtype::int32: return "<i4";
+    case dtype::uint8: return "|u1";
+    case dtype::bool8: return "|b1";
   }
   return "?";
 }
 
-inline std::size_t item_size(dtype t) { return t == dtype::int64 ? 8 : t == dtype::float32 ? 4 : 2; }
+inline std::size_t item_size(dtype t) {
+  switch (t) {
+    case dtype::int64:
+    case dtype::float64: return 8;
+    case dtype::float32:
+    case dtype::int32: return 4;
+    case dtype::float16: return 2;
+    case dtype::uint8:
+    case dtype::bool8: return 1;
+  }
+  return 0;
+}
 
+// The dtype a tensor<T> is saved as.
 template <class T>
 constexpr dtype dtype_of() {
   if constexpr (std::is_same_v<T, float>) return dtype::float32;
   else if constexpr (std::is_same_v<T, f16>) return dtype::float16;
+  else if constexpr (std::is_same_v<T, double>) return dtype::float64;
+  else if constexpr (std::is_same_v<T, std::int32_t>) return dtype::int32;
+  else if constexpr (std::is_same_v<T, std::uint8_t>) return dtype::uint8;
   else {
-    static_assert(std::is_same_v<T, std::int64_t>, "npy supports float, mnemo::f16 and std::int64_t elements");
+    static_assert(std::is_same_v<T, std::int64_t>,
+                  "npy supports float, double, mnemo::f16, std::int64_t, std::int32_t and std::uint8_t elements");
     return dtype::int64;
   }
 }
+
+// Whether as<T, R>() reads a file of dtype `t` (the table in the header comment).
+template <class T>
+constexpr bool reads(dtype t) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+    return t == dtype::float32 || t == dtype::float16 || t == dtype::float64;
+  else if constexpr (std::is_same_v<T, f16>) return t == dtype::float16;
+  else if constexpr (std::is_same_v<T, std::int64_t>)
+    return t == dtype::int64 || t == dtype::int32 || t == dtype::uint8 || t == dtype::bool8;
+  else if constexpr (std::is_same_v<T, std::int32_t>) return t == dtype::int32 || t == dtype::uint8 || t == dtype::bool8;
+  else {
+    static_assert(std::is_same_v<T, std::uint8_t>, "npy reads into float, double, mnemo::f16, std::int64_t, std::int32_t or std::uint8_t");
+    return t == dtype::uint8 || t == dtype::bool8;
+  }
+}
+
+// The accepted dtypes of T, as a message lists them: "'<f4', '<f2', '<f8'".
+template <class T>
+std::string reads_list() {
+  std::string s;
+  for (dtype t : all_dtypes)
+    if (reads<T>(t)) s += (s.empty() ? "'" : ", '") + std::string(descr(t)) + "'";
+  return s;
+}
+
+namespace detail {
+
+// Element i of raw little-endian bytes of dtype `t`, converted to T (reads<T>(t) holds).
+template <class T>
+T element(const std::byte* p, dtype t) {
+  auto get = [p](auto x) {
+    std::memcpy(&x, p, sizeof x);
+    return x;
+  };
+  if constexpr (std::is_same_v<T, f16>) {
+    return f16::from_bits(get(std::uint16_t{}));
+  } else if constexpr (std::is_floating_point_v<T>) {
+    switch (t) {
+      case dtype::float32: return static_cast<T>(get(float{}));
+      case dtype::float16: return static_cast<T>(static_cast<float>(f16::from_bits(get(std::uint16_t{}))));
+      default: {
+        const double x = get(double{});
+        if constexpr (std::is_same_v<T, float>) {
+          // Round to nearest. A finite double beyond float's range is converted by hand (the cast
+          // is undefined there): below max + half an ulp (2^103) it rounds to max, else to inf.
+          constexpr double max = std::numeric_limits<float>::max();
+          if (std::isfinite(x) && std::abs(x) > max) {
+            const float r = std::abs(x) < max + std::ldexp(1.0, 103) ? std::numeric_limits<float>::max()
+                                                                     : std::numeric_limits<float>::infinity();
+            return x > 0 ? r : -r;
+          }
+          return static_cast<float>(x);
+        } else {
+          return x;
+        }
+      }
+    }
+  } else {
+    switch (t) {
+      case dtype::int64: return static_cast<T>(get(std::int64_t{}));
+      case dtype::int32: return static_cast<T>(get(std::int32_t{}));
+      case dtype::uint8: return static_cast<T>(get(std::uint8_t{}));
+      default: return static_cast<T>(get(std::uint8_t{}) != 0 ? 1 : 0);
+    }
+  }
+}
+
+template <class T>
+const char* type_name() {
+  if constexpr (std::is_same_v<T, float>) return "float";
+  else if constexpr (std::is_same_v<T, double>) return "double";
+  else if constexpr (std::is_same_v<T, f16>) return "mnemo::f16";
+  else if constexpr (std::is_same_v<T, std::int64_t>) return "std::int64_t";
+  else if constexpr (std::is_same_v<T, std::int32_t>) return "std::int32_t";
+  else return "std::uint8_t";
+}
+
+}  // namespace detail
 
 // A loaded .npy file: its dtype, its shape and its raw little-endian bytes.
 struct array {
@@ -60,17 +185,24 @@ struct array {
     return n;
   }
 
-  // Copies into a tensor<T, R>; throws if the dtype or the rank differ.
+  // Copies into a tensor<T, R>, converting as the header comment's table says; throws if the
+  // dtype cannot be read as T or the rank differs.
   template <class T, int R>
   tensor<T, R> as() const {
-    detail::require(type == dtype_of<T>(), "npy: ", path, ": expected dtype ", descr(dtype_of<T>()), ", got ",
-                    descr(type));
-    detail::require(static_cast<int>(shape.size()) == R, "npy: ", path, ": expected rank ", R, ", got rank ",
+    mnemo::detail::require(reads<T>(type), "npy: ", path, ": expected dtype ", reads_list<T>(), " (read as ",
+                           detail::type_name<T>(), "), got ", descr(type));
+    mnemo::detail::require(static_cast<int>(shape.size()) == R, "npy: ", path, ": expected rank ", R, ", got rank ",
                     shape.size());
     shape_t<R> s{};
     for (int i = 0; i < R; ++i) s[i] = shape[i];
     tensor<T, R> t(s);
-    if (t.size()) std::memcpy(t.data(), bytes.data(), t.bytes());
+    if (type == dtype_of<T>()) {
+      if (t.size()) std::memcpy(t.data(), bytes.data(), t.bytes());
+    } else {
+      const std::size_t item = item_size(type);
+      for (std::int64_t i = 0; i < t.size(); ++i)
+        t.data()[i] = detail::element<T>(bytes.data() + static_cast<std::size_t>(i) * item, type);
+    }
     return t;
   }
 };
@@ -152,10 +284,18 @@ inline array load(const std::string& path) {
   array a;
   a.path = path;
   const std::string d = detail::header_value(header, "descr", path);
-  if (d == "<f4") a.type = dtype::float32;
-  else if (d == "<f2") a.type = dtype::float16;
-  else if (d == "<i8") a.type = dtype::int64;
-  else mnemo::detail::fail("npy: ", path, ": expected dtype '<f4', '<f2' or '<i8', got '", d, "'");
+  bool known = false;
+  std::string accepted;
+  for (dtype t : all_dtypes) {
+    accepted += (accepted.empty() ? "'" : ", '") + std::string(descr(t)) + "'";
+    if (d == descr(t)) {
+      a.type = t;
+      known = true;
+    }
+  }
+  if (!known)
+    mnemo::detail::fail("npy: ", path, ": expected dtype one of ", accepted,
+                        " (little-endian; float32, float16, float64, int64, int32, uint8, bool), got '", d, "'");
   const std::string fo = detail::header_value(header, "fortran_order", path);
   mnemo::detail::require(fo.find("False") != std::string::npos, "npy: ", path,
                          ": expected fortran_order False (C order), got ", fo);
