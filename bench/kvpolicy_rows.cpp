@@ -1,14 +1,15 @@
 // bench/kvpolicy_rows.cpp — the KV-policy evaluation harness and the per-step bookkeeping rows.
 //
 //   kvpolicy/<policy>/budget:<pct>/context:<kind>/threads:1
-//       Every policy of kvcache/policies at 10, 25 and 50% of a synthetic context of L tokens
+//       Every policy of the policy list (kvcache/policies/list.hpp: the entry's select with its
+//       defaults, on the attention rows the entry asks for) at 10, 25 and 50% of a synthetic context of L tokens
 //       (Hq = 8, Hkv = 2, D = Dv = 64; L = 2048 small, 8192 full, 256 tiny), compressed at
 //       prefill from the observation the policy reads (attention::column_sums of the prefill's
 //       flash pass, the last 32 queries, the keys), then one decode query against the kept cache.
 //       Row time: one decode step over the kept cache (attention::decode per kv head, ragged heads
-//       included, with the step's column sums when the policy tracks attention, plus the policy's
-//       decode-time bookkeeping: its own decoder's observe for SnapKV / PyramidKV / AdaKV (window
-//       ring) and FastGen (accumulated attention), an H2O-style accumulation for the others). Counters (computed once, outside the timing):
+//       included, with the step's column sums when the policy's tracker reads attention, plus that
+//       tracker's observe (the list's make_tracker: SnapKV's window ring, H2O's accumulated
+//       attention, ...). Counters (computed once, outside the timing):
 //         rel_error         ||o_kept - o_full|| / ||o_full|| of the decode query, all heads
 //         needle_retention  fraction of the needle slots kept (context:needle); elsewhere the
 //                           fraction of the 16 keys the decode query attends to most
@@ -42,10 +43,11 @@
 //                (~128 keys) 0.89, top 1% 0.56, top 10% 0.94.
 //
 //   kvpolicy_step/<policy>/Lk:<Lk>/threads:1   the decode-time bookkeeping of one step at the
-//       standard decode shape (Hq = 32, Hkv = 8, D = 128): append one slot per kv head, observe
-//       the step's probabilities, and every 64 steps select + compact the tracker back to Lk - 64
-//       (amortised); snapkv (also PyramidKV's and AdaKV's tracker) keeps its 32-step window ring,
-//       fastgen its accumulated attention. kvpolicy_step/decode_sums/... is attention::decode with the column sums at the
+//       standard decode shape (Hq = 32, Hkv = 8, D = 128) for every tracker of the policy list
+//       (through the erased pol::tracker, as a serving loop would hold it): append one slot per kv
+//       head, observe the step's probabilities, and every 64 steps select + compact the tracker
+//       back to Lk - 64 (amortised); snapkv (also PyramidKV's and AdaKV's tracker) keeps its 32-step
+//       window ring, fastgen its accumulated attention. kvpolicy_step/decode_sums/... is attention::decode with the column sums at the
 //       same shape (the kernel the bookkeeping rides on): the target is bookkeeping <= 10% of it.
 //       kvpolicy_step/cache_int4{,_sums}/... is kvcache::decode on an int4 cache without / with its
 //       column-sums side output (kvcache::column_sums): what the side output costs the quantized
@@ -65,6 +67,7 @@
 #include "mnemo/kvcache/cache.hpp"
 #include "mnemo/kvcache/decode.hpp"
 #include "mnemo/kvcache/policies.hpp"
+#include "mnemo/kvcache/policies/list.hpp"
 
 namespace mnemo::bench {
 namespace {
@@ -310,14 +313,14 @@ const context& get_context(const std::string& kind) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One policy's decision on a context.
+// One policy's decision on a context: the policy list's entry (kvcache/policies/list.hpp) with
+// its defaults, on the observation whose attention rows it asks for.
 
 struct decision {
   kvcache::selection kept;
-  tensor<float, 3> k;                  // keys the decode reads ([Hkv, L, D]; ThinK: pruned channels)
-  std::int64_t key_channels = ctx_D;   // channels stored per key
-  bool tracks_attention = false;       // needs the step's column sums
-  std::vector<pol::fastgen::choice> per_head;  // FastGen's per-head choice
+  tensor<float, 3> k;                 // keys the decode reads ([Hkv, L, D]; ThinK: pruned channels)
+  std::int64_t key_channels = ctx_D;  // channels stored per key
+  pol::tracker tracker;               // the policy's decode-time tracker (may be empty)
 };
 
 decision decide(const std::string& policy, const context& ctx, std::int64_t budget) {
@@ -327,61 +330,33 @@ decision decide(const std::string& policy, const context& ctx, std::int64_t budg
   decision d;
   d.k = tensor<float, 3>({ctx_Hkv, L, ctx_D});
   std::copy_n(ctx.k.data(), ctx.k.size(), d.k.data());
-  const pol::observation win{k, v, qw, ctx.sums_window}, all{k, v, qw, ctx.sums_all}, last{k, v, qw, ctx.sums_last};
   if (policy == "full") {
     d.kept = kvcache::top_budget(ctx.sums_window.as_view().narrow(0, 0, ctx_Hkv), L);
-  } else if (policy == "streaming_llm") {
-    d.kept = pol::streaming_llm{ctx_sinks}.select(win, budget);
-  } else if (policy == "h2o") {
-    d.kept = pol::h2o{budget / 4}.select(all, budget);
-    d.tracks_attention = true;
-  } else if (policy == "scissorhands") {
-    d.kept = pol::scissorhands{budget / 4}.select(win, budget);
-    d.tracks_attention = true;
-  } else if (policy == "tova") {
-    d.kept = pol::tova{}.select(last, budget);
-    d.tracks_attention = true;
-  } else if (policy == "snapkv") {
-    d.kept = pol::snapkv{ctx_window, 5}.select(win, budget);
-    d.tracks_attention = true;
-  } else if (policy == "pyramidkv") {  // the middle layer of 8 (its budget is the average)
-    pol::observation layer4 = win;
-    layer4.layer = 4;
-    layer4.layers = 8;
-    d.kept = pol::pyramidkv{pol::snapkv{ctx_window, 5}, 20}.select(layer4, std::max(budget, ctx_window));
-    d.tracks_attention = true;
-  } else if (policy == "adakv") {
-    d.kept = pol::adakv{pol::snapkv{ctx_window, 5}, 0.2}.select(win, budget);
-    d.tracks_attention = true;
-  } else if (policy == "keyformer") {
-    d.kept = pol::keyformer{budget / 4, 1.0f, 1}.select(win, budget);
-    d.tracks_attention = true;
-  } else if (policy == "knorm") {
-    d.kept = pol::knorm{}.select(win, budget);
-  } else if (policy == "keydiff") {
-    d.kept = pol::keydiff{}.select(win, budget);
-  } else if (policy == "qfilter") {
-    const tensor<float, 2> f = pol::qfilter::fit(qw, ctx_Hkv);
-    d.kept = pol::qfilter{f}.select(win, budget);
-  } else if (policy == "think") {  // channels, not tokens: keep budget/L of the key channels
+    return d;
+  }
+  const pol::entry& e = pol::find(policy);
+  const tensor<float, 2>& sums = e.rows == pol::attn_rows::all    ? ctx.sums_all
+                                 : e.rows == pol::attn_rows::last ? ctx.sums_last
+                                                                  : ctx.sums_window;
+  static const std::vector<std::uint8_t> special = [] {  // the sinks are the context's special tokens
+    std::vector<std::uint8_t> f(static_cast<std::size_t>(get_context("local").L), 0);
+    std::fill_n(f.begin(), ctx_sinks, std::uint8_t{1});
+    return f;
+  }();
+  pol::observation o{k, v, qw, sums};
+  o.special = std::span<const std::uint8_t>(special).first(static_cast<std::size_t>(L));
+  o.layer = 4;  // PyramidKV: the middle layer of 8 (its budget is the average)
+  o.layers = 8;
+  if (e.selects == pol::axis::channels) {  // ThinK: keep budget / L of the key channels, every slot
     const std::int64_t keep = std::max<std::int64_t>(1, ctx_D * budget / L);
-    const kvcache::selection ch = pol::think{}.select(win, keep);
-    pol::think::prune(k, ch, d.k.as_view());
+    pol::think::prune(k, e.select(o, keep), d.k.as_view());
     d.kept = kvcache::top_budget(ctx.sums_window.as_view().narrow(0, 0, ctx_Hkv), L);
     d.key_channels = keep;
-  } else if (policy == "fastgen") {
-    std::vector<std::uint8_t> special(static_cast<std::size_t>(L), 0);
-    for (std::int64_t j = 0; j < ctx_sinks; ++j) special[static_cast<std::size_t>(j)] = 1;
-    pol::observation flagged = all;
-    flagged.special = special;
-    const pol::fastgen::plan plan = pol::fastgen{}.profile(flagged, budget);
-    d.kept = plan.kept;
-    d.per_head = plan.per_head;
-    d.tracks_attention = true;
-  } else if (policy == "alisa") {
-    d.kept = pol::alisa{0.5, ctx_window}.select(win, budget);
-    d.tracks_attention = true;
+    return d;
   }
+  const std::int64_t b = e.name == "pyramidkv" ? std::max(budget, ctx_window) : budget;  // >= its window
+  d.kept = e.select(o, b);
+  if (e.make_tracker) d.tracker = e.make_tracker(o, b);
   return d;
 }
 
@@ -428,7 +403,7 @@ void decode_kept(const context& ctx, const kept_cache& c, tensor<float, 4>& out,
 void policy_row(benchmark::State& state, const std::string& policy, std::int64_t pct, const std::string& kind) {
   const context& ctx = get_context(kind);
   const std::int64_t budget = ctx.L * pct / 100;
-  const decision d = decide(policy, ctx, budget);
+  decision d = decide(policy, ctx, budget);
   const kept_cache c = gather(ctx, d);
   tensor<float, 4> out({1, ctx_Hq, 1, ctx_D});
   tensor<float, 3> sums({1, ctx_Hq, ctx.L});
@@ -447,25 +422,16 @@ void policy_row(benchmark::State& state, const std::string& policy, std::int64_t
   }
   const double bytes = static_cast<double>(d.kept.total_kept()) * static_cast<double>(d.key_channels + ctx_D) * sizeof(float);
 
-  // The timed decode step: the kernel over the kept cache and, for attention-tracking
-  // policies, the step's column sums feeding the policy's decoder (window ring, accumulated
-  // attention) or an H2O-style tracker (one add per slot and head).
-  pol::h2o::decoder tracker(ctx_Hkv);
-  pol::snapkv::decoder window(ctx_Hkv, pol::snapkv{ctx_window, 5});
-  std::unique_ptr<pol::fastgen::decoder> fg;
-  if (policy == "fastgen") fg = std::make_unique<pol::fastgen::decoder>(pol::fastgen{}, d.per_head);
-  const bool windowed = policy == "snapkv" || policy == "pyramidkv" || policy == "adakv";
-  for (std::int64_t h = 0; h < ctx_Hkv; ++h)
-    for (std::int64_t j = 0; j < d.kept.kept(h); ++j) {
-      tracker.append(h);
-      window.append(h);
-      if (fg) fg->append(h, false, false);
-    }
+  // The timed decode step: the kernel over the kept cache and, when the policy's tracker reads
+  // attention, the step's column sums feeding it (window ring, accumulated attention, ...).
+  const bool tracks = d.tracker && d.tracker.observes();
+  if (d.tracker)
+    for (std::int64_t h = 0; h < ctx_Hkv; ++h)
+      for (std::int64_t j : d.kept.heads[static_cast<std::size_t>(h)])
+        d.tracker.append({h, &d.k(h, j, 0), ctx_D, j < ctx_sinks, false});
   for (auto _ : state) {
-    decode_kept(ctx, c, out, d.tracks_attention ? &sums : nullptr, ws);
-    if (windowed) window.observe(cview(sums)[0]);
-    else if (fg) fg->observe(cview(sums)[0]);
-    else if (d.tracks_attention) tracker.observe(cview(sums)[0]);
+    decode_kept(ctx, c, out, tracks ? &sums : nullptr, ws);
+    if (tracks) d.tracker.observe(cview(sums)[0]);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -533,11 +499,12 @@ void run_tracker(benchmark::State& state, const step_shape& s, Decoder& dec, App
       });
 }
 
+// The tracker of the list's entry, made after a small random prefill (64 slots) at the step's
+// head shape: the row times the bookkeeping of the decode steps, not that prefill.
 void step_row(benchmark::State& state, const std::string& policy, const step_shape& s) {
   tensor<float, 2> key({1, s.D});
   fill_random(key, 31);
-  auto no_observe = [](view<const float, 2>) {};
-  if (policy == "streaming_llm") {
+  if (policy == "streaming_llm") {  // no tracker: the kept set follows from the lengths alone
     std::vector<std::int64_t> len(static_cast<std::size_t>(s.Hkv), s.Lk - step_every);
     const pol::streaming_llm p{ctx_sinks};
     bookkeeping_row(
@@ -547,44 +514,22 @@ void step_row(benchmark::State& state, const std::string& policy, const step_sha
           for (std::size_t h = 0; h < len.size(); ++h) len[h] = static_cast<std::int64_t>(sel.heads[h].size());
           benchmark::DoNotOptimize(sel.heads.data());
         });
-  } else if (policy == "h2o") {
-    pol::h2o::decoder dec(s.Hkv, 64);
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
-  } else if (policy == "tova") {
-    pol::tova::decoder dec(s.Hkv);
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
-  } else if (policy == "scissorhands") {
-    pol::scissorhands::decoder dec(s.Hkv, 64);
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
-  } else if (policy == "keyformer") {
-    pol::keyformer::decoder dec(s.Hkv, pol::keyformer{64, 1.0f, 1});
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
-  } else if (policy == "alisa") {
-    pol::alisa::decoder dec(s.Hkv, pol::alisa{0.5, 8});
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
-  } else if (policy == "snapkv") {
-    pol::snapkv::decoder dec(s.Hkv, pol::snapkv{ctx_window, 5});
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
-  } else if (policy == "adakv") {
-    pol::adakv::decoder dec(s.Hkv, pol::adakv{pol::snapkv{ctx_window, 5}, 0.2});
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); }, true);
-  } else if (policy == "fastgen") {  // every head on the costliest choice (frequency)
-    pol::fastgen::decoder dec(pol::fastgen{}, std::vector<pol::fastgen::choice>(static_cast<std::size_t>(s.Hkv),
-                                                                                  pol::fastgen::choice::frequency));
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h, false, false); },
-                [&](view<const float, 2> p) { dec.observe(p); }, [&](std::int64_t b) { return dec.select(b); });
-  } else if (policy == "knorm") {
-    pol::knorm::decoder dec(s.Hkv);
-    run_tracker(state, s, dec, [&](std::int64_t h, std::int64_t) { dec.append(h, key.data(), s.D); }, no_observe,
-                [&](std::int64_t b) { return dec.select(b, ctx_sinks, 64); });
+    return;
   }
+  const pol::entry& e = pol::find(policy);
+  constexpr std::int64_t L0 = 64, Lw0 = 32;
+  tensor<float, 3> k0({s.Hkv, L0, s.D}), q0({s.Hq, Lw0, s.D});
+  tensor<float, 2> a0({s.Hq, L0});
+  fill_random(k0, 41);
+  fill_random(q0, 43);
+  fill_random(a0, 47, 0.0f, 2.0f * Lw0 / L0);
+  pol::tracker t = e.make_tracker(pol::observation{k0, {}, q0, a0}, s.Lk - step_every);
+  const bool observes = t.observes();
+  run_tracker(state, s, t, [&](std::int64_t h, std::int64_t) { t.append({h, key.data(), s.D}); },
+              [&](view<const float, 2> p) {
+                if (observes) t.observe(p);
+              },
+              [&](std::int64_t b) { return t.select(b); }, e.name == "adakv");
 }
 
 void decode_sums_row(benchmark::State& state, const step_shape& s) {
@@ -626,9 +571,8 @@ void cache_sums_row(benchmark::State& state, const step_shape& s, bool sums_want
 }
 
 const bool registered = [] {
-  const std::vector<std::string> policies = {"streaming_llm", "h2o",   "scissorhands", "tova",    "snapkv",
-                                             "pyramidkv",     "adakv", "keyformer",    "knorm",   "keydiff",
-                                             "qfilter",       "think", "fastgen",      "alisa"};
+  std::vector<std::string> policies;
+  for (const pol::entry& e : pol::all()) policies.emplace_back(e.name);
   for (const std::string kind : {"sinks", "local", "needle", "repeat", "cluster"}) {
     register_row(row_name("kvpolicy", "full", {{"budget", "100"}, {"context", kind}, {"threads", "1"}}),
                  [kind](benchmark::State& st) { policy_row(st, "full", 100, kind); })
@@ -647,10 +591,14 @@ const bool registered = [] {
     for (const bool wanted : {false, true})
       register_row(row_name("kvpolicy_step", wanted ? "cache_int4_sums" : "cache_int4", {{"Lk", Lk}, {"threads", "1"}}),
                    [s, wanted](benchmark::State& st) { cache_sums_row(st, s, wanted); });
-    for (const std::string p :
-         {"streaming_llm", "h2o", "tova", "scissorhands", "keyformer", "alisa", "knorm", "snapkv", "adakv", "fastgen"})
-      register_row(row_name("kvpolicy_step", p, {{"Lk", Lk}, {"threads", "1"}}),
-                   [p, s](benchmark::State& st) { step_row(st, p, s); });
+    register_row(row_name("kvpolicy_step", "streaming_llm", {{"Lk", Lk}, {"threads", "1"}}),
+                 [s](benchmark::State& st) { step_row(st, "streaming_llm", s); });
+    for (const pol::entry& e : pol::all())
+      if (e.make_tracker) {
+        const std::string p(e.name);
+        register_row(row_name("kvpolicy_step", p, {{"Lk", Lk}, {"threads", "1"}}),
+                     [p, s](benchmark::State& st) { step_row(st, p, s); });
+      }
   }
   return true;
 }();
