@@ -3,8 +3,8 @@
 //
 // Łańcucki et al., "Inference-Time Hyper-Scaling with KV Cache Compression" (2025), Dynamic Memory
 // Sparsification. The model is retrofitted to predict, for every token t and kv head, an eviction
-// decision alpha_t in {0, 1} (a Gumbel-sigmoid of one repurposed neuron while training, rounded
-// at inference). Eviction is delayed: a token marked at step t stays readable for the next w
+// decision alpha_t in {0, 1} (trained through a Gumbel-sigmoid relaxation, rounded at
+// inference). Eviction is delayed: a token marked at step t stays readable for the next w
 // steps (a sliding window over the marked tokens, which lets the model fold their content into
 // the newer ones) and leaves at step t + w + 1. With z_t the decision's logit (the input here; the
 // model computes it) and theta = threshold:
@@ -12,17 +12,19 @@
 //   alpha_t = [z_t > theta]                                   (theta = 0: sigmoid(z_t) > 1/2)
 //   at step T (the newest token's step), slot t is readable  iff  alpha_t = 0  or  T - t <= w
 //
-// So the cache holds the unmarked tokens plus the last w marked ones: its size follows the
-// content (the paper's compression ratio is trained, not set). A budget b is a cap on top of that:
-// when more than b readable slots remain, the slots with the highest logits leave first (the
-// marked ones before any unmarked, since they score above theta; ties: the newer slot leaves).
+// So the cache holds the unmarked tokens plus the tokens marked in the last w steps: its size
+// follows the content (the paper's compression ratio is trained, not set). A budget b is a cap on
+// top of that: when more than b readable slots remain, the slots with the highest logits leave
+// first (the marked ones before any unmarked, since they score above theta; ties: the newer slot
+// leaves).
 //
 //   prefill  select(o, b): logits [Hkv, L] (field `logits`), T = L - 1, slot j's step = j
 //   decode   dms::decoder: append(h, z) per new slot (its step is the head's append count),
 //            select(b) applies the rule at the newest step, compact(sel) follows the cache;
 //            observe(probs) does nothing (DMS reads no attention; kept for the tracker's shape).
 //            Per step O(1) per new slot; select is O(L) plus a selection when over b.
-// Calling select + compact every step evicts each marked token exactly w steps after its own.
+// Calling select + compact every step removes each marked token at step t + w + 1, after exactly w
+// more readable steps (should_compress says whether a step's select would drop anything).
 #pragma once
 
 #include <algorithm>
