@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "kvcache/policies_golden_ops.hpp"
+#include "support/support.hpp"
+#include "mnemo/kvcache/attend.hpp"
 #include "mnemo/kvcache/policies.hpp"
 #include "mnemo/kvcache/policies/list.hpp"
 
@@ -24,6 +26,7 @@ using namespace mnemo;
 namespace pol = mnemo::kvcache::policies;
 namespace kg = mnemo::kv_golden;
 using kvcache::selection;
+using mnemo::test::expect_error;
 
 // ---------------------------------------------------------------------------------------------
 // Golden cases.
@@ -175,6 +178,56 @@ TEST(PolicyList, EveryTrackerFollowsADecodeRun) {
     }
   }
   EXPECT_GE(trackers, 11);  // every policy but KeyDiff and ThinK (not trackers) and StreamingLLM
+}
+
+// attend_selected against attention written out in double over each head's kept slots: ragged
+// heads, an empty head (out 0, lse -inf), GQA groups of 3, the decode (Lq <= 16) and flash paths.
+TEST(AttendSelected, EqualsAttentionOverTheKeptSlots) {
+  const std::int64_t Hq = 6, Hkv = 2, L = 37, D = 12, Dv = 10;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  tensor<float, 3> k({Hkv, L, D}), v({Hkv, L, Dv});
+  for (auto* t : {&k, &v})
+    for (auto& x : *t) x = normal(rng);
+  selection sel;
+  sel.heads = {{0, 3, 4, 9, 17, 30, 36}, {}};
+  for (const std::int64_t Lq : {1, 5, 20}) {
+    tensor<float, 3> q({Hq, Lq, D}), out({Hq, Lq, Dv});
+    tensor<float, 2> lse({Hq, Lq});
+    for (auto& x : q) x = normal(rng);
+    kvcache::attend_selected(q, k, v, sel, out, lse);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+    for (std::int64_t h = 0; h < Hq; ++h)
+      for (std::int64_t i = 0; i < Lq; ++i) {
+        const auto& rows = sel.heads[static_cast<std::size_t>(h / 3)];
+        if (rows.empty()) {
+          for (std::int64_t c = 0; c < Dv; ++c) EXPECT_EQ(out(h, i, c), 0.0f);
+          EXPECT_EQ(lse(h, i), -std::numeric_limits<float>::infinity());
+          continue;
+        }
+        std::vector<double> s;
+        for (std::int64_t j : rows) {
+          double dot = 0;
+          for (std::int64_t c = 0; c < D; ++c) dot += static_cast<double>(q(h, i, c)) * k(h / 3, j, c);
+          s.push_back(scale * dot);
+        }
+        const double m = *std::max_element(s.begin(), s.end());
+        double z = 0;
+        for (double x : s) z += std::exp(x - m);
+        EXPECT_NEAR(lse(h, i), m + std::log(z), 1e-5) << "Lq " << Lq;
+        for (std::int64_t c = 0; c < Dv; ++c) {
+          double o = 0;
+          for (std::size_t r = 0; r < rows.size(); ++r) o += std::exp(s[r] - m) / z * v(h / 3, rows[r], c);
+          EXPECT_NEAR(out(h, i, c), o, 2e-5) << "Lq " << Lq << " head " << h << " row " << i;
+        }
+      }
+  }
+  tensor<float, 3> q({Hq, 1, D}), out({Hq, 1, Dv});
+  selection bad;
+  bad.heads = {{0, 40}, {}};
+  expect_error([&] { kvcache::attend_selected(q, k, v, bad, out); }, {"selection.heads[0][1]", "[0, 37)", "got 40"});
+  tensor<float, 3> q5({5, 1, D});
+  expect_error([&] { kvcache::attend_selected(q5, k, v, sel, out); }, {"Hq", "multiple of Hkv = 2", "got 5"});
 }
 
 TEST(PolicyInvariants, EveryPolicyRespectsTheBudgetAndKeepsItsForcedSlots) {
@@ -593,17 +646,6 @@ TEST(PolicyDecoders, ThinkPrunesNewKeysLikeThePrefill) {
 
 // ---------------------------------------------------------------------------------------------
 // Errors.
-
-template <class F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no mnemo::error thrown";
-  } catch (const mnemo::error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-  }
-}
 
 TEST(PolicyErrors, BadBudgetsAndShapesThrow) {
   const inputs in = random_inputs(4, 2, 20, 4, 8, 31);
