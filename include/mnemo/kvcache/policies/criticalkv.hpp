@@ -2,11 +2,13 @@
 // say how much dropping a slot changes the layer's output; the value, carried through the head's
 // output projection, does too.
 //
-// Feng et al., "Identify Critical KV Cache in LLM Inference from an Output Perturbation
-// Perspective" (2025; kvpress's CriticalKVPress / CriticalAdaKVPress). Head h's contribution to
-// the layer output is o_h W_o^h = sum_j a_h,j v_j W_o^h, so evicting slot j perturbs the output by
-// at most a_h,j ||v_j W_o^h||_1 (before renormalisation); the paper bounds the perturbation by
-// that product and selects in two stages, because the bound is loose where attention is large:
+// Feng, Lv, Cao, Xie & Zhou, "Identify Critical KV Cache in LLM Inference from an Output
+// Perturbation Perspective" (2025, arXiv 2502.03805; kvpress's CriticalKVPress /
+// CriticalAdaKVPress). Head h's contribution to the layer output is
+// o_h W_o^h = sum_j a_h,j v_j W_o^h, so the L1 perturbation of the output when slots are evicted is
+// bounded through the per-slot terms a_h,j ||v_j W_o^h||_1 (the paper's upper bound, with the
+// renormalisation of the kept attention). The paper's selection is a two-stage greedy under that
+// bound: a first share of the budget by attention alone, the rest by the per-slot term:
 //
 //   n_j      = mean over the query heads h of group hk of ||v_j W_o^h||_1     (L1, as the paper)
 //   s_j      = the base policy's score (SnapKV's window attention by default)

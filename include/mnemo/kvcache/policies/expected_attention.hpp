@@ -1,11 +1,11 @@
 // mnemo/kvcache/policies/expected_attention.hpp — keep the keys the *future* queries are expected
 // to attend to, from a Gaussian model of the queries.
 //
-// NVIDIA kvpress, ExpectedAttentionPress (Devoto et al., "Expected Attention: KV Cache Compression
-// by Estimating Attention from Future Queries Distribution", 2025). The queries still to come are
-// modelled as q ~ N(mu_h, Sigma_h), with mu_h and Sigma_h the mean and covariance of query head h's
-// observed queries. The unnormalised attention exp(q.k / sqrt(D)) then has the expectation (the
-// moment generating function of a Gaussian)
+// Devoto, Jeblick & Jégou, "Expected Attention: KV Cache Compression by Estimating Attention from
+// Future Queries Distribution" (2025, arXiv 2510.00636; NVIDIA kvpress's ExpectedAttentionPress).
+// The queries still to come are modelled as q ~ N(mu_h, Sigma_h), with mu_h and Sigma_h the mean
+// and covariance of query head h's observed queries. The unnormalised attention exp(q.k / sqrt(D))
+// then has the expectation (the moment generating function of a Gaussian)
 //
 //   E[exp(q.k / sqrt(D))] = exp(z_j),   z_j = mu_h.k_j / sqrt(D) + k_j^T Sigma_h k_j / (2 D)
 //

@@ -18,16 +18,18 @@
 //           = lk_j | lv_j | (lk_j + lv_j) / 2   (source::keys | values | average)
 //   score_j = max(score over every head) + 1    for the first `sinks` slots (kvpress's num_sinks)
 //
-// What exactly is computed: the leverage is exact, not sketched. The paper (and kvpress) estimate
-// it with a Gaussian projection of the rows to r = 20 dimensions and their squared norms (optionally
-// normalised within local windows of 16 slots); at these sizes the exact value is cheap: the Gram
+// What exactly is computed: the leverage is exact, not sketched. The paper approximates it with the
+// squared norms of Gaussian random projections of the rows; kvpress's CURPress by default takes the
+// squared row norms themselves, normalised within local windows of 16 slots (its projection to
+// r = 20 dimensions is an option). At these sizes the exact value is cheap: the Gram
 // matrix X^T X (D x D, double) is eigen-decomposed (Eigen's SelfAdjointEigenSolver), so
 // s_c^2 = lambda_c and w_c are its eigenpairs, and lev_j = sum_c (x_j . w_c)^2 / lambda_c over the
 // top `rank` eigenvalues (rank = 0: every eigenvalue above rel_tol lambda_max, the numerical rank;
 // with L <= D and full rank every slot then has leverage 1, and a rank below min(L, D) is what
-// ranks the slots). Directions with lambda_c <= rel_tol lambda_max count as null: float keys carry
-// ~7 digits, so such a direction is rounding, not signal. The local-window normalisation and the
-// random projection of kvpress are left out.
+// ranks the slots). Directions with lambda_c <= rel_tol lambda_max count as null (the default
+// 1e-10 is s_c < 1e-5 s_max: keys stored in float carry ~7 digits, so a direction that faint is
+// mostly rounding, and 1 / lambda_c would amplify it). kvpress's local-window normalisation and
+// random projection are left out.
 //
 // Reads observation.k (the cached, post-RoPE keys, as kvpress) and, for every source but keys,
 // observation.v. No queries, no attention: the selection is query-agnostic. Cost per head
