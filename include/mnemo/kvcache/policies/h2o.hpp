@@ -4,8 +4,14 @@
 // Models" (NeurIPS 2023). A few tokens collect most of the attention over time; keep them and a
 // window of recent tokens:
 //
-//   prefill   s_j = (sum_i P[i, j]) / n_j,  n_j = number of queries that see j (L - j, causal),
+//   prefill   s_j = (sum_i P[i, j]) / n_j,  n_j = the number of observed rows that saw key j,
 //             averaged over the query heads of each kv group (kvpress's ObservedAttentionPress)
+//
+// The rows behind observation.attn are the last `rows` positions (0: all L, H2O's prefill with
+// attention::column_sums rows = 0). observation.causal says what they saw: causal, row i of them
+// saw keys [0, L - rows + i], so n_j = min(rows, L - j) (all rows: L - j, the golden case's rule);
+// non-causal (an encoder, or held-out queries after the context), every row saw every key, n_j =
+// rows. normalize = false skips the division (the raw accumulated attention).
 //   decoding  s_j += sum_{h in group} p_h,j   every step (the accumulated attention)
 //   kept      the `recent` newest slots, then the highest s_j up to the budget
 //
@@ -24,19 +30,22 @@ namespace mnemo::kvcache::policies {
 
 struct h2o {
   std::int64_t recent = 0;  // newest slots always kept
-  bool normalize = true;    // prefill: divide by the number of queries that saw each key
+  bool normalize = true;    // prefill: divide by the number of rows that saw each key
+  std::int64_t rows = 0;    // the number of (last) query rows behind observation.attn; 0: all L
 
-  // scores [Hkv, L] from observation.attn [Hq, L], the column sums over all L causal query rows.
+  // scores [Hkv, L] from observation.attn [Hq, L], the column sums over the observed rows.
   void scores(const observation& o, view<float, 2> out) const {
     constexpr const char* fn = "kvcache::policies::h2o::scores";
     const obs_dims d = detail::check(fn, o, false, true);
     detail::check_scores(fn, out, d.Hkv, d.L);
-    const std::int64_t G = d.group();
+    detail::require(rows >= 0 && rows <= d.L, fn, ": rows (the query rows behind observation.attn) must be in [0, L = ",
+                    d.L, "], got ", rows);
+    const std::int64_t G = d.group(), n = rows == 0 ? d.L : rows;
     for (std::int64_t hk = 0; hk < d.Hkv; ++hk)
       for (std::int64_t j = 0; j < d.L; ++j) {
         double acc = 0;
         for (std::int64_t g = 0; g < G; ++g) acc += o.attn(hk * G + g, j);
-        const double seen = normalize ? static_cast<double>(d.L - j) : 1.0;
+        const double seen = !normalize ? 1.0 : static_cast<double>(o.causal ? std::min(n, d.L - j) : n);
         out(hk, j) = static_cast<float>(acc / seen / static_cast<double>(G));
       }
   }

@@ -9,8 +9,10 @@
 //   f_j    = exp((x_j + zeta_j) / tau) / sum_m exp((x_m + zeta_m) / tau),
 //   s_j   += f_j  at every observed query;   kept = the `recent` newest slots + the highest s_j
 //
-// prefill: x_j = scale q_i . k_j for each row i of the observation window (causal), summed
-//          over the window and the group's query heads;
+// prefill: x_j = scale q_i . k_j for each row i of the observation window over the keys it saw,
+//          summed over the window and the group's query heads. observation.causal: row i is
+//          position L - Lw + i and saw keys [0, L - Lw + i]; false (an encoder, or held-out
+//          queries after the context): every row saw all L keys;
 // decoding: x_j = log p_j + const from the step's probabilities (the constant cancels in the
 //          softmax), so f_j = p_j^(1/tau) g_j / sum_m p_m^(1/tau) g_m with g = exp(zeta / tau).
 //          The Gumbel factors g come from a table of `noise_table` seeded draws indexed by a hash of
@@ -53,7 +55,7 @@ struct keyformer {
       for (std::int64_t j = 0; j < d.L; ++j) out(hk, j) = 0.0f;
       for (std::int64_t h = hk * d.group(); h < (hk + 1) * d.group(); ++h)
         for (std::int64_t i = 0; i < d.Lw; ++i) {
-          const std::int64_t n = d.L - d.Lw + i + 1;
+          const std::int64_t n = o.causal ? d.L - d.Lw + i + 1 : d.L;  // row i saw keys [0, n)
           double m = -std::numeric_limits<double>::infinity(), sum = 0;
           for (std::int64_t j = 0; j < n; ++j) {
             double dot = 0;

@@ -11,7 +11,9 @@
 //
 // prefill: the history is the observation window, observation.q [Hq, Lw, D] (each row needs its
 //          own threshold, so the per-row probabilities are recomputed from q and k: O(Lw L D)
-//          for a window of Lw rows, a few decode steps' worth)
+//          for a window of Lw rows, a few decode steps' worth). observation.causal: row i is
+//          position L - Lw + i and saw keys [0, L - Lw + i] (n_i = L - Lw + i + 1); false (an
+//          encoder, or held-out queries after the context): every row saw all n_i = L keys.
 // decoding: each step's probabilities (attention::column_sums, rows = 1) add one count per slot
 //          and query head below 1/n: one pass over the slots, O(L Hq).
 #pragma once
@@ -40,7 +42,7 @@ struct scissorhands {
       for (std::int64_t j = 0; j < d.L; ++j) out(hk, j) = 0.0f;
       for (std::int64_t h = hk * d.group(); h < (hk + 1) * d.group(); ++h)
         for (std::int64_t i = 0; i < d.Lw; ++i) {
-          const std::int64_t n = d.L - d.Lw + i + 1;  // causal: row i sees keys [0, n)
+          const std::int64_t n = o.causal ? d.L - d.Lw + i + 1 : d.L;  // row i saw keys [0, n)
           double m = -std::numeric_limits<double>::infinity(), sum = 0;
           for (std::int64_t j = 0; j < n; ++j) {
             double dot = 0;
