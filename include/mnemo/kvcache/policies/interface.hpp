@@ -52,6 +52,8 @@ struct new_slot {
   std::int64_t D = 0;
   bool special = false;  // FastGen
   bool punct = false;    // FastGen
+  float score = 0;       // a per-token score the model gives: DMS's eviction logit; the initial
+                         // accumulated score of H2O-style trackers (0 for a new token)
 };
 
 template <class T>
@@ -88,6 +90,8 @@ class as_tracker {
       d_.append(s.head, require_key(s), s.D);
     } else if constexpr (requires { d_.append(s.head, s.k); }) {
       d_.append(s.head, require_key(s));
+    } else if constexpr (requires { d_.append(s.head, s.score); }) {
+      d_.append(s.head, s.score);
     } else {
       d_.append(s.head);
     }

@@ -29,16 +29,24 @@
 
 #include "mnemo/kvcache/policies/adakv.hpp"
 #include "mnemo/kvcache/policies/alisa.hpp"
+#include "mnemo/kvcache/policies/chunkkv.hpp"
 #include "mnemo/kvcache/policies/common.hpp"
+#include "mnemo/kvcache/policies/criticalkv.hpp"
+#include "mnemo/kvcache/policies/dms.hpp"
+#include "mnemo/kvcache/policies/duo_attention.hpp"
+#include "mnemo/kvcache/policies/expected_attention.hpp"
 #include "mnemo/kvcache/policies/fastgen.hpp"
 #include "mnemo/kvcache/policies/h2o.hpp"
 #include "mnemo/kvcache/policies/interface.hpp"
 #include "mnemo/kvcache/policies/keydiff.hpp"
 #include "mnemo/kvcache/policies/keyformer.hpp"
 #include "mnemo/kvcache/policies/knorm.hpp"
+#include "mnemo/kvcache/policies/lagkv.hpp"
+#include "mnemo/kvcache/policies/leverage.hpp"
 #include "mnemo/kvcache/policies/pyramidkv.hpp"
 #include "mnemo/kvcache/policies/qfilter.hpp"
 #include "mnemo/kvcache/policies/scissorhands.hpp"
+#include "mnemo/kvcache/policies/simlayerkv.hpp"
 #include "mnemo/kvcache/policies/snapkv.hpp"
 #include "mnemo/kvcache/policies/streaming_llm.hpp"
 #include "mnemo/kvcache/policies/think.hpp"
@@ -76,6 +84,12 @@ typename P::decoder make_decoder(const P& p, const observation& o, std::int64_t 
   const std::int64_t Hkv = o.k.extent(0);
   if constexpr (std::is_same_v<P, fastgen>) {
     return D(p, p.profile(o, budget).per_head);
+  } else if constexpr (std::is_same_v<P, duo_attention>) {
+    return D(p, p.retrieval_heads(o));
+  } else if constexpr (std::is_same_v<P, simlayerkv>) {
+    D d(Hkv, p, o.layer, o.layers);
+    d.set_lazy(p.is_lazy(o));
+    return d;
   } else if constexpr (std::is_same_v<P, pyramidkv>) {
     return D(Hkv, p, o.layer, o.layers, budget);
   } else if constexpr (std::constructible_from<D, std::int64_t, const P&>) {
@@ -103,6 +117,36 @@ class owning_tracker : public as_tracker<D> {
 inline std::int64_t window_of(const observation& o) {
   if (!o.q.empty()) return o.q.extent(1);
   return std::min<std::int64_t>(32, o.k.empty() ? 0 : o.k.extent(1));
+}
+
+// The identity output projection w_o [Hq, Dv, Dv]: CriticalKV's value term becomes ||v_j||_1
+// when the model's projection is not at hand.
+inline tensor<float, 3> identity_projection(const observation& o) {
+  const std::int64_t Hq = o.q.empty() ? o.attn.extent(0) : o.q.extent(0), Dv = o.v.extent(2);
+  tensor<float, 3> w({Hq, Dv, Dv});
+  for (std::int64_t h = 0; h < Hq; ++h)
+    for (std::int64_t c = 0; c < Dv; ++c) w(h, c, c) = 1.0f;
+  return w;
+}
+
+// DMS's eviction logits stand in for the model's (which the paper trains): z_j = log(uniform
+// share / a_j), a_j = slot j's share of its group's attention sums, so a slot attended less
+// than uniformly is marked (z > 0). [Hkv, L].
+inline tensor<float, 2> attention_logits(const observation& o) {
+  const obs_dims d = check("kvcache::policies::attention_logits", o, false, true);
+  tensor<float, 2> z({d.Hkv, d.L});
+  for (std::int64_t h = 0; h < d.Hkv; ++h) {
+    double total = 0;
+    for (std::int64_t g = 0; g < d.group(); ++g)
+      for (std::int64_t j = 0; j < d.L; ++j) total += o.attn(h * d.group() + g, j);
+    for (std::int64_t j = 0; j < d.L; ++j) {
+      double a = 0;
+      for (std::int64_t g = 0; g < d.group(); ++g) a += o.attn(h * d.group() + g, j);
+      const double share = total > 0 ? a / total : 1.0 / static_cast<double>(d.L);
+      z(h, j) = static_cast<float>(std::log((1.0 / static_cast<double>(d.L)) / std::max(share, 1e-30)));
+    }
+  }
+  return z;
 }
 
 }  // namespace detail
@@ -152,6 +196,54 @@ inline const std::vector<entry>& all() {
     l.push_back(row<think>("think", [](D, B) { return think{}; }, attn_rows::window, axis::channels));
     l.push_back(row<fastgen>("fastgen", [](D, B) { return fastgen{}; }, attn_rows::all));
     l.push_back(row<alisa>("alisa", [](D o, B) { return alisa{0.5, detail::window_of(o)}; }));
+    l.push_back(row<expected_attention>("expected_attention", [](D, B) { return expected_attention{}; }));
+    {  // CriticalKV / CriticalAdaKV: the identity projection when the model's w_o is not at hand
+      for (const bool ada : {false, true}) {
+        entry e{ada ? "critical_adakv" : "criticalkv", axis::slots, attn_rows::window, {}, {}};
+        e.select = [ada](const observation& o, std::int64_t budget) {
+          const tensor<float, 3> w = detail::identity_projection(o);
+          const snapkv base{detail::window_of(o), 5};
+          if (ada) return critical_adakv<snapkv>{base, w}.select(o, budget);
+          return criticalkv<snapkv>{base, w}.select(o, budget);
+        };
+        l.push_back(std::move(e));
+      }
+    }
+    l.push_back(row<leverage>("leverage", [](D, B) { return leverage{}; }));
+    l.push_back(row<chunkkv<snapkv>>("chunkkv", [](D o, B) { return chunkkv<snapkv>{snapkv{detail::window_of(o), 5}}; }));
+    l.push_back(row<duo_attention>("duo_attention", [](D, B b) {
+      duo_attention p;
+      p.n_sink = std::min<B>(4, b);
+      p.recent = std::max<B>(0, b / 2 - p.n_sink);
+      return p;
+    }));
+    l.push_back(row<simlayerkv>("simlayerkv", [](D, B b) {
+      simlayerkv p;
+      p.n_initial = std::min<B>(4, b);
+      p.recent = std::max<B>(0, b / 2 - p.n_initial);
+      return p;
+    }));
+    l.push_back(row<lagkv>("lagkv", [](D o, B) {
+      lagkv p;
+      p.lag = std::clamp<std::int64_t>(o.k.extent(1) / 16, 4, 128);  // at least 16 chunks
+      return p;
+    }));
+    {  // DMS: eviction logits from the attention (detail::attention_logits) in place of the model's
+      entry e{"dms", axis::slots, attn_rows::window, {}, {}};
+      e.select = [](const observation& o, std::int64_t budget) {
+        const tensor<float, 2> z = detail::attention_logits(o);
+        dms p;
+        p.window = std::max<std::int64_t>(1, budget / 2);
+        p.logits = z;
+        return p.select(o, budget);
+      };
+      e.make_tracker = [](const observation& o, std::int64_t budget) {
+        dms p;
+        p.window = std::max<std::int64_t>(1, budget / 2);
+        return erase(dms::decoder(o.k.extent(0), p));
+      };
+      l.push_back(std::move(e));
+    }
     return l;
   }();
   return list;
