@@ -1,11 +1,11 @@
 // Tests for mnemo/kvcache/merge_plan.hpp, merge.hpp and the merging policies (policies/cam.hpp,
-// dmc.hpp, moviechat.hpp): every method's plan, applied by kvcache::reference::merge, against an
-// independent double-precision reference written from the method's equations; the plan applied to
-// a layer_cache of every storage kind against the f32 reference (within one rounding of the kind of
-// what the cache held, and within the kind's input error of the merge of the original tokens);
-// kvcache::decode over a merged cache against attention over the merged K/V; the DMC decoder step
-// by step through a cache; merging beating dropping on near-duplicate tokens; empty heads; and the
-// argument checks (the cache unchanged after a throw).
+// merging.hpp, dmc.hpp, moviechat.hpp): every method's plan, applied by kvcache::reference::merge,
+// against an independent double-precision reference written from the method's equations; the plan
+// applied to a layer_cache of every storage kind against the f32 reference (within one rounding of
+// the kind of what the cache held, and within the kind's input error of the merge of the original
+// tokens); kvcache::decode over a merged cache against attention over the merged K/V; the DMC
+// decoder step by step through a cache; merging beating dropping on near-duplicate tokens; empty
+// heads; and the argument checks (the cache unchanged after a throw).
 #include "mnemo/kvcache/merge.hpp"
 
 #include <gtest/gtest.h>
@@ -21,6 +21,8 @@
 #include "mnemo/kvcache/decode.hpp"
 #include "mnemo/kvcache/policies/cam.hpp"
 #include "mnemo/kvcache/policies/dmc.hpp"
+#include "mnemo/kvcache/policies/knorm.hpp"
+#include "mnemo/kvcache/policies/merging.hpp"
 #include "mnemo/kvcache/policies/moviechat.hpp"
 #include "support/support.hpp"
 
@@ -153,6 +155,7 @@ TEST(Merge, CamAgainstItsEquations) {
         EXPECT_EQ(p.rule, kv::merge_rule::sum);
         EXPECT_FALSE(p.keys);
         EXPECT_EQ(p.keep.heads, c.select(o, budget).heads);
+        if (budget >= 9 && budget < L) EXPECT_GT(p.num_folds(), 0);
         const kv::reference::merged_kv got = kv::reference::merge(p, k, v);
         for (std::int64_t h = 0; h < Hkv; ++h) {
           const expected_head want = cam_reference(k, v, attn, h, budget, m, similar);
@@ -160,6 +163,65 @@ TEST(Merge, CamAgainstItsEquations) {
           expect_head(got, h, want, 1e-5);
         }
       }
+}
+
+// ---- MergingPress -----------------------------------------------------------------------------
+
+// kvpress's merge: the most similar kept key, weight max(s, 0) |v_e| / (|v_e| + |v_t| + eps), mean.
+expected_head merging_reference(const tensor<float, 3>& k, const tensor<float, 3>& v, std::int64_t h,
+                                const std::vector<std::int64_t>& keep, double threshold) {
+  const double eps = 1e-6;
+  auto norm = [](const std::vector<double>& x) {
+    double n = 0;
+    for (double a : x) n += a * a;
+    return std::sqrt(n);
+  };
+  expected_head out;
+  std::vector<double> total;
+  for (std::int64_t t : keep) out.k.push_back(row(k, h, t)), out.v.push_back(row(v, h, t)), total.push_back(1);
+  for (std::int64_t e = 0; e < k.extent(1) && !keep.empty(); ++e) {
+    if (std::binary_search(keep.begin(), keep.end(), e)) continue;
+    const std::vector<double> ke = row(k, h, e);
+    std::size_t best = 0;
+    double top = -1e300;
+    for (std::size_t i = 0; i < keep.size(); ++i) {
+      const std::vector<double> kt = row(k, h, keep[i]);
+      double dot = 0;
+      for (std::size_t c = 0; c < ke.size(); ++c) dot += ke[c] * kt[c];
+      const double s = dot / (std::max(norm(ke), eps) * std::max(norm(kt), eps));
+      if (s > top) top = s, best = i;
+    }
+    if (top < threshold || top <= 0) continue;
+    const std::vector<double> ve = row(v, h, e), vt = row(v, h, keep[best]);
+    const double w = top * norm(ve) / (norm(ve) + norm(vt) + eps);
+    for (std::size_t c = 0; c < ve.size(); ++c) out.v[best][c] = (out.v[best][c] * total[best] + w * ve[c]) / (total[best] + w);
+    total[best] += w;
+  }
+  return out;
+}
+
+TEST(Merge, MergingPressAgainstItsEquations) {
+  const std::int64_t Hkv = 2, L = 33, D = 8, Dv = 6;
+  tensor<float, 3> k = normal3(Hkv, L, D, 50);
+  const tensor<float, 3> v = normal3(Hkv, L, Dv, 51);
+  for (std::int64_t c = 0; c < D; ++c) k(1, 4, c) = 0.0f;  // a zero key: cosine 0 with every key
+  pol::observation o{k, v, {}, {}};
+  for (float threshold : {0.0f, 0.3f})
+    for (std::int64_t budget : {0, 1, 10, 33}) {
+      SCOPED_TRACE(testing::Message() << "threshold " << threshold << " budget " << budget);
+      pol::merging<pol::knorm> m;
+      m.threshold = threshold;
+      const kv::merge_plan p = m.plan(o, budget);
+      EXPECT_EQ(p.keep.heads, pol::knorm{}.select(o, budget).heads);
+      if (budget == 10) EXPECT_GT(p.num_folds(), 0);
+      EXPECT_EQ(p.rule, kv::merge_rule::mean);
+      EXPECT_FALSE(p.keys);
+      const kv::reference::merged_kv got = kv::reference::merge(p, k, v);
+      for (std::int64_t h = 0; h < Hkv; ++h)
+        expect_head(got, h, merging_reference(k, v, h, p.keep.heads[static_cast<std::size_t>(h)], threshold), 1e-5);
+    }
+  mnemo::test::expect_error([&] { pol::fold_similar(o, pol::knorm{}.select(o, 3), 2.0f); },
+                            {"kvcache::policies::fold_similar", "threshold", "[0, 1]", "got 2"});
 }
 
 // ---- DMC --------------------------------------------------------------------------------------
@@ -436,6 +498,7 @@ TEST(Merge, EveryPlanOnEveryStorageKind) {
       {"cam similar", similar.plan(o, 11)},
       {"dmc", pol::dmc{}.plan(o, 17)},
       {"moviechat", pol::moviechat{}.plan(o, 9)},
+      {"merging", pol::merging<pol::knorm>{}.plan(o, 14)},
   };
   // Ragged by hand: head 0 keeps nothing, head 1 keeps every slot, head 2 folds everything into two.
   kv::merge_plan ragged;
