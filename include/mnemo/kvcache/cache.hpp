@@ -1,5 +1,5 @@
 // mnemo/kvcache/cache.hpp — the KV cache of one attention layer, in f32, f16, bf16 or quantized
-// int8 / int4 storage, with ragged per-kv-head lengths.
+// int8 / int4 / int2 storage, optionally Hadamard-rotated, with ragged per-kv-head lengths.
 //
 // Usage (one layer; kvcache::cache holds one layer_cache per layer):
 //
@@ -16,7 +16,7 @@
 // Heads have their own lengths (ragged), so a head-adaptive budget frees slots in that head only.
 //
 //   storage::f32 / f16 / bf16   K [Hkv, capacity, D] and V [Hkv, capacity, Dv] of that type.
-//   storage::int8 / int4        KIVI (Liu et al. 2024): slots [0, quantized_length(h)) quantized,
+//   storage::int8 / int4 / int2 KIVI (Liu et al. 2024): slots [0, quantized_length(h)) quantized,
 //                               the rest in an f32 residual window of the most recent tokens.
 //     keys    per channel over groups of tokens: group i of head h covers key_group_lengths(h)[i]
 //             consecutive slots and has scale/min per channel (key_scales(h), key_mins(h) [groups, D])
@@ -32,7 +32,16 @@
 // not the position bookkeeping, the same 16 bytes per slot in every kind). With the default
 // groups (128 tokens per key group, 128 channels per value group) at D = Dv = 128 a quantized token
 // of one head takes, in bytes, int8: 2 * 128 + 2 * 4 * 128 / 128 + 2 * 4 = 272 (0.53 x f16's 512),
-// int4: 2 * 64 + 8 + 8 = 144 (0.28 x f16), plus the f32 residual window.
+// int4: 2 * 64 + 8 + 8 = 144 (0.28 x f16), int2: 2 * 32 + 8 + 8 = 80 (0.16 x f16), plus the f32
+// residual window.
+//
+// Rotation (config.rotate, kvcache/rotation.hpp): with rotation::hadamard the cache stores R k (with
+// rotate.keys) and R v (with rotate.values) in every storage kind, R a randomized Walsh-Hadamard transform over
+// blocks of the head dim; kvcache::decode rotates the queries to match (scores unchanged in exact
+// arithmetic) and rotates the output back. Everything handed out as f32 (gather, keys(), values())
+// is rotated back; the raw storage accessors (dense_keys, key_codes, residual_keys, ...) are in the
+// rotated space. Spreading outlier channels over a block before quantization lowers the error of
+// the quantized kinds (measured in tests/kvcache/rotation_test.cpp and bench/kvcache_rows.cpp).
 //
 // Errors: every public call validates its arguments and throws mnemo::error naming the argument,
 // what was expected and what it got, before changing anything.
@@ -51,13 +60,14 @@
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/kvcache/quant.hpp"
+#include "mnemo/kvcache/rotation.hpp"
 #include "mnemo/kvcache/selection.hpp"
 #include "mnemo/simd/load.hpp"
 
 namespace mnemo::kvcache {
 
 // How K and V are stored.
-enum class storage { f32, f16, bf16, int8, int4 };
+enum class storage { f32, f16, bf16, int8, int4, int2 };
 
 inline const char* storage_name(storage s) {
   switch (s) {
@@ -66,14 +76,17 @@ inline const char* storage_name(storage s) {
     case storage::bf16: return "bf16";
     case storage::int8: return "int8";
     case storage::int4: return "int4";
+    case storage::int2: return "int2";
   }
   return "?";
 }
 
-inline bool is_quantized(storage s) { return s == storage::int8 || s == storage::int4; }
+inline bool is_quantized(storage s) { return s == storage::int8 || s == storage::int4 || s == storage::int2; }
 
 // Bits per code of a quantized kind (0 for f32 / f16 / bf16).
-inline int storage_bits(storage s) { return s == storage::int8 ? 8 : s == storage::int4 ? 4 : 0; }
+inline int storage_bits(storage s) {
+  return s == storage::int8 ? 8 : s == storage::int4 ? 4 : s == storage::int2 ? 2 : 0;
+}
 
 // The storage kind of a K/V element type.
 template <class T>
@@ -81,8 +94,12 @@ inline constexpr storage storage_of = std::is_same_v<T, float> ? storage::f32
                                       : std::is_same_v<T, f16> ? storage::f16
                                                                : storage::bf16;
 
-// Every storage kind, for loops in tests, benchmarks and examples.
+// Every storage kind of both stores (layer_cache and kvcache/paged.hpp's paged_cache), for loops in
+// tests, benchmarks and examples.
 inline constexpr storage all_storages[] = {storage::f32, storage::f16, storage::bf16, storage::int8, storage::int4};
+// Every storage kind of layer_cache: all_storages and int2 (KIVI 2-bit, which paged_cache rejects).
+inline constexpr storage layer_storages[] = {storage::f32,  storage::f16,  storage::bf16,
+                                             storage::int8, storage::int4, storage::int2};
 
 // Grouping of the quantized kinds (ignored by f32 / f16 / bf16).
 struct quant_options {
@@ -98,6 +115,7 @@ struct cache_config {
   std::int64_t D = 0;         // key head dim
   std::int64_t Dv = 0;        // value head dim; 0: D
   quant_options quant = {};
+  rotation_options rotate = {};  // rotation::hadamard: store R k (and R v), see the header
 };
 
 class layer_cache {
@@ -122,7 +140,8 @@ class layer_cache {
       case storage::f16:
       case storage::bf16: break;
       case storage::int8:
-      case storage::int4: {
+      case storage::int4:
+      case storage::int2: {
         const quant_options& q = cfg_.quant;
         require(q.key_group >= 1, fn, ": config.quant.key_group must be >= 1, got ", q.key_group);
         require(q.residual >= q.key_group, fn, ": config.quant.residual must be >= key_group (", q.key_group,
@@ -133,6 +152,14 @@ class layer_cache {
         break;
       }
       default: detail::fail(fn, ": config.kind is not a storage kind: ", static_cast<int>(cfg_.kind));
+    }
+    switch (cfg_.rotate.kind) {
+      case rotation::none: break;
+      case rotation::hadamard:
+        if (cfg_.rotate.keys) krot_ = hadamard_rotation(cfg_.D, cfg_.rotate.seed, fn, "config.D");
+        if (cfg_.rotate.values) vrot_ = hadamard_rotation(cfg_.Dv, cfg_.rotate.seed, fn, "config.Dv");
+        break;
+      default: detail::fail(fn, ": config.rotate.kind is not a rotation: ", static_cast<int>(cfg_.rotate.kind));
     }
     try {
       allocate();
@@ -177,6 +204,11 @@ class layer_cache {
   std::int64_t capacity() const { return cfg_.capacity; }
   std::int64_t head_dim() const { return cfg_.D; }
   std::int64_t value_dim() const { return cfg_.Dv; }
+  // Whether keys (values) are stored rotated, and their rotation (dim() = 0 when not).
+  bool rotates_keys() const { return krot_.dim() > 0; }
+  bool rotates_values() const { return vrot_.dim() > 0; }
+  const hadamard_rotation& key_rotation() const { return krot_; }
+  const hadamard_rotation& value_rotation() const { return vrot_; }
   std::int64_t length(std::int64_t h) const { return length_[check_head("kvcache::layer_cache::length", h)]; }
   const std::vector<std::int64_t>& lengths() const { return length_; }
   std::int64_t max_length() const { return *std::max_element(length_.begin(), length_.end()); }
@@ -238,13 +270,16 @@ class layer_cache {
               length_[static_cast<std::size_t>(h)], " tokens; ", n, " more exceed the capacity ", cfg_.capacity,
               " (compact first)");
     if (is_quantized(cfg_.kind)) quant::require_quantizable(fn, k, v);
+    require_rotatable(fn, k, v);
     if (n == 0) return;
+    std::vector<float> kr(static_cast<std::size_t>(rotates_keys() ? cfg_.D : 0));
+    std::vector<float> vr(static_cast<std::size_t>(rotates_values() ? cfg_.Dv : 0));
     for (std::int64_t h = 0; h < cfg_.Hkv; ++h) {
       for (std::int64_t t = 0; t < n; ++t) {
         const std::int64_t slot = length_[static_cast<std::size_t>(h)];
         pos_(h, slot) = positions[static_cast<std::size_t>(t)];
         rot_(h, slot) = positions[static_cast<std::size_t>(t)];
-        write_slot<Arch>(h, slot, k.ptr(h, t), v.ptr(h, t));
+        write_slot<Arch>(h, slot, rotated(krot_, k.ptr(h, t), kr), rotated(vrot_, v.ptr(h, t), vr));
         ++length_[static_cast<std::size_t>(h)];
         if (is_quantized(cfg_.kind) && residual_length(h) == cfg_.quant.residual) flush<Arch>(h);
       }
@@ -329,6 +364,16 @@ class layer_cache {
         for (std::int64_t c = 0; c < cfg_.D; ++c)
           detail::require(quant::quantizable(k(j, c)), fn, ": k must be finite with |k| <= ", quant::max_magnitude,
                           " (quant::max_magnitude) for quantized storage, got ", k(j, c), " at [", j, ", ", c, "]");
+    require_rotatable(fn, view<const float, 3>(k.data(), {1, k.extent(0), k.extent(1)}, {0, k.stride(0), 1}), {});
+    tensor<float, 2> kr;  // the rotated keys, when the cache rotates them
+    if (rotates_keys()) {
+      kr = tensor<float, 2>({length_[hi], cfg_.D});
+      for (std::int64_t j = 0; j < length_[hi]; ++j) {
+        std::memcpy(&kr(j, 0), k.ptr(j), static_cast<std::size_t>(cfg_.D) * sizeof(float));
+        krot_.forward(&kr(j, 0));
+      }
+      k = kr.as_view();
+    }
     for (std::int64_t j = 0; j < length_[hi]; ++j) rot_(h, j) = rotary[static_cast<std::size_t>(j)];
     switch (cfg_.kind) {
       case storage::f32: set_dense_keys<Arch>(kf_, h, k); break;
@@ -579,7 +624,6 @@ class layer_cache {
     kscale_[hi].resize(kscale_[hi].size() + static_cast<std::size_t>(D));
     kmin_[hi].resize(kmin_[hi].size() + static_cast<std::size_t>(D));
     glen_[hi].push_back(G);
-    const bool int8 = cfg_.kind == storage::int8;
     const int bits = storage_bits(cfg_.kind);
     quant::reference::quantize_channels(&rk_(h, 0, 0), D, G, D, bits, kcodes_.data() + slot_offset(kcodes_, h, nq),
                                         kcodes_.extent(2), kscale_[hi].data() + kscale_[hi].size() - D,
@@ -588,8 +632,11 @@ class layer_cache {
     std::vector<float> scale(static_cast<std::size_t>(NG)), min(static_cast<std::size_t>(NG));
     for (std::int64_t t = 0; t < G; ++t) {
       std::uint8_t* codes = vcodes_.data() + slot_offset(vcodes_, h, nq + t);
-      if (int8) quant::quantize_token<Arch, 8>(&rv_(h, t, 0), Dv, VG, codes, scale.data(), min.data());
-      else quant::quantize_token<Arch, 4>(&rv_(h, t, 0), Dv, VG, codes, scale.data(), min.data());
+      switch (bits) {
+        case 8: quant::quantize_token<Arch, 8>(&rv_(h, t, 0), Dv, VG, codes, scale.data(), min.data()); break;
+        case 4: quant::quantize_token<Arch, 4>(&rv_(h, t, 0), Dv, VG, codes, scale.data(), min.data()); break;
+        default: quant::quantize_token<Arch, 2>(&rv_(h, t, 0), Dv, VG, codes, scale.data(), min.data());
+      }
       for (std::int64_t g = 0; g < NG; ++g) {
         vscale_(h, g, nq + t) = scale[static_cast<std::size_t>(g)];
         vmin_(h, g, nq + t) = min[static_cast<std::size_t>(g)];
@@ -603,9 +650,18 @@ class layer_cache {
     qlength_[hi] = nq + G;
   }
 
-  // Head h's slot into k [D], v [Dv] as f32; start = group_starts(h).
+  // Head h's slot into k [D], v [Dv] as f32, rotated back; start = group_starts(h).
   template <class Arch>
   void read_slot(std::int64_t h, std::int64_t slot, const std::vector<std::int64_t>& start, float* k, float* v) const {
+    read_stored_slot<Arch>(h, slot, start, k, v);
+    if (rotates_keys()) krot_.inverse(k);
+    if (rotates_values()) vrot_.inverse(v);
+  }
+
+  // Head h's slot into k [D], v [Dv] as f32, as stored (rotated when the cache rotates).
+  template <class Arch>
+  void read_stored_slot(std::int64_t h, std::int64_t slot, const std::vector<std::int64_t>& start, float* k,
+                        float* v) const {
     const std::int64_t D = cfg_.D, Dv = cfg_.Dv;
     auto get = [&]<class T>(const tensor<T, 3>& kt, const tensor<T, 3>& vt) {
       simd::convert<Arch>(kt.data() + slot_offset(kt, h, slot), k, D);
@@ -713,7 +769,28 @@ class layer_cache {
     for (std::int64_t j = 0; j < k.extent(0); ++j) simd::convert<Arch>(k.ptr(j), kt.data() + slot_offset(kt, h, j), cfg_.D);
   }
 
+  // With rotation, every kind takes |x| <= quant::max_magnitude / (the Hadamard block) only: then
+  // neither the transform nor its inverse overflows (kvcache/rotation.hpp), and the rotated rows
+  // stay within what the quantizers take. k [Hkv, n, D], v [Hkv, n, Dv] (may be empty).
+  void require_rotatable(const char* fn, view<const float, 3> k, view<const float, 3> v) const {
+    if (rotates_keys())
+      quant::require_bounded(fn, "k", k, rotation_max_magnitude(quant::max_magnitude, krot_.block()),
+                             " (quant::max_magnitude / the Hadamard block of D) for rotated storage");
+    if (rotates_values() && !v.empty())
+      quant::require_bounded(fn, "v", v, rotation_max_magnitude(quant::max_magnitude, vrot_.block()),
+                             " (quant::max_magnitude / the Hadamard block of Dv) for rotated storage");
+  }
+
+  // x [r.dim()] rotated into buf, or x itself when r is not set.
+  static const float* rotated(const hadamard_rotation& r, const float* x, std::vector<float>& buf) {
+    if (r.dim() == 0) return x;
+    std::copy_n(x, r.dim(), buf.data());
+    r.forward(buf.data());
+    return buf.data();
+  }
+
   cache_config cfg_{};
+  hadamard_rotation krot_, vrot_;               // dim() = 0: not rotated
   std::vector<std::int64_t> length_, qlength_;  // [Hkv] tokens held, of which quantized
   std::int64_t next_position_ = 0;
   tensor<std::int64_t, 2> pos_, rot_;  // [Hkv, capacity]

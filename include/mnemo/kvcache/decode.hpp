@@ -24,9 +24,16 @@
 // chunk order, so the result is bit-identical for every thread count. Chunk boundaries are fixed by
 // the head's lengths, never by the thread count.
 //
-// Memory traffic per step: codes (1 or 1/2 byte per element), per-token value scales and mins,
-// per-group key scales and mins, the residual window in f32: about 0.53 x (int8) and 0.28 x (int4)
-// of the f16 bytes at D = 128 with the default groups.
+// Memory traffic per step: codes (1, 1/2 or 1/4 byte per element), per-token value scales and
+// mins, per-group key scales and mins, the residual window in f32: about 0.53 x (int8), 0.28 x
+// (int4) and 0.16 x (int2) of the f16 bytes at D = 128 with the default groups.
+//
+// Rotated caches (cache_config::rotate, kvcache/rotation.hpp): the cache stores R k (and R v), so
+// kvcache::decode runs the kernel on R q (one O(D log D) transform per query row, into a buffer of
+// Hq x Lq x D floats) and, when the values are rotated, turns each output row back with R^T:
+//   scores (R q) . (R k) = q . k,   out = R^T sum_j p_j (R v_j) = sum_j p_j v_j
+// lse and the column sums are unchanged. The sources below (dense_source, kivi_source) read the
+// stored, rotated space; only the entry points rotate.
 //
 // Side output (kvcache::column_sums): the column sums of the final probabilities over the last
 // `rows` query rows, per query head and cache slot, sums [Hq, >= max_length()] with
@@ -201,11 +208,11 @@ std::int64_t value_pairs(std::int64_t Dv, std::int64_t VG) {
 // Index, inside its 2W block, where channel offset i of the block is stored in pair order.
 template <int Bits>
 constexpr std::int64_t pair_slot(std::int64_t i, std::int64_t W) {
-  if constexpr (Bits == 8) return i;
+  if constexpr (Bits != 4) return i;
   else return i % 2 == 0 ? i / 2 : W + i / 2;
 }
 
-// Rows of int8 / int4 codes (keys or values) for the engine's score and value passes: `stride`
+// Rows of int8 / int4 / int2 codes (keys or values) for the engine's score and value passes: `stride`
 // bytes apart, `len` channels used, channels [0, pairs) read in pair order.
 template <class Arch, int Bits>
 struct code_rows {
@@ -354,7 +361,7 @@ void finish_values(const plan& pl, const scratch& w, std::int64_t NG, std::int64
 
 }  // namespace kivi
 
-// The KIVI store of a cache (int8 or int4) as a split-KV source. Part 0 of a head is its quantized
+// The KIVI store of a cache (int8, int4 or int2) as a split-KV source. Part 0 of a head is its quantized
 // slots [0, quantized_length(h)), read as codes and dequantized inside the dot products (see the
 // header); part 1 its f32 residual window, a strided source of its own.
 template <int Bits>
@@ -448,7 +455,30 @@ void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q,
     case storage::bf16: attend(dense_source<bf16>(c)); break;
     case storage::int8: attend(kivi_source<8>(c)); break;
     case storage::int4: attend(kivi_source<4>(c)); break;
+    case storage::int2: attend(kivi_source<2>(c)); break;
   }
+}
+
+// The queries in the cache's key space: q itself, or R q row by row in buf when the cache rotates
+// its keys. q [Hq, Lq, D].
+inline view<const float, 3> rotate_queries(const layer_cache& c, view<const float, 3> q, tensor<float, 3>& buf) {
+  if (!c.rotates_keys()) return q;
+  const std::int64_t Hq = q.extent(0), Lq = q.extent(1), D = q.extent(2);
+  buf = tensor<float, 3>({Hq, Lq, D});
+  for (std::int64_t h = 0; h < Hq; ++h)
+    for (std::int64_t i = 0; i < Lq; ++i) {
+      std::copy_n(q.ptr(h, i), D, &buf(h, i, 0));
+      c.key_rotation().forward(&buf(h, i, 0));
+    }
+  return buf.as_view();
+}
+
+// Output rows back from the cache's value space (R^T), when the cache rotates its values.
+// out [Hq, Lq, Dv].
+inline void unrotate_output(const layer_cache& c, view<float, 3> out) {
+  if (!c.rotates_values()) return;
+  for (std::int64_t h = 0; h < out.extent(0); ++h)
+    for (std::int64_t i = 0; i < out.extent(1); ++i) c.value_rotation().inverse(out.ptr(h, i));
 }
 
 }  // namespace decode_detail
@@ -456,7 +486,7 @@ void run(const attention::dims& d, const layer_cache& c, view<const float, 3> q,
 // Decode from a cache: q [Hq, Lq] rows (Lq <= attention::decode_max_rows) against every slot of
 // their kv head, in any storage kind; the result agrees with kvcache::reference::decode to f32
 // rounding and is bit-identical for every options.threads. Reads options.scale, .threads, .isa and
-// .sinks.
+// .sinks. A rotated cache gets R q and gives back R^T out (see the header).
 // cs: the optional column sums per cache slot (see the header).
 template <class TuArch = simd::default_arch>
 void decode(const layer_cache& c,
@@ -471,12 +501,17 @@ void decode(const layer_cache& c,
       for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(cs.sums.ptr(h, 0), c.max_length(), 0.0f);
     return;
   }
+  tensor<float, 3> rotated_q;
+  const view<const float, 3> qs = decode_detail::rotate_queries(c, q, rotated_q);
   if constexpr (prebuilt::linked) {  // a program built below the CPU's level (prebuilt.hpp)
     const simd::level want = simd::resolve_level(opt.isa);
-    if (prebuilt::above<TuArch>(want))
-      return prebuilt::at_level(want, [&]<class Arch>() { prebuilt::cache_decode<Arch>(d, c, q, out, lse, opt, ws, cs); });
+    if (prebuilt::above<TuArch>(want)) {
+      prebuilt::at_level(want, [&]<class Arch>() { prebuilt::cache_decode<Arch>(d, c, qs, out, lse, opt, ws, cs); });
+      return decode_detail::unrotate_output(c, out);
+    }
   }
-  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() { decode_detail::run<Arch>(d, c, q, out, lse, opt.threads, ws, cs, opt.sinks); });
+  simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() { decode_detail::run<Arch>(d, c, qs, out, lse, opt.threads, ws, cs, opt.sinks); });
+  decode_detail::unrotate_output(c, out);
 }
 
 // Decode with a mask or score mod (attention/mods.hpp: causal, sliding_window, softcap, alibi,
@@ -501,9 +536,12 @@ void decode(const layer_cache& c,
       for (std::int64_t h = 0; h < d.Hq; ++h) std::fill_n(cs.sums.ptr(h, 0), c.max_length(), 0.0f);
     return;
   }
+  tensor<float, 3> rotated_q;
+  const view<const float, 3> qs = decode_detail::rotate_queries(c, q, rotated_q);
   simd::dispatch<TuArch>(opt.isa, [&]<class Arch>() {
-    decode_detail::run<Arch>(d, c, q, out, lse, opt.threads, ws, cs, opt.sinks, mod);
+    decode_detail::run<Arch>(d, c, qs, out, lse, opt.threads, ws, cs, opt.sinks, mod);
   });
+  decode_detail::unrotate_output(c, out);
 }
 
 // As above, with a workspace of its own.

@@ -347,6 +347,7 @@ void paged_attention(const paged_cache& c, std::span<const paged_cache::sequence
     case storage::bf16: return pd::dense<bf16, Mod, TuArch>(c, seqs, q, cu_seqlens_q, out, lse, mod, opt, sums, ws);
     case storage::int8: return pd::kivi<8, Mod, TuArch>(z, c, seqs, q, cu_seqlens_q, out, lse, mod, opt, sums, ws);
     case storage::int4: return pd::kivi<4, Mod, TuArch>(z, c, seqs, q, cu_seqlens_q, out, lse, mod, opt, sums, ws);
+    case storage::int2: break;  // paged_cache rejects int2 at construction
   }
 }
 

@@ -1,4 +1,4 @@
-// mnemo/kvcache/quant.hpp — the int8 / int4 group quantizers of the KV cache (KIVI-style).
+// mnemo/kvcache/quant.hpp — the int8 / int4 / int2 group quantizers of the KV cache (KIVI-style).
 //
 // Asymmetric uniform quantization of a group of values x with b bits (levels = 2^b - 1):
 //   min = min_i x_i,  scale = (max_i x_i - min) / levels,
@@ -11,12 +11,13 @@
 //   quantize_token     one token's row x[n], groups of `group` consecutive channels  (values)
 //   quantize_channels  rows x[t][c] of n tokens, one group per channel c              (keys)
 // Codes are packed per token row: int8 one byte per channel; int4 two channels per byte, channel
-// 2i in the low nibble and 2i + 1 in the high nibble (row_bytes = ceil(D / 2)).
+// 2i in the low nibble and 2i + 1 in the high nibble (row_bytes = ceil(D / 2)); int2 (KIVI's 2-bit
+// format) four channels per byte, channel 4i + k in bits [2k, 2k + 2) (row_bytes = ceil(D / 4)).
 // Scales and minimums are stored in f32.
 //
 // The decode kernel never dequantizes to memory: it reads codes as floats (load_codes, below) and
 // folds scale and min into the dot products (kvcache/decode.hpp), so reading int4 K/V moves a
-// quarter of the bytes of f16. Non-finite inputs have no meaningful range, and neither has a group
+// quarter of the bytes of f16 (int2: an eighth). Non-finite inputs have no meaningful range, and neither has a group
 // whose max - min overflows f32 (then scale = inf and every code reads back as NaN): the cache
 // rejects both before quantizing (append, set_keys), so these functions assume finite x with
 // |x| <= max_magnitude.
@@ -48,33 +49,45 @@ inline constexpr float max_magnitude = std::numeric_limits<float>::max() / 2;
 // Whether x can be quantized: finite and |x| <= max_magnitude (false for NaN).
 inline bool quantizable(float x) { return std::abs(x) <= max_magnitude; }
 
+// x [Hkv, n, D] finite with |x| <= limit, else mnemo::error naming fn, the tensor (`name`), the
+// bound (`why` says where it comes from), the value and where it is.
+inline void require_bounded(const char* fn, const char* name, view<const float, 3> x, float limit, const char* why) {
+  for (std::int64_t h = 0; h < x.extent(0); ++h)
+    for (std::int64_t t = 0; t < x.extent(1); ++t)
+      for (std::int64_t c = 0; c < x.extent(2); ++c)
+        if (!(std::abs(x(h, t, c)) <= limit))
+          mnemo::detail::fail(fn, ": ", name, " must be finite with |", name, "| <= ", limit, why, ", got ", x(h, t, c),
+                              " at [", h, ", ", t, ", ", c, "]");
+}
+
 // The check of every append to a quantized cache (layer_cache, paged_cache): k [Hkv, n, D] and
 // v [Hkv, n, Dv] finite with |x| <= max_magnitude, else mnemo::error naming fn, the tensor, the
 // value and where it is.
 inline void require_quantizable(const char* fn, view<const float, 3> k, view<const float, 3> v) {
-  for (int which = 0; which < 2; ++which) {
-    const view<const float, 3>& x = which ? v : k;
-    for (std::int64_t h = 0; h < x.extent(0); ++h)
-      for (std::int64_t t = 0; t < x.extent(1); ++t)
-        for (std::int64_t c = 0; c < x.extent(2); ++c)
-          if (!quantizable(x(h, t, c)))
-            mnemo::detail::fail(fn, ": ", which ? "v" : "k", " must be finite with |", which ? "v" : "k", "| <= ",
-                                max_magnitude, " (quant::max_magnitude) for quantized storage, got ", x(h, t, c), " at [",
-                                h, ", ", t, ", ", c, "]");
-  }
+  constexpr const char* why = " (quant::max_magnitude) for quantized storage";
+  require_bounded(fn, "k", k, max_magnitude, why);
+  require_bounded(fn, "v", v, max_magnitude, why);
 }
 
 // The highest code of a b-bit quantizer.
 constexpr int levels(int bits) { return (1 << bits) - 1; }
 
-// Bytes of one packed row of n codes.
-constexpr std::int64_t row_bytes(int bits, std::int64_t n) { return bits == 8 ? n : (n + 1) / 2; }
+// Whether b is a code width of the quantizers.
+constexpr bool valid_bits(int bits) { return bits == 8 || bits == 4 || bits == 2; }
 
-// Code c of a packed row.
+// Codes per byte of a b-bit row.
+constexpr int codes_per_byte(int bits) { return 8 / bits; }
+
+// Bytes of one packed row of n codes.
+constexpr std::int64_t row_bytes(int bits, std::int64_t n) {
+  return (n + codes_per_byte(bits) - 1) / codes_per_byte(bits);
+}
+
+// Code c of a packed row: bits [(c mod k) b, (c mod k) b + b) of byte c / k, k = codes_per_byte(b).
 inline int get_code(const std::uint8_t* row, int bits, std::int64_t c) {
   if (bits == 8) return row[c];
-  constexpr int nibble = 4, low_mask = 0x0f;
-  return (row[c / 2] >> ((c & 1) * nibble)) & low_mask;
+  const int k = codes_per_byte(bits), shift = static_cast<int>(c % k) * bits;
+  return (row[c / k] >> shift) & levels(bits);
 }
 
 inline void set_code(std::uint8_t* row, int bits, std::int64_t c, int code) {
@@ -82,10 +95,9 @@ inline void set_code(std::uint8_t* row, int bits, std::int64_t c, int code) {
     row[c] = static_cast<std::uint8_t>(code);
     return;
   }
-  constexpr int nibble = 4, low_mask = 0x0f, high_mask = 0xf0;
-  std::uint8_t& b = row[c / 2];
-  b = (c & 1) ? static_cast<std::uint8_t>((b & low_mask) | (code << nibble))
-              : static_cast<std::uint8_t>((b & high_mask) | code);
+  const int k = codes_per_byte(bits), shift = static_cast<int>(c % k) * bits;
+  std::uint8_t& b = row[c / k];
+  b = static_cast<std::uint8_t>((b & ~(levels(bits) << shift)) | (code << shift));
 }
 
 // Scale of a group with range [lo, hi].
@@ -181,12 +193,21 @@ inline __m128i unpack_nibbles(__m128i bytes) {
 }  // namespace detail
 
 // Codes [c, c + W) of a packed row as floats (c a multiple of W; all W codes exist). Reads exactly
-// the bytes of those codes: W bytes (int8) or W / 2 (int4).
+// the bytes of those codes: W bytes (int8), W / 2 (int4) or W / 4 (int2). int2 broadcasts those
+// W / 4 bytes to every 32-bit lane and shifts lane i right by 2i (one variable shift, one mask).
 template <class Arch, int Bits>
 inline simd::fbatch<Arch> load_codes(const std::uint8_t* row, std::int64_t c) {
-  static_assert(Bits == 8 || Bits == 4, "load_codes: Bits must be 8 or 4");
+  static_assert(valid_bits(Bits), "load_codes: Bits must be 8, 4 or 2");
 #if XSIMD_WITH_AVX512F
-  if constexpr (simd::vectorized<Arch> && simd::detail::is_avx512<Arch>) {
+  if constexpr (simd::vectorized<Arch> && simd::detail::is_avx512<Arch> && Bits == 2) {
+    std::int32_t four;  // 16 codes
+    std::memcpy(&four, row + c / 4, sizeof four);
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i codes = _mm512_maskz_and_epi32(
+        simd::detail::all_lanes, _mm512_maskz_srlv_epi32(simd::detail::all_lanes, _mm512_set1_epi32(four), shifts),
+        _mm512_set1_epi32(levels(2)));
+    return _mm512_maskz_cvtepi32_ps(simd::detail::all_lanes, codes);
+  } else if constexpr (simd::vectorized<Arch> && simd::detail::is_avx512<Arch>) {
     __m128i bytes;
     if constexpr (Bits == 8) bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c));
     else bytes = detail::unpack_nibbles<Arch>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2)));
@@ -195,7 +216,13 @@ inline simd::fbatch<Arch> load_codes(const std::uint8_t* row, std::int64_t c) {
   } else
 #endif
 #if XSIMD_WITH_AVX2
-  if constexpr (simd::vectorized<Arch> && simd::detail::is_avx2<Arch>) {
+  if constexpr (simd::vectorized<Arch> && simd::detail::is_avx2<Arch> && Bits == 2) {
+    std::uint16_t two;  // 8 codes
+    std::memcpy(&two, row + c / 4, sizeof two);
+    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(two), shifts), _mm256_set1_epi32(levels(2)));
+    return _mm256_cvtepi32_ps(codes);
+  } else if constexpr (simd::vectorized<Arch> && simd::detail::is_avx2<Arch>) {
     __m128i bytes;
     if constexpr (Bits == 8) {
       bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
@@ -214,7 +241,7 @@ inline simd::fbatch<Arch> load_codes(const std::uint8_t* row, std::int64_t c) {
 
 // Codes [c, c + 2W) as two float batches, in the order that is cheapest to unpack (c a multiple of
 // 2W; all 2W codes exist):
-//   int8  first = codes c .. c + W - 1, second = codes c + W .. c + 2W - 1         (natural order)
+//   int8, int2  first = codes c .. c + W - 1, second = codes c + W .. c + 2W - 1   (natural order)
 //   int4  first = codes c, c + 2, .., c + 2W - 2 (low nibbles of W bytes),
 //         second = codes c + 1, c + 3, .., c + 2W - 1 (high nibbles)
 // Lane i of batch b holds the code of channel c + pair_channel<Bits>(b * W + i, W). Splitting the
@@ -223,18 +250,18 @@ inline simd::fbatch<Arch> load_codes(const std::uint8_t* row, std::int64_t c) {
 // product or an axpy does not notice. (AVX-512, D = 128, int4 decode at Lk = 32768: see decode.hpp.)
 template <int Bits>
 constexpr std::int64_t pair_channel(std::int64_t lane, std::int64_t W) {
-  if constexpr (Bits == 8) return lane;
+  if constexpr (Bits != 4) return lane;
   else return lane < W ? 2 * lane : 2 * (lane - W) + 1;
 }
 
 template <class Arch, int Bits>
 inline void load_code_pair(const std::uint8_t* row, std::int64_t c, simd::fbatch<Arch>& first,
                            simd::fbatch<Arch>& second) {
-  static_assert(Bits == 8 || Bits == 4, "load_code_pair: Bits must be 8 or 4");
+  static_assert(valid_bits(Bits), "load_code_pair: Bits must be 8, 4 or 2");
   constexpr std::int64_t W = static_cast<std::int64_t>(simd::fbatch<Arch>::size);
-  if constexpr (Bits == 8) {
-    first = load_codes<Arch, 8>(row, c);
-    second = load_codes<Arch, 8>(row, c + W);
+  if constexpr (Bits != 4) {
+    first = load_codes<Arch, Bits>(row, c);
+    second = load_codes<Arch, Bits>(row, c + W);
   } else {
 #if XSIMD_WITH_AVX512F
     if constexpr (simd::vectorized<Arch> && simd::detail::is_avx512<Arch>) {
