@@ -218,7 +218,7 @@ std::shared_ptr<decode_data> make_decode_data(std::int64_t Lk) {
   d->truth = tensor<std::int64_t, 4>({1, decode_Hq, 1, recall_k});
   tensor<float, 4> scratch({1, decode_Hq, 1, decode_D});
   attention::topk_attention(cview(d->q), cview(d->k), cview(d->v), recall_k, scratch.as_view(), {},
-                            d->truth.as_view());
+                            d->truth.as_view(), attention::mods::causal{});
   return d;
 }
 

@@ -102,11 +102,11 @@ int main() {
   tensor<float, 4> dense({1, Hq, 1, D}), out({1, Hq, 1, D}), want({1, Hq, 1, D});
   att::decode(q, k, v, dense);
   tensor<std::int64_t, 4> truth({1, Hq, 1, truth_k}), sel({1, Hq, 1, top_k});
-  att::topk_attention(q, k, v, truth_k, out, {}, truth);
+  att::topk_attention(q, k, v, truth_k, out, {}, truth, att::mods::causal{});
 
   // Exact top-k attention.
-  att::topk_attention(q, k, v, top_k, out, {}, sel);
-  att::reference_topk_attention(q, k, v, top_k, want);
+  att::topk_attention(q, k, v, top_k, out, {}, sel, att::mods::causal{});
+  att::reference_topk_attention(q, k, v, top_k, want, {}, {}, att::mods::causal{});
   double worst_vs_reference = max_diff(out, want);
   std::printf("top-%ld of %ld keys:      recall@%ld %.3f   error vs dense %.3f\n", top_k, Lk, truth_k, recall(sel, truth),
               rel_error(out, dense));
@@ -123,8 +123,8 @@ int main() {
   for (std::int64_t r : {16, 32}) {
     tensor<float, 4> k_low({1, Hkv, Lk, r});
     att::loki_rotate(k, pca, k_rot, k_low);
-    att::loki_attention(q, k_rot, k_low, v, pca, top_k, out, {}, sel);
-    att::reference_loki_attention(q, k_rot, k_low, v, pca, top_k, want);
+    att::loki_attention(q, k_rot, k_low, v, pca, top_k, out, {}, sel, att::mods::causal{});
+    att::reference_loki_attention(q, k_rot, k_low, v, pca, top_k, want, {}, {}, att::mods::causal{});
     worst_vs_reference = std::max(worst_vs_reference, max_diff(out, want));
     const double rc = recall(sel, truth);
     if (r == 32) loki_recall_32 = rc;

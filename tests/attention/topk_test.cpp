@@ -162,7 +162,7 @@ TEST(TopKAttention, ExactSelectionAndMaskedReference) {
     topk_attention(cview(q), cview(k), cview(v), s.top_k, out.as_view(), lse.as_view(), sel.as_view(), mods::causal{},
                    options{0, 2});
     reference_topk_attention(cview(q), cview(k), cview(v), s.top_k, ref_out.as_view(), ref_lse.as_view(),
-                             ref_sel.as_view());
+                             ref_sel.as_view(), mods::causal{});
     const double scale = 1.0 / std::sqrt(double(s.D));
     std::int64_t same = 0, rows = 0;
     for (std::int64_t b = 0; b < s.B; ++b)
@@ -194,8 +194,8 @@ TEST(TopKAttention, HalfPrecisionKV) {
   const auto v = random_tensor<f16, 4>({s.B, s.Hkv, s.Lk, s.Dv}, 3);
   tensor<float, 4> out({s.B, s.Hq, s.Lq, s.Dv}), ref({s.B, s.Hq, s.Lq, s.Dv});
   tensor<std::int64_t, 4> sel({s.B, s.Hq, s.Lq, s.top_k}), ref_sel({s.B, s.Hq, s.Lq, s.top_k});
-  topk_attention(cview(q), cview(k), cview(v), s.top_k, out.as_view(), {}, sel.as_view());
-  reference_topk_attention(cview(q), cview(k), cview(v), s.top_k, ref.as_view(), {}, ref_sel.as_view());
+  topk_attention(cview(q), cview(k), cview(v), s.top_k, out.as_view(), {}, sel.as_view(), mods::causal{});
+  reference_topk_attention(cview(q), cview(k), cview(v), s.top_k, ref.as_view(), {}, ref_sel.as_view(), mods::causal{});
   std::int64_t rows_equal = 0;
   for (std::int64_t h = 0; h < s.Hq; ++h)
     for (std::int64_t i = 0; i < s.Lq; ++i) {
@@ -332,7 +332,7 @@ TEST(Loki, MatchesReferenceAndMaskedDense) {
     loki_attention(cview(q), cview(k_rot), cview(k_low), cview(v), basis, s.top_k, out.as_view(), lse.as_view(),
                    sel.as_view(), mods::causal{}, options{0, 2});
     reference_loki_attention(cview(q), cview(k_rot), cview(k_low), cview(v), basis, s.top_k, ref_out.as_view(),
-                             ref_lse.as_view(), ref_sel.as_view());
+                             ref_lse.as_view(), ref_sel.as_view(), mods::causal{});
     const double scale = 1.0 / std::sqrt(double(s.D));
     std::int64_t same = 0, rows = 0;
     for (std::int64_t b = 0; b < s.B; ++b)
@@ -362,7 +362,8 @@ TEST(Loki, FullRankSelectsTheExactTopK) {
   tensor<float, 4> k_rot(k.shape()), k_low(k.shape()), out({s.B, s.Hq, s.Lq, s.Dv});
   loki_rotate(cview(k), basis, k_rot.as_view(), k_low.as_view());
   tensor<std::int64_t, 4> sel({s.B, s.Hq, s.Lq, s.top_k});
-  loki_attention(cview(q), cview(k_rot), cview(k_low), cview(v), basis, s.top_k, out.as_view(), {}, sel.as_view());
+  loki_attention(cview(q), cview(k_rot), cview(k_low), cview(v), basis, s.top_k, out.as_view(), {}, sel.as_view(),
+                 mods::causal{});
   for (std::int64_t h = 0; h < s.Hq; ++h)
     for (std::int64_t i = 0; i < s.Lq; ++i) {
       const auto exact = row_scores(q, k, 0, h, h / 2, i, i + s.Lk - s.Lq, 0.125, s.D, nullptr);

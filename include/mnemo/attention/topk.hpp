@@ -139,7 +139,7 @@ constexpr void check_mod() {
 
 // Exact top-k attention, double precision: per query row and head, softmax over the top_k
 // highest-scoring visible keys. selected [B, Hq, Lq, top_k] (optional) gets their indices.
-template <class KV, class Mod = mods::causal>
+template <class KV, class Mod = mods::none>
 void reference_topk_attention(view<const float, 4> q,   // [B, Hq, Lq, D]
                               view<const KV, 4> k,      // [B, Hkv, Lk, D]
                               view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
@@ -175,7 +175,7 @@ void reference_topk_attention(view<const float, 4> q,   // [B, Hq, Lq, D]
 }
 
 // Convenience: tensors or views of any constness for k and v.
-template <class K, class V, class Mod = mods::causal>
+template <class K, class V, class Mod = mods::none>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void reference_topk_attention(view<const float, 4> q, const K& k, const V& v, std::int64_t top_k, view<float, 4> out,
                               view<float, 3> lse = {}, view<std::int64_t, 4> selected = {}, const Mod& mod = {},
@@ -291,7 +291,7 @@ inline void loki_rotate(view<const float, 4> k,  // [B, Hkv, Lk, D]
 // Loki in double: approximate scores from the r = k_low.shape[3] leading rotated coordinates
 // select top_k keys, then softmax of the exact scores (all D rotated coordinates) over them.
 // k_rot and k_low from loki_rotate.
-template <class Mod = mods::causal>
+template <class Mod = mods::none>
 void reference_loki_attention(view<const float, 4> q,      // [B, Hq, Lq, D]
                               view<const float, 4> k_rot,  // [B, Hkv, Lk, D]  keys in the basis
                               view<const float, 4> k_low,  // [B, Hkv, Lk, r]  their first r coordinates
@@ -489,8 +489,9 @@ void run(const dims& d, view<const float, 4> q, view<const KV, 4> k, view<const 
 
 // Exact top-k attention: every query row of every head attends to its top_k highest-scoring
 // visible keys (all of them when fewer are visible). K/V may be float, f16 or bf16. Works for
-// decode (Lq = 1) and prefill rows (any Lq, causal by default).
-template <class KV, class Mod = mods::causal, class TuArch = simd::default_arch>
+// decode (Lq = 1) and prefill rows (any Lq). Like flash, decode and reference, no mask by default:
+// pass mods::causal{} for causal prefill rows.
+template <class KV, class Mod = mods::none, class TuArch = simd::default_arch>
 void topk_attention(view<const float, 4> q,   // [B, Hq, Lq, D]
                     view<const KV, 4> k,      // [B, Hkv, Lk, D]
                     view<const KV, 4> v,      // [B, Hkv, Lk, Dv]
@@ -509,7 +510,7 @@ void topk_attention(view<const float, 4> q,   // [B, Hq, Lq, D]
 }
 
 // Convenience: tensors or views of any constness for k and v.
-template <class K, class V, class Mod = mods::causal>
+template <class K, class V, class Mod = mods::none>
   requires(!std::is_same_v<K, view<const element_t<K>, 4>>)
 void topk_attention(view<const float, 4> q, const K& k, const V& v, std::int64_t top_k, view<float, 4> out,
                     view<float, 3> lse = {}, view<std::int64_t, 4> selected = {}, const Mod& mod = {},
@@ -520,7 +521,7 @@ void topk_attention(view<const float, 4> q, const K& k, const V& v, std::int64_t
 // Loki: select top_k keys by the r = k_low.shape[3] leading rotated coordinates, attend to them
 // exactly. k_rot [B, Hkv, Lk, D] are the keys in the basis and k_low [B, Hkv, Lk, r] their first
 // r coordinates (both from loki_rotate); v as usual.
-template <class Mod = mods::causal, class TuArch = simd::default_arch>
+template <class Mod = mods::none, class TuArch = simd::default_arch>
 void loki_attention(view<const float, 4> q,      // [B, Hq, Lq, D]
                     view<const float, 4> k_rot,  // [B, Hkv, Lk, D]  keys in the basis
                     view<const float, 4> k_low,  // [B, Hkv, Lk, r]  their first r coordinates
