@@ -155,7 +155,9 @@ TEST(Merge, CamAgainstItsEquations) {
         EXPECT_EQ(p.rule, kv::merge_rule::sum);
         EXPECT_FALSE(p.keys);
         EXPECT_EQ(p.keep.heads, c.select(o, budget).heads);
-        if (budget >= 9 && budget < L) EXPECT_GT(p.num_folds(), 0);
+        if (budget >= 9 && budget < L) {
+          EXPECT_GT(p.num_folds(), 0);
+        }
         const kv::reference::merged_kv got = kv::reference::merge(p, k, v);
         for (std::int64_t h = 0; h < Hkv; ++h) {
           const expected_head want = cam_reference(k, v, attn, h, budget, m, similar);
@@ -213,7 +215,9 @@ TEST(Merge, MergingPressAgainstItsEquations) {
       m.threshold = threshold;
       const kv::merge_plan p = m.plan(o, budget);
       EXPECT_EQ(p.keep.heads, pol::knorm{}.select(o, budget).heads);
-      if (budget == 10) EXPECT_GT(p.num_folds(), 0);
+      if (budget == 10) {
+        EXPECT_GT(p.num_folds(), 0);
+      }
       EXPECT_EQ(p.rule, kv::merge_rule::mean);
       EXPECT_FALSE(p.keys);
       const kv::reference::merged_kv got = kv::reference::merge(p, k, v);
@@ -298,7 +302,7 @@ TEST(Merge, DmcDecoderThroughACacheOfEveryKind) {
     for (int& a : r) a = std::uniform_int_distribution<int>(0, 1)(rng);
   for (auto& r : omega)
     for (double& w : r) w = static_cast<float>(std::uniform_real_distribution<double>(0.2, 1.0)(rng));
-  for (kv::storage kind : kv::all_storages) {
+  for (kv::storage kind : kv::layer_storages) {
     SCOPED_TRACE(kv::storage_name(kind));
     kv::layer_cache c({.kind = kind, .Hkv = Hkv, .capacity = L, .D = D, .quant = {8, 16, 16}});
     pol::dmc::decoder dec(Hkv);
@@ -432,9 +436,15 @@ double rounding(kv::storage kind, double x) {
 }
 
 // Applies p to a cache of `kind` holding (k, v) and checks the stored K/V against the reference.
-void check_cache(kv::storage kind, const kv::merge_plan& p, const tensor<float, 3>& k, const tensor<float, 3>& v) {
+// With `rotate`, the cache stores Hadamard-rotated keys and values (kvcache/rotation.hpp): one
+// rounding in the rotated space spreads over a block of b channels, at most sqrt(b) times the
+// largest of them per channel (b times for a relative rounding of the rotated row).
+void check_cache(kv::storage kind, const kv::merge_plan& p, const tensor<float, 3>& k, const tensor<float, 3>& v,
+                 bool rotate = false) {
   const std::int64_t Hkv = k.extent(0), L = k.extent(1), D = k.extent(2), Dv = v.extent(2);
-  kv::layer_cache c({.kind = kind, .Hkv = Hkv, .capacity = L + 4, .D = D, .Dv = Dv, .quant = {8, 16, 16}});
+  kv::cache_config cfg{.kind = kind, .Hkv = Hkv, .capacity = L + 4, .D = D, .Dv = Dv, .quant = {8, 16, 16}};
+  if (rotate) cfg.rotate = {.kind = kv::rotation::hadamard, .keys = true, .values = true};
+  kv::layer_cache c(cfg);
   std::vector<std::int64_t> pos(static_cast<std::size_t>(L));
   for (std::int64_t j = 0; j < L; ++j) pos[static_cast<std::size_t>(j)] = 100 + 2 * j;
   c.append(k, v, pos);
@@ -462,15 +472,23 @@ void check_cache(kv::storage kind, const kv::merge_plan& p, const tensor<float, 
     for (std::size_t i = 0; i < keep.size(); ++i) {
       const auto j = static_cast<std::int64_t>(i);
       ASSERT_EQ(c.positions(h)[i], 100 + 2 * keep[i]);  // a merged slot keeps its kept slot's position
-      for (std::int64_t e = 0; e < D; ++e) {
-        const double w = want.k(h, j, e), tol = std::max(rounding(kind, w), key_half_step(c, h, j, e) * 1.001 + 1e-5);
-        ASSERT_NEAR(got_k(h, j, e), w, tol) << h << " " << i << " " << e;
-        ASSERT_NEAR(got_k(h, j, e), orig.k(h, j, e), tol + gain * input_err + 1e-5);
-      }
-      for (std::int64_t e = 0; e < Dv; ++e) {
-        const double w = want.v(h, j, e), tol = std::max(rounding(kind, w), value_half_step(c, h, j, e) * 1.001 + 1e-5);
-        ASSERT_NEAR(got_v(h, j, e), w, tol) << h << " " << i << " " << e;
-        ASSERT_NEAR(got_v(h, j, e), orig.v(h, j, e), tol + gain * input_err + 1e-5);
+      for (int which = 0; which < 2; ++which) {
+        const tensor<float, 3>& got = which ? got_v : got_k;
+        const tensor<float, 3>& w = which ? want.v : want.k;
+        const tensor<float, 3>& o = which ? orig.v : orig.k;
+        const std::int64_t W = which ? Dv : D, b = rotate ? kv::hadamard_block(W) : 1;
+        double top = 0, step = 0;  // the row's largest |x| and half step
+        for (std::int64_t e = 0; e < W; ++e)
+          top = std::max(top, std::fabs(static_cast<double>(w(h, j, e)))),
+          step = std::max(step, which ? value_half_step(c, h, j, e) : key_half_step(c, h, j, e));
+        for (std::int64_t e = 0; e < W; ++e) {
+          const double half = which ? value_half_step(c, h, j, e) : key_half_step(c, h, j, e);
+          const double tol = rotate ? std::sqrt(static_cast<double>(b)) * step * 1.001 +
+                                          static_cast<double>(b) * rounding(kind, top) + 1e-5
+                                    : std::max(rounding(kind, w(h, j, e)), half * 1.001 + 1e-5);
+          ASSERT_NEAR(got(h, j, e), w(h, j, e), tol) << (which ? "v " : "k ") << h << " " << i << " " << e;
+          ASSERT_NEAR(got(h, j, e), o(h, j, e), tol + gain * input_err + 1e-5);
+        }
       }
     }
   }
@@ -487,7 +505,7 @@ void check_cache(kv::storage kind, const kv::merge_plan& p, const tensor<float, 
 }
 
 TEST(Merge, EveryPlanOnEveryStorageKind) {
-  const std::int64_t Hkv = 3, L = 53, D = 24, Dv = 20;  // several key groups of 8, a residual window of 16
+  const std::int64_t Hkv = 3, L = 53, D = 24, Dv = 40;  // several key groups of 8, a residual window of 16
   const tensor<float, 3> k = normal3(Hkv, L, D, 13), v = normal3(Hkv, L, Dv, 14), q = normal3(Hkv * 2, 6, D, 15);
   const tensor<float, 2> attn = column_sums(q, k);
   pol::observation o{k, v, q, attn};
@@ -515,10 +533,11 @@ TEST(Merge, EveryPlanOnEveryStorageKind) {
   for (auto& f : ragged.folds[2]) f.weight *= 0.1f;
   plans.emplace_back("ragged sum", ragged);
   for (const auto& [name, p] : plans)
-    for (kv::storage kind : kv::all_storages) {
-      SCOPED_TRACE(testing::Message() << name << " " << kv::storage_name(kind));
-      check_cache(kind, p, k, v);
-    }
+    for (kv::storage kind : kv::layer_storages)
+      for (bool rotate : {false, true}) {
+        SCOPED_TRACE(testing::Message() << name << " " << kv::storage_name(kind) << (rotate ? " rotated" : ""));
+        check_cache(kind, p, k, v, rotate);
+      }
 }
 
 TEST(Merge, MergingBeatsDroppingOnNearDuplicates) {

@@ -397,10 +397,11 @@ class layer_cache {
 
   // Replaces the keys (unless k is empty) and the values (unless v is empty) of head h's slots
   // `slots` (strictly ascending) by the rows of k [n, D] and v [n, Dv], n = slots.size(); positions
-  // and rotary positions stay. f16 / bf16 round to nearest even. int8 / int4: a quantized value row
-  // is requantized alone (its per-token groups, as a flush would); every key group that holds a
-  // rewritten slot is requantized over all its slots with the range of its new keys (so the group's
-  // other keys get one more rounding of at most half a step); residual rows are stored as given.
+  // and rotary positions stay; a rotating cache stores the rows rotated, as append does. f16 / bf16
+  // round to nearest even. int8 / int4 / int2: a quantized value row is requantized alone (its
+  // per-token groups, as a flush would); every key group that holds a rewritten slot is requantized
+  // over all its slots with the range of its new keys (so the group's other keys get one more
+  // rounding of at most half a step); residual rows are stored as given.
   template <class Arch = simd::default_arch>
   void set_slots(std::int64_t h, std::span<const std::int64_t> slots,
                  view<const float, 2> k,    // [n, D] or empty: keys unchanged
@@ -428,8 +429,29 @@ class layer_cache {
                               which ? "v" : "k", "| <= ", quant::max_magnitude,
                               " (quant::max_magnitude) for quantized storage, got ", x(i, c), " at [", i, ", ", c, "]");
       }
+    auto as_3d = [n](view<const float, 2> x, std::int64_t W) {  // [1, n, W] over the rows of x
+      return x.empty() ? view<const float, 3>{} : view<const float, 3>(x.data(), {1, n, W}, {0, x.stride(0), 1});
+    };
+    require_rotatable(fn, as_3d(k, cfg_.D), as_3d(v, cfg_.Dv));
     if (n == 0) return;
     const std::int64_t D = cfg_.D, Dv = cfg_.Dv;
+    tensor<float, 2> kr, vr;  // the rows rotated, when the cache stores them rotated
+    if (rotates_keys() && !k.empty()) {
+      kr = tensor<float, 2>({n, D});
+      for (std::int64_t i = 0; i < n; ++i) {
+        std::memcpy(&kr(i, 0), k.ptr(i), static_cast<std::size_t>(D) * sizeof(float));
+        krot_.forward(&kr(i, 0));
+      }
+      k = kr.as_view();
+    }
+    if (rotates_values() && !v.empty()) {
+      vr = tensor<float, 2>({n, Dv});
+      for (std::int64_t i = 0; i < n; ++i) {
+        std::memcpy(&vr(i, 0), v.ptr(i), static_cast<std::size_t>(Dv) * sizeof(float));
+        vrot_.forward(&vr(i, 0));
+      }
+      v = vr.as_view();
+    }
     auto put = [&]<class T>(tensor<T, 3>& kt, tensor<T, 3>& vt) {
       for (std::int64_t i = 0; i < n; ++i) {
         const std::int64_t s = slots[static_cast<std::size_t>(i)];
@@ -474,7 +496,7 @@ class layer_cache {
           if (i < slots.size() && slots[i] == s)
             std::memcpy(row, k.ptr(static_cast<std::int64_t>(i++)), static_cast<std::size_t>(D) * sizeof(float));
           else
-            read_slot<Arch>(h, s, start, row, other.data());
+            read_stored_slot<Arch>(h, s, start, row, other.data());  // as stored: rotated with the cache
         }
         quant::reference::quantize_channels(rows.data(), D, s1 - s0, D, bits, kcodes_.data() + slot_offset(kcodes_, h, s0),
                                             kcodes_.extent(2), kscale_[hi].data() + static_cast<std::int64_t>(g) * D,

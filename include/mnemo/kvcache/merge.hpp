@@ -23,9 +23,10 @@
 //
 // Storage. kvcache::merge(cache, plan) reads the involved slots as f32 (dequantized: gather),
 // combines them in double, compacts the cache to plan.keep, and writes the merged rows back with
-// layer_cache::set_slots: f16 / bf16 round the merged row; int8 / int4 (and every quantized kind)
-// requantize a merged value row with its own per-token groups and every key group holding a merged
-// key over its slots (one more rounding of at most half a step for that group's other keys). So a
+// layer_cache::set_slots: f16 / bf16 round the merged row; int8 / int4 / int2 requantize a merged
+// value row with its own per-token groups and every key group holding a merged key over its slots
+// (one more rounding of at most half a step for that group's other keys); a Hadamard-rotating cache
+// (cache_config::rotate) merges in the original space and stores the merged rows rotated. So a
 // merged cache reads back the f32 reference merge of what the cache held, within one rounding of
 // its kind; against the merge of the original f32 tokens add the kind's error on the inputs.
 // Decoding (kvcache::decode) reads a merged cache like any other.
