@@ -28,9 +28,9 @@
 // mins, per-group key scales and mins, the residual window in f32: about 0.53 x (int8), 0.28 x
 // (int4) and 0.16 x (int2) of the f16 bytes at D = 128 with the default groups.
 //
-// Rotated caches (cache_config::rotate, kvcache/rotation.hpp): the cache stores R k (and R v), so
-// kvcache::decode runs the kernel on R q (one O(D log D) transform per query row, into a buffer of
-// Hq x Lq x D floats) and, when the values are rotated, turns each output row back with R^T:
+// Rotated caches (cache_config::rotate, kvcache/rotation.hpp): a cache that stores R k runs the
+// kernel on R q (one O(D log D) transform per query row, into a buffer of Hq x Lq x D floats); one
+// that stores R v turns each output row back with R^T:
 //   scores (R q) . (R k) = q . k,   out = R^T sum_j p_j (R v_j) = sum_j p_j v_j
 // lse and the column sums are unchanged. The sources below (dense_source, kivi_source) read the
 // stored, rotated space; only the entry points rotate.
