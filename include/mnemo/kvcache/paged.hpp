@@ -99,8 +99,7 @@ class paged_cache {
     using detail::require;
     if (cfg_.Dv == 0) cfg_.Dv = cfg_.D;
     require(cfg_.kind != storage::int2, fn,
-            ": config.kind int2 is not supported by paged_cache (only by layer_cache, kvcache/cache.hpp); use int4 or "
-            "int8");
+            ": config.kind int2 is not supported by paged_cache (only by layer_cache); use int4 or int8");
     require(std::find(std::begin(all_storages), std::end(all_storages), cfg_.kind) != std::end(all_storages), fn,
             ": config.kind must be f32, f16, bf16, int8 or int4, got ", static_cast<int>(cfg_.kind));
     require(cfg_.Hkv >= 1, fn, ": config.Hkv must be >= 1, got ", cfg_.Hkv);
