@@ -41,7 +41,11 @@
 // arithmetic) and rotates the output back. Everything handed out as f32 (gather, keys(), values())
 // is rotated back; the raw storage accessors (dense_keys, key_codes, residual_keys, ...) are in the
 // rotated space. Spreading outlier channels over a block before quantization lowers the error of
-// the quantized kinds (measured in tests/kvcache/rotation_test.cpp and bench/kvcache_rows.cpp).
+// the quantized kinds when the queries weigh the outlier channels (kvcache/rotation.hpp has the
+// measurements). A rotating cache takes, in every kind, only finite keys and values with |x| <=
+// quant::max_magnitude / (the Hadamard block of D or Dv), so that neither R nor R^T overflows:
+// append, set_keys and set_slots throw mnemo::error otherwise (an f32 cache that does not rotate
+// stores non-finite rows as given).
 //
 // Errors: every public call validates its arguments and throws mnemo::error naming the argument,
 // what was expected and what it got, before changing anything.
