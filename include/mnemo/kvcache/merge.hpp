@@ -100,6 +100,24 @@ head_update merged_head(const layer_cache& c, const merge_plan& p, std::int64_t 
   return u;
 }
 
+// Throws unless the cache can store head h's merged rows: finite with |x| <= quant::max_magnitude
+// in the quantized kinds (the dense kinds store any float).
+inline void check_storable(const char* fn, const layer_cache& c, const merge_plan& plan, std::int64_t h,
+                           const head_update& u) {
+  if (!is_quantized(c.kind())) return;
+  const auto& keep = plan.keep.heads[static_cast<std::size_t>(h)];
+  for (int which = plan.keys ? 0 : 1; which < 2; ++which) {
+    const tensor<float, 2>& x = which ? u.v : u.k;
+    for (std::size_t i = 0; i < u.slots.size(); ++i)
+      for (std::int64_t e = 0; e < x.extent(1); ++e)
+        detail::require(quant::quantizable(x(static_cast<std::int64_t>(i), e)), fn, ": the merged ",
+                        which ? "value" : "key", " of kv head ", h, ", kept slot ",
+                        keep[static_cast<std::size_t>(u.slots[i])], " must be finite with |x| <= ",
+                        quant::max_magnitude, " for ", storage_name(c.kind()), " storage, got ",
+                        x(static_cast<std::int64_t>(i), e), " at channel ", e);
+  }
+}
+
 }  // namespace merge_detail
 
 // Applies `plan` to the cache: merged rows computed from the cache's own (dequantized) slots, the
@@ -114,19 +132,7 @@ void merge(layer_cache& c, const merge_plan& plan) {
   updates.reserve(static_cast<std::size_t>(c.num_heads()));
   for (std::int64_t h = 0; h < c.num_heads(); ++h) {
     updates.push_back(merge_detail::merged_head<Arch>(c, plan, h));
-    if (!is_quantized(c.kind())) continue;
-    const merge_detail::head_update& u = updates.back();
-    const auto& keep = plan.keep.heads[static_cast<std::size_t>(h)];
-    for (int which = plan.keys ? 0 : 1; which < 2; ++which) {
-      const tensor<float, 2>& x = which ? u.v : u.k;
-      for (std::size_t i = 0; i < u.slots.size(); ++i)
-        for (std::int64_t e = 0; e < x.extent(1); ++e)
-          detail::require(quant::quantizable(x(static_cast<std::int64_t>(i), e)), fn, ": the merged ",
-                          which ? "value" : "key", " of kv head ", h, ", kept slot ",
-                          keep[static_cast<std::size_t>(u.slots[i])], " must be finite with |x| <= ",
-                          quant::max_magnitude, " for ", storage_name(c.kind()), " storage, got ",
-                          x(static_cast<std::int64_t>(i), e), " at channel ", e);
-    }
+    merge_detail::check_storable(fn, c, plan, h, updates.back());
   }
   c.compact(plan.keep);
   for (std::int64_t h = 0; h < c.num_heads(); ++h) {
