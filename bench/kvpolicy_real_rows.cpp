@@ -13,7 +13,9 @@
 //         kept_mass     mean share of the full attention probabilities on the kept slots
 //         rel_error_l<l>  the same error on layer l alone (PyramidKV gives each layer its own budget)
 //       Rows "oracle" (per head, the true top keys by mean attention of the 32 rows) and "random"
-//       (uniform random slots, fixed seed) bound the policies. ThinK keeps every slot and prunes
+//       (uniform random slots, fixed seed) bound the policies. Merging methods (the entry's plan)
+//       answer over their kept slots' merged keys and values (kvcache::reference::merge); their
+//       kept_mass counts the kept slots only. ThinK keeps every slot and prunes
 //       key channels to pct% of D (its kept_mass is 1). Row time: the policy's select over the
 //       6 layers (the prefill's compression cost).
 //   Without the data the rows are skipped with the command that makes it.
@@ -30,6 +32,7 @@
 
 #include "common.hpp"
 #include "mnemo/core/npy.hpp"
+#include "mnemo/kvcache/merge_plan.hpp"
 #include "mnemo/kvcache/policies/list.hpp"
 
 namespace mnemo::bench {
@@ -151,7 +154,8 @@ struct quality {
   std::int64_t rows = 0;
   std::vector<double> layer_err, layer_ref;
 
-  void add(const real_data& d, std::size_t l, const kvcache::selection& kept, const kvcache::selection* channels) {
+  void add(const real_data& d, std::size_t l, const kvcache::selection& kept, const kvcache::selection* channels,
+           const kvcache::reference::merged_kv* merged = nullptr) {
     const real_layer& layer = d.layers[l];
     const std::int64_t L = d.L, D = d.D, Lw = real_window;
     if (layer_err.size() < d.layers.size()) {
@@ -174,6 +178,21 @@ struct quality {
           m = 1;
           for (std::int64_t j = 0; j < L; ++j)
             for (std::int64_t c = 0; c < D; ++c) o[static_cast<std::size_t>(c)] += p[static_cast<std::size_t>(j)] * layer.v(h, j, c);
+        } else if (merged) {  // attention over the kept slots' merged keys and values
+          for (std::int64_t j : slots) m += layer.p_window(h, w, j);
+          const auto n = static_cast<std::int64_t>(slots.size());
+          const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+          double top = -INFINITY, z = 0;
+          for (std::int64_t i = 0; i < n; ++i) {
+            double s = 0;
+            for (std::int64_t c = 0; c < D; ++c) s += static_cast<double>(layer.q(h, L - Lw + w, c)) * merged->k(h, i, c);
+            p[static_cast<std::size_t>(i)] = scale * s;
+            top = std::max(top, scale * s);
+          }
+          for (std::int64_t i = 0; i < n; ++i) z += p[static_cast<std::size_t>(i)] = std::exp(p[static_cast<std::size_t>(i)] - top);
+          for (std::int64_t i = 0; i < n; ++i)
+            for (std::int64_t c = 0; c < D; ++c)
+              o[static_cast<std::size_t>(c)] += p[static_cast<std::size_t>(i)] / z * merged->v(h, i, c);
         } else {
           for (std::int64_t j : slots) m += layer.p_window(h, w, j);
           for (std::int64_t j : slots)
@@ -226,9 +245,11 @@ void real_row(benchmark::State& state, const std::string& policy, std::int64_t p
   const std::int64_t b = channels ? std::max<std::int64_t>(1, d.D * pct / 100) : budget;
   std::mt19937 rng(12345);
   std::vector<kvcache::selection> sel(d.layers.size());
+  std::vector<kvcache::merge_plan> plans(d.layers.size());
   auto decide = [&] {
     for (std::size_t l = 0; l < d.layers.size(); ++l) {
       if (!e) sel[l] = policy == "oracle" ? oracle(d.layers[l], budget) : random_slots(d.H, d.L, budget, rng);
+      else if (e->plan) sel[l] = (plans[l] = e->plan(observe(d, l, e->rows), b)).keep;
       else sel[l] = e->select(observe(d, l, e->rows), b);
     }
   };
@@ -241,6 +262,9 @@ void real_row(benchmark::State& state, const std::string& policy, std::int64_t p
     if (channels) {
       const kvcache::selection every = kvcache::top_budget(d.layers[l].sums_window, d.L);
       qa.add(d, l, every, &sel[l]);
+    } else if (e && e->plan) {
+      const kvcache::reference::merged_kv merged = kvcache::reference::merge(plans[l], d.layers[l].k, d.layers[l].v);
+      qa.add(d, l, sel[l], nullptr, &merged);
     } else {
       qa.add(d, l, sel[l], nullptr);
     }

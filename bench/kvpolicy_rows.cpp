@@ -47,7 +47,7 @@
 //       (through the erased pol::tracker, as a serving loop would hold it): append one slot per kv
 //       head, observe the step's probabilities, and every 64 steps select + compact the tracker
 //       back to Lk - 64 (amortised); snapkv (also PyramidKV's and AdaKV's tracker) keeps its 32-step
-//       window ring, fastgen its accumulated attention. kvpolicy_step/decode_sums/... is attention::decode with the column sums at the
+//       window ring, fastgen its accumulated attention (every head's choice from a small prefill profile). kvpolicy_step/decode_sums/... is attention::decode with the column sums at the
 //       same shape (the kernel the bookkeeping rides on): the target is bookkeeping <= 10% of it.
 //       kvpolicy_step/cache_int4{,_sums}/... is kvcache::decode on an int4 cache without / with its
 //       column-sums side output (kvcache::column_sums): what the side output costs the quantized
@@ -58,6 +58,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,7 @@
 #include "mnemo/attention/flash.hpp"
 #include "mnemo/kvcache/cache.hpp"
 #include "mnemo/kvcache/decode.hpp"
+#include "mnemo/kvcache/merge_plan.hpp"
 #include "mnemo/kvcache/policies.hpp"
 #include "mnemo/kvcache/policies/list.hpp"
 
@@ -321,6 +323,7 @@ struct decision {
   tensor<float, 3> k;                 // keys the decode reads ([Hkv, L, D]; ThinK: pruned channels)
   std::int64_t key_channels = ctx_D;  // channels stored per key
   pol::tracker tracker;               // the policy's decode-time tracker (may be empty)
+  std::optional<kvcache::reference::merged_kv> merged;  // merging methods: the kept slots' merged K/V
 };
 
 decision decide(const std::string& policy, const context& ctx, std::int64_t budget) {
@@ -355,7 +358,13 @@ decision decide(const std::string& policy, const context& ctx, std::int64_t budg
     return d;
   }
   const std::int64_t b = e.name == "pyramidkv" ? std::max(budget, ctx_window) : budget;  // >= its window
-  d.kept = e.select(o, b);
+  if (e.plan) {  // a merging method: the kept slots hold the merged keys and values
+    const kvcache::merge_plan plan = e.plan(o, b);
+    d.kept = plan.keep;
+    d.merged = kvcache::reference::merge(plan, k, v);
+  } else {
+    d.kept = e.select(o, b);
+  }
   if (e.make_tracker) d.tracker = e.make_tracker(o, b);
   return d;
 }
@@ -372,8 +381,9 @@ kept_cache gather(const context& ctx, const decision& d) {
     const auto n = static_cast<std::int64_t>(rows.size());
     tensor<float, 4> kh({1, 1, n, ctx_D}), vh({1, 1, n, ctx_D});
     for (std::int64_t i = 0; i < n; ++i) {
-      std::copy_n(&d.k(h, rows[static_cast<std::size_t>(i)], 0), ctx_D, &kh(0, 0, i, 0));
-      std::copy_n(&ctx.v(0, h, rows[static_cast<std::size_t>(i)], 0), ctx_D, &vh(0, 0, i, 0));
+      const std::int64_t j = rows[static_cast<std::size_t>(i)];
+      std::copy_n(d.merged ? &d.merged->k(h, i, 0) : &d.k(h, j, 0), ctx_D, &kh(0, 0, i, 0));
+      std::copy_n(d.merged ? &d.merged->v(h, i, 0) : &ctx.v(0, h, j, 0), ctx_D, &vh(0, 0, i, 0));
     }
     c.k.push_back(std::move(kh));
     c.v.push_back(std::move(vh));

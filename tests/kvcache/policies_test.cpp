@@ -111,6 +111,7 @@ TEST(PolicyList, EveryEntrySelectsWithinItsBudget) {
   special[0] = 1;
   for (std::int64_t j = 5; j < L; j += 9) punct[static_cast<std::size_t>(j)] = 1;
   ASSERT_GE(pol::all().size(), 14u);
+  int plans = 0;
   for (const pol::entry& e : pol::all()) {
     const inputs& src = e.rows == pol::attn_rows::all ? all_rows : e.rows == pol::attn_rows::last ? last_row : in;
     pol::observation o = observe(src);
@@ -130,8 +131,16 @@ TEST(PolicyList, EveryEntrySelectsWithinItsBudget) {
       EXPECT_NO_THROW(kvcache::validate(what.c_str(), sel, std::vector<std::int64_t>(static_cast<std::size_t>(Hkv), L)))
           << what;
       EXPECT_LE(sel.total_kept(), Hkv * std::min(budget, L)) << what;  // head-adaptive ones are ragged
+      if (e.plan) {  // a merging method: its plan keeps select's slots and folds only evicted ones
+        const kvcache::merge_plan plan = e.plan(o, budget);
+        EXPECT_EQ(plan.keep.heads, sel.heads) << what;
+        EXPECT_NO_THROW(kvcache::validate(what.c_str(), plan, std::vector<std::int64_t>(static_cast<std::size_t>(Hkv), L)))
+            << what;
+        ++plans;
+      }
     }
   }
+  EXPECT_EQ(plans, 4 * 5);  // CaM, MergingPress, DMC, MovieChat at 5 budgets
 }
 
 TEST(PolicyList, EveryTrackerFollowsADecodeRun) {

@@ -11,6 +11,7 @@
 //                 observation (window = the observation's Lw, recent = budget / 4, ...)
 //   make_tracker  (observation, budget) -> tracker: the policy's decode-time tracker after a
 //                 prefill observed as `o` (empty when the policy has none)
+//   plan          merging methods: (observation, budget) -> merge_plan (kept slots + folds)
 //
 // Defaults follow the papers' settings where the paper gives one (SnapKV's pooling kernel 5, AdaKV's
 // floor 0.2, PyramidKV's beta 20, StreamingLLM's 4 sinks) and the benchmark's choices otherwise.
@@ -29,9 +30,11 @@
 
 #include "mnemo/kvcache/policies/adakv.hpp"
 #include "mnemo/kvcache/policies/alisa.hpp"
+#include "mnemo/kvcache/policies/cam.hpp"
 #include "mnemo/kvcache/policies/chunkkv.hpp"
 #include "mnemo/kvcache/policies/common.hpp"
 #include "mnemo/kvcache/policies/criticalkv.hpp"
+#include "mnemo/kvcache/policies/dmc.hpp"
 #include "mnemo/kvcache/policies/dms.hpp"
 #include "mnemo/kvcache/policies/duo_attention.hpp"
 #include "mnemo/kvcache/policies/expected_attention.hpp"
@@ -43,6 +46,8 @@
 #include "mnemo/kvcache/policies/knorm.hpp"
 #include "mnemo/kvcache/policies/lagkv.hpp"
 #include "mnemo/kvcache/policies/leverage.hpp"
+#include "mnemo/kvcache/policies/merging.hpp"
+#include "mnemo/kvcache/policies/moviechat.hpp"
 #include "mnemo/kvcache/policies/pyramidkv.hpp"
 #include "mnemo/kvcache/policies/qfilter.hpp"
 #include "mnemo/kvcache/policies/scissorhands.hpp"
@@ -51,6 +56,7 @@
 #include "mnemo/kvcache/policies/streaming_llm.hpp"
 #include "mnemo/kvcache/policies/think.hpp"
 #include "mnemo/kvcache/policies/tova.hpp"
+#include "mnemo/kvcache/merge_plan.hpp"
 
 namespace mnemo::kvcache::policies {
 
@@ -60,6 +66,10 @@ struct entry {
   attn_rows rows = attn_rows::window;
   std::function<selection(const observation&, std::int64_t)> select;
   std::function<tracker(const observation&, std::int64_t)> make_tracker;  // empty: no tracker
+  // Merging methods (CaM, MergingPress, DMC, MovieChat): the merge plan whose `keep` is select's
+  // selection, with the evicted slots folded into kept ones (kvcache/merge_plan.hpp; apply it with
+  // kvcache::merge or reference::merge). Empty for the policies that drop.
+  std::function<merge_plan(const observation&, std::int64_t)> plan;
 };
 
 namespace detail {
@@ -154,8 +164,12 @@ inline tensor<float, 2> attention_logits(const observation& o) {
 // The entry of policy P built by make(o, budget) -> P.
 template <prefill_policy P, class Make>
 entry row(std::string_view name, Make make, attn_rows rows = attn_rows::window, axis selects = axis::slots) {
-  entry e{name, selects, rows, {}, {}};
+  entry e{name, selects, rows, {}, {}, {}};
   e.select = [make](const observation& o, std::int64_t budget) { return make(o, budget).select(o, budget); };
+  if constexpr (requires(const P& p, const observation& o, std::int64_t b) {
+                  { p.plan(o, b) } -> std::same_as<merge_plan>;
+                })
+    e.plan = [make](const observation& o, std::int64_t budget) { return make(o, budget).plan(o, budget); };
   if constexpr (detail::has_tracker<P>)
     e.make_tracker = [make](const observation& o, std::int64_t budget) {
       return erase(detail::make_decoder(make(o, budget), o, budget));
@@ -180,7 +194,7 @@ inline const std::vector<entry>& all() {
     l.push_back(row<knorm>("knorm", [](D, B) { return knorm{}; }));
     l.push_back(row<keydiff>("keydiff", [](D, B) { return keydiff{}; }));
     {  // Q-Filters: filters fitted on the observation window's queries (the paper fits them offline)
-      entry e{"qfilter", axis::slots, attn_rows::window, {}, {}};
+      entry e{"qfilter", axis::slots, attn_rows::window, {}, {}, {}};
       e.select = [](const observation& o, std::int64_t budget) {
         const tensor<float, 2> f = qfilter::fit(o.q, o.k.extent(0));
         return qfilter{f}.select(o, budget);
@@ -201,7 +215,7 @@ inline const std::vector<entry>& all() {
     l.push_back(row<expected_attention>("expected_attention", [](D, B) { return expected_attention{}; }));
     {  // CriticalKV / CriticalAdaKV: the identity projection when the model's w_o is not at hand
       for (const bool ada : {false, true}) {
-        entry e{ada ? "critical_adakv" : "criticalkv", axis::slots, attn_rows::window, {}, {}};
+        entry e{ada ? "critical_adakv" : "criticalkv", axis::slots, attn_rows::window, {}, {}, {}};
         e.select = [ada](const observation& o, std::int64_t budget) {
           const tensor<float, 3> w = detail::identity_projection(o);
           const snapkv base{detail::window_of(o), 5};
@@ -231,7 +245,7 @@ inline const std::vector<entry>& all() {
       return p;
     }));
     {  // DMS: eviction logits from the attention (detail::attention_logits) in place of the model's
-      entry e{"dms", axis::slots, attn_rows::window, {}, {}};
+      entry e{"dms", axis::slots, attn_rows::window, {}, {}, {}};
       e.select = [](const observation& o, std::int64_t budget) {
         const tensor<float, 2> z = detail::attention_logits(o);
         dms p;
@@ -246,6 +260,11 @@ inline const std::vector<entry>& all() {
       };
       l.push_back(std::move(e));
     }
+    // Merging: evicted tokens folded into kept ones (entry::plan).
+    l.push_back(row<cam>("cam", [](D, B b) { return cam{b / 4}; }, attn_rows::all));
+    l.push_back(row<merging<snapkv>>("merging", [](D o, B) { return merging<snapkv>{snapkv{detail::window_of(o), 5}}; }));
+    l.push_back(row<dmc>("dmc", [](D, B) { return dmc{}; }));
+    l.push_back(row<moviechat>("moviechat", [](D, B) { return moviechat{}; }));
     return l;
   }();
   return list;
