@@ -8,7 +8,7 @@
 2. Runs the peak-memory pass (MNEMO_BENCH_MEMORY=1) on one row and checks that the peak covers
    the row's own inputs and outputs.
 3. Adds synthetic rows of the families this binary does not hold (sparse, linear_vs_flash,
-   decode selection methods, kvpolicy, memory, flash, machine, a oneDNN row) and synthetic
+   decode selection methods, kvpolicy, kvpolicy_real, memory, flash, machine, a oneDNN row) and synthetic
    PyTorch and ggml peer files, runs bench/plot on everything and checks the table (rows, external marks, a
    ratio recomputed here), the derived blocks (block-sparse ratios against the target, the linear
    vs flash crossover, the KV policy x budget table, the counters column, the headline ratios:
@@ -34,6 +34,19 @@ SPARSE_RATIOS = {"0.10": 0.15, "0.50": 0.65}  # synthetic time / dense: the firs
 LINEAR_CROSSOVER = 2.4 * 1024                  # where the synthetic linear_vs_flash curves cross
 STREAM_BYTES = 1e10                            # synthetic machine/stream_read bytes/s
 PREFILL_H, DECODE_HQ, DECODE_HKV, DECODE_D = 8, 32, 8, 128
+# kvpolicy_real: (rel_error, kept_mass) at budgets 10, 25, 50. At 25%: h2o's error is above random's (the
+# "beats random" target missed), snapkv is 1.20x the oracle's error (met), cam (merging) 1.50x (missed),
+# fastgen's error is above streaming_llm's (missed).
+REAL_POLICY_ROWS = {
+    "oracle": ((0.4, 0.2, 0.1), (0.6, 0.8, 0.9)),
+    "random": ((1.0, 0.7, 0.5), (0.1, 0.25, 0.5)),
+    "streaming_llm": ((0.6, 0.25, 0.2), (0.4, 0.6, 0.8)),
+    "h2o": ((0.9, 0.8, 0.3), (0.3, 0.5, 0.8)),
+    "snapkv": ((0.5, 0.24, 0.11), (0.5, 0.75, 0.88)),
+    "fastgen": ((0.45, 0.3, 0.12), (0.55, 0.7, 0.87)),
+    "knorm": ((1.1, 0.9, 0.6), (0.1, 0.2, 0.5)),
+    "cam": ((0.45, 0.3, 0.12), (0.55, 0.7, 0.87)),
+}
 
 
 def check(condition, what):
@@ -156,6 +169,12 @@ def synthetic_rows(real):
                                            "iterations:64/repeats:1/real_time", 1.0,
                                            rel_error=0.5 / budget, needle_retention=min(1.0, budget / 25),
                                            bytes_kept=budget * 1e4))
+    # kvpolicy_real rows (bench/kvpolicy_real_rows.cpp), built so each of issue 17's targets has a known answer
+    for policy, (errors, masses) in REAL_POLICY_ROWS.items():
+        for budget, err, mass in zip((10, 25, 50), errors, masses):
+            out.append(synthetic_entry(f"kvpolicy_real/{policy}/budget:{budget}/threads:1/iterations:1/real_time", 2.0,
+                                       label="all-MiniLM-L6-v2 layers=6 H=12 L=512 D=32 window=32 budget=128",
+                                       rel_error=err, kept_mass=mass, rel_error_l0=err * 0.9, rel_error_l1=err * 1.1))
     # a oneDNN row at a real prefill shape: marked external through the context's onednn_version
     name = f"prefill/onednn/L:{TINY_L}/D:128/causal:0/threads:1/real_time"
     base = medians(real)[f"prefill/openblas/L:{TINY_L}/D:128/causal:0/threads:1/real_time"]
@@ -287,6 +306,24 @@ def check_derived_tables(table, got, plots):
     # columns: policy, then rel err, needle, KiB kept, step us at each budget 5, 10, 25, 50
     check(len(cells) == 17 and cells[2] == f"{0.05:.3f}" and cells[6] == f"{0.4:.2f}" and cells[10] == f"{1e5 / 1024:.0f}",
           f"the policy x budget table's h2o row: rel err 0.050, needle 0.40, KiB 98 at budget 10: '{policy}'")
+    real = table[table.find("== kvpolicy_real: policy x budget"):table.find("\n== headline")]
+    check("== kvpolicy_real: policy x budget" in table, "the table has the kvpolicy_real block")
+    snap = next((l for l in real.splitlines() if l.startswith("snapkv ")), "").split()
+    # columns: policy, group, then rel err, kept mass, x oracle at 10, 25, 50, worst layer (2), targets
+    check(len(snap) > 10 and snap[1] == "attention-based" and snap[3] == "0.240" and snap[6] == "0.750"
+          and snap[9] == f"{0.24 / 0.2:.2f}" and "l1 0.264" in " ".join(snap),
+          f"the kvpolicy_real block's snapkv row: rel err 0.240, kept mass 0.750, 1.20x the oracle at 25%, "
+          f"worst layer l1: '{' '.join(snap)}'")
+    lines = {key: next((l for l in real.splitlines() if l.strip().startswith("target") and key in l), "")
+             for key in ("attention-based", "within 1.3x", "StreamingLLM")}
+    check(lines["attention-based"].strip().startswith("target missed") and "h2o" in lines["attention-based"]
+          and "snapkv" not in lines["attention-based"],
+          f"kvpolicy_real: 'beats random' missed by h2o alone: '{lines['attention-based']}'")
+    check(lines["within 1.3x"].strip().startswith("target missed") and "snapkv 1.20x," in lines["within 1.3x"]
+          and "cam 1.50x MISSED" in lines["within 1.3x"],
+          f"kvpolicy_real: within 1.3x of the oracle missed by cam (merging), met by snapkv: '{lines['within 1.3x']}'")
+    check(lines["StreamingLLM"].strip().startswith("target missed") and "25%: 0.300 vs 0.250" in lines["StreamingLLM"],
+          f"kvpolicy_real: FastGen worse than StreamingLLM at 25%: '{lines['StreamingLLM']}'")
     quest = next((l for l in table.splitlines() if " quest " in l and "Lk:4096" in l and "threads:1" in l), "")
     check("rel_error=0.01" in quest and "recall=0.95" in quest, f"the decode table shows quest's counters: '{quest}'")
     check("\n== headline" in table, "the table ends with a headline block")
