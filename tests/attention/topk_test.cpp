@@ -371,6 +371,33 @@ TEST(Loki, FullRankSelectsTheExactTopK) {
     }
 }
 
+// The mask defaults agree: with every key selected (top_k = Lk, and for Loki the full rank),
+// top-k and Loki attention called without a mod equal attention::reference called without one
+// (no mask), on prefill rows where a causal default would differ.
+TEST(TopKAttention, DefaultMaskIsNoMaskLikeTheReference) {
+  const std::int64_t Hq = 4, Hkv = 2, L = 13, D = 16;
+  const auto q = random_tensor<float, 4>({1, Hq, L, D}, 71);
+  const auto k = random_tensor<float, 4>({1, Hkv, L, D}, 72);
+  const auto v = random_tensor<float, 4>({1, Hkv, L, D}, 73);
+  tensor<float, 4> want({1, Hq, L, D}), got({1, Hq, L, D}), causal({1, Hq, L, D});
+  reference(cview(q), cview(k), cview(v), want.as_view());
+  topk_attention(cview(q), cview(k), cview(v), L, got.as_view());
+  double worst = 0;
+  for (std::int64_t i = 0; i < want.size(); ++i) worst = std::max(worst, double(std::abs(got.data()[i] - want.data()[i])));
+  EXPECT_LT(worst, 1e-5) << "topk_attention's default mask";
+  reference(cview(q), cview(k), cview(v), causal.as_view(), {}, mods::causal{});
+  double apart = 0;
+  for (std::int64_t i = 0; i < want.size(); ++i) apart = std::max(apart, double(std::abs(causal.data()[i] - want.data()[i])));
+  EXPECT_GT(apart, 1e-2) << "the case must tell a causal default from none";
+  const loki_basis basis = loki_calibrate(cview(k));
+  tensor<float, 4> k_rot(k.shape()), k_low({1, Hkv, L, D});
+  loki_rotate(cview(k), basis, k_rot.as_view(), k_low.as_view());
+  loki_attention(cview(q), cview(k_rot), cview(k_low), cview(v), basis, L, got.as_view());
+  worst = 0;
+  for (std::int64_t i = 0; i < want.size(); ++i) worst = std::max(worst, double(std::abs(got.data()[i] - want.data()[i])));
+  EXPECT_LT(worst, 1e-4) << "loki_attention's default mask";
+}
+
 TEST(TopKErrors, Arguments) {
   const auto q = random_tensor<float, 4>({1, 2, 3, 16}, 1);
   const auto k = random_tensor<float, 4>({1, 1, 20, 16}, 2);
