@@ -85,12 +85,16 @@ class alisa::decoder {
     const std::int64_t t = step_++ % p_.history;
     for (std::int64_t h = 0; h < num_heads(); ++h) {
       const std::int64_t n = length(h);
-      float* r = ring_.row(h).data();
-      for (std::int64_t j = 0; j < n; ++j) r[j * p_.history + t] = 0.0f;
+      // The group's sum in a contiguous pass per query head, then one strided write per slot (the
+      // ring is [slot][history]: strided passes per query head cost 5x the bookkeeping).
+      group_.assign(static_cast<std::size_t>(n), 0.0f);
+      float* __restrict a = group_.data();
       for (std::int64_t g = 0; g < G; ++g) {
-        const float* p = probs.ptr(h * G + g, 0);
-        for (std::int64_t j = 0; j < n; ++j) r[j * p_.history + t] += p[j];
+        const float* __restrict p = probs.ptr(h * G + g);
+        for (std::int64_t j = 0; j < n; ++j) a[j] += p[j];
       }
+      float* r = ring_.row(h).data();
+      for (std::int64_t j = 0; j < n; ++j) r[j * p_.history + t] = a[j];
     }
   }
   selection select(std::int64_t budget) const {
@@ -124,6 +128,7 @@ class alisa::decoder {
   alisa p_;
   slot_state<float> ring_;  // [Hkv][length * history]
   std::int64_t step_ = 0;
+  std::vector<float> group_;  // scratch of observe
 };
 
 }  // namespace mnemo::kvcache::policies
