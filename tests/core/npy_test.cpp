@@ -409,6 +409,27 @@ TEST(Npy, MalformedFilesThrowNamingFileExpectedAndActual) {
   write_file(bad_shape, npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (2, x), }", data6));
   expect_error([&] { npy::load(bad_shape); }, {bad_shape, "shape"});
 
+  // Python tuple syntax only: an empty entry, a leading comma or two dimensions without a comma
+  // are malformed, not skipped (the fuzzer's "(0,4441444222222222 , , 111)" loaded as 3-D).
+  for (const char* s : {"(2, , 3)", "(,2, 3)", "(2 3)", "(2,,)", "(,)"}) {
+    const auto malformed = tmp.file("malformed.npy");
+    write_file(malformed, npy_bytes(std::string("{'descr': '<f4', 'fortran_order': False, 'shape': ") + s + ", }", data6));
+    expect_error([&] { npy::load(malformed); }, {malformed, "malformed shape", s});
+  }
+  for (const char* s : {"(2, 3)", "( 2 ,3 )", "(2, 3,)", "(6,)", "(6 , )"}) {
+    const auto spaced = tmp.file("spaced.npy");
+    write_file(spaced, npy_bytes(std::string("{'descr': '<f4', 'fortran_order': False, 'shape': ") + s + ", }", data6));
+    EXPECT_EQ(npy::load(spaced).size(), 6) << s;
+  }
+
+  // A shape that loads as 1-byte items (element count 0) but whose int64 tensor would need more
+  // than 2^63 bytes: the load succeeds, the conversion names the shape.
+  const auto wide = tmp.file("wide.npy");
+  write_file(wide, npy_bytes("{'descr': '|u1', 'fortran_order': False, 'shape': (0, 44414442222222224, 111), }", ""));
+  EXPECT_EQ(npy::load(wide).size(), 0);
+  EXPECT_EQ((npy::load<std::uint8_t, 3>(wide).size()), 0);
+  expect_error([&] { npy::load<std::int64_t, 3>(wide); }, {"44414442222222224", "2^63"});
+
   // A valid float32 [2, 3] file asked for as something else.
   const auto ok = tmp.file("ok.npy");
   write_file(ok, npy_bytes(good, data6));

@@ -230,26 +230,37 @@ inline std::string header_value(const std::string& header, const std::string& ke
   return header.substr(p, e - p);
 }
 
-// The 'shape' entry: a Python tuple of non-negative integers, "()", "(12,)", "(2, 3)".
+// The 'shape' entry: a Python tuple of non-negative integers, "()", "(12,)", "(2, 3)": one comma
+// between entries (and an optional one after the last), spaces anywhere between tokens.
 inline std::vector<std::int64_t> parse_shape(const std::string& tuple, const std::string& path) {
   mnemo::detail::require(tuple.size() >= 2 && tuple.front() == '(' && tuple.back() == ')', "npy: ", path,
                          ": header 'shape' must be a tuple such as (2, 3), got ", tuple);
   std::vector<std::int64_t> shape;
-  std::size_t i = 1;  // past '('
-  while (i < tuple.size()) {
-    while (i < tuple.size() && (tuple[i] == ' ' || tuple[i] == ',')) ++i;
-    if (i >= tuple.size() || tuple[i] == ')') break;
+  const std::size_t end = tuple.size() - 1;  // the closing ')'
+  std::size_t i = 1;                         // past '('
+  const auto skip_spaces = [&] {
+    while (i < end && tuple[i] == ' ') ++i;
+  };
+  skip_spaces();
+  while (i < end) {
     std::int64_t v = 0;
     bool digits = false;
-    while (i < tuple.size() && tuple[i] >= '0' && tuple[i] <= '9') {
+    while (i < end && tuple[i] >= '0' && tuple[i] <= '9') {
       mnemo::detail::require(v < (std::int64_t{1} << 56), "npy: ", path, ": dimension too large in shape ", tuple);
       v = v * 10 + (tuple[i] - '0');
       ++i;
       digits = true;
     }
-    if (i < tuple.size() && tuple[i] == 'L') ++i;  // Python 2 longs
-    mnemo::detail::require(digits, "npy: ", path, ": malformed shape ", tuple);
+    if (i < end && tuple[i] == 'L') ++i;  // Python 2 longs
+    mnemo::detail::require(digits, "npy: ", path, ": malformed shape ", tuple, " (expected a dimension at offset ", i,
+                           ")");
     shape.push_back(v);
+    skip_spaces();
+    if (i == end) break;
+    mnemo::detail::require(tuple[i] == ',', "npy: ", path, ": malformed shape ", tuple, " (expected ',' or ')' at offset ",
+                           i, ")");
+    ++i;
+    skip_spaces();
   }
   return shape;
 }
