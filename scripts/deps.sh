@@ -5,7 +5,7 @@
 #                                            (libdnnl-dev, the prefill/onednn and decode/onednn
 #                                            rows) and python3-venv (bench/peers/torch_sdpa.sh)
 mnemo_install_deps() {
-  local pkgs=(build-essential cmake libeigen3-dev libxsimd-dev libgtest-dev libbenchmark-dev
+  local pkgs=(build-essential cmake ninja-build libeigen3-dev libxsimd-dev libgtest-dev libbenchmark-dev
               libopenblas-dev nlohmann-json3-dev python3-matplotlib "$@")
   local missing=()
   for p in "${pkgs[@]}"; do

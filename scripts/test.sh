@@ -30,7 +30,13 @@ run_build() {
   local dir="build/test-$name"
   echo "=== mnemo tests: $name build ($*) ==="
   # mnemo::prebuilt is built (and its -march=x86-64-v2 consumer run) by the packaging test.
-  cmake -S . -B "$dir" -DMNEMO_BUILD_BENCH=OFF -DMNEMO_BUILD_PREBUILT=OFF "$@" >"$dir.configure.log" 2>&1 ||
+  # A tree an older version configured with Makefiles cannot switch generator: start it again.
+  if [ -f "$dir/CMakeCache.txt" ] && ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$dir/CMakeCache.txt"; then
+    rm -rf "$dir"
+  fi
+  # Ninja: its .ninja_log in the build tree gives each translation unit's compile time, which
+  # is what CI's budget is spent on (`ninja -C build/test-native -t ...`, or read the log).
+  cmake -S . -B "$dir" -G Ninja -DMNEMO_BUILD_BENCH=OFF -DMNEMO_BUILD_PREBUILT=OFF "$@" >"$dir.configure.log" 2>&1 ||
     { cat "$dir.configure.log"; return 1; }
   cmake --build "$dir" -j"$jobs"
   ctest --test-dir "$dir" -j"$jobs" --output-on-failure --timeout 600
