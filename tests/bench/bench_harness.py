@@ -122,6 +122,15 @@ def synthetic_entry(name, time_ms, label="", **counters):
     return entry
 
 
+# The variants block's lines (bench/plot print_variants_table) for the synthetic variant rows below:
+# (against, time / dense, rel_error).
+VARIANT_LINES = {
+    "variants/sigmoid": ("flash", 105.0 / 100.0, None),
+    "variants/self_extend": ("flash_dense", 70.0 / 50.0, None),
+    "approx_lowrank/nystrom": ("flash_dense", 6.0 / 120.0, 0.04),
+}
+
+
 def synthetic_rows(real):
     """Rows of the families the smoke binary does not hold, named as their files name them."""
     out = []
@@ -175,6 +184,17 @@ def synthetic_rows(real):
             out.append(synthetic_entry(f"kvpolicy_real/{policy}/budget:{budget}/threads:1/iterations:1/real_time", 2.0,
                                        label="all-MiniLM-L6-v2 layers=6 H=12 L=512 D=32 window=32 budget=128",
                                        rel_error=err, kept_mass=mass, rel_error_l0=err * 0.9, rel_error_l1=err * 1.1))
+    # attention variants (issue 19): exact variants against the flash row of their shape, the
+    # approximations against theirs, with rel_error (bench/plot's variants block and figure)
+    for impl, ms in (("flash", 100.0), ("sigmoid", 105.0)):
+        out.append(synthetic_entry(f"variants/{impl}/pass:fwd/L:2048/D:64/causal:0/threads:1/real_time", ms))
+    for impl, ms in (("flash_dense", 50.0), ("self_extend", 70.0)):
+        out.append(synthetic_entry(f"variants/{impl}/L:1024/D:128/causal:1/" + ("W:512/G:8/" if impl == "self_extend" else "")
+                                   + "threads:1/real_time", ms))
+    for L, scale in ((4096, 1), (16384, 16)):
+        out.append(synthetic_entry(f"approx_lowrank/flash_dense/L:{L}/threads:1/real_time", 120.0 * scale, rel_error=0.0))
+        out.append(synthetic_entry(f"approx_lowrank/nystrom/L:{L}/threads:1/real_time", 6.0 * scale ** 0.5,
+                                   rel_error=0.04))
     # a oneDNN row at a real prefill shape: marked external through the context's onednn_version
     name = f"prefill/onednn/L:{TINY_L}/D:128/causal:0/threads:1/real_time"
     base = medians(real)[f"prefill/openblas/L:{TINY_L}/D:128/causal:0/threads:1/real_time"]
@@ -280,7 +300,7 @@ def main():
     check_derived_tables(table, got, plots)
     check_busy_machine_warning(args.plot, args.work, real["context"])
     for figure in ("fig_a_prefill", "fig_b_decode", "fig_c_kvpolicy", "fig_d_memory", "fig_e_threads",
-                   "fig_a_sparse", "fig_b_sparse_decode", "fig_a_linear_vs_flash", "prefill_throughput"):
+                   "fig_a_sparse", "fig_b_sparse_decode", "fig_a_linear_vs_flash", "fig_variants", "prefill_throughput"):
         path = os.path.join(plots, figure + ".png")
         ok = os.path.exists(path) and os.path.getsize(path) > 1000
         if ok:
@@ -326,6 +346,15 @@ def check_derived_tables(table, got, plots):
           f"kvpolicy_real: FastGen worse than StreamingLLM at 25%: '{lines['StreamingLLM']}'")
     quest = next((l for l in table.splitlines() if " quest " in l and "Lk:4096" in l and "threads:1" in l), "")
     check("rel_error=0.01" in quest and "recall=0.95" in quest, f"the decode table shows quest's counters: '{quest}'")
+    variants = table[table.find("== attention variants vs dense flash"):table.find("\n== headline")]
+    check("== attention variants vs dense flash" in table, "the table has the attention variants block")
+    for name, (base, ratio, err) in VARIANT_LINES.items():
+        line = next((l for l in variants.splitlines() if l.startswith(name + " ")), "")
+        cells = line.split()
+        # columns: variant, the shape (its keys, space-separated), against, time/dense, rel_error
+        check(len(cells) >= 5 and cells[-3] == base and cells[-2] == f"{ratio:.3f}"
+              and cells[-1] == ("-" if err is None else f"{err:.3g}"),
+              f"the variants block's {name} line: against {base}, {ratio:.3f}, rel_error {err}: '{line}'")
     check("\n== headline" in table, "the table ends with a headline block")
     check("prefill flash vs openblas, threads 1: 2.00x faster" in table, "headline: flash vs openblas 2.00x")
     split = got[f"decode/split_kv/Lk:{TINY_LK}/kv:f32/threads:1/real_time"]
