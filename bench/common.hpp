@@ -37,6 +37,7 @@
 
 #include "mnemo/core/dtype.hpp"
 #include "mnemo/core/parallel.hpp"
+#include "mnemo/core/random.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/dispatch.hpp"
 
@@ -174,13 +175,7 @@ inline bool reference_affordable(const shape& s) {
 // Element n of the stream `seed`: uniform in [lo, hi] (splitmix64 of the index, so the values do
 // not depend on fill order).
 inline float random_uniform(std::uint64_t seed, std::uint64_t n, float lo = -1.0f, float hi = 1.0f) {
-  constexpr std::uint64_t golden_gamma = 0x9e3779b97f4a7c15ull;
-  std::uint64_t z = seed * golden_gamma + (n + 1) * golden_gamma;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  constexpr double two_pow_minus_53 = 1.0 / 9007199254740992.0;
-  const double u = static_cast<double>(z >> 11) * two_pow_minus_53;  // [0, 1)
+  const double u = rng::to_unit(rng::mix((seed + n) * rng::golden_gamma));  // [0, 1)
   return lo + static_cast<float>(u) * (hi - lo);
 }
 

@@ -6,6 +6,7 @@
 #include "mnemo/core/error.hpp"
 #include "mnemo/core/npy.hpp"
 #include "mnemo/core/parallel.hpp"
+#include "mnemo/core/random.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/simd.hpp"
 #include "mnemo/simd/gemm.hpp"

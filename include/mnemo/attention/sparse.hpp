@@ -79,6 +79,7 @@
 #include "mnemo/attention/mods.hpp"
 #include "mnemo/attention/tiles.hpp"
 #include "mnemo/core/error.hpp"
+#include "mnemo/core/random.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/simd/gemm.hpp"
 
@@ -205,14 +206,6 @@ inline void require_positive(const char* fn, const char* name, std::int64_t valu
   mnemo::detail::require(value > 0, fn, ": ", name, " must be > 0, got ", value);
 }
 
-// splitmix64 (Steele et al. 2014): a seeded, portable stream (std distributions differ between
-// standard libraries, so BigBird's random blocks would not be reproducible with them).
-inline std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
 }  // namespace detail
 
@@ -815,7 +808,7 @@ inline bigbird make_bigbird(std::int64_t length, std::int64_t unit, std::int64_t
     const std::int64_t take = std::min<std::int64_t>(random, static_cast<std::int64_t>(free.size()));
     for (std::int64_t t = 0; t < take; ++t) {  // partial Fisher-Yates
       const auto left = static_cast<std::uint64_t>(free.size()) - static_cast<std::uint64_t>(t);
-      const auto pick = static_cast<std::size_t>(t) + static_cast<std::size_t>(detail::splitmix64(state) % left);
+      const auto pick = static_cast<std::size_t>(t) + static_cast<std::size_t>(rng::splitmix64(state) % left);
       std::swap(free[static_cast<std::size_t>(t)], free[pick]);
     }
     std::sort(free.begin(), free.begin() + take);

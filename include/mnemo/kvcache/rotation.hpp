@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "mnemo/core/error.hpp"
+#include "mnemo/core/random.hpp"
 
 namespace mnemo::kvcache {
 
@@ -91,7 +92,7 @@ class hadamard_rotation {
     inv_sqrt_b_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(b_)));
     sign_.resize(static_cast<std::size_t>(n));
     std::uint64_t state = seed;
-    for (std::int64_t c = 0; c < n; ++c) sign_[static_cast<std::size_t>(c)] = (splitmix64(state) >> 63) ? -1.0f : 1.0f;
+    for (std::int64_t c = 0; c < n; ++c) sign_[static_cast<std::size_t>(c)] = (rng::splitmix64(state) >> 63) ? -1.0f : 1.0f;
   }
 
   std::int64_t dim() const { return n_; }
@@ -122,14 +123,6 @@ class hadamard_rotation {
           x[j] = a + c;
           x[j + len] = a - c;
         }
-  }
-
-  // SplitMix64 (Steele, Lea, Flood 2014): the same signs on every platform and standard library.
-  static std::uint64_t splitmix64(std::uint64_t& state) {
-    std::uint64_t z = (state += 0x9e3779b97f4a7c15);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111eb;
-    return z ^ (z >> 31);
   }
 
   std::int64_t n_ = 0, b_ = 0;

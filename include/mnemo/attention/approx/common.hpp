@@ -3,9 +3,8 @@
 // random features of FAVOR+ (performer.hpp, scatterbrain.hpp) and the positive feature map.
 //
 //   relative_error(got, want)       ||got - want||_F / ||want||_F over every element (double)
-//   gaussian_stream(seed)           N(0, 1) draws from splitmix64 + Box-Muller: the same numbers on
-//                                   every platform and standard library (std::normal_distribution
-//                                   is implementation-defined)
+//   gaussian_stream(seed)           N(0, 1) draws (core/random.hpp: the same numbers on every
+//                                   platform and standard library)
 //   orthogonal_features(m, D, seed) W [m, D]: blocks of D rows, each block an orthonormal basis
 //                                   (modified Gram-Schmidt of a Gaussian D x D matrix, in double)
 //                                   with every row rescaled to the norm of an independent Gaussian
@@ -31,6 +30,7 @@
 
 #include "mnemo/attention/common.hpp"
 #include "mnemo/core/error.hpp"
+#include "mnemo/core/random.hpp"
 #include "mnemo/core/tensor.hpp"
 
 namespace mnemo::attention::approx {
@@ -65,36 +65,8 @@ double relative_error(const tensor<G, R>& got, const tensor<W, R>& want) {
   return relative_error(got.as_view(), want.as_view());
 }
 
-// N(0, 1) draws, reproducible from a seed on every platform.
-class gaussian_stream {
- public:
-  explicit gaussian_stream(std::uint64_t seed) : state_(seed ^ 0x6a09e667f3bcc909ull) {}
-
-  double next() {
-    if (has_spare_) {
-      has_spare_ = false;
-      return spare_;
-    }
-    // Uniforms in (0, 1]: 53 random bits plus one half-step, so log never sees 0.
-    const double u1 = (static_cast<double>(splitmix64() >> 11) + 0.5) * 0x1.0p-53;
-    const double u2 = (static_cast<double>(splitmix64() >> 11) + 0.5) * 0x1.0p-53;
-    const double r = std::sqrt(-2.0 * std::log(u1)), t = 2.0 * std::numbers::pi * u2;
-    spare_ = r * std::sin(t);
-    has_spare_ = true;
-    return r * std::cos(t);
-  }
-
- private:
-  std::uint64_t splitmix64() {
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  std::uint64_t state_;
-  double spare_ = 0;
-  bool has_spare_ = false;
-};
+// N(0, 1) draws, reproducible from a seed on every platform (core/random.hpp).
+using rng::gaussian_stream;
 
 // FAVOR+'s orthogonal Gaussian features W [m, D] (see the header). The same (m, D, seed) always
 // gives the same matrix; the first rows of a larger m are not those of a smaller one.

@@ -15,9 +15,8 @@
 // the tile classifier skip tiles whose every key lies after every query (and drop the per-element
 // checks where every key lies before every query).
 //
-// Random stream: splitmix64 of (seed, a counter): the same numbers on every platform and thread
-// count (std:: distributions are implementation-defined), uniform doubles in [0, 1), uniform
-// integers in [0, n) by 128-bit multiply (no modulo bias beyond 2^-64), normals by Box-Muller.
+// Random stream: core/random.hpp's counter_stream of (seed, work item): the same numbers on every
+// platform and thread count, uniform doubles in [0, 1), integers in [0, n), normals by Box-Muller.
 #pragma once
 
 #include <algorithm>
@@ -27,6 +26,7 @@
 #include <vector>
 
 #include "mnemo/attention/mods.hpp"
+#include "mnemo/core/random.hpp"
 #include "mnemo/core/tensor.hpp"
 
 namespace mnemo::attention::approx {
@@ -62,31 +62,8 @@ struct position_mask {
 
 namespace sparse_detail {
 
-// splitmix64: one 64-bit output per counter value.
-inline std::uint64_t mix(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-// A stream of numbers from (seed, stream id): the n-th draw is mix(mix(seed ^ mix(id)) + n).
-class random_stream {
- public:
-  random_stream(std::uint64_t seed, std::uint64_t id) : base_(mix(seed ^ mix(id))) {}
-  std::uint64_t next() { return mix(base_ + counter_++); }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
-  std::int64_t below(std::int64_t n) {  // [0, n), n >= 1 (bias below 2^-53 * n)
-    return std::min(n - 1, static_cast<std::int64_t>(uniform() * static_cast<double>(n)));
-  }
-  double normal() {  // Box-Muller, one of the pair
-    const double u1 = 1.0 - uniform(), u2 = uniform();
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-  }
-
- private:
-  std::uint64_t base_, counter_ = 0;
-};
+// The counter-based stream of core/random.hpp: one per (seed, work item).
+using random_stream = rng::counter_stream;
 
 // Rows idx[0 .. n) of the [L, width] matrix at src (row stride ld) into dst [n, width]
 // (contiguous), each row times w[t] when w is given.
