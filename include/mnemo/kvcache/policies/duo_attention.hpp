@@ -103,6 +103,8 @@ struct duo_attention {
   }
 
   class decoder;  // decode-time state, below
+  // The decoder that continues this policy's prefill of `o` at `budget` (policies/list.hpp's trackers).
+  decoder make_decoder(const observation& o, std::int64_t budget) const;
 
  private:
   friend class decoder;
@@ -233,5 +235,10 @@ class duo_attention::decoder : public scored_slots {
   duo_attention p_;
   std::vector<std::uint8_t> retrieval_;
 };
+
+// Each head keeps the role its prefill gave.
+inline duo_attention::decoder duo_attention::make_decoder(const observation& o, std::int64_t /*budget*/) const {
+  return decoder(*this, retrieval_heads(o));
+}
 
 }  // namespace mnemo::kvcache::policies

@@ -99,6 +99,8 @@ struct fastgen {
   selection select(const observation& o, std::int64_t budget) const { return profile(o, budget).kept; }
 
   class decoder;  // decode-time state, below
+  // The decoder that continues this policy's prefill of `o` at `budget` (policies/list.hpp's trackers).
+  decoder make_decoder(const observation& o, std::int64_t budget) const;
 
  private:
   void check(const char* fn) const {
@@ -266,5 +268,10 @@ class fastgen::decoder {
   slot_state<float> attn_;
   slot_state<std::uint8_t> special_, punct_;
 };
+
+// Each head keeps the choice its prefill profile gave.
+inline fastgen::decoder fastgen::make_decoder(const observation& o, std::int64_t budget) const {
+  return decoder(*this, profile(o, budget).per_head);
+}
 
 }  // namespace mnemo::kvcache::policies

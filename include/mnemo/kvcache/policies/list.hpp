@@ -92,16 +92,8 @@ template <class P>
 typename P::decoder make_decoder(const P& p, const observation& o, std::int64_t budget) {
   using D = typename P::decoder;
   const std::int64_t Hkv = o.k.extent(0);
-  if constexpr (std::is_same_v<P, fastgen>) {
-    return D(p, p.profile(o, budget).per_head);
-  } else if constexpr (std::is_same_v<P, duo_attention>) {
-    return D(p, p.retrieval_heads(o));
-  } else if constexpr (std::is_same_v<P, simlayerkv>) {
-    D d(Hkv, p, o.layer, o.layers);
-    d.set_lazy(p.is_lazy(o));
-    return d;
-  } else if constexpr (std::is_same_v<P, pyramidkv>) {
-    return D(Hkv, p, o.layer, o.layers, budget);
+  if constexpr (requires { { p.make_decoder(o, budget) } -> std::same_as<D>; }) {
+    return p.make_decoder(o, budget);  // a decoder that needs the prefill (FastGen, DuoAttention, SimLayerKV, PyramidKV)
   } else if constexpr (std::constructible_from<D, std::int64_t, const P&>) {
     return D(Hkv, p);
   } else if constexpr (std::constructible_from<D, const P&>) {

@@ -92,6 +92,10 @@ struct pyramidkv {
     return base.select(o, layer_budgets(o.layers, budget)[static_cast<std::size_t>(o.layer)]);
   }
 
+  class decoder;
+  // The decoder that continues this policy's prefill of `o` at `budget` (policies/list.hpp's trackers).
+  decoder make_decoder(const observation& o, std::int64_t budget) const;
+
   // Decode-time state of layer `layer` of `layers`: snapkv::decoder with that layer's budget.
   class decoder : public snapkv::decoder {
    public:
@@ -114,5 +118,10 @@ struct pyramidkv {
     std::int64_t budget_;
   };
 };
+
+// The observation's layer, with its share of the average budget.
+inline pyramidkv::decoder pyramidkv::make_decoder(const observation& o, std::int64_t budget) const {
+  return decoder(o.k.extent(0), *this, o.layer, o.layers, budget);
+}
 
 }  // namespace mnemo::kvcache::policies

@@ -114,6 +114,8 @@ struct simlayerkv {
   }
 
   class decoder;  // decode-time state, below
+  // The decoder that continues this policy's prefill of `o` at `budget` (policies/list.hpp's trackers).
+  decoder make_decoder(const observation& o, std::int64_t budget) const;
 
  private:
   friend class decoder;
@@ -191,5 +193,12 @@ class simlayerkv::decoder : public scored_slots {
   bool active_only_ = false;
   std::optional<bool> lazy_;
 };
+
+// The layer's laziness is decided once, from the prefill.
+inline simlayerkv::decoder simlayerkv::make_decoder(const observation& o, std::int64_t /*budget*/) const {
+  decoder d(o.k.extent(0), *this, o.layer, o.layers);
+  d.set_lazy(is_lazy(o));
+  return d;
+}
 
 }  // namespace mnemo::kvcache::policies
