@@ -127,6 +127,19 @@ inline void check_scores(const char* fn, const view<float, 2>& scores, std::int6
   require_shape(fn, "scores", scores, {Hkv, L}, " [Hkv, L]");
 }
 
+// Slots [j0, j1) of every head forced into the kept set: their scores become the maximum over the
+// other slots + 1 (kvpress's window fill), or 1 when no other slot has a score.
+inline void force_slots(const view<float, 2>& scores, std::int64_t j0, std::int64_t j1) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (std::int64_t h = 0; h < scores.extent(0); ++h)
+    for (std::int64_t j = 0; j < scores.extent(1); ++j)
+      if (j < j0 || j >= j1) top = std::max(top, scores(h, j));
+  const bool scored = j1 - j0 < scores.extent(1);
+  const float fill = scored ? top + 1.0f : 1.0f;
+  for (std::int64_t h = 0; h < scores.extent(0); ++h)
+    for (std::int64_t j = j0; j < j1; ++j) scores(h, j) = fill;
+}
+
 // The kept slots of one head: the `keep` highest of s[0, L) (top_budget's rule), ascending.
 inline std::vector<std::int64_t> top_row(const float* s, std::int64_t L, std::int64_t keep) {
   selection one = top_budget(view<const float, 2>(s, {1, L}), keep);

@@ -75,7 +75,6 @@ struct expected_attention {
     std::vector<double> mu(static_cast<std::size_t>(D)), sigma(static_cast<std::size_t>(D * D)), rows, z(static_cast<std::size_t>(d.L));
     std::vector<double> acc(static_cast<std::size_t>(d.L));
     const std::vector<std::pair<double, double>> avg = average_rotation(o, d);
-    float top = -std::numeric_limits<float>::infinity();
     for (std::int64_t hk = 0; hk < d.Hkv; ++hk) {
       std::fill(acc.begin(), acc.end(), 0.0);
       for (std::int64_t g = 0; g < G; ++g) {
@@ -107,12 +106,9 @@ struct expected_attention {
           s *= std::sqrt(vv);
         }
         out(hk, j) = static_cast<float>(s);
-        top = std::max(top, out(hk, j));
       }
     }
-    const float fill = first < d.L ? top + 1.0f : 1.0f;
-    for (std::int64_t hk = 0; hk < d.Hkv; ++hk)
-      for (std::int64_t j = 0; j < first; ++j) out(hk, j) = fill;
+    detail::force_slots(out, 0, first);
   }
 
   selection select(const observation& o, std::int64_t budget) const {

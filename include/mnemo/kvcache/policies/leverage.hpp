@@ -92,7 +92,6 @@ struct leverage {
     detail::check_scores(fn, out, d.Hkv, d.L);
     const std::int64_t first = std::min(sinks, d.L);
     std::vector<double> lk, lv;
-    float top = -std::numeric_limits<float>::infinity();
     for (std::int64_t hk = 0; hk < d.Hkv; ++hk) {
       if (of != source::values) leverage_of(o.k[hk], lk);
       if (of != source::keys) leverage_of(o.v[hk], lv);
@@ -108,12 +107,9 @@ struct leverage {
           case source::average: s = 0.5 * (lk[i] + lv[i]); break;
         }
         out(hk, j) = static_cast<float>(s);
-        top = std::max(top, out(hk, j));
       }
     }
-    const float fill = first < d.L ? top + 1.0f : 1.0f;
-    for (std::int64_t hk = 0; hk < d.Hkv; ++hk)
-      for (std::int64_t j = 0; j < first; ++j) out(hk, j) = fill;
+    detail::force_slots(out, 0, first);
   }
 
   selection select(const observation& o, std::int64_t budget) const {

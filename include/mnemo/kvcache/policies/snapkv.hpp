@@ -45,7 +45,6 @@ struct snapkv {
     check(fn, d);
     detail::check_scores(fn, out, d.Hkv, d.L);
     const std::int64_t n = d.L - window, G = d.group(), half = kernel_size / 2;
-    float top = -std::numeric_limits<float>::infinity();
     for (std::int64_t hk = 0; hk < d.Hkv; ++hk)
       for (std::int64_t j = 0; j < n; ++j) {
         double acc = 0;
@@ -53,11 +52,8 @@ struct snapkv {
           for (std::int64_t t = j - half; t <= j + half; ++t)
             if (t >= 0 && t < n) acc += o.attn(hk * G + g, t);
         out(hk, j) = static_cast<float>(acc / static_cast<double>(window * kernel_size * G));
-        top = std::max(top, out(hk, j));
       }
-    const float fill = n > 0 ? top + 1.0f : 1.0f;
-    for (std::int64_t hk = 0; hk < d.Hkv; ++hk)
-      for (std::int64_t j = n; j < d.L; ++j) out(hk, j) = fill;
+    detail::force_slots(out, n, d.L);
   }
 
   // Pooled scores of one head from its window sums a[0, n) (any positive scale: the ranking is
