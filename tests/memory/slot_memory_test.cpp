@@ -41,14 +41,16 @@ struct projections {
 
 struct shape {
   std::int64_t B, L, S, D, H;
+  int threads;  // 0: the OpenMP default (few shapes: parallel regions are slow on a loaded machine)
   std::string name() const {
     return "B=" + std::to_string(B) + " L=" + std::to_string(L) + " S=" + std::to_string(S) + " D=" +
-           std::to_string(D) + " H=" + std::to_string(H);
+           std::to_string(D) + " H=" + std::to_string(H) + " threads=" + std::to_string(threads);
   }
 };
 
 // L = 1, S = 1, a single head of width 40, heads of width 10 and 8, lengths past one flash tile.
-const std::vector<shape> shapes = {{1, 1, 1, 4, 1}, {2, 37, 5, 40, 4}, {1, 9, 70, 24, 3}, {2, 130, 17, 16, 2}, {1, 3, 1, 40, 1}};
+const std::vector<shape> shapes = {
+    {1, 1, 1, 4, 1, 1}, {2, 37, 5, 40, 4, 2}, {1, 9, 70, 24, 3, 1}, {2, 130, 17, 16, 2, 1}, {1, 3, 1, 40, 1, 0}};
 
 // x [L, D] (item b) times w [D, N] in double: the tests' own product.
 std::vector<double> matmul(const std::vector<double>& x, std::int64_t L, const tensor<float, 2>& w) {
@@ -79,13 +81,13 @@ TEST(slot_cross_attention, fast_matches_reference) {
     const projections w(s.D, rng);
     const tensor<float, 3> x = random_tensor<3>({s.B, s.L, s.D}, rng), c = random_tensor<3>({s.B, s.S, s.D}, rng);
     tensor<float, 3> ref({s.B, s.L, s.D}), fast({s.B, s.L, s.D});
-    mem::reference::cross_attention(x, c, w.get(), ref, s.H);
-    mem::cross_attention(x, c, w.get(), fast, s.H);
+    mem::reference::cross_attention(x, c, w.get(), ref, s.H, s.threads);
+    mem::cross_attention(x, c, w.get(), fast, s.H, s.threads);
     expect_close(fast, ref, atol, rtol, s.name());
     // Lq and Lk swapped: the slots query the tokens.
     tensor<float, 3> ref2({s.B, s.S, s.D}), fast2({s.B, s.S, s.D});
     mem::reference::cross_attention(c, x, w.get(), ref2, s.H, 1);
-    mem::cross_attention(c, x, w.get(), fast2, s.H, 1);
+    mem::cross_attention(c, x, w.get(), fast2, s.H, s.threads);
     expect_close(fast2, ref2, atol, rtol, s.name() + " swapped");
   }
 }
@@ -182,7 +184,7 @@ TEST(memformer, fast_matches_reference) {
     for (bool with_bias : {false, true})
       for (bool normalize : {true, false}) {
         const memformer_problem p(s.S, s.D, rng);
-        const mem::memformer_options opt{.heads = s.H, .normalize = normalize};
+        const mem::memformer_options opt{.heads = s.H, .normalize = normalize, .threads = s.threads};
         tensor<float, 3> ref = random_tensor<3>({s.B, s.S, s.D}, rng), fast = ref;
         const std::string what = s.name() + " bias=" + std::to_string(with_bias) + " normalize=" + std::to_string(normalize);
         for (int step = 0; step < 2; ++step) {
@@ -222,6 +224,80 @@ TEST(memformer, uniform_slot_attention_then_bmn) {
   }
 }
 
+TEST(memformer, addressed_writes_store_pairs_the_read_recalls) {
+  // Width D = S + 2 d: slot address (one-hot), key, value. Slot i starts as [a_i; 0; 0]. The write
+  // compares addresses (gain 80): a segment token [2 a_s; k; v] scores twice what slot s's own key
+  // scores, so slot s takes the token; every other slot's own key wins over the segment (the
+  // retention of the slot attention), so it keeps its content. Without BMN's normalisation slot s
+  // becomes [2 a_s; k; v] exactly (to e^-17); with it, the same direction. The read compares the
+  // query's key part with the slots' key parts and returns their value parts.
+  constexpr std::int64_t S = 4, d = 6, D = S + 2 * d, filler = 3;
+  constexpr float gain = 80.0f;
+  std::mt19937 rng(15);
+  std::normal_distribution<float> normal;
+  auto zeros = [](std::int64_t r, std::int64_t c) {
+    tensor<float, 2> t({r, c});
+    std::fill(t.begin(), t.end(), 0.0f);
+    return t;
+  };
+  tensor<float, 2> wq = zeros(D, D), wk = zeros(D, D), eye = zeros(D, D), rq = zeros(D, D), rk = zeros(D, D),
+                   rv = zeros(D, D);
+  for (std::int64_t c = 0; c < D; ++c) eye(c, c) = 1.0f;
+  for (std::int64_t a = 0; a < S; ++a) {
+    wq(a, a) = gain;
+    wk(a, a) = 1.0f;
+  }
+  for (std::int64_t c = 0; c < d; ++c) {
+    rq(S + c, S + c) = gain;
+    rk(S + c, S + c) = 1.0f;
+    rv(S + d + c, S + d + c) = 1.0f;
+  }
+  const mem::memformer_weights w{{rq, rk, rv, eye}, {wq, wk, eye, eye}, {}};
+  std::vector<std::vector<float>> keys(S, std::vector<float>(d, 0.0f)), values(S);
+  tensor<float, 3> queries({1, S, D});
+  std::fill(queries.begin(), queries.end(), 0.0f);
+  for (std::int64_t j = 0; j < S; ++j) {
+    keys[j][j] = 1.0f;
+    queries(0, j, S + j) = 1.0f;
+    for (std::int64_t c = 0; c < d; ++c) values[j].push_back(normal(rng));
+  }
+  for (bool fast : {false, true})
+    for (bool normalize : {false, true}) {
+      const mem::memformer_options opt{.normalize = normalize};
+      tensor<float, 3> memory({1, S, D});
+      std::fill(memory.begin(), memory.end(), 0.0f);
+      for (std::int64_t i = 0; i < S; ++i) memory(0, i, i) = 1.0f;
+      for (std::int64_t s = 0; s < S; ++s) {
+        tensor<float, 3> seg({1, 1 + filler, D});
+        std::fill(seg.begin(), seg.end(), 0.0f);
+        seg(0, 0, s) = 2.0f;
+        for (std::int64_t c = 0; c < d; ++c) {
+          seg(0, 0, S + c) = keys[s][c];
+          seg(0, 0, S + d + c) = values[s][c];
+          for (std::int64_t t = 1; t <= filler; ++t) seg(0, t, S + c) = seg(0, t, S + d + c) = normal(rng);
+        }
+        const tensor<float, 3> before = memory;
+        fast ? mem::memformer_write(seg, memory, w, opt) : mem::reference::memformer_write(seg, memory, w, opt);
+        if (normalize) continue;
+        for (std::int64_t i = 0; i < S; ++i)
+          for (std::int64_t c = 0; c < D; ++c)
+            EXPECT_NEAR(memory(0, i, c), i == s ? seg(0, 0, c) : before(0, i, c), 1e-5)
+                << "fast=" << fast << " write " << s << " slot " << i;
+      }
+      tensor<float, 3> out({1, S, D});
+      fast ? mem::memformer_read(queries, memory, w, out, opt) : mem::reference::memformer_read(queries, memory, w, out, opt);
+      for (std::int64_t j = 0; j < S; ++j) {
+        double ab = 0, aa = 0, bb = 0;
+        for (std::int64_t c = 0; c < d; ++c) {
+          ab += double(out(0, j, S + d + c)) * values[j][c];
+          aa += double(out(0, j, S + d + c)) * out(0, j, S + d + c);
+          bb += double(values[j][c]) * values[j][c];
+        }
+        EXPECT_GT(ab / std::sqrt(aa * bb), 0.99) << "fast=" << fast << " normalize=" << normalize << " pair " << j;
+      }
+    }
+}
+
 // ---- LM2 ----
 
 struct lm2_problem {
@@ -236,7 +312,7 @@ TEST(lm2, fast_matches_reference) {
   std::mt19937 rng(6);
   for (const shape& s : shapes) {
     const lm2_problem p(s.D, rng);
-    const mem::lm2_options opt{.heads = s.H};
+    const mem::lm2_options opt{.heads = s.H, .threads = s.threads};
     tensor<float, 3> ref = random_tensor<3>({s.B, s.S, s.D}, rng), fast = ref;
     for (int step = 0; step < 3; ++step) {
       const tensor<float, 3> x = random_tensor<3>({s.B, s.L, s.D}, rng);
@@ -302,7 +378,7 @@ TEST(rxt, fast_matches_reference) {
   for (const shape& s : shapes)
     for (bool with_bias : {true, false}) {
       const rxt_problem p(s.D, rng);
-      const mem::rxt_options opt{.heads = s.H};
+      const mem::rxt_options opt{.heads = s.H, .threads = s.threads};
       tensor<float, 3> ref = random_tensor<3>({s.B, s.S, s.D}, rng), fast = ref;
       for (int step = 0; step < 3; ++step) {
         const tensor<float, 3> x = random_tensor<3>({s.B, s.L, s.D}, rng);
