@@ -122,8 +122,9 @@ TEST(segment_recurrence, xl_with_enough_memory_is_attention_over_the_whole_seque
     mem::xl_attention(s.seg(s.q, 0), s.seg(s.k, 0), s.seg(s.v, 0), pos, m, out0);
     mem::xl_attention(s.seg(s.q, 1), s.seg(s.k, 1), s.seg(s.v, 1), pos, m, out1);
     if (relative)
-      att::relative_position_attention(cview(s.q), cview(s.k), cview(s.v), r, u, vb, 0, full, {}, att::mods::causal{}, {},
-                                       att::path::reference);
+      att::reference(cview(s.q), cview(s.k), cview(s.v), full.as_view(), {},
+                     att::mods::all_of(att::mods::relative_position(cview(s.q)[0], cview(s.k)[0], r, u, vb, 0),
+                                       att::mods::causal{}));
     else
       att::reference(cview(s.q), cview(s.k), cview(s.v), full.as_view(), {}, att::mods::causal{});
     expect_close(out0, copy_of(cview(full).narrow(2, 0, 13)), 2e-5, 1e-4, "segment 0");
@@ -407,6 +408,48 @@ TEST(lamemo, bad_inputs) {
   mem::lamemo_memory none;
   expect_error([&] { mem::reference::lamemo_attention(s.q, s.k, s.v, none, out); }, {"memory", "empty"});
   expect_error([&] { mem::lamemo_memory(1, 2, -3, 8, 4); }, {"M=-3"});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Associative reads: 8 facts with orthogonal, sharp keys (8 e_i: score 16 against 0 at scale 1/4)
+// written as one segment; a query equal to a fact's key reads back its value (softmax weight
+// e^16 / (e^16 + 7) = 1 - 8e-7) in every module whose memory holds the facts as pairs. The
+// Compressive Transformer keeps 4 in m and 4 in cm at rate 1 (lossless), so all 8 come back.
+TEST(segment_memories, reads_recall_stored_pairs) {
+  constexpr std::int64_t n = 8, D = 16, Dv = 6;
+  std::mt19937 rng(41);
+  tensor<float, 4> keys({1, 1, n, D});
+  const tensor<float, 4> values = random_tensor<4>({1, 1, n, Dv}, rng);
+  for (std::int64_t i = 0; i < n; ++i) keys(0, 0, i, i) = 8.0f;
+  const tensor<float, 4> noise = random_tensor<4>({1, 1, n, D}, rng);  // the write segment's own queries
+  tensor<float, 4> seg_out({1, 1, n, Dv});
+  for (bool fast : {false, true}) {
+    mem::kv_memory xl(1, 1, n, D, Dv);
+    xl.push(keys, values);
+    mem::compressive_transformer_memory ct(1, 1, 4, 4, D, Dv);
+    mem::compressive_transformer_attention(noise, keys, values, ct, seg_out, {.rate = 1});
+    mem::lamemo_memory lm(1, 1, n, D, Dv);
+    mem::lamemo_attention(noise, keys, values, lm, seg_out);
+    ASSERT_EQ(ct.memory_size(), 4);
+    ASSERT_EQ(ct.compressed_size(), 4);
+    tensor<float, 4> a({1, 1, n, Dv}), b = a, c = a;
+    if (fast) {
+      mem::xl_read(keys, xl, a);
+      mem::compressive_transformer_read(keys, ct, b);
+      mem::lamemo_read(keys, lm, c);
+    } else {
+      mem::reference::xl_read(keys, xl, a);
+      mem::reference::compressive_transformer_read(keys, ct, b);
+      mem::reference::lamemo_read(keys, lm, c);
+    }
+    const std::string what = fast ? "fast " : "reference ";
+    expect_close(a, values, 1e-5, 1e-5, what + "xl_read");
+    expect_close(b, values, 1e-5, 1e-5, what + "compressive_transformer_read");
+    expect_close(c, values, 1e-5, 1e-5, what + "lamemo_read");
+  }
+  mem::kv_memory xl(1, 1, n, D, Dv);
+  tensor<float, 4> bad({1, 1, n, 5});
+  expect_error([&] { mem::xl_read(keys, xl, bad); }, {"out", "[1, 1, 8, 6]", "[1, 1, 8, 5]"});
 }
 
 }  // namespace

@@ -288,10 +288,15 @@ compressive_step compressive_transformer_step(const char* fn, view<const float, 
   const bool most_used = opt.function == compression::most_used;
 
   // out = attention over [cm; m; h], causal within h (bottom-right: Lk = nc + nm + L).
-  const tensor<float, 4> km = detail::concat_tokens(mem.memory_keys(), k), vm = detail::concat_tokens(mem.memory_values(), v);
-  const tensor<float, 4> kc = detail::concat_tokens(mem.compressed_keys(), km),
-                         vc = detail::concat_tokens(mem.compressed_values(), vm);
   const std::int64_t total = nm + L;
+  tensor<float, 4> kc({B, H, nc + total, D}), vc({B, H, nc + total, Dv});
+  detail::copy_rows(mem.compressed_keys(), 0, kc, 0, nc);
+  detail::copy_rows(mem.memory_keys(), 0, kc, nc, nm);
+  detail::copy_rows(k, 0, kc, nc + nm, L);
+  detail::copy_rows(mem.compressed_values(), 0, vc, 0, nc);
+  detail::copy_rows(mem.memory_values(), 0, vc, nc, nm);
+  detail::copy_rows(v, 0, vc, nc + nm, L);
+  const view<const float, 4> km = cview(kc).narrow(2, nc, total), vm = cview(vc).narrow(2, nc, total);  // [m; h]
   tensor<float, 3> sums(most_used ? shape_t<3>{B, H, nc + total} : shape_t<3>{0, 0, 0});
   tensor<float, 3> use(most_used ? shape_t<3>{B, H, total} : shape_t<3>{0, 0, 0});
   detail::attend<Exact>(q, kc, vc, out, {}, detail::attention_options({opt.scale, opt.threads}),
@@ -306,7 +311,7 @@ compressive_step compressive_transformer_step(const char* fn, view<const float, 
   const std::int64_t n_new = n_cm > 0 ? detail::compressed_rows(n_old, opt.rate) : 0;
   compressive_step step{n_old, n_new, 0.0};
   if (n_new > 0) {
-    const auto old_k = cview(km).narrow(2, 0, n_old), old_v = cview(vm).narrow(2, 0, n_old);
+    const auto old_k = km.narrow(2, 0, n_old), old_v = vm.narrow(2, 0, n_old);
     const auto old_use = most_used ? cview(use).narrow(2, 0, n_old) : view<const float, 3>{};
     tensor<float, 4> new_k({B, H, n_new, D}), new_v({B, H, n_new, Dv});
     detail::compress<Exact>(fn, old_k, old_v, old_use, opt, new_k, new_v);
@@ -330,7 +335,28 @@ compressive_step compressive_transformer_step(const char* fn, view<const float, 
   return step;
 }
 
+namespace detail {
+
+template <bool Exact>
+void compressive_read(const char* fn, view<const float, 4> q, const compressive_transformer_memory& mem,
+                      view<float, 4> out, const segment_options& opt) {
+  mnemo::detail::require(!mem.empty(), fn, ": memory is empty (default-constructed)");
+  const tensor<float, 4> k = concat_tokens(mem.compressed_keys(), mem.memory_keys()),
+                         v = concat_tokens(mem.compressed_values(), mem.memory_values());
+  memory_read<Exact>(fn, q, k, v, out, opt);
+}
+
+}  // namespace detail
+
 namespace reference {
+
+// The read alone: attention of q over [cm; m], no mask (the memory does not change). In double.
+inline void compressive_transformer_read(view<const float, 4> q,  // [B, H, Lq, D]
+                                         const compressive_transformer_memory& memory,
+                                         view<float, 4> out,  // [B, H, Lq, Dv]
+                                         const segment_options& opt = {}) {
+  detail::compressive_read<true>("memory::reference::compressive_transformer_read", q, memory, out, opt);
+}
 
 // One step of the Compressive Transformer (see the header), in double.
 inline compressive_step compressive_transformer_attention(view<const float, 4> q,  // [B, H, L, D]
@@ -374,6 +400,14 @@ inline compressive_step compressive_transformer_attention(view<const float, 4> q
                                                           view<float, 4> out,  // [B, H, L, Dv]
                                                           const compressive_transformer_options& opt = {}) {
   return compressive_transformer_step<false>("memory::compressive_transformer_attention", q, k, v, memory, out, opt);
+}
+
+// The read alone (attention::flash); same contract as reference::compressive_transformer_read.
+inline void compressive_transformer_read(view<const float, 4> q,  // [B, H, Lq, D]
+                                         const compressive_transformer_memory& memory,
+                                         view<float, 4> out,  // [B, H, Lq, Dv]
+                                         const segment_options& opt = {}) {
+  detail::compressive_read<false>("memory::compressive_transformer_read", q, memory, out, opt);
 }
 
 inline void compress_memories(view<const float, 4> keys, view<const float, 4> values, view<const float, 3> usage,

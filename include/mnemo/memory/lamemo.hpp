@@ -170,7 +170,26 @@ inline void lamemo_attention(view<const float, 4> q,  // [B, H, L, D]
   lamemo_step<true>("memory::reference::lamemo_attention", q, k, v, memory, out, opt);
 }
 
+// The read alone: attention of q over the memory's keys and values, no mask (the memory does
+// not change). In double.
+inline void lamemo_read(view<const float, 4> q,  // [B, H, Lq, D]
+                        const lamemo_memory& memory,
+                        view<float, 4> out,  // [B, H, Lq, Dv]
+                        const segment_options& opt = {}) {
+  mnemo::detail::require(!memory.empty(), "memory::reference::lamemo_read: memory is empty (default-constructed)");
+  detail::memory_read<true>("memory::reference::lamemo_read", q, memory.keys(), memory.values(), out, opt);
+}
+
 }  // namespace reference
+
+// The read alone (attention::flash); same contract as reference::lamemo_read.
+inline void lamemo_read(view<const float, 4> q,  // [B, H, Lq, D]
+                        const lamemo_memory& memory,
+                        view<float, 4> out,  // [B, H, Lq, Dv]
+                        const segment_options& opt = {}) {
+  mnemo::detail::require(!memory.empty(), "memory::lamemo_read: memory is empty (default-constructed)");
+  detail::memory_read<false>("memory::lamemo_read", q, memory.keys(), memory.values(), out, opt);
+}
 
 // One LaMemo step (attention::flash); same contract as reference::lamemo_attention.
 inline void lamemo_attention(view<const float, 4> q,  // [B, H, L, D]

@@ -158,6 +158,19 @@ inline void check_scale(const char* fn, float scale) {
   mnemo::detail::require(std::isfinite(scale), fn, ": options.scale must be finite, got ", scale);
 }
 
+// The read of a memory alone: attention of q [B, H, Lq, D] over keys [B, H, n, D] and values
+// [B, H, n, Dv], no mask (every stored token is in the past of every query); n = 0 reads 0.
+template <bool Exact>
+void memory_read(const char* fn, view<const float, 4> q, view<const float, 4> keys, view<const float, 4> values,
+                 view<float, 4> out, const segment_options& opt) {
+  const std::int64_t B = keys.extent(0), H = keys.extent(1), D = keys.extent(3), Dv = values.extent(3), Lq = q.extent(2);
+  mnemo::detail::require_shape(fn, "q", q, {B, H, Lq, D}, " [B, H, Lq, D] (B, H, D from the memory)");
+  mnemo::detail::require_shape(fn, "out", out, {B, H, Lq, Dv}, " [B, H, Lq, Dv]");
+  check_threads(fn, opt.threads);
+  check_scale(fn, opt.scale);
+  attend<Exact, attention::mods::none>(q, keys, values, out, {}, attention_options(opt));
+}
+
 }  // namespace detail
 
 inline std::int64_t kv_memory::push(view<const float, 4> k, view<const float, 4> v) {
@@ -205,8 +218,14 @@ void xl_step(const char* fn, view<const float, 4> q, view<const float, 4> k, vie
   if (pos.r.empty()) {
     attend<Exact>(q, kc, vc, out, {}, ao);
   } else {
-    attention::relative_position_attention(q, kc, vc, pos.r, pos.u, pos.v, 0, out, {}, attention::mods::causal{}, ao,
-                                           Exact ? attention::path::reference : attention::path::flash);
+    // One mod per batch entry (its q and k feed the relative terms); attention's own threads work
+    // inside each entry.
+    for (std::int64_t b = 0; b < q.extent(0); ++b) {
+      const auto qb = q.narrow(0, b, 1), kb = cview(kc).narrow(0, b, 1), vb = cview(vc).narrow(0, b, 1);
+      const auto mod = attention::mods::all_of(
+          attention::mods::relative_position(qb[0], kb[0], pos.r, pos.u, pos.v, 0, opt.scale), attention::mods::causal{});
+      attend<Exact>(qb, kb, vb, out.narrow(0, b, 1), {}, ao, {}, mod);
+    }
   }
   mem.push(k, v);
 }
@@ -285,7 +304,26 @@ inline void gtrxl_gate(view<const float, 3> x,  // [B, L, D] the residual stream
   }, threads);
 }
 
+// The read alone: attention of q over the memory's keys and values, no mask, no positions (an
+// associative read of the stored pairs; the memory does not change). In double.
+inline void xl_read(view<const float, 4> q,  // [B, H, Lq, D]
+                    const kv_memory& memory,
+                    view<float, 4> out,  // [B, H, Lq, Dv]
+                    const segment_options& opt = {}) {
+  mnemo::detail::require(!memory.empty(), "memory::reference::xl_read: memory is empty (default-constructed)");
+  detail::memory_read<true>("memory::reference::xl_read", q, memory.keys(), memory.values(), out, opt);
+}
+
 }  // namespace reference
+
+// The read alone (attention::flash); same contract as reference::xl_read.
+inline void xl_read(view<const float, 4> q,  // [B, H, Lq, D]
+                    const kv_memory& memory,
+                    view<float, 4> out,  // [B, H, Lq, Dv]
+                    const segment_options& opt = {}) {
+  mnemo::detail::require(!memory.empty(), "memory::xl_read: memory is empty (default-constructed)");
+  detail::memory_read<false>("memory::xl_read", q, memory.keys(), memory.values(), out, opt);
+}
 
 // One Transformer-XL step (attention::flash); same contract as reference::xl_attention.
 inline void xl_attention(view<const float, 4> q,  // [B, H, L, D]
