@@ -1,6 +1,6 @@
 // mnemo/memory/memformer.hpp — the external slot memory of Memformer (Wu, Lan, Qian, Gu,
-// Geramifard & Yu, "Memformer: A Memory-Augmented Transformer for Sequence Modeling", AACL 2022,
-// arXiv:2010.06891), and the projected multi-head cross-attention that the slot memories share
+// Geramifard & Yu, "Memformer: A Memory-Augmented Transformer for Sequence Modeling",
+// arXiv:2010.06891, 2020), and the projected multi-head cross-attention that the slot memories share
 // (memformer.hpp, lm2.hpp, reactive.hpp).
 //
 // Cross-attention with projections (H heads of width Dh = D / H, x W convention):

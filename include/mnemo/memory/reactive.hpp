@@ -1,6 +1,6 @@
 // mnemo/memory/reactive.hpp — the short-term memory (STM) of the Reactive Transformer (Filipek,
 // "Reactive Transformer (RxT) — Stateful Real-Time Processing for Event-Driven Reactive Language
-// Models", arXiv:2510.03561, 2025).
+// Models", 2025).
 //
 // RxT handles a conversation one interaction at a time. The decoder generates the answer Y_t to
 // the query X_t reading a fixed-size STM of S slots [S, D] (memory cross-attention); afterwards,
@@ -8,7 +8,7 @@
 // attention network writes it into the STM:
 //   Read (memory cross-attention): the decoder's hidden states query the slots,
 //     r = CrossAttn_read(x, STM_{t-1})           Q = x Wq, K = STM Wk, V = STM Wv (memformer.hpp)
-//   The STM slots carry no positions (the paper applies no positional encoding to the memory).
+//   The STM is a set of slots, not a sequence: no positions enter here.
 //   Write (simple memory attention with a gated residual):
 //     Update = CrossAttn_write(STM_{t-1}, ED_t)  the slots are the queries, ED keys and values
 //     G      = sigmoid((STM_{t-1} + Update) W_g + b_g)

@@ -14,8 +14,10 @@
 //   write:   M_{t+1} = S_m([M_t; O_t; I_t])            m tokens: the new memory
 //   output:  O_t
 // The read and the write have their own importance MLP. [.; .] concatenates along the token
-// axis; the paper adds learned position embeddings to tell memory, output and input tokens apart
-// — they belong to the caller (add them to the tokens before the call).
+// axis. Position embeddings that tell memory, output and input tokens apart belong to the caller
+// (added to the tokens before the call). The importance of a token depends on that token alone
+// (no query-key product), so a content lookup of a key among the memory tokens is the
+// processing unit's job, not the read's.
 //
 // Shapes: memory [B, m, D] (the state, owned by the caller, updated in place by ttm_write), input
 // [B, n, D], read tokens [B, r, D], processed [B, p, D]; importance weights w1 [D, Hd] (or empty)
