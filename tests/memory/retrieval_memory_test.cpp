@@ -2,7 +2,7 @@
 // cross-attention and its database), memory/hmt.hpp (HMT recall and segment loop),
 // memory/camelot.hpp (CAMELoT consolidated associative memory) and memory/memoryllm.hpp
 // (MEMORYLLM pool, M+ long-term memory). Each fast path against its double reference on awkward
-// sizes, an independently computed property of each, and bad input.
+// sizes, an independently computed property of each, save/load, and bad input.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -514,6 +514,59 @@ TEST(memoryllm, bad_input) {
   expect_error([&] { mem::memoryllm_read(q, pool, out, {}, {.heads = 4}); }, {"memory::memoryllm_read", "heads", "D = 6"});
   tensor<float, 4> q2({1, 2, 1, 3}), out2({1, 2, 1, 3});
   expect_error([&] { mem::mplus_read(q2, pool, 2, out2, {}, {.heads = 2}); }, {"memory::mplus_read", "no long-term memory"});
+}
+
+// ---- save / load ----
+
+TEST(retrieval_memories, save_load_round_trip) {
+  mnemo::test::scratch_dir dir("retrieval_memory");
+  std::mt19937 rng(43);
+  {  // CAMELoT: every state tensor and the clock
+    mem::camelot_memory m(2, 1, 5, 3, 2);
+    mem::camelot_write(random_tensor<4>({2, 1, 7, 3}, rng), random_tensor<4>({2, 1, 7, 2}, rng), m, {.threshold = 0.5f});
+    m.save(dir.file("cam_"));
+    const mem::camelot_memory back = mem::camelot_memory::load(dir.file("cam_"));
+    expect_close(back.keys(), m.keys(), 0, 0, "camelot keys");
+    expect_close(back.values(), m.values(), 0, 0, "camelot values");
+    for (std::int64_t i = 0; i < 10; ++i) {
+      EXPECT_EQ(back.counts().data()[i], m.counts().data()[i]);
+      EXPECT_EQ(back.last_used().data()[i], m.last_used().data()[i]);
+    }
+    EXPECT_EQ(back.size(1, 0), m.size(1, 0));
+    EXPECT_EQ(back.clock(), 7);
+  }
+  {  // MEMORYLLM pool with an M+ long-term memory
+    mem::memory_pool p(1, 6, 4, 8, 2);
+    mem::memoryllm_update(random_tensor<3>({1, 3, 4}, rng), p, {.update_len = 2, .heads = 2});
+    p.save(dir.file("pool_"));
+    const mem::memory_pool back = mem::memory_pool::load(dir.file("pool_"), true);
+    expect_close(back.pool(), p.pool(), 0, 0, "pool");
+    expect_close(back.long_term().keys(), p.long_term().keys(), 0, 0, "long-term keys");
+    EXPECT_EQ(back.updates(), 1);
+    EXPECT_EQ(back.long_term().size(), 2);
+  }
+  {  // HMT: weights, cache, keys and ring
+    mem::hmt_memory m(1, 3, random_tensor<2>({4, 2}, rng), random_tensor<2>({4, 2}, rng));
+    for (int i = 0; i < 4; ++i) m.append(random_tensor<2>({1, 4}, rng));
+    m.save(dir.file("hmt_"));
+    const mem::hmt_memory back = mem::hmt_memory::load(dir.file("hmt_"));
+    const auto s = random_tensor<2>({1, 4}, rng);
+    tensor<float, 2> a({1, 4}), b({1, 4});
+    mem::hmt_recall(s, m, a);
+    mem::hmt_recall(s, back, b);
+    expect_close(b, a, 0, 0, "recall after load");
+    EXPECT_EQ(back.total_added(), 4);
+    mnemo::memory::detail::save_record(dir.file("hmt_ring.npy"), {3, 2});
+    expect_error([&] { (void)mem::hmt_memory::load(dir.file("hmt_")); }, {"ring.npy", "inconsistent", "capacity 3"});
+  }
+  {  // RETRO database
+    mem::retro_database db(3, 2, 2, 4);
+    db.add(random_tensor<2>({5, 3}, rng), random_tensor<3>({5, 2, 2}, rng));
+    db.save(dir.file("db_"));
+    const mem::retro_database back = mem::retro_database::load(dir.file("db_"));
+    EXPECT_EQ(back.size(), 4);
+    expect_close(back.payload(), db.payload(), 0, 0, "payload");
+  }
 }
 
 }  // namespace

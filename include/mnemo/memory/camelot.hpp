@@ -31,11 +31,14 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/core/error.hpp"
+#include "mnemo/core/npy.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/memory/common.hpp"
@@ -91,6 +94,41 @@ class camelot_memory {
             size_[static_cast<std::size_t>(b * heads() + h)]};
   }
   void advance_clock(std::int64_t n) { clock_ += n; }
+
+  // <prefix>keys.npy, values.npy, counts.npy, last_used.npy (int64), sizes.npy (int64 [B H]),
+  // clock.npy (int64 [1]).
+  void save(const std::string& prefix) const {
+    mnemo::detail::require(!empty(), "camelot_memory::save: the memory is empty");
+    npy::save(detail::npy_path(prefix, "keys"), k_);
+    npy::save(detail::npy_path(prefix, "values"), v_);
+    npy::save(detail::npy_path(prefix, "counts"), count_);
+    npy::save(detail::npy_path(prefix, "last_used"), used_);
+    detail::save_record(detail::npy_path(prefix, "sizes"), size_);
+    detail::save_record(detail::npy_path(prefix, "clock"), {clock_});
+  }
+  static camelot_memory load(const std::string& prefix) {
+    const tensor<float, 4> k = npy::load<float, 4>(detail::npy_path(prefix, "keys"));
+    const shape_t<4> s = k.shape();
+    const tensor<float, 4> v = npy::load<float, 4>(detail::npy_path(prefix, "values"));
+    mnemo::detail::require(v.extent(0) == s[0] && v.extent(1) == s[1] && v.extent(2) == s[2], "camelot_memory::load: ",
+                           prefix, "values.npy: expected [B, H, S] = ", shape_string(shape_t<3>{s[0], s[1], s[2]}),
+                           " as in keys.npy, got ", shape_string(v.shape()));
+    camelot_memory m(s[0], s[1], s[2], s[3], v.extent(3));
+    m.k_ = k;
+    m.v_ = v;
+    for (auto [name, dst] : {std::pair{"counts", &m.count_}, std::pair{"last_used", &m.used_}}) {
+      *dst = npy::load<std::int64_t, 3>(detail::npy_path(prefix, name));
+      mnemo::detail::require(dst->shape() == shape_t<3>{s[0], s[1], s[2]}, "camelot_memory::load: ", prefix, name,
+                             ".npy: expected shape ", shape_string(shape_t<3>{s[0], s[1], s[2]}), ", got ",
+                             shape_string(dst->shape()));
+    }
+    m.size_ = detail::load_record(detail::npy_path(prefix, "sizes"), s[0] * s[1]);
+    for (std::int64_t n : m.size_)
+      mnemo::detail::require(n >= 0 && n <= s[2], "camelot_memory::load: ", prefix, "sizes.npy: every size must be in [0, S = ",
+                             s[2], "], got ", n);
+    m.clock_ = detail::load_record(detail::npy_path(prefix, "clock"), 1)[0];
+    return m;
+  }
 
  private:
   tensor<float, 4> k_, v_;

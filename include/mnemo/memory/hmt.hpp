@@ -28,11 +28,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include "mnemo/core/error.hpp"
+#include "mnemo/core/npy.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/memory/common.hpp"
@@ -98,6 +100,33 @@ class hmt_memory {
   void clear() {
     size_ = 0;
     total_ = 0;
+  }
+
+  // <prefix>wq.npy, wk.npy, cache.npy, keys.npy, ring.npy (int64: size, total).
+  void save(const std::string& prefix) const {
+    mnemo::detail::require(!empty(), "hmt_memory::save: the memory is empty");
+    npy::save(detail::npy_path(prefix, "wq"), wq_);
+    npy::save(detail::npy_path(prefix, "wk"), wk_);
+    npy::save(detail::npy_path(prefix, "cache"), cache_);
+    npy::save(detail::npy_path(prefix, "keys"), keys_);
+    detail::save_record(detail::npy_path(prefix, "ring"), {size_, total_});
+  }
+  static hmt_memory load(const std::string& prefix) {
+    const tensor<float, 2> wq = npy::load<float, 2>(detail::npy_path(prefix, "wq"));
+    const tensor<float, 2> wk = detail::load_checked<2>(detail::npy_path(prefix, "wk"), wq.shape());
+    const tensor<float, 3> cache = npy::load<float, 3>(detail::npy_path(prefix, "cache"));
+    mnemo::detail::require(cache.extent(2) == wq.extent(0), "hmt_memory::load: ", prefix, "cache.npy: expected D = ",
+                           wq.extent(0), " (wq.npy's rows), got ", cache.extent(2));
+    hmt_memory m(cache.extent(0), cache.extent(1), wq, wk);
+    m.cache_ = cache;
+    m.keys_ = detail::load_checked<3>(detail::npy_path(prefix, "keys"), {cache.extent(0), cache.extent(1), wq.extent(1)});
+    const auto r = detail::load_record(detail::npy_path(prefix, "ring"), 2);
+    mnemo::detail::require(r[0] >= 0 && r[0] <= m.capacity() && r[1] >= r[0] && (r[0] == m.capacity() || r[0] == r[1]),
+                           "hmt_memory::load: ", prefix, "ring.npy: inconsistent (size, total) = (", r[0], ", ", r[1],
+                           ") for capacity ", m.capacity());
+    m.size_ = r[0];
+    m.total_ = r[1];
+    return m;
   }
 
  private:

@@ -32,12 +32,14 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "mnemo/attention/flash.hpp"
 #include "mnemo/attention/merge.hpp"
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/core/error.hpp"
+#include "mnemo/core/npy.hpp"
 #include "mnemo/core/random.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/memory/common.hpp"
@@ -81,6 +83,29 @@ class memory_pool {
   const knn_memory& long_term() const { return ltm_; }
   knn_memory& long_term() { return ltm_; }
   void count_update() { ++updates_; }
+
+  // <prefix>pool.npy, <prefix>updates.npy (int64 [1]) and, under M+, <prefix>ltm_*.npy (knn_memory::save).
+  void save(const std::string& prefix) const {
+    mnemo::detail::require(!empty(), "memory_pool::save: the pool is empty");
+    npy::save(detail::npy_path(prefix, "pool"), theta_);
+    detail::save_record(detail::npy_path(prefix, "updates"), {updates_});
+    if (has_long_term()) ltm_.save(prefix + "ltm_");
+  }
+  // long_term: whether prefix holds an M+ long-term memory (ltm_*.npy) to load as well.
+  static memory_pool load(const std::string& prefix, bool long_term = false) {
+    memory_pool p;
+    p.theta_ = npy::load<float, 3>(detail::npy_path(prefix, "pool"));
+    p.updates_ = detail::load_record(detail::npy_path(prefix, "updates"), 1)[0];
+    if (long_term) {
+      p.ltm_ = knn_memory::load(prefix + "ltm_");
+      const knn_memory& l = p.ltm_;
+      mnemo::detail::require(l.batch() == p.batch() && l.key_dim() * l.heads() == p.dim() && l.value_dim() == l.key_dim(),
+                             "memory_pool::load: ", prefix, "ltm_keys.npy: expected [B, H, capacity, D / H] with B = ",
+                             p.batch(), ", D = ", p.dim(), ", got [", l.batch(), ", ", l.heads(), ", ", l.capacity(), ", ",
+                             l.key_dim(), "]");
+    }
+    return p;
+  }
 
  private:
   tensor<float, 3> theta_;

@@ -39,10 +39,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "mnemo/attention/flash.hpp"
 #include "mnemo/core/error.hpp"
+#include "mnemo/core/npy.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/memory/common.hpp"
@@ -252,6 +254,22 @@ class retro_database {
           else std::copy(payload_.as_view().ptr(s, t), payload_.as_view().ptr(s, t) + Dt, o);
         }
       }
+  }
+
+  // <prefix>keys_*.npy (knn_memory::save) and <prefix>payload.npy.
+  void save(const std::string& prefix) const {
+    mnemo::detail::require(capacity() >= 1, "retro_database::save: the database is empty (default-constructed)");
+    keys_.save(prefix + "keys_");
+    npy::save(detail::npy_path(prefix, "payload"), payload_);
+  }
+  static retro_database load(const std::string& prefix) {
+    retro_database db;
+    db.keys_ = knn_memory::load(prefix + "keys_");
+    db.payload_ = npy::load<float, 3>(detail::npy_path(prefix, "payload"));
+    mnemo::detail::require(db.keys_.batch() == 1 && db.keys_.heads() == 1 && db.payload_.extent(0) == db.keys_.capacity(),
+                           "retro_database::load: ", prefix, "payload.npy: expected ", db.keys_.capacity(),
+                           " chunks (the keys' capacity), got ", db.payload_.extent(0));
+    return db;
   }
 
  private:
