@@ -92,6 +92,30 @@ TEST(slot_cross_attention, fast_matches_reference) {
   }
 }
 
+TEST(slot_cross_attention, strided_views_are_read_in_place) {
+  // Tokens that are the first D channels of a wider buffer (row stride 2 D + 3): the same result
+  // as from contiguous copies, for the cross-attention and the TTM summariser.
+  std::mt19937 rng(16);
+  const std::int64_t B = 2, L = 11, S = 4, D = 12, W = 2 * D + 3;
+  const projections w(D, rng);
+  const tensor<float, 3> wide_x = random_tensor<3>({B, L, W}, rng), wide_c = random_tensor<3>({B, S, W}, rng);
+  const auto x = cview(wide_x).narrow(2, 0, D), c = cview(wide_c).narrow(2, 1, D);
+  tensor<float, 3> xc({B, L, D}), cc({B, S, D}), wide_out({B, L, W}), want({B, L, D});
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t j = 0; j < D; ++j) {
+      for (std::int64_t t = 0; t < L; ++t) xc(b, t, j) = x(b, t, j);
+      for (std::int64_t t = 0; t < S; ++t) cc(b, t, j) = c(b, t, j);
+    }
+  mem::cross_attention(xc, cc, w.get(), want, 3);
+  mem::cross_attention(x, c, w.get(), wide_out.as_view().narrow(2, 2, D), 3);
+  expect_close(wide_out.as_view().narrow(2, 2, D), want, 1e-6, 1e-6, "cross_attention");
+  const tensor<float, 2> w2 = random_tensor<2>({D, 3}, rng);
+  tensor<float, 3> z({B, 3, D}), z_want({B, 3, D});
+  mem::token_summarize(xc, {.w2 = w2}, z_want);
+  mem::token_summarize(x, {.w2 = w2}, z);
+  expect_close(z, z_want, 1e-6, 1e-6, "token_summarize");
+}
+
 TEST(slot_cross_attention, one_key_returns_its_projected_value) {
   // One key: every softmax weight is 1, so out_t = (c Wv) Wo for every query t.
   std::mt19937 rng(2);
