@@ -272,28 +272,35 @@ TEST(sharded_decode, gather_equals_single_process_merge) {
   EXPECT_TRUE(same_bytes(out, want) && same_bytes(lse, want_lse));
 }
 
-// Sharded decode from each rank's layer_cache (f32 store).
-TEST(sharded_decode, layer_cache_matches_reference) {
-  const std::int64_t Hq = 4, Hkv = 2, L = 257, D = 32;
-  const auto q = test::random_tensor<float, 3>({Hq, 1, D}, 51);
-  const auto k = test::random_tensor<float, 4>({1, Hkv, L, D}, 52);
-  const auto v = test::random_tensor<float, 4>({1, Hkv, L, D}, 53);
-  tensor<float, 4> want({1, Hq, 1, D});
-  tensor<float, 3> want_lse({1, Hq, 1});
-  attention::reference(view<const float, 4>(q.data(), {1, Hq, 1, D}), k, v, want, want_lse);
+// The [Hq, Lq, Dv] combine (the shape of kvcache::decode's output) on strided views: the rows of
+// a [Lq, Hq, Dv] buffer seen through permute, as a cache's decode may write them.
+TEST(sharded_decode, combine_of_cache_shaped_rows) {
+  const std::int64_t Hq = 4, Lq = 2, L = 257, D = 32;
+  const auto q = test::random_tensor<float, 4>({1, Hq, Lq, D}, 51);
+  const auto k = test::random_tensor<float, 4>({1, 2, L, D}, 52);
+  const auto v = test::random_tensor<float, 4>({1, 2, L, D}, 53);
+  tensor<float, 4> want({1, Hq, Lq, D});
+  tensor<float, 3> want_lse({1, Hq, Lq});
+  attention::reference(cview(q), k, v, want, want_lse);  // no mask: every query sees every key
   const shard s = distributed::contiguous_shard(L, rank(), ranks());
   const auto kl = rows_of(k, s), vl = rows_of(v, s);
-  kvcache::cache_config cfg;
-  cfg.Hkv = Hkv;
-  cfg.capacity = std::max<std::int64_t>(s.rows(), 1);
-  cfg.D = D;
-  kvcache::layer_cache cache(cfg);
-  if (s.rows() > 0) cache.append(cview(kl)[0], cview(vl)[0]);
-  tensor<float, 3> out({Hq, 1, D});
-  tensor<float, 2> lse({Hq, 1});
-  distributed::sharded_decode(MPI_COMM_WORLD, cache, cview(q), out, lse);
-  test::expect_close(view<const float, 4>(out.data(), {1, Hq, 1, D}), want, 2e-5, 2e-5, "out");
-  test::expect_close(view<const float, 3>(lse.data(), {1, Hq, 1}), want_lse, 2e-5, 2e-5, "lse");
+  tensor<float, 3> buf({Lq, Hq, D});  // [Lq, Hq, Dv] storage
+  tensor<float, 2> lbuf({Hq, Lq});
+  const view<float, 3> out = buf.as_view().permute({1, 0, 2});  // [Hq, Lq, Dv] through strides
+  const view<float, 4> out4(out.data(), {1, Hq, Lq, D}, {0, out.stride(0), out.stride(1), 1});
+  const view<float, 2> lse = lbuf.as_view();
+  tensor<float, 3> lse_local({1, Hq, Lq});
+  attention::options opt;
+  opt.threads = 1;
+  attention::decode(cview(q), kl, vl, out4, lse_local, none{}, opt);
+  for (std::int64_t h = 0; h < Hq; ++h)
+    for (std::int64_t i = 0; i < Lq; ++i) lse(h, i) = lse_local(0, h, i);
+  distributed::combine(MPI_COMM_WORLD, out, lse);
+  for (std::int64_t h = 0; h < Hq; ++h)
+    for (std::int64_t i = 0; i < Lq; ++i) {
+      EXPECT_NEAR(lse(h, i), want_lse(0, h, i), 2e-5);
+      for (std::int64_t c = 0; c < D; ++c) EXPECT_NEAR(out(h, i, c), want(0, h, i, c), 2e-5);
+    }
 }
 
 TEST(distributed, layouts) {

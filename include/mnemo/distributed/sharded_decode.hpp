@@ -29,7 +29,8 @@
 // Attention sinks join once, after the combine.
 //
 // Shapes (this rank): q [B, Hq, Lq, D] (the same on every rank), k [B, Hkv, n_r, D],
-// v [B, Hkv, n_r, Dv], out [B, Hq, Lq, Dv], lse [B, Hq, Lq]. kvcache::layer_cache: q [Hq, Lq, D].
+// v [B, Hkv, n_r, Dv], out [B, Hq, Lq, Dv], lse [B, Hq, Lq]. A cache's decode (kvcache::decode,
+// paged_attention) gives [Hq, Lq, Dv] and [Hq, Lq]: combine has an overload for those.
 #pragma once
 
 #include <mpi.h>
@@ -47,8 +48,6 @@
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/distributed/common.hpp"
 #include "mnemo/distributed/ring_attention.hpp"
-#include "mnemo/kvcache/cache.hpp"
-#include "mnemo/kvcache/decode.hpp"
 #include "mnemo/simd/arch.hpp"
 
 namespace mnemo::distributed {
@@ -232,41 +231,22 @@ void sharded_decode(MPI_Comm comm, view<const float, 4> q, const K& k, const V& 
   sharded_decode<element_t<K>, Mod, TuArch>(comm, q, cview(k), cview(v), out, lse, mod, opt, how, st);
 }
 
-// Sharded decode from each rank's kvcache::layer_cache (any storage kind: f32, f16, bf16, KIVI
-// int8/int4/int2; kvcache::decode on the local cache, then combine). No mask: each cache holds
-// exactly what the queries may see, as in kvcache::decode. Collective.
+// The combine for one sequence's rows, out [Hq, Lq, Dv] and lse [Hq, Lq]: the shapes of
+// kvcache::decode (any storage kind: f32, f16, bf16, KIVI int8/int4/int2) and of one sequence of
+// kvcache::paged_attention. Each rank decodes from its own cache with options.sinks empty, then
+//   distributed::combine(comm, out, lse);
+// and adds the sinks, if any, after it (a sink is one more part with lse = sink and out = 0).
+// This header does not include the caches, whose decode kernels cost a test translation unit
+// about 24 s of compile for every storage kind they instantiate. Collective.
 template <class TuArch = simd::default_arch>
-void sharded_decode(MPI_Comm comm, const kvcache::layer_cache& cache,
-                    view<const float, 3> q,   // [Hq, Lq, D]
-                    view<float, 3> out,       // [Hq, Lq, Dv]
-                    view<float, 2> lse = {},  // [Hq, Lq] or empty
-                    const attention::options& opt = {}, reduction how = reduction::ordered_op,
-                    stats* st = nullptr) {
-  constexpr const char* fn = "distributed::sharded_decode";
-  const double t0 = MPI_Wtime();
-  const detail::comm_info c = detail::info(fn, comm);
-  const std::int64_t Hq = q.extent(0), Lq = q.extent(1);
-  tensor<float, 2> own_lse(lse.empty() ? shape_t<2>{Hq, Lq} : shape_t<2>{0, 0});
-  const view<float, 2> l = lse.empty() ? own_lse.as_view() : lse;
-  attention::options kernel_opt = opt;
-  kernel_opt.sinks = {};
-  stats s{};
-  detail::collective_check(fn, comm, c, [&] {
-    if (!opt.sinks.empty()) mnemo::detail::require_shape(fn, "options.sinks", opt.sinks, {Hq}, " [Hq]");
-    const double t = MPI_Wtime();
-    kvcache::decode<TuArch>(cache, q, out, l, kernel_opt);
-    s.compute += MPI_Wtime() - t;
-  });
+void combine(MPI_Comm comm,
+             view<float, 3> out,  // [Hq, Lq, Dv]
+             view<float, 2> lse,  // [Hq, Lq]
+             reduction how = reduction::ordered_op, stats* st = nullptr) {
   const view<float, 4> o4(out.data(), {1, out.extent(0), out.extent(1), out.extent(2)},
                           {0, out.stride(0), out.stride(1), 1});
-  const view<float, 3> l3(l.data(), {1, l.extent(0), l.extent(1)}, {0, l.stride(0), 1});
-  const double t = MPI_Wtime();
-  combine<TuArch>(comm, o4, l3, how, nullptr);
-  s.wait += MPI_Wtime() - t;
-  if (!opt.sinks.empty()) ring_detail::add_sinks(o4, l3, opt.sinks);
-  s.total = MPI_Wtime() - t0;
-  s.steps = 1;
-  if (st) *st = s;
+  const view<float, 3> l3(lse.data(), {1, lse.extent(0), lse.extent(1)}, {0, lse.stride(0), 1});
+  combine<TuArch>(comm, o4, l3, how, st);
 }
 
 }  // namespace mnemo::distributed
