@@ -6,7 +6,7 @@
 #                                            rows) and python3-venv (bench/peers/torch_sdpa.sh)
 mnemo_install_deps() {
   local pkgs=(build-essential cmake ninja-build libeigen3-dev libxsimd-dev libgtest-dev libbenchmark-dev
-              libopenblas-dev nlohmann-json3-dev python3-matplotlib "$@")
+              libopenblas-dev nlohmann-json3-dev python3-matplotlib libopenmpi-dev openmpi-bin "$@")
   local missing=()
   for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
