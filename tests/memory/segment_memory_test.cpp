@@ -198,8 +198,14 @@ TEST(compressive_transformer, fast_matches_reference) {
       const stream s(c.B, c.H, c.D, c.Dv, c.lens, ++seed);
       std::mt19937 rng(seed);
       const tensor<float, 3> wk = random_kernel(c.c, c.D, rng), wv = random_kernel(c.c, c.Dv, rng);
-      const mem::compressive_transformer_options opt{
-          .rate = c.c, .function = f, .conv_keys = wk, .conv_values = wv, .reconstruction_loss = true};
+      // Threads on the largest case only: many small attention calls, whose OpenMP barriers cost
+      // seconds on a loaded machine.
+      const mem::compressive_transformer_options opt{.rate = c.c,
+                                                     .function = f,
+                                                     .conv_keys = wk,
+                                                     .conv_values = wv,
+                                                     .reconstruction_loss = true,
+                                                     .threads = c.B * c.H > 2 ? 0 : 1};
       mem::compressive_transformer_memory mr(c.B, c.H, c.n_m, c.n_cm, c.D, c.Dv), mf = mr;
       for (std::size_t i = 0; i < c.lens.size(); ++i) {
         const std::int64_t L = c.lens[i];
@@ -450,6 +456,47 @@ TEST(segment_memories, reads_recall_stored_pairs) {
   mem::kv_memory xl(1, 1, n, D, Dv);
   tensor<float, 4> bad({1, 1, n, 5});
   expect_error([&] { mem::xl_read(keys, xl, bad); }, {"out", "[1, 1, 8, 6]", "[1, 1, 8, 5]"});
+}
+
+// Every state survives save and load; a mismatched file is reported by name.
+TEST(segment_memories, save_load_round_trip) {
+  const stream s(2, 2, 8, 6, {5, 9}, 51);
+  scratch_dir dir("segment_memory");
+  tensor<float, 4> out0({2, 2, 5, 6}), out1({2, 2, 9, 6}), again({2, 2, 9, 6});
+  {
+    mem::kv_memory m(2, 2, 7, 8, 6);
+    mem::xl_attention(s.seg(s.q, 0), s.seg(s.k, 0), s.seg(s.v, 0), {}, m, out0);
+    m.save(dir.file("xl_"));
+    mem::kv_memory back = mem::kv_memory::load(dir.file("xl_"));
+    ASSERT_EQ(back.size(), 5);
+    mem::xl_attention(s.seg(s.q, 1), s.seg(s.k, 1), s.seg(s.v, 1), {}, m, out1);
+    mem::xl_attention(s.seg(s.q, 1), s.seg(s.k, 1), s.seg(s.v, 1), {}, back, again);
+    expect_close(again, out1, 0, 0, "xl after load");
+    mnemo::npy::save(dir.file("xl_v.npy"), tensor<float, 4>({2, 3, 7, 6}));
+    expect_error([&] { (void)mem::kv_memory::load(dir.file("xl_")); }, {"v.npy", "[2, 2, 7]", "[2, 3, 7, 6]"});
+  }
+  {
+    mem::compressive_transformer_memory m(2, 2, 4, 3, 8, 6);
+    const mem::compressive_transformer_options opt{.rate = 2, .function = mem::compression::most_used};
+    mem::compressive_transformer_attention(s.seg(s.q, 0), s.seg(s.k, 0), s.seg(s.v, 0), m, out0, opt);
+    m.save(dir.file("ct_"));
+    mem::compressive_transformer_memory back = mem::compressive_transformer_memory::load(dir.file("ct_"));
+    ASSERT_EQ(back.memory_size(), 4);
+    ASSERT_EQ(back.compressed_size(), 1);
+    mem::compressive_transformer_attention(s.seg(s.q, 1), s.seg(s.k, 1), s.seg(s.v, 1), m, out1, opt);
+    mem::compressive_transformer_attention(s.seg(s.q, 1), s.seg(s.k, 1), s.seg(s.v, 1), back, again, opt);
+    expect_close(again, out1, 0, 0, "compressive after load");
+  }
+  {
+    mem::lamemo_memory m(2, 2, 7, 8, 6);
+    mem::lamemo_attention(s.seg(s.q, 0), s.seg(s.k, 0), s.seg(s.v, 0), m, out0);
+    m.save(dir.file("lm_"));
+    mem::lamemo_memory back = mem::lamemo_memory::load(dir.file("lm_"));
+    mem::lamemo_attention(s.seg(s.q, 1), s.seg(s.k, 1), s.seg(s.v, 1), m, out1);
+    mem::lamemo_attention(s.seg(s.q, 1), s.seg(s.k, 1), s.seg(s.v, 1), back, again);
+    expect_close(again, out1, 0, 0, "lamemo after load");
+    expect_close(copy_of(back.states()), copy_of(m.states()), 0, 0, "lamemo states after load");
+  }
 }
 
 }  // namespace

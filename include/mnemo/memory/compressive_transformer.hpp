@@ -31,6 +31,11 @@
 // picks the rows per head. Relative positions: the module takes absolute-position q and k (put
 // any rotation into them before the call); the relative terms are memory/segment_recurrence.hpp's.
 //
+// API: compressive_transformer_memory (the state, save/load), compressive_transformer_attention
+// (one step: the read over [cm; m; h], then the write and compression; returns what it evicted,
+// compressed and, if asked, L^attn), compressive_transformer_read (the read alone over [cm; m]),
+// compress_memories (f_c alone), attention_reconstruction_loss (L^attn alone).
+//
 // Shapes: q, k [B, H, L, D], v [B, H, L, Dv], out [B, H, L, Dv]; state m [B, H, n_m, D | Dv],
 // cm [B, H, n_cm, D | Dv], usage [B, H, n_m] (most_used only). Fill levels are shared by the batch.
 // Paths: reference::* run the attention through attention::reference and the compression in
@@ -119,6 +124,34 @@ class compressive_transformer_memory {
   view<const float, 4> compressed_keys() const { return ck_.as_view().narrow(2, 0, c_len_); }    // [B, H, cm, D]
   view<const float, 4> compressed_values() const { return cv_.as_view().narrow(2, 0, c_len_); }  // [B, H, cm, Dv]
   view<const float, 3> usage() const { return use_.as_view().narrow(2, 0, m_len_); }             // [B, H, m]
+
+  // <prefix>{mk,mv,ck,cv}.npy (whole capacities), <prefix>usage.npy, <prefix>config.npy (int64: m, cm sizes).
+  void save(const std::string& prefix) const {
+    mnemo::detail::require(!empty(), "compressive_transformer_memory::save: the memory is empty");
+    npy::save(detail::npy_path(prefix, "mk"), mk_);
+    npy::save(detail::npy_path(prefix, "mv"), mv_);
+    npy::save(detail::npy_path(prefix, "ck"), ck_);
+    npy::save(detail::npy_path(prefix, "cv"), cv_);
+    npy::save(detail::npy_path(prefix, "usage"), use_);
+    detail::save_record(detail::npy_path(prefix, "config"), {m_len_, c_len_});
+  }
+  static compressive_transformer_memory load(const std::string& prefix) {
+    constexpr const char* who = "compressive_transformer_memory::load";
+    compressive_transformer_memory m;
+    m.mk_ = npy::load<float, 4>(detail::npy_path(prefix, "mk"));
+    const std::int64_t B = m.mk_.extent(0), H = m.mk_.extent(1), n_m = m.mk_.extent(2);
+    m.mv_ = detail::load_rows(who, prefix, "mv", B, H, n_m);
+    m.ck_ = npy::load<float, 4>(detail::npy_path(prefix, "ck"));
+    m.cv_ = detail::load_rows(who, prefix, "cv", B, H, m.ck_.extent(2));
+    mnemo::detail::require(m.ck_.extent(0) == B && m.ck_.extent(1) == H && m.ck_.extent(3) == m.mk_.extent(3) &&
+                               m.cv_.extent(3) == m.mv_.extent(3),
+                           who, ": ", prefix, "ck.npy / cv.npy: expected B, H, D, Dv as in mk.npy / mv.npy, got ",
+                           shape_string(m.ck_.shape()), " and ", shape_string(m.cv_.shape()));
+    m.use_ = detail::load_checked<3>(detail::npy_path(prefix, "usage"), {B, H, n_m});
+    m.m_len_ = detail::load_size(who, prefix, n_m, 0, 2);
+    m.c_len_ = detail::load_size(who, prefix, m.ck_.extent(2), 1, 2);
+    return m;
+  }
 
  private:
   template <bool Exact>

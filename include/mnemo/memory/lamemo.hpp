@@ -27,6 +27,10 @@
 // Left out: the paper's disentangled relative positions (q and k carry absolute positions here)
 // and the backward.
 //
+// API: lamemo_memory (the state, save/load), lamemo_attention (one step: look-ahead refresh, the
+// segment's read over [memory; segment], then the write), lamemo_read (the read alone over the
+// stored k_m, v_m, no mask).
+//
 // Shapes: q, k [B, H, L, D], v [B, H, L, Dv], out [B, H, L, Dv]; memory q_m, k_m [B, H, M, D], v_m
 // and o_m [B, H, M, Dv], lse_m [B, H, M].
 // Paths: reference::lamemo_attention runs both attentions through attention::reference and the
@@ -81,6 +85,29 @@ class lamemo_memory {
   view<const float, 4> values() const { return v_.as_view().narrow(2, 0, size_); }
   view<const float, 4> states() const { return o_.as_view().narrow(2, 0, size_); }           // [B, H, size, Dv]
   view<const float, 3> log_normalizers() const { return lse_.as_view().narrow(2, 0, size_); }  // [B, H, size]
+
+  // <prefix>{q,k,v,o,lse}.npy (the whole capacity), <prefix>config.npy (int64: size).
+  void save(const std::string& prefix) const {
+    mnemo::detail::require(!empty(), "lamemo_memory::save: the memory is empty");
+    npy::save(detail::npy_path(prefix, "q"), q_);
+    npy::save(detail::npy_path(prefix, "k"), k_);
+    npy::save(detail::npy_path(prefix, "v"), v_);
+    npy::save(detail::npy_path(prefix, "o"), o_);
+    npy::save(detail::npy_path(prefix, "lse"), lse_);
+    detail::save_record(detail::npy_path(prefix, "config"), {size_});
+  }
+  static lamemo_memory load(const std::string& prefix) {
+    constexpr const char* who = "lamemo_memory::load";
+    lamemo_memory m;
+    m.q_ = npy::load<float, 4>(detail::npy_path(prefix, "q"));
+    const std::int64_t B = m.q_.extent(0), H = m.q_.extent(1), M = m.q_.extent(2), D = m.q_.extent(3);
+    m.k_ = detail::load_checked<4>(detail::npy_path(prefix, "k"), {B, H, M, D});
+    m.v_ = detail::load_rows(who, prefix, "v", B, H, M);
+    m.o_ = detail::load_checked<4>(detail::npy_path(prefix, "o"), {B, H, M, m.v_.extent(3)});
+    m.lse_ = detail::load_checked<3>(detail::npy_path(prefix, "lse"), {B, H, M});
+    m.size_ = detail::load_size(who, prefix, M);
+    return m;
+  }
 
  private:
   template <bool Exact>

@@ -32,6 +32,10 @@
 // default). In GTrXL the sub-layer input is layer-normed first (y = relu(MHA(LN(x)))); that is the
 // caller's part.
 //
+// API: kv_memory (the state: push is the write, save/load), xl_attention (one step: read over
+// [memory; segment], then the write), xl_read (the read alone: attention of any queries over the
+// stored pairs, no mask: an associative read), gtrxl_gate.
+//
 // Shapes: q [B, H, L, D], k [B, H, L, D], v [B, H, L, Dv], out [B, H, L, Dv]; memory keys
 // [B, H, M, D], values [B, H, M, Dv]; gate x, y, out [B, L, D], weights [D, D].
 // Paths: reference::* run the attention through attention::reference (double) and the gate in
@@ -59,6 +63,7 @@
 #include "mnemo/attention/reference.hpp"
 #include "mnemo/attention/score_terms.hpp"
 #include "mnemo/core/error.hpp"
+#include "mnemo/core/npy.hpp"
 #include "mnemo/core/parallel.hpp"
 #include "mnemo/core/tensor.hpp"
 #include "mnemo/memory/common.hpp"
@@ -100,6 +105,10 @@ class kv_memory {
   // The write: appends the n tokens of k [B, H, n, D], v [B, H, n, Dv]; the oldest fall out past
   // the capacity. Returns how many fell out.
   std::int64_t push(view<const float, 4> k, view<const float, 4> v);
+
+  // <prefix>k.npy, <prefix>v.npy (the whole capacity), <prefix>config.npy (int64: size).
+  void save(const std::string& prefix) const;
+  static kv_memory load(const std::string& prefix);
 
  private:
   tensor<float, 4> k_, v_;
@@ -154,6 +163,26 @@ inline std::int64_t check_segment(const char* fn, const view<const float, 4>& q,
   return L;
 }
 
+// <prefix><name>.npy as [B, H, n, x] (x free), checked against the state's B, H and n.
+inline tensor<float, 4> load_rows(const char* who, const std::string& prefix, const char* name, std::int64_t B,
+                                  std::int64_t H, std::int64_t n) {
+  const std::string path = npy_path(prefix, name);
+  tensor<float, 4> t = npy::load<float, 4>(path);
+  mnemo::detail::require(t.extent(0) == B && t.extent(1) == H && t.extent(2) == n, who, ": ", path,
+                         ": expected [B, H, n, .] with [B, H, n] = ", shape_string(shape_t<3>{B, H, n}), ", got ",
+                         shape_string(t.shape()));
+  return t;
+}
+
+// The fill level saved in <prefix>config.npy, checked against the capacity.
+inline std::int64_t load_size(const char* who, const std::string& prefix, std::int64_t capacity, std::int64_t at = 0,
+                              std::int64_t n = 1) {
+  const auto r = load_record(npy_path(prefix, "config"), n);
+  mnemo::detail::require(r[at] >= 0 && r[at] <= capacity, who, ": ", prefix, "config.npy: size ", r[at],
+                         " outside [0, capacity = ", capacity, "]");
+  return r[at];
+}
+
 inline void check_scale(const char* fn, float scale) {
   mnemo::detail::require(std::isfinite(scale), fn, ": options.scale must be finite, got ", scale);
 }
@@ -187,6 +216,22 @@ inline std::int64_t kv_memory::push(view<const float, 4> k, view<const float, 4>
   detail::copy_rows(v, new_from, v_, old_kept, kept - old_kept);
   size_ = kept;
   return dropped;
+}
+
+inline void kv_memory::save(const std::string& prefix) const {
+  mnemo::detail::require(!empty(), "kv_memory::save: the memory is empty");
+  npy::save(detail::npy_path(prefix, "k"), k_);
+  npy::save(detail::npy_path(prefix, "v"), v_);
+  detail::save_record(detail::npy_path(prefix, "config"), {size_});
+}
+
+inline kv_memory kv_memory::load(const std::string& prefix) {
+  constexpr const char* who = "kv_memory::load";
+  kv_memory m;
+  m.k_ = npy::load<float, 4>(detail::npy_path(prefix, "k"));
+  m.v_ = detail::load_rows(who, prefix, "v", m.k_.extent(0), m.k_.extent(1), m.k_.extent(2));
+  m.size_ = detail::load_size(who, prefix, m.capacity());
+  return m;
 }
 
 // ---------------------------------------------------------------------------------------------
