@@ -23,6 +23,7 @@
 #include <mnemo/distributed/sharded_decode.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -129,6 +130,7 @@ int main(int argc, char** argv) {
     std::printf("%-6s %-6s %11s %11s %11s %11s %10s %9s %9s %10s\n", "ranks", "n/rank", "call_ms", "step_ms",
                 "compute_ms", "wait_ms", "comm_ms", "hidden", "model", "GFLOP/s/r");
   }
+  double flop_rate = 0;
   for (const std::int64_t n : rows) {
     const dist::shard shard = dist::contiguous_shard(n * ranks_, rank_, ranks_);
     mnemo::tensor<float, 4> q({1, H, n, D}), k({1, H, n, D}), v({1, H, n, D}), out({1, H, n, D});
@@ -158,10 +160,22 @@ int main(int argc, char** argv) {
     const double model_comm = ranks_ > 1 ? lat + block_bytes / bw : 0;
     const double hidden = comm > 0 ? std::clamp(1.0 - wait_step / comm, 0.0, 1.0) : 1.0;
     const double model = model_comm > 0 ? std::min(1.0, compute_step / model_comm) : 1.0;
+    flop_rate = flops_step / compute_step;  // of the largest n at the end of the loop
     if (rank_ == 0)
       std::printf("%-6d %-6lld %11.3f %11.3f %11.3f %11.4f %10.4f %8.1f%% %8.1f%% %10.2f\n", ranks_,
                   static_cast<long long>(n), call * 1e3, step * 1e3, compute_step * 1e3, wait_step * 1e3, comm * 1e3,
                   100 * hidden, 100 * model, flops_step / compute_step * 1e-9);
+  }
+
+  // The model's threshold (bench/distributed.md): the rows per rank n* from which a step's compute
+  // 4 n^2 D H / F covers its communication a + 2 n H D 4 / B, the positive root of
+  // (4 D H / F) n^2 - (8 H D / B) n - a = 0, with F the flop rate of the largest n above.
+  if (rank_ == 0 && ranks_ > 1) {
+    const double qa = 4.0 * D * H / flop_rate, qb = 8.0 * H * D / bw;
+    const double n_star = (qb + std::sqrt(qb * qb + 4 * qa * lat)) / (2 * qa);
+    std::printf("# model: F = %.2f GFLOP/s per rank, a = %.2f us, B = %.2f GB/s -> communication hidden from n* = %.0f "
+                "rows per rank\n",
+                flop_rate * 1e-9, lat * 1e6, bw * 1e-9, n_star);
   }
 
   // Sharded decode: Hq = 32, Hkv = 8, D = 128 (the standard decode shape), decode_keys split evenly.
