@@ -91,6 +91,9 @@ shard make_shard(layout l, std::int64_t L) {
                                  : distributed::zigzag_shard(L, rank(), ranks());
 }
 
+template <class Mod>
+void check_backward(const problem& p, layout lay, const Mod& mod, std::int64_t progress_rows, std::uint32_t seed);
+
 // Forward: ring against the double reference over the whole sequence, and the same bytes twice.
 template <class Mod>
 void check_forward(const problem& p, layout lay, const Mod& mod, std::int64_t progress_rows, std::uint32_t seed,
@@ -132,6 +135,15 @@ TEST(ring_attention, forward_matches_reference) {
     check_forward({1, 1, 1, 1, 8, 8}, lay, causal{}, 2048, 5);  // L = 1: ranks without rows
     check_forward({1, 2, 1, N + 1, 8, 8}, lay, causal{}, 2048, 6);
   }
+}
+
+// A score mod that reads positions (ALiBi: s -= slope |qp - kp|) with the causal mask: the
+// per-tile score path (score_tile) and, in the backward, its derivative, at global positions.
+TEST(ring_attention, alibi_causal_forward_and_backward) {
+  const std::vector<float> slopes = attention::mods::alibi_slopes(2);
+  const auto mod = attention::mods::all_of(attention::mods::alibi{view<const float, 1>(slopes.data(), {2})}, causal{});
+  check_forward({1, 2, 1, 53, 16, 16}, layout::zigzag, mod, 6, 8);
+  check_backward({1, 2, 1, 53, 16, 16}, layout::contiguous, mod, 2048, 9);
 }
 
 TEST(ring_attention, forward_with_sinks) {
