@@ -17,6 +17,7 @@
 //
 // Options: --rows n1,n2,...  query rows per rank (default 128,512,2048)  --heads H (2)  --dim D (64)
 //          --reps r (3)  --decode-keys K (total keys of the decode rows, default 65536)
+//          --causal-L L (the causal load-balance rows: contiguous vs zig-zag shards, default 8192; 0: off)
 #include <mpi.h>
 
 #include <mnemo/distributed/ring_attention.hpp>
@@ -111,7 +112,7 @@ int main(int argc, char** argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &ranks_);
   std::vector<std::int64_t> rows{128, 512, 2048};
-  std::int64_t H = 2, D = 64, decode_keys = 65536;
+  std::int64_t H = 2, D = 64, decode_keys = 65536, causal_L = 8192;
   int reps = 3;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -120,6 +121,7 @@ int main(int argc, char** argv) {
     else if (a == "--dim") D = std::atoll(argv[i + 1]);
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
     else if (a == "--decode-keys") decode_keys = std::atoll(argv[i + 1]);
+    else if (a == "--causal-L") causal_L = std::atoll(argv[i + 1]);
   }
 
   const double lat = ping_pong(8, 200), big = 4 << 20, bw = ranks_ > 1 ? big / (ping_pong(4 << 20, 20) - lat) : 0;
@@ -176,6 +178,41 @@ int main(int argc, char** argv) {
     std::printf("# model: F = %.2f GFLOP/s per rank, a = %.2f us, B = %.2f GB/s -> communication hidden from n* = %.0f "
                 "rows per rank\n",
                 flop_rate * 1e-9, lat * 1e6, bw * 1e-9, n_star);
+  }
+
+  // Causal load balance: one causal call over causal_L tokens, contiguous shards against zig-zag.
+  // With contiguous shards rank r has r + 1 non-empty blocks; zig-zag gives every rank the same.
+  if (causal_L > 0) {
+    if (rank_ == 0)
+      std::printf("\n# causal, L = %lld in total: contiguous vs zig-zag shards\n%-6s %-11s %11s %15s %15s\n",
+                  static_cast<long long>(causal_L), "ranks", "layout", "call_ms", "compute_min_ms", "compute_max_ms");
+    for (int zig = 0; zig < 2; ++zig) {
+      const dist::shard shard = zig ? dist::zigzag_shard(causal_L, rank_, ranks_)
+                                    : dist::contiguous_shard(causal_L, rank_, ranks_);
+      const std::int64_t n = shard.rows();
+      mnemo::tensor<float, 4> q({1, H, n, D}), k({1, H, n, D}), v({1, H, n, D}), out({1, H, n, D});
+      fill(q, 7);
+      fill(k, 8);
+      fill(v, 9);
+      dist::ring_options ro;
+      ro.attention.threads = 1;
+      ro.progress_rows = 256;
+      double call = 1e30, cmin = 0, cmax = 0;
+      for (int r = 0; r < reps; ++r) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        dist::stats st;
+        dist::ring_attention(MPI_COMM_WORLD, shard, mnemo::cview(q), k, v, out, {}, att::mods::causal{}, ro, &st);
+        const double t = max_over_ranks(st.total);
+        if (t < call) {
+          call = t;
+          cmax = max_over_ranks(st.compute);
+          cmin = -max_over_ranks(-st.compute);
+        }
+      }
+      if (rank_ == 0)
+        std::printf("%-6d %-11s %11.3f %15.3f %15.3f\n", ranks_, zig ? "zigzag" : "contiguous", call * 1e3, cmin * 1e3,
+                    cmax * 1e3);
+    }
   }
 
   // Sharded decode: Hq = 32, Hkv = 8, D = 128 (the standard decode shape), decode_keys split evenly.
