@@ -63,7 +63,9 @@ struct weight_set {
       fill_random(w.back(), seed + static_cast<std::uint64_t>(i), -a, a);
     }
   }
-  mem::attention_projections projections(int first) const { return {w[first], w[first + 1], w[first + 2], w[first + 3]}; }
+  mem::attention_projections projections(int first) const {
+    return {w[first], w[first + 1], w[first + 2], w[first + 3]};
+  }
 };
 
 std::string slot_label(std::int64_t L, std::int64_t S, std::int64_t D, std::int64_t H, int threads) {
@@ -184,8 +186,8 @@ const bool registered = [] {
     if (ref && full) continue;  // the double loops at the small shape only
     const std::initializer_list<std::pair<std::string_view, std::string>> keys = {
         {"L", std::to_string(L)}, {"S", std::to_string(S)}, {"D", std::to_string(D)}, {"H", std::to_string(H)}};
-    for (const auto& [name, module] : {std::pair{"memformer", slot_module::memformer}, std::pair{"lm2", slot_module::lm2},
-                                       std::pair{"rxt", slot_module::rxt}}) {
+    for (const auto& [name, module] : {std::pair{"memformer", slot_module::memformer},
+                                       std::pair{"lm2", slot_module::lm2}, std::pair{"rxt", slot_module::rxt}}) {
       const slot_module mod = module;
       add_row(impl, name, keys, [=](benchmark::State& st, int t) { slot_row(st, t, mod, L, S, D, H, ref); });
     }

@@ -167,12 +167,14 @@ int main() {
     mem::rxt_write(ed, stm, w);
     mem::reference::rxt_write(ed, stm_ref, w);
     for (std::int64_t i = 0; i < stm.size(); ++i) {  // 4. STM_t between STM_{t-1} and Update
-      const float lo = std::min(previous.data()[i], update.data()[i]), hi = std::max(previous.data()[i], update.data()[i]);
+      const float lo = std::min(previous.data()[i], update.data()[i]),
+                  hi = std::max(previous.data()[i], update.data()[i]);
       worst_between = std::max({worst_between, double(lo - stm.data()[i]), double(stm.data()[i] - hi)});
     }
     mem::rxt_read(ask, stm, w, read);
     std::int64_t recalled = 0;
-    for (std::int64_t j = 0; j < S; ++j) recalled += answer(read, j, facts) == j && cosine(&read(0, j, value_at(0)), facts[j].value) > 0.99;
+    for (std::int64_t j = 0; j < S; ++j)
+      recalled += answer(read, j, facts) == j && cosine(&read(0, j, value_at(0)), facts[j].value) > 0.99;
     const bool after = answer(read, t, facts) == t && cosine(&read(0, t, value_at(0)), facts[t].value) > 0.99;
     std::printf("  %ld          fact %ld: %s -> %s   (%ld of %ld facts recalled)\n", long(t + 1), long(t + 1),
                 before ? "recalled" : "unknown ", after ? "recalled" : "unknown ", long(recalled), long(S));
@@ -184,7 +186,8 @@ int main() {
   // 2. All six facts.
   mem::rxt_read(ask, stm, w, read);
   double worst_cos = 1;
-  for (std::int64_t j = 0; j < S; ++j) worst_cos = std::min(worst_cos, cosine(&read(0, j, value_at(0)), facts[j].value));
+  for (std::int64_t j = 0; j < S; ++j)
+    worst_cos = std::min(worst_cos, cosine(&read(0, j, value_at(0)), facts[j].value));
   std::printf("after %ld interactions: lowest recall cosine %.4f\n", long(S), worst_cos);
   ok &= worst_cos > 0.99;
 
@@ -207,10 +210,12 @@ int main() {
 
   // 5. The fast path against the double reference, over the whole conversation.
   double diff = 0;
-  for (std::int64_t i = 0; i < stm.size(); ++i) diff = std::max(diff, double(std::fabs(stm.data()[i] - stm_ref.data()[i])));
+  for (std::int64_t i = 0; i < stm.size(); ++i)
+    diff = std::max(diff, double(std::fabs(stm.data()[i] - stm_ref.data()[i])));
   tensor<float, 3> read_ref({1, S, D});
   mem::reference::rxt_read(ask, stm_ref, w, read_ref);
-  for (std::int64_t i = 0; i < read.size(); ++i) diff = std::max(diff, double(std::fabs(read.data()[i] - read_ref.data()[i])));
+  for (std::int64_t i = 0; i < read.size(); ++i)
+    diff = std::max(diff, double(std::fabs(read.data()[i] - read_ref.data()[i])));
   std::printf("fast vs reference over 7 interactions: max difference %.1e\n", diff);
   ok &= diff < 1e-4;
 

@@ -179,7 +179,8 @@ TEST(slot_memories, a_slot_holding_key_and_value_reads_back_the_value) {
   for (bool fast : {false, true}) {
     tensor<float, 3> out({1, kv_slots::S, kv_slots::D});
     const mem::memformer_weights mf{.read = kv.get()};
-    fast ? mem::memformer_read(kv.queries, kv.memory, mf, out) : mem::reference::memformer_read(kv.queries, kv.memory, mf, out);
+    fast ? mem::memformer_read(kv.queries, kv.memory, mf, out)
+         : mem::reference::memformer_read(kv.queries, kv.memory, mf, out);
     EXPECT_LT(kv.error(out, 1.0), 1e-5) << "memformer fast=" << fast;
     const mem::rxt_weights rx{.read = kv.get()};
     fast ? mem::rxt_read(kv.queries, kv.memory, rx, out) : mem::reference::rxt_read(kv.queries, kv.memory, rx, out);
@@ -210,7 +211,8 @@ TEST(memformer, fast_matches_reference) {
         const memformer_problem p(s.S, s.D, rng);
         const mem::memformer_options opt{.heads = s.H, .normalize = normalize, .threads = s.threads};
         tensor<float, 3> ref = random_tensor<3>({s.B, s.S, s.D}, rng), fast = ref;
-        const std::string what = s.name() + " bias=" + std::to_string(with_bias) + " normalize=" + std::to_string(normalize);
+        const std::string what =
+            s.name() + " bias=" + std::to_string(with_bias) + " normalize=" + std::to_string(normalize);
         for (int step = 0; step < 2; ++step) {
           const tensor<float, 3> h = random_tensor<3>({s.B, s.L, s.D}, rng);
           tensor<float, 3> r_ref({s.B, s.L, s.D}), r_fast({s.B, s.L, s.D});
@@ -309,7 +311,8 @@ TEST(memformer, addressed_writes_store_pairs_the_read_recalls) {
                 << "fast=" << fast << " write " << s << " slot " << i;
       }
       tensor<float, 3> out({1, S, D});
-      fast ? mem::memformer_read(queries, memory, w, out, opt) : mem::reference::memformer_read(queries, memory, w, out, opt);
+      fast ? mem::memformer_read(queries, memory, w, out, opt)
+           : mem::reference::memformer_read(queries, memory, w, out, opt);
       for (std::int64_t j = 0; j < S; ++j) {
         double ab = 0, aa = 0, bb = 0;
         for (std::int64_t c = 0; c < d; ++c) {
@@ -541,8 +544,10 @@ TEST(slot_memories, bad_inputs) {
   tensor<float, 2> w_bad({D, D + 1}), bias_bad({S + 1, D});
   tensor<float, 1> b_bad({D - 1});
 
-  expect_error([&] { mem::cross_attention(x, m, mf.read.get(), out, 4); }, {"cross_attention", "heads", "divide D = 6", "4"});
-  expect_error([&] { mem::memformer_read(x_bad, m, mf.get(true), out); }, {"memformer_read", "x", "[1, L >= 1, 6]", "[2, 4, 6]"});
+  expect_error([&] { mem::cross_attention(x, m, mf.read.get(), out, 4); },
+               {"cross_attention", "heads", "divide D = 6", "4"});
+  expect_error([&] { mem::memformer_read(x_bad, m, mf.get(true), out); },
+               {"memformer_read", "x", "[1, L >= 1, 6]", "[2, 4, 6]"});
   expect_error([&] { mem::memformer_read(x, m, mf.get(true), out_bad); }, {"out", "[1, 4, 6]", "[1, 5, 6]"});
   mem::memformer_weights mw = mf.get(true);
   mw.bias = bias_bad;

@@ -96,7 +96,7 @@ inline void lm2_read(view<const float, 3> x,       // [B, L, D]
     detail::dmatrix e = detail::ref_cross_attention(x, memory, b, w.read, opt.heads);
     const detail::dmatrix g = detail::ref_matmul(e, L, w.w_out);
     for (std::int64_t i = 0; i < L * D; ++i) e[i] *= detail::ref_sigmoid(g[i]);
-    detail::store(e, out, b);
+    detail::store_item(e, out, b);
   }, opt.threads);
 }
 
@@ -135,7 +135,7 @@ void lm2_read(view<const float, 3> x,       // [B, L, D]
   const std::int64_t B = x.extent(0), L = x.extent(1), D = x.extent(2);
   tensor<float, 3> e({B, L, D});
   cross_attention<Arch>(x, memory, w.read, e, opt.heads, opt.threads);
-  detail::project(cview(e), w.w_out, out, opt.threads);  // out = E_mem W_out, gated below
+  detail::project_rows(cview(e), w.w_out, out, opt.threads);  // out = E_mem W_out, gated below
   parallel_for(B * L, [&](std::int64_t bt) {
     const std::int64_t b = bt / L, t = bt % L;
     float* o = out.ptr(b, t);
@@ -153,7 +153,7 @@ void lm2_write(view<const float, 3> x,  // [B, L, D] the segment's input E
   const std::int64_t B = memory.extent(0), S = memory.extent(1), L = x.extent(1), D = memory.extent(2);
   tensor<float, 3> e({B, S, D}), gf({B, S, D}), mean({B, 1, D}), gi({B, 1, D});
   cross_attention<Arch>(view<const float, 3>(memory), x, w.write, e, opt.heads, opt.threads);
-  detail::project(cview(e), w.w_forget, gf, opt.threads);
+  detail::project_rows(cview(e), w.w_forget, gf, opt.threads);
   for (std::int64_t b = 0; b < B; ++b) {
     float* mb = mean.data() + b * D;
     std::fill_n(mb, D, 0.0f);
@@ -163,7 +163,7 @@ void lm2_write(view<const float, 3> x,  // [B, L, D] the segment's input E
     }
     for (std::int64_t c = 0; c < D; ++c) mb[c] /= static_cast<float>(L);
   }
-  detail::project(cview(mean), w.w_in, gi, opt.threads);
+  detail::project_rows(cview(mean), w.w_in, gi, opt.threads);
   parallel_for(B * S, [&](std::int64_t bi) {
     const std::int64_t b = bi / S;
     float* m = memory.ptr(b, bi % S);

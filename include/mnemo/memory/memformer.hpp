@@ -80,7 +80,7 @@ inline void check_projections(const char* fn, const char* name, const attention_
 
 // Item b of a [B, L, D] view as an [L, D] matrix view.
 template <class T>
-view<T, 2> item(const view<T, 3>& x, std::int64_t b) {
+view<T, 2> batch_item(const view<T, 3>& x, std::int64_t b) {
   return {x.ptr(b), {x.extent(1), x.extent(2)}, {x.extent(1) > 1 ? x.stride(1) : x.extent(2), 1}};
 }
 
@@ -156,11 +156,12 @@ inline dmatrix ref_cross_attention(const view<const float, 3>& x, const view<con
                                    const attention_projections& w, std::int64_t H) {
   const std::int64_t Lq = x.extent(1), Lk = c.extent(1), D = x.extent(2);
   const dmatrix xd = to_double(x, b), cd = to_double(c, b);
-  const dmatrix o = ref_heads(ref_matmul(xd, Lq, w.wq), Lq, ref_matmul(cd, Lk, w.wk), ref_matmul(cd, Lk, w.wv), Lk, D, H);
+  const dmatrix o =
+      ref_heads(ref_matmul(xd, Lq, w.wq), Lq, ref_matmul(cd, Lk, w.wk), ref_matmul(cd, Lk, w.wv), Lk, D, H);
   return ref_matmul(o, Lq, w.wo);
 }
 
-inline void store(const dmatrix& y, const view<float, 3>& out, std::int64_t b) {
+inline void store_item(const dmatrix& y, const view<float, 3>& out, std::int64_t b) {
   const std::int64_t L = out.extent(1), D = out.extent(2);
   for (std::int64_t t = 0; t < L; ++t)
     for (std::int64_t c = 0; c < D; ++c) out(b, t, c) = static_cast<float>(y[t * D + c]);
@@ -184,10 +185,11 @@ inline void check_cross_attention(const char* fn, const view<const float, 3>& x,
 // ---- the f32 fast path ----
 
 // y[b] = x[b] W for every item b: one serial Eigen GEMM per item.
-inline void project(const view<const float, 3>& x, const view<const float, 2>& w, const view<float, 3>& y, int threads) {
+inline void project_rows(const view<const float, 3>& x, const view<const float, 2>& w, const view<float, 3>& y,
+                         int threads) {
   for_each_item(x.extent(0), threads, true, [&](std::int64_t b) {
-    auto yb = as_matrix(item(y, b));
-    gemm<accumulate::assign>(yb, as_matrix(item(x, b)), as_matrix(w));
+    auto yb = as_matrix(batch_item(y, b));
+    gemm<accumulate::assign>(yb, as_matrix(batch_item(x, b)), as_matrix(w));
   });
 }
 
@@ -201,7 +203,7 @@ view<T, 4> as_heads(const view<T, 3>& x, std::int64_t H) {
 // The attention part of CrossAttn before Wo: o [B, Lq, D] (heads side by side) and, when lse is
 // not empty, lse [B, H, Lq]; q [B, Lq, D], k, v [B, Lk, D] already projected.
 template <class Arch>
-void attend(const tensor<float, 3>& q, const tensor<float, 3>& k, const tensor<float, 3>& v, tensor<float, 3>& o,
+void flash_heads(const tensor<float, 3>& q, const tensor<float, 3>& k, const tensor<float, 3>& v, tensor<float, 3>& o,
             view<float, 3> lse, std::int64_t H, int threads) {
   attention::flash<float, attention::mods::none, Arch>(as_heads(cview(q), H), as_heads(cview(k), H),
                                                         as_heads(cview(v), H), as_heads(o.as_view(), H), lse,
@@ -220,7 +222,7 @@ inline void cross_attention(view<const float, 3> x,        // [B, Lq, D] queries
                             std::int64_t heads = 1, int threads = 0) {
   detail::check_cross_attention("memory::reference::cross_attention", x, context, w, out, heads, threads);
   parallel_for(x.extent(0), [&](std::int64_t b) {
-    detail::store(detail::ref_cross_attention(x, context, b, w, heads), out, b);
+    detail::store_item(detail::ref_cross_attention(x, context, b, w, heads), out, b);
   }, threads);
 }
 
@@ -236,11 +238,11 @@ void cross_attention(view<const float, 3> x,        // [B, Lq, D] queries
   detail::check_cross_attention("memory::cross_attention", x, context, w, out, heads, threads);
   const std::int64_t B = x.extent(0), Lq = x.extent(1), Lk = context.extent(1), D = x.extent(2);
   tensor<float, 3> q({B, Lq, D}), k({B, Lk, D}), v({B, Lk, D}), o({B, Lq, D});
-  detail::project(x, w.wq, q, threads);
-  detail::project(context, w.wk, k, threads);
-  detail::project(context, w.wv, v, threads);
-  detail::attend<Arch>(q, k, v, o, {}, heads, threads);
-  detail::project(cview(o), w.wo, out, threads);
+  detail::project_rows(x, w.wq, q, threads);
+  detail::project_rows(context, w.wk, k, threads);
+  detail::project_rows(context, w.wv, v, threads);
+  detail::flash_heads<Arch>(q, k, v, o, {}, heads, threads);
+  detail::project_rows(cview(o), w.wo, out, threads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,7 +321,7 @@ inline void memformer_write(view<const float, 3> h,  // [B, L, D] the encoded se
     detail::dmatrix m = detail::ref_matmul(o, S, w.write.wo);
     for (std::int64_t i = 0; i < S; ++i)
       detail::bmn(m.data() + i * D, w.bias.empty() ? nullptr : w.bias.ptr(i), D, opt.normalize);
-    detail::store(m, memory, b);
+    detail::store_item(m, memory, b);
   }, opt.threads);
 }
 
@@ -350,12 +352,12 @@ void memformer_write(view<const float, 3> h,  // [B, L, D] the encoded segment
   const view<const float, 3> m = memory;
   tensor<float, 3> q({B, S, D}), sk({B, S, D}), sv({B, S, D}), k({B, L, D}), v({B, L, D}), o({B, S, D});
   tensor<float, 3> lse({B, H, S});
-  detail::project(m, w.write.wq, q, opt.threads);
-  detail::project(m, w.write.wk, sk, opt.threads);
-  detail::project(m, w.write.wv, sv, opt.threads);
-  detail::project(h, w.write.wk, k, opt.threads);
-  detail::project(h, w.write.wv, v, opt.threads);
-  detail::attend<Arch>(q, k, v, o, lse, H, opt.threads);
+  detail::project_rows(m, w.write.wq, q, opt.threads);
+  detail::project_rows(m, w.write.wk, sk, opt.threads);
+  detail::project_rows(m, w.write.wv, sv, opt.threads);
+  detail::project_rows(h, w.write.wk, k, opt.threads);
+  detail::project_rows(h, w.write.wv, v, opt.threads);
+  detail::flash_heads<Arch>(q, k, v, o, lse, H, opt.threads);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
   parallel_for(B * S, [&](std::int64_t bi) {
     const std::int64_t b = bi / S, i = bi % S;
@@ -373,7 +375,7 @@ void memformer_write(view<const float, 3> h,  // [B, L, D] the encoded segment
       for (std::int64_t c = 0; c < Dh; ++c) oi[c] = wa * oi[c] + ws * vi[c];
     }
   }, opt.threads);
-  detail::project(cview(o), w.write.wo, memory, opt.threads);
+  detail::project_rows(cview(o), w.write.wo, memory, opt.threads);
   parallel_for(B * S, [&](std::int64_t bi) {
     const std::int64_t b = bi / S, i = bi % S;
     detail::bmn(memory.ptr(b, i), w.bias.empty() ? nullptr : w.bias.ptr(i), D, opt.normalize);

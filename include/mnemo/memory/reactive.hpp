@@ -137,7 +137,7 @@ void rxt_write(view<const float, 3> ed,  // [B, L_ed, D] the encoded interaction
       float* si = sum.data() + (b * S + i) * D;
       for (std::int64_t c = 0; c < D; ++c) si[c] = m[c] + ui[c];
     }
-  detail::project(cview(sum), w.w_gate, a, opt.threads);
+  detail::project_rows(cview(sum), w.w_gate, a, opt.threads);
   parallel_for(B * S, [&](std::int64_t bi) {
     float* m = stm.ptr(bi / S, bi % S);
     const float *ui = u.data() + bi * D, *ai = a.data() + bi * D;

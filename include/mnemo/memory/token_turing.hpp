@@ -65,8 +65,8 @@ namespace detail {
 inline std::int64_t check_summarize(const char* fn, const char* name, const view<const float, 3>& x,
                                     const token_learner_weights& w, const view<float, 3>* out, int threads) {
   const std::int64_t B = x.extent(0), N = x.extent(1), D = x.extent(2);
-  mnemo::detail::require(B >= 1 && N >= 1 && D >= 1, fn, ": the tokens must have shape [B, N, D] with B, N, D >= 1, got ",
-                         shape_string(x.shape()));
+  mnemo::detail::require(B >= 1 && N >= 1 && D >= 1, fn,
+                         ": the tokens must have shape [B, N, D] with B, N, D >= 1, got ", shape_string(x.shape()));
   const std::string n(name);
   std::int64_t in = D;
   if (!w.w1.empty()) {
@@ -116,7 +116,8 @@ inline void token_summarize(view<const float, 3> x,  // [B, N, D]
                             const token_learner_weights& w,
                             view<float, 3> out,  // [B, k, D]
                             const ttm_options& opt = {}) {
-  const std::int64_t k = detail::check_summarize("memory::reference::token_summarize", "weights", x, w, &out, opt.threads);
+  const std::int64_t k =
+      detail::check_summarize("memory::reference::token_summarize", "weights", x, w, &out, opt.threads);
   const std::int64_t N = x.extent(1), D = x.extent(2);
   parallel_for(x.extent(0), [&](std::int64_t b) {
     std::vector<double> a(static_cast<std::size_t>(N * k), 0.0);
