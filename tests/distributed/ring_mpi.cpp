@@ -137,6 +137,41 @@ TEST(ring_attention, forward_matches_reference) {
   }
 }
 
+// f16 K/V travel the ring as f16 (half the bytes); the oracle is the reference on the same rounded
+// values in f32.
+TEST(ring_attention, f16_kv_forward) {
+  const std::int64_t L = 61, D = 16;
+  const auto q = test::random_tensor<float, 4>({1, 2, L, D}, 71);
+  auto k = test::random_tensor<float, 4>({1, 1, L, D}, 72);
+  auto v = test::random_tensor<float, 4>({1, 1, L, D}, 73);
+  tensor<f16, 4> kh({1, 1, L, D}), vh({1, 1, L, D});
+  for (std::int64_t i = 0; i < k.size(); ++i) {
+    kh.data()[i] = f16(k.data()[i]);
+    vh.data()[i] = f16(v.data()[i]);
+    k.data()[i] = static_cast<float>(kh.data()[i]);
+    v.data()[i] = static_cast<float>(vh.data()[i]);
+  }
+  tensor<float, 4> want({1, 2, L, D});
+  tensor<float, 3> want_lse({1, 2, L});
+  attention::reference(cview(q), k, v, want, want_lse, causal{});
+  const shard s = make_shard(layout::zigzag, L);
+  const auto ql = rows_of(q, s);
+  const auto kl = rows_of(kh, s), vl = rows_of(vh, s);
+  tensor<float, 4> out({1, 2, s.rows(), D});
+  tensor<float, 3> lse({1, 2, s.rows()});
+  distributed::stats st;
+  distributed::ring_attention(MPI_COMM_WORLD, s, cview(ql), kl, vl, out, lse, causal{}, {}, &st);
+  test::expect_close(out, rows_of(want, s), 2e-5, 2e-5, "out");
+  test::expect_close(lse, rows_of(want_lse, s), 2e-5, 2e-5, "lse");
+  // The blocks sent: those of ranks r, r - 1, ..., r - N + 2, K and V in f16 (2 bytes per element).
+  std::int64_t sent = 0;
+  for (int step = 0; step + 1 < ranks(); ++step) {
+    const int src = (rank() - step + ranks()) % ranks();
+    sent += distributed::zigzag_shard(L, src, ranks()).rows() * 2 * D * 2;
+  }
+  EXPECT_EQ(st.bytes_sent, sent);
+}
+
 // A score mod that reads positions (ALiBi: s -= slope |qp - kp|) with the causal mask: the
 // per-tile score path (score_tile) and, in the backward, its derivative, at global positions.
 TEST(ring_attention, alibi_causal_forward_and_backward) {
