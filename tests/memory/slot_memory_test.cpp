@@ -50,7 +50,7 @@ struct shape {
 
 // L = 1, S = 1, a single head of width 40, heads of width 10 and 8, lengths past one flash tile.
 const std::vector<shape> shapes = {
-    {1, 1, 1, 4, 1, 1}, {2, 37, 5, 40, 4, 2}, {1, 9, 70, 24, 3, 1}, {2, 130, 17, 16, 2, 1}, {1, 3, 1, 40, 1, 0}};
+    {1, 1, 1, 4, 1, 1}, {2, 37, 5, 40, 4, 2}, {1, 9, 70, 24, 3, 1}, {2, 130, 17, 16, 2, 2}, {1, 3, 1, 40, 1, 0}};
 
 // x [L, D] (item b) times w [D, N] in double: the tests' own product.
 std::vector<double> matmul(const std::vector<double>& x, std::int64_t L, const tensor<float, 2>& w) {

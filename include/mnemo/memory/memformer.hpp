@@ -184,12 +184,21 @@ inline void check_cross_attention(const char* fn, const view<const float, 3>& x,
 
 // ---- the f32 fast path ----
 
-// y[b] = x[b] W for every item b: one serial Eigen GEMM per item.
+// Rows per panel below which project_rows does not split an item's rows across threads.
+inline constexpr std::int64_t min_panel_rows = 32;
+
+// y[b] = x[b] W for every item b: serial Eigen GEMMs over (item, row panel). One panel per item
+// with one thread; with T threads an item's L rows are cut into up to T panels of at least
+// min_panel_rows rows, so B = 1 uses the threads too (each panel repacks W: none at 1 thread).
 inline void project_rows(const view<const float, 3>& x, const view<const float, 2>& w, const view<float, 3>& y,
                          int threads) {
-  for_each_item(x.extent(0), threads, true, [&](std::int64_t b) {
-    auto yb = as_matrix(batch_item(y, b));
-    gemm<accumulate::assign>(yb, as_matrix(batch_item(x, b)), as_matrix(w));
+  const std::int64_t B = x.extent(0), L = x.extent(1);
+  const std::int64_t panels =
+      std::max<std::int64_t>(1, std::min<std::int64_t>(L / min_panel_rows, resolve_threads(threads)));
+  for_each_item(B * panels, threads, true, [&](std::int64_t item) {
+    const std::int64_t b = item / panels, p = item % panels, r0 = p * L / panels, r1 = (p + 1) * L / panels;
+    auto yb = as_matrix(batch_item(y, b).narrow(0, r0, r1 - r0));
+    gemm<accumulate::assign>(yb, as_matrix(batch_item(x, b).narrow(0, r0, r1 - r0)), as_matrix(w));
   });
 }
 
