@@ -18,6 +18,8 @@
 // Options: --rows n1,n2,...  query rows per rank (default 128,512,2048)  --heads H (2)  --dim D (64)
 //          --reps r (3)  --decode-keys K (total keys of the decode rows, default 65536)
 //          --causal-L L (the causal load-balance rows: contiguous vs zig-zag shards, default 8192; 0: off)
+//          --backward 0|1 (the backward's rows under each forward row, default 1; comm there is twice the
+//          forward's comm alone: K/V and dK/dV both travel)
 #include <mpi.h>
 
 #include <mnemo/distributed/ring_attention.hpp>
@@ -114,6 +116,7 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> rows{128, 512, 2048};
   std::int64_t H = 2, D = 64, decode_keys = 65536, causal_L = 8192;
   int reps = 3;
+  bool with_backward = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--rows") rows = parse_list(argv[i + 1]);
@@ -122,6 +125,7 @@ int main(int argc, char** argv) {
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
     else if (a == "--decode-keys") decode_keys = std::atoll(argv[i + 1]);
     else if (a == "--causal-L") causal_L = std::atoll(argv[i + 1]);
+    else if (a == "--backward") with_backward = std::atoi(argv[i + 1]) != 0;
   }
 
   const double lat = ping_pong(8, 200), big = 4 << 20, bw = ranks_ > 1 ? big / (ping_pong(4 << 20, 20) - lat) : 0;
@@ -167,6 +171,31 @@ int main(int argc, char** argv) {
       std::printf("%-6d %-6lld %11.3f %11.3f %11.3f %11.4f %10.4f %8.1f%% %8.1f%% %10.2f\n", ranks_,
                   static_cast<long long>(n), call * 1e3, step * 1e3, compute_step * 1e3, wait_step * 1e3, comm * 1e3,
                   100 * hidden, 100 * model, flops_step / compute_step * 1e-9);
+    if (with_backward) {  // the backward: K/V and the travelling dK/dV, twice the bytes per step
+      mnemo::tensor<float, 4> dout({1, H, n, D}), dq({1, H, n, D}), dk({1, H, n, D}), dv({1, H, n, D});
+      fill(dout, 10);
+      double bcall = 1e30, bcompute = 0, bwait = 0;
+      for (int r = 0; r < reps; ++r) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        dist::stats st;
+        dist::ring_attention_backward(MPI_COMM_WORLD, shard, mnemo::cview(q), mnemo::cview(k), mnemo::cview(v),
+                                      mnemo::cview(out), mnemo::cview(lse), mnemo::cview(dout), dq, dk, dv,
+                                      att::mods::none{}, ro, &st);
+        const double t = max_over_ranks(st.total);
+        if (t < bcall) {
+          bcall = t;
+          bcompute = max_over_ranks(st.compute);
+          bwait = max_over_ranks(st.wait);
+        }
+      }
+      const double bcomm = 2 * comm, bstep = bcompute / ranks_, bwait_step = ranks_ > 1 ? bwait / ranks_ : 0;
+      const double bhidden = bcomm > 0 ? std::clamp(1.0 - bwait_step / bcomm, 0.0, 1.0) : 1.0;
+      const double bmodel = model_comm > 0 ? std::min(1.0, bstep / (2 * model_comm)) : 1.0;
+      if (rank_ == 0)
+        std::printf("%-6s %-6lld %11.3f %11.3f %11.3f %11.4f %10.4f %8.1f%% %8.1f%%   (backward)\n", "", 
+                    static_cast<long long>(n), bcall * 1e3, bcall / ranks_ * 1e3, bstep * 1e3, bwait_step * 1e3,
+                    bcomm * 1e3, 100 * bhidden, 100 * bmodel);
+    }
   }
 
   // The model's threshold (bench/distributed.md): the rows per rank n* from which a step's compute
