@@ -29,8 +29,9 @@
 // dQ stays home. dK, dV of a block travel with it: in step s rank r receives from r - 1 the sums
 // of block src over the ranks it has already visited, adds its own share (computed while the
 // receive is in flight) and sends them on; after N steps they arrive at src. K/V travel N - 1
-// hops and dK/dV N hops, each overlapped with a step's compute. Sums are in ring order: the result
-// does not depend on timing. The sinks' gradient is not computed here.
+// hops and dK/dV N hops, each overlapped with a step's compute except the last dK/dV hop home: it
+// waits for the neighbour's last step, so one block's transfer per call is exposed. Sums are in
+// ring order: the result does not depend on timing. The sinks' gradient is not computed here.
 //
 // Overlap. Shared-memory and TCP transports progress a large message only inside MPI calls, so
 // each step's compute is cut into kernel calls of at most ring_options::progress_rows query rows
