@@ -22,6 +22,7 @@
 #include <string>
 
 #include "common.hpp"
+#include "memory_common.hpp"
 #include "mnemo/memory/camelot.hpp"
 #include "mnemo/memory/hmt.hpp"
 #include "mnemo/memory/memoryllm.hpp"
@@ -31,25 +32,6 @@ namespace mnemo::bench {
 namespace {
 
 namespace mem = mnemo::memory;
-
-void set_token_counters(benchmark::State& state, double tokens, double flops, const std::string& label) {
-  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
-  set_rate_counters(state, flops, 0);
-  state.SetLabel(label);
-}
-
-template <class Body>
-void add_row(const std::string& impl, const std::string& module,
-             std::initializer_list<std::pair<std::string_view, std::string>> keys, Body body) {
-  for (int t : thread_counts()) {
-    std::string name = row_name("memory", impl, {{"module", module}});
-    for (const auto& [k, v] : keys) append_param(name, k, v);
-    append_param(name, "threads", std::to_string(t));
-    register_row(name, [body, t](benchmark::State& state) {
-      if (threads_available(state, t)) body(state, t);
-    });
-  }
-}
 
 constexpr std::int64_t H = 8;
 

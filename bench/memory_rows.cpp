@@ -33,6 +33,7 @@
 #include <string>
 
 #include "common.hpp"
+#include "memory_common.hpp"
 #include "mnemo/memory/compressive.hpp"
 #include "mnemo/memory/knn.hpp"
 #include "mnemo/memory/neural_memory.hpp"
@@ -43,25 +44,6 @@ namespace mnemo::bench {
 namespace {
 
 namespace mem = mnemo::memory;
-
-void set_token_counters(benchmark::State& state, double tokens, double flops, const std::string& label) {
-  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsIterationInvariantRate);
-  set_rate_counters(state, flops, 0);
-  state.SetLabel(label);
-}
-
-template <class Body>
-void add_row(const std::string& impl, const std::string& module,
-             std::initializer_list<std::pair<std::string_view, std::string>> keys, Body body) {
-  for (int t : thread_counts()) {
-    std::string name = row_name("memory", impl, {{"module", module}});
-    for (const auto& [k, v] : keys) append_param(name, k, v);
-    append_param(name, "threads", std::to_string(t));
-    register_row(name, [body, t](benchmark::State& state) {
-      if (threads_available(state, t)) body(state, t);
-    });
-  }
-}
 
 // ---- Titans: per token the key's forward (2P), backward (4P), the query's read (2P) and the
 // momentum and decay updates (4P), P = 2 D Hd parameters of the depth-2 memory: 12 P x 2 FLOP.
