@@ -9,6 +9,8 @@ kept slots and compared with the answer over all 512:
 
   rel_error = sqrt(sum ||o_kept - o_full||^2 / sum ||o_full||^2)
 
+The merging methods (cam, merging, dmc, moviechat) are answered here over their kept slots as they are,
+without folding the evicted tokens in (bench/kvpolicy_real_rows.cpp applies their merge plans).
 Every kernel call is mnemo's (attention.flash for the column sums and the answers over the kept slots,
 kvcache.policies.select for the selection); NumPy only gathers rows.
 
