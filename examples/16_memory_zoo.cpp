@@ -80,14 +80,14 @@ using mnemo::view;
 
 namespace {
 
-constexpr std::int64_t D = 64;          // key and value width
-constexpr std::int64_t N = 64;          // pairs (slots, rows) every memory is sized for
-constexpr float sharp = 30.0f;          // attention scale of the reads: exact match 30, random key ~3.75
+constexpr std::int64_t D = 64;      // key and value width
+constexpr std::int64_t N = 64;      // pairs (slots, rows) every memory is sized for
+constexpr float sharp = 30.0f;      // attention scale of the reads: exact match 30, random key ~3.75
 constexpr std::int64_t ct_raw = 32, ct_compressed = 32, ct_rate = 2;  // Compressive Transformer: n_m, n_cm, c
-constexpr std::int64_t segment = 16;  // pairs per step of the Compressive Transformer and LaMemo
-constexpr std::int64_t mplus_store = 1024, mplus_topk = 4;                             // M+'s long-term store
-constexpr std::int64_t slot_width = N + 2 * D;  // RxT / Memformer slot [a_s; k; v]
-constexpr std::int64_t rxt_filler = 4;          // zero tokens beside the fact in RxT's encoded interaction
+constexpr std::int64_t segment = 16;                                  // pairs per step of it and of LaMemo
+constexpr std::int64_t mplus_store = 1024, mplus_topk = 4;            // M+'s long-term store and its read
+constexpr std::int64_t slot_width = N + 2 * D;                        // RxT / Memformer slot [a_s; k; v]
+constexpr std::int64_t rxt_filler = 4;  // zero tokens beside the fact in RxT's encoded interaction
 constexpr float gate_weight = 40.0f, gate_bias = -60.0f;  // RxT's gate: open at 2 units of address, shut at 1.2
 // Infini-attention's sigma = elu + 1 of a unit key (entries ~ 1/8) is ~1 everywhere: every key
 // looks alike. Its keys and queries are scaled by 32 before the memory (recall at P = 16: 0.06
@@ -323,11 +323,11 @@ struct slot_weights {
   const float gain = sharp * static_cast<float>(std::sqrt(double(slot_width)));
   tensor<float, 2> rq = zeros(slot_width, slot_width), rk = zeros(slot_width, slot_width),
                    rv = zeros(slot_width, slot_width), wq = zeros(slot_width, slot_width),
-                   wk = zeros(slot_width, slot_width), wv = zeros(slot_width, slot_width),
-                   eye = zeros(slot_width, slot_width), wg = zeros(slot_width, slot_width);
+                   wk = zeros(slot_width, slot_width), eye = zeros(slot_width, slot_width),
+                   wg = zeros(slot_width, slot_width);
   tensor<float, 1> bg{{slot_width}};
   slot_weights() {
-    for (std::int64_t c = 0; c < slot_width; ++c) eye(c, c) = wv(c, c) = 1.0f;
+    for (std::int64_t c = 0; c < slot_width; ++c) eye(c, c) = 1.0f;
     for (std::int64_t c = 0; c < D; ++c) {
       rq(N + c, N + c) = gain;  // read: query key part . slot key part
       rk(N + c, N + c) = 1.0f;
@@ -368,7 +368,7 @@ tensor<float, 3> slot_queries(const task& t) {  // [0; q; 0]
 // on the addressed slot (address mass 2 there, 1 + 1 / (1 + filler) elsewhere).
 double recall_rxt(const task& t) {
   const slot_weights net;
-  const mem::rxt_weights w{{net.rq, net.rk, net.rv, net.eye}, {net.wq, net.wk, net.wv, net.eye}, net.wg, net.bg};
+  const mem::rxt_weights w{{net.rq, net.rk, net.rv, net.eye}, {net.wq, net.wk, net.eye, net.eye}, net.wg, net.bg};
   tensor<float, 3> stm = initial_slots(), ed({1, 1 + rxt_filler, slot_width}), out({1, t.P, slot_width});
   std::fill(ed.begin(), ed.end(), 0.0f);
   for (std::int64_t i = 0; i < t.P; ++i) {
@@ -386,7 +386,7 @@ double recall_rxt(const task& t) {
 // (2 / sqrt(6))^2) and the read's key match scores 30 / sqrt(6) ~ 12 instead of 30.
 double recall_memformer(const task& t) {
   const slot_weights net;
-  const mem::memformer_weights w{{net.rq, net.rk, net.rv, net.eye}, {net.wq, net.wk, net.wv, net.eye}, {}};
+  const mem::memformer_weights w{{net.rq, net.rk, net.rv, net.eye}, {net.wq, net.wk, net.eye, net.eye}, {}};
   tensor<float, 3> slots = initial_slots(), token({1, 1, slot_width}), out({1, t.P, slot_width});
   for (std::int64_t i = 0; i < t.P; ++i) {
     fact_token(token.data(), t, i, 2.0f);
