@@ -1,6 +1,10 @@
 // A consumer built for a baseline ISA (-march=x86-64-v2: no AVX2) that links mnemo::prebuilt: the
 // dispatching kernels must still run at the CPU's best level, and agree with the reference.
-#include <mnemo/mnemo.hpp>
+// The headers of the kernels it calls (the umbrella header is the find_package consumer's).
+#include <mnemo/attention/decode.hpp>
+#include <mnemo/attention/flash.hpp>
+#include <mnemo/attention/reference.hpp>
+#include <mnemo/prebuilt.hpp>
 
 #include <cmath>
 #include <cstdio>

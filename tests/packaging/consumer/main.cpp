@@ -1,5 +1,12 @@
-// A consumer: include one header, run attention on a few tensors, check the answer.
+// A consumer: include one header, run attention on a few tensors, check the answer. The
+// find_package consumer includes the umbrella header (every installed header must resolve and
+// compile); the add_subdirectory one the reference kernel's own header (including everything costs
+// 45 s of CI's compile, and the install tree is what the umbrella check is about).
+#if MNEMO_CONSUMER_UMBRELLA
 #include <mnemo/mnemo.hpp>
+#else
+#include <mnemo/attention/reference.hpp>
+#endif
 
 #include <cmath>
 #include <cstdio>
