@@ -16,6 +16,12 @@ install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/mnemo" DESTINATION "${CMAKE_INS
 
 set(MNEMO_CMAKE_DIR "${CMAKE_INSTALL_DATADIR}/cmake/mnemo")  # header-only: arch-independent location
 install(EXPORT mnemoTargets NAMESPACE mnemo:: DESTINATION "${MNEMO_CMAKE_DIR}")
+# mnemo::distributed (built when MPI was found) in an export file of its own, which mnemoConfig
+# includes only where the consumer's find_package(MPI) succeeds: find_package(mnemo) never needs MPI.
+if(TARGET mnemo_distributed)
+  install(TARGETS mnemo_distributed EXPORT mnemoDistributedTargets)
+  install(EXPORT mnemoDistributedTargets NAMESPACE mnemo:: DESTINATION "${MNEMO_CMAKE_DIR}")
+endif()
 
 configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/mnemoConfig.cmake.in"
   "${PROJECT_BINARY_DIR}/mnemoConfig.cmake" INSTALL_DESTINATION "${MNEMO_CMAKE_DIR}")
