@@ -46,8 +46,13 @@ if(MNEMO_OPENMP)
 endif()
 
 if(MNEMO_SANITIZE)
-  target_compile_options(mnemo_dev INTERFACE -fsanitize=${MNEMO_SANITIZE} -fno-omit-frame-pointer
-                         -fno-sanitize-recover=all)
+  # A target may compile with fewer sanitizers through its property MNEMO_TARGET_SANITIZE (the
+  # unit tests: address alone, tests/CMakeLists.txt); everything links the whole set's runtimes.
+  string(REPLACE "," "$<COMMA>" mnemo_sanitize_all "${MNEMO_SANITIZE}")
+  set(mnemo_sanitize_own "$<TARGET_PROPERTY:MNEMO_TARGET_SANITIZE>")
+  target_compile_options(mnemo_dev INTERFACE
+                         "-fsanitize=$<IF:$<BOOL:${mnemo_sanitize_own}>,${mnemo_sanitize_own},${mnemo_sanitize_all}>"
+                         -fno-omit-frame-pointer -fno-sanitize-recover=all)
   target_link_options(mnemo_dev INTERFACE -fsanitize=${MNEMO_SANITIZE})
 endif()
 
