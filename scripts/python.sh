@@ -10,6 +10,8 @@
 #   scripts/python.sh --portable   build the package as `pip install ./python` does by default: the
 #                                  extension for x86-64-v2 plus mnemo::prebuilt (AVX2 / AVX-512
 #                                  flash, decode and cache decode; ~5 more minutes of compile on 2 cores)
+#   scripts/python.sh --test-build the extension at -Og (what scripts/test.sh runs: the build is
+#                                  most of the time; not for measuring speed)
 #   scripts/python.sh --no-test    install only
 #   scripts/python.sh -- ARGS      pass ARGS to pytest (e.g. -- -k golden -x)
 #
@@ -24,13 +26,15 @@ venv=${MNEMO_PYTHON_VENV:-$root/build/python-venv}
 python=${MNEMO_PYTHON:-python3}
 
 portable=0
+quick_build=0
 test=1
 pytest_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --portable) portable=1 ;;
+    --test-build) quick_build=1 ;;
     --no-test) test=0 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; pytest_args=("$@"); break ;;
     *) echo "scripts/python.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -56,6 +60,12 @@ if [ "$portable" = 1 ]; then
 else
   defines=(-Ccmake.define.MNEMO_PY_ARCH=native -Ccmake.define.MNEMO_PY_PREBUILT=OFF)
   build_dir=$root/build/python-ext
+fi
+if [ "$quick_build" = 1 ]; then
+  # The test suite's build (scripts/test.sh): -Og, as the C++ tests, since compiling the extension
+  # is most of this script's time (738 s of CPU at -O2 on 2 Zen 1 cores); not for measuring speed.
+  defines+=(-Ccmake.define.MNEMO_PY_OPT=-Og)
+  build_dir=$build_dir-test
 fi
 echo "=== mnemo python: pip install ./python (${defines[*]}) ==="
 # --no-build-isolation: build with the venv's scikit-build-core (no second download).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs mnemo's whole test suite (README command (b); .ci/run runs this).
 #
-#   scripts/test.sh               native build (-march=native) + AddressSanitizer/UBSan build (the
+#   scripts/test.sh               native build (-march=native), the Python package's tests
+#                                 (scripts/python.sh) + AddressSanitizer/UBSan build (the
 #                                 fuzz targets' regressions and corpus replayed under it)
 #   scripts/test.sh --all-builds  also the AVX2-only (-mavx2 -mfma -mf16c) and the no-SIMD builds and
 #                                 the libFuzzer smoke (scripts/fuzz.sh --smoke: clang, coverage-guided)
@@ -44,11 +45,19 @@ run_build() {
 
 mkdir -p build
 start=$(date +%s)
-# Tests build at -O1: CI's 30 minutes on 2 cores go to compiling. The native suite built in 10.7
-# minutes at -O1 against 14.8 at -O2 (2 cores, AMD EPYC Zen 4; flash_test.cpp 73 s against 138 s),
-# and ran in about the same time. Benchmarks keep -O3 (scripts/bench.sh).
-release=(-DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG")
+# Tests build at -Og: CI's 30 minutes on 2 cores go to compiling, and most of a kernel test's
+# compile is GCC's code generation for the kernels it instantiates. tests/attention/decode_test.cpp
+# took 63 s of CPU at -O1 and 37 s at -Og (AMD EPYC Zen 1; -O0 29 s, but xsimd's wrappers are then
+# real calls and the suite runs several times slower); the native suite had built in 10.7 minutes
+# at -O1 against 14.8 at -O2 (Zen 4). Benchmarks keep -O3 (scripts/bench.sh).
+release=(-DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-Og -DNDEBUG")
 run_build native "${release[@]}" -DMNEMO_ARCH=native
+if [ "$mode" != quick ]; then
+  # The Python package (python/): built at -Og into build/python-venv (scikit-build-core, numpy and
+  # pytest from PyPI), then its pytest suite: every golden case through the Python API, the API tests.
+  echo "=== mnemo tests: Python package (scripts/python.sh --test-build) ==="
+  bash scripts/python.sh --test-build
+fi
 if [ "$mode" = all ]; then
   run_build avx2 "${release[@]}" -DMNEMO_ARCH=avx2
   run_build nosimd "${release[@]}" -DMNEMO_ARCH=baseline -DMNEMO_SIMD=OFF
@@ -61,14 +70,16 @@ if [ "$mode" != quick ]; then
   # reject xsimd's batch types (xsimd 8.1's avx512bw select). Stack traces still name functions.
   # The examples run in the native build only: they call kernels the tests already run here, and
   # compiling all 16 again under the sanitizers costs CI minutes it does not have.
-  # UBSan runs every check except null, nonnull-attribute, returns-nonnull-attribute, alignment,
+  # The unit tests compile with ASan alone and the fuzz targets with ASan + UBSan (UBSan added 43%
+  # to a kernel test's compile; tests/CMakeLists.txt). UBSan runs every check except null, nonnull-attribute, returns-nonnull-attribute, alignment,
   # pointer-overflow and vptr: those instrument every member access and pointer step and cost a
   # quarter of the compile time (tests/attention/topk_test.cpp: 27.4 s of CPU with them, 20.6 s
   # without). A null dereference still faults under ASan, ASan still catches every out-of-bounds
   # access, and mnemo has no virtual calls; the integer, shift, bounds, float-cast and enum checks
   # that matter for index arithmetic stay.
   # The fuzz targets join this build as fuzz_replay.<target> tests (tests/CMakeLists.txt): their
-  # regressions, seed corpus and 16 mutations of each input, under the same sanitizers.
+  # regressions, seed corpus and 16 mutations of each input, under both sanitizers. The golden
+  # runner, the bad-input test and the tests of kernels a fuzz target drives are left out here.
   mnemo_install_fuzz_header_deps
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   run_build asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG=-Og -DMNEMO_ARCH=native \
