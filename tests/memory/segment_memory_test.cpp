@@ -56,13 +56,13 @@ tensor<float, 4> copy_of(view<const float, 4> x) {
   tensor<float, 4> t({x.extent(0), x.extent(1), x.extent(2), x.extent(3)});
   for (std::int64_t a = 0; a < x.extent(0); ++a)
     for (std::int64_t b = 0; b < x.extent(1); ++b)
-      for (std::int64_t c = 0; c < x.extent(2); ++c) std::copy_n(x.ptr(a, b, c), x.extent(3), &t(a, b, c, 0));
+      for (std::int64_t c = 0; c < x.extent(2); ++c) std::copy_n(x.ptr(a, b, c), x.extent(3), t.as_view().ptr(a, b, c));
   return t;
 }
 tensor<float, 3> copy_of(view<const float, 3> x) {
   tensor<float, 3> t({x.extent(0), x.extent(1), x.extent(2)});
   for (std::int64_t a = 0; a < x.extent(0); ++a)
-    for (std::int64_t b = 0; b < x.extent(1); ++b) std::copy_n(x.ptr(a, b), x.extent(2), &t(a, b, 0));
+    for (std::int64_t b = 0; b < x.extent(1); ++b) std::copy_n(x.ptr(a, b), x.extent(2), t.as_view().ptr(a, b));
   return t;
 }
 
